@@ -1,0 +1,5 @@
+import sys
+
+from astrolom.cli import main
+
+sys.exit(main())

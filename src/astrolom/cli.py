@@ -1,0 +1,52 @@
+"""`astrolom <subcommand>`: one command line for the whole toolkit.
+
+Each subcommand lives in the module that owns its stage of the data flow; that module exposes
+`add_arguments(parser)` and `run(args) -> int | None`. This file only maps names to modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of the data flow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "survey": ("astrolom.data.survey", "generate the embedded mock DESI Legacy Survey (GalSim)"),
+    "inspect": ("astrolom.data.sources", "read any supported data set and summarise it (format, count, shapes)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="astrolom", description="Large Observation Models for astronomy: AstroPT and beyond."
+    )
+    from astrolom import __version__
+
+    parser.add_argument("--version", action="version", version=f"astrolom {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        rc = args._module.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        # user-facing problems (bad input, bad config) get one clear line, not a traceback
+        print(f"astrolom {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
