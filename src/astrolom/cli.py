@@ -13,7 +13,14 @@ import sys
 # name -> (module, one-line help). Order is the order of the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "survey": ("astrolom.data.survey", "generate the embedded mock DESI Legacy Survey (GalSim)"),
-    "inspect": ("astrolom.data.sources", "read any supported data set and summarise it (format, count, shapes)"),
+    "inspect": (
+        "astrolom.data.sources",
+        "read any supported data set and summarise it (format, count, shapes)",
+    ),
+    "presets": (
+        "astrolom.model.presets",
+        "list the AstroPT model sizes (paper Table 1) with parameter counts",
+    ),
 }
 
 
