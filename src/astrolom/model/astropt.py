@@ -32,12 +32,17 @@ class ModelConfig:
     n_chan: int = 3
     dropout: float = 0.0
     bias: bool = False  # bias in Linear/LayerNorm of the transformer; the "paper" tokeniser always has biases
-    tokeniser: str = (
-        "aim"  # "aim": Linear-GELU-Linear (4x hidden); "affine": one Linear; "paper": 2024 ReLU MLPs
-    )
+    # "aim": Linear-GELU-Linear (4x hidden); "affine": one Linear; "paper": 2024 ReLU MLPs
+    tokeniser: str = "aim"
     modalities: tuple[str, ...] = ("images",)
 
     def __post_init__(self):
+        # JSON/YAML configs give lists; a tuple keeps configs comparable with the default
+        self.modalities = tuple(self.modalities)
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "patch_size", "n_chan"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.tokeniser not in TOKENISERS:
@@ -94,9 +99,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         # SDPA dispatches to flash / memory-efficient kernels on GPU
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -174,11 +177,12 @@ class AstroPT(nn.Module):
     ) -> list[torch.Tensor]:
         """Hidden states (B, T, C) after each transformer block (index i = output of block i).
 
-        `stop_at` ends the pass after that block, so early-layer features cost only the layers they need.
+        `stop_at` ends the pass after that block (negative counts from the end), so early-layer features cost
+        only the layers they need.
         """
+        last = len(self.blocks) - 1 if stop_at is None else self._block_index(stop_at)
         h = self._embed(x, modality)
         out = []
-        last = len(self.blocks) - 1 if stop_at is None else stop_at
         for i, block in enumerate(self.blocks):
             h = block(h)
             out.append(h)
@@ -191,12 +195,16 @@ class AstroPT(nn.Module):
 
         `layer=-1` returns the final block after the final LayerNorm (what the decoder sees).
         """
-        n = len(self.blocks)
-        idx = layer % n if layer < 0 else layer
-        if not 0 <= idx < n:
-            raise ValueError(f"layer {layer} out of range for {n} blocks")
+        idx = self._block_index(layer)
         h = self.forward_intermediates(x, modality, stop_at=idx)[-1]
-        return self.ln_f(h) if idx == n - 1 else h
+        return self.ln_f(h) if idx == len(self.blocks) - 1 else h
+
+    def _block_index(self, layer: int) -> int:
+        """Python-style block index (negative counts from the end) -> 0..n_layer-1, or a ValueError."""
+        n = len(self.blocks)
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range for {n} blocks (valid: {-n}..{n - 1})")
+        return layer + n if layer < 0 else layer
 
     def forward(
         self, x: torch.Tensor, targets: torch.Tensor | None = None, modality: str = "images"

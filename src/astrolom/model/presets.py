@@ -50,9 +50,9 @@ def get_preset(name: str) -> Preset:
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
-    """ModelConfig of a preset; `overrides` set any other field (patch_size, block_size, tokeniser, ...)."""
+    """ModelConfig of a preset; `overrides` set any field (patch_size, block_size, tokeniser, even n_layer, ...)."""
     p = get_preset(name)
-    return ModelConfig(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head, **overrides)
+    return ModelConfig(**{"n_layer": p.n_layer, "n_embd": p.n_embd, "n_head": p.n_head, **overrides})
 
 
 def count_params(config: ModelConfig, non_embedding: bool = True) -> int:

@@ -1,0 +1,402 @@
+"""Import and export checkpoints of the reference AstroPT implementation (`astropt` 2.x, `astropt.model.GPT`).
+
+A reference checkpoint is a `torch.save`d dict with `model` (the GPT state dict, sometimes with the `_orig_mod.`
+prefix that `torch.compile` adds) and `model_args` (the `GPTConfig` keyword arguments). Only single-modality
+`"images"` models with causal attention and the "aim" or "affine" tokeniser have an astrolom equivalent; anything
+else (more modalities, prefix attention, LoRA adapters, a fine-tuning task head) is refused with a
+`ReferenceFormatError` that says why.
+
+Loading policy: never unpickle code. Files are read with `torch.load(weights_only=True)` only. The reference's
+training script also pickles its own classes (`ModalityConfig` objects inside `model_args`, a `ModalityRegistry`,
+numpy scalars such as `best_val_loss`), which `weights_only` refuses. For those, every global the file names
+outside torch's weights-only allowlist is bound, for the duration of that one load, to an inert stand-in class of
+this module: it records the constructor arguments and pickled state and runs nothing else. Nothing from the file's
+modules is imported or called. Stand-ins whose state is an attribute dict become plain dicts (so a
+`ModalityConfig` reads back as `{"name": "images", "input_size": 768, ...}`); any other becomes a
+`ForeignObject` record. A bare state dict (no `model_args`) can be imported by passing `model_args=` explicitly.
+
+Name mapping (reference -> astrolom):
+
+    transformer.wte.images.c_fc / c_proj     tokenisers.images.0 / .2   ("affine": c_fc -> .0 only)
+    transformer.wpe.images.wpe               pos_emb
+    transformer.h.N.ln_1 / ln_2              blocks.N.ln_1 / ln_2
+    transformer.h.N.attn.c_attn / c_proj     blocks.N.attn.qkv / attn.proj
+    transformer.h.N.mlp.c_fc / c_proj        blocks.N.mlp.fc / mlp.proj
+    transformer.ln_f                         ln_f
+    lm_head.images.c_fc / c_proj             decoders.images.0 / .2     ("affine": c_fc -> .0 only)
+
+Exported files hold only tensors and primitives (model_args["modalities"] is a list of plain dicts), so they load
+with `weights_only=True`. To build the reference model from one:
+
+    ckpt = torch.load(path, weights_only=True)
+    mods = [ModalityConfig(**m) for m in ckpt["model_args"]["modalities"]]
+    gpt = GPT(GPTConfig(**{**ckpt["model_args"], "modalities": mods}), ModalityRegistry(mods))
+    gpt.load_state_dict(ckpt["model"])
+
+The "paper" tokeniser (2024-era ReLU MLPs) has no equivalent in astropt 2.x, so exporting such a model raises;
+2024-era checkpoints (different module names) are not importable either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from astrolom.model.astropt import AstroPT, ModelConfig
+
+MODALITY = "images"
+_COMPILE_PREFIXES = ("_orig_mod.", "module.")
+# (reference name, astrolom name) inside transformer.h.N / blocks.N
+_BLOCK_RULES = (
+    ("ln_1", "ln_1"),
+    ("attn.c_attn", "attn.qkv"),
+    ("attn.c_proj", "attn.proj"),
+    ("ln_2", "ln_2"),
+    ("mlp.c_fc", "mlp.fc"),
+    ("mlp.c_proj", "mlp.proj"),
+)
+
+
+class ReferenceFormatError(ValueError):
+    """A reference checkpoint that astrolom cannot represent, or a model that the reference cannot."""
+
+
+@dataclass(frozen=True)
+class ForeignObject:
+    """What was pickled for a global that is neither a tensor, a primitive nor a plain attribute holder."""
+
+    name: str  # the pickled global's "module.qualname"
+    args: tuple
+    state: Any
+
+
+class _StandIn:
+    """Inert stand-in for a global named in a checkpoint: keeps arguments and state, executes nothing."""
+
+    global_name = ""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj._args = args
+        obj._state = None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self._state = state
+
+
+def _stand_in_for(name: str) -> type:
+    return type("StandIn", (_StandIn,), {"global_name": name})
+
+
+def _plain(obj: Any) -> Any:
+    """Replace stand-ins by dicts / ForeignObject records, recursively through containers."""
+    if isinstance(obj, _StandIn):
+        state = obj._state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict) and state[1] is None:
+            state = state[0]  # (dict_state, slot_state) form of BUILD
+        if isinstance(state, dict) and not obj._args:
+            return {k: _plain(v) for k, v in state.items()}
+        return ForeignObject(obj.global_name, tuple(_plain(a) for a in obj._args), _plain(state))
+    if isinstance(obj, dict):
+        return type(obj)((k, _plain(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
+def read_reference_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a reference checkpoint file without executing pickled code (see the module docstring).
+
+    Returns:
+        The checkpoint dict, with reference-class objects turned into plain dicts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no reference checkpoint at {path}")
+    try:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # pre-1.6 (non-zip) torch.save format: cannot be scanned, try a plain weights-only load
+        foreign = []
+    stand_ins = [(_stand_in_for(name), name) for name in foreign]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError and friends: say what we refused and how to get around it
+        raise ReferenceFormatError(
+            f"{path} could not be read with torch.load(weights_only=True) ({err}). astrolom never unpickles "
+            "arbitrary code; re-save the state dict alone (torch.save(model.state_dict(), ...)) and pass "
+            "model_args= to load_reference_checkpoint"
+        ) from err
+    return _plain(ckpt)
+
+
+def load_reference_checkpoint(
+    path_or_dict: str | os.PathLike | Mapping,
+    model_args: Mapping | None = None,
+) -> AstroPT:
+    """Build an astrolom `AstroPT` holding the weights of a reference AstroPT checkpoint.
+
+    Args:
+        path_or_dict: a checkpoint file, an already loaded checkpoint dict (`{"model": ..., "model_args": ...}`),
+            or a bare reference state dict.
+        model_args: `GPTConfig` keyword arguments; they take precedence over the checkpoint's own `model_args`
+            and are required for a bare state dict. `modalities` entries may be dicts or objects with
+            `name`, `input_size`, `patch_size`, `embed_pos` attributes.
+
+    Returns:
+        The model in eval mode, on CPU, in float32.
+    """
+    if isinstance(path_or_dict, Mapping):
+        ckpt = _plain(dict(path_or_dict))
+    else:
+        ckpt = read_reference_checkpoint(path_or_dict)
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        state = ckpt["model"]
+        args = dict(ckpt.get("model_args") or {})
+        registry = ckpt.get("modality_registry")
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state, args, registry = ckpt, {}, None
+    else:
+        raise ReferenceFormatError("expected a reference checkpoint dict with a 'model' state dict")
+    if model_args is not None:
+        args.update(_plain(dict(model_args)))
+    registered = registry.get("modalities") if isinstance(registry, Mapping) else None
+    if not args.get("modalities") and isinstance(registered, Mapping):
+        args["modalities"] = list(registered.values())
+    state = _strip_prefixes(state)
+    config = _config_from_reference(args, state)
+    model = AstroPT(config)
+    ours = reference_to_astrolom_state_dict(state, config.tokeniser)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise ReferenceFormatError(
+            f"reference weights do not fit the {config.tokeniser!r} model; missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    return model.float().eval()
+
+
+def export_reference_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path:
+    """Write `model` as a reference AstroPT checkpoint (`{"model", "model_args"}`, tensors and primitives only).
+
+    Raises:
+        ReferenceFormatError: for the "paper" tokeniser or modalities other than images, which astropt 2.x lacks.
+    """
+    cfg = model.config
+    if cfg.tokeniser not in ("aim", "affine"):
+        raise ReferenceFormatError(
+            f"tokeniser {cfg.tokeniser!r} has no equivalent in the reference astropt 2.x (only 'aim' and 'affine')"
+        )
+    if cfg.modalities != (MODALITY,):
+        raise ReferenceFormatError(f"only the {MODALITY!r} modality can be exported, got {cfg.modalities}")
+    state = astrolom_to_reference_state_dict(model.state_dict(), cfg.tokeniser)
+    ckpt = {"model": state, "model_args": _model_args(cfg)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a half-written file never carries the final name
+    return path
+
+
+def reference_to_astrolom_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
+    """Rename a reference GPT state dict to astrolom names (unknown names raise)."""
+    table = _name_table(tokeniser, _count_layers(state))
+    out = {}
+    for name, tensor in _strip_prefixes(state).items():
+        if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
+            continue  # causal-mask buffer of the reference's non-SDPA fallback, not a weight
+        if name not in table:
+            raise ReferenceFormatError(f"reference parameter {name!r} has no astrolom equivalent")
+        out[table[name]] = tensor
+    return out
+
+
+def astrolom_to_reference_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
+    """Rename an astrolom state dict to reference GPT names; tensors are copied (contiguous, detached)."""
+    n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    table = {ours: ref for ref, ours in _name_table(tokeniser, n_layer).items()}
+    out = {}
+    for name, tensor in state.items():
+        if name not in table:
+            raise ReferenceFormatError(f"astrolom parameter {name!r} has no reference equivalent")
+        out[table[name]] = tensor.detach().clone().contiguous()
+    return out
+
+
+def _name_table(tokeniser: str, n_layer: int) -> dict[str, str]:
+    """Every reference parameter name -> astrolom name, weights and biases (bias entries may go unused)."""
+    m = MODALITY
+    pairs = [
+        (f"transformer.wte.{m}.c_fc", f"tokenisers.{m}.0"),
+        (f"lm_head.{m}.c_fc", f"decoders.{m}.0"),
+        ("transformer.ln_f", "ln_f"),
+    ]
+    if tokeniser == "aim":
+        pairs += [(f"transformer.wte.{m}.c_proj", f"tokenisers.{m}.2"), (f"lm_head.{m}.c_proj", f"decoders.{m}.2")]
+    for i in range(n_layer):
+        pairs += [(f"transformer.h.{i}.{ref}", f"blocks.{i}.{ours}") for ref, ours in _BLOCK_RULES]
+    table = {f"{ref}.{p}": f"{ours}.{p}" for ref, ours in pairs for p in ("weight", "bias")}
+    table[f"transformer.wpe.{m}.wpe.weight"] = "pos_emb.weight"
+    return table
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        for prefix in _COMPILE_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        out[name] = tensor
+    return out
+
+
+def _count_layers(state: Mapping[str, torch.Tensor]) -> int:
+    idx = [int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))]
+    return 1 + max(idx, default=-1)
+
+
+def _field(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """ModelConfig from reference model_args, checked against (and completed from) the weights."""
+    for key in state:
+        if key.startswith("task_head."):
+            raise ReferenceFormatError("checkpoints with a fine-tuning task head (output_dim) are not supported")
+        if "lora_" in key:
+            raise ReferenceFormatError("checkpoints with LoRA adapters are not supported; merge them first")
+    if args.get("attn_type", "causal") != "causal":
+        raise ReferenceFormatError(
+            f"attn_type={args['attn_type']!r} is not supported: only causal attention (astropt 2.0.9 builds the "
+            "prefix mask and then drops it, so prefix models were trained on an unintended mask)"
+        )
+    names = sorted({k.split(".")[2] for k in state if k.startswith("transformer.wte.")})
+    mods = list(args.get("modalities") or [])
+    mod_names = sorted(_field(mc, "name") for mc in mods) if mods else names
+    if mod_names != [MODALITY] or (names and names != [MODALITY]):
+        raise ReferenceFormatError(
+            f"only single-modality {MODALITY!r} checkpoints are supported, this one has {mod_names or names}"
+        )
+    wte = state.get(f"transformer.wte.{MODALITY}.c_fc.weight")
+    wpe = state.get(f"transformer.wpe.{MODALITY}.wpe.weight")
+    if wte is None or wpe is None:
+        raise ReferenceFormatError(
+            f"no {MODALITY} tokeniser or learned position embedding (embed_pos=True) in the checkpoint; "
+            "2024-era AstroPT checkpoints use other module names and are not supported"
+        )
+    mc = mods[0] if mods else {}
+    if mods and not _field(mc, "embed_pos", True):
+        raise ReferenceFormatError("only learned position embeddings (embed_pos=True) are supported")
+
+    tokeniser = "aim" if f"transformer.wte.{MODALITY}.c_proj.weight" in state else "affine"
+    if args.get("tokeniser", tokeniser) != tokeniser:
+        raise ReferenceFormatError(f"model_args say tokeniser={args['tokeniser']!r} but the weights are {tokeniser!r}")
+    bias = "transformer.ln_f.bias" in state
+    if "bias" in args and bool(args["bias"]) != bias:
+        has = "have" if bias else "lack"
+        raise ReferenceFormatError(f"model_args say bias={args['bias']} but the weights {has} biases")
+
+    if "n_head" not in args:
+        raise ReferenceFormatError("n_head is not stored in the weights: pass model_args={'n_head': ...}")
+    input_size = wte.shape[1]
+    n_embd = wpe.shape[1]
+    patch_size = _field(mc, "patch_size")
+    n_chan = args.get("n_chan")
+    if patch_size is None:
+        if n_chan is None:
+            raise ReferenceFormatError("cannot tell the patch size: pass model_args with modalities or n_chan")
+        patch_size = math.isqrt(input_size // n_chan)
+    if input_size % (patch_size * patch_size):
+        raise ReferenceFormatError(f"input size {input_size} is not patch_size^2 * bands with patch_size={patch_size}")
+    bands = input_size // (patch_size * patch_size)
+    if _field(mc, "input_size", input_size) != input_size:
+        raise ReferenceFormatError(f"modality input_size {_field(mc, 'input_size')} != tokeniser input {input_size}")
+    derived = {"n_layer": _count_layers(state), "n_embd": n_embd, "block_size": wpe.shape[0]}
+    for key, value in derived.items():
+        if key in args and args[key] != value:
+            raise ReferenceFormatError(f"model_args say {key}={args[key]} but the weights give {value}")
+    return ModelConfig(
+        **derived,
+        n_head=int(args["n_head"]),
+        patch_size=int(patch_size),
+        n_chan=int(bands),
+        dropout=float(args.get("dropout", 0.0)),
+        bias=bias,
+        tokeniser=tokeniser,
+    )
+
+
+def _model_args(cfg: ModelConfig) -> dict:
+    modality = {
+        "name": MODALITY,
+        "input_size": cfg.input_dim,
+        "pos_input_size": 1,
+        "patch_size": cfg.patch_size,
+        "embed_pos": True,
+        "loss_weight": 1.0,
+    }
+    # exactly the GPTConfig fields of astropt 2.0.9, so that `GPTConfig(**model_args)` works
+    args = {
+        "block_size": cfg.block_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_chan": cfg.n_chan,
+        "dropout": cfg.dropout,
+        "bias": cfg.bias,
+        "attn_type": "causal",
+        "tokeniser": cfg.tokeniser,
+        "lora_r": 0,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "modalities": [modality],
+    }
+    return args
+
+
+# --- `astrolom convert` -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--from-reference", metavar="CKPT", help="reference AstroPT checkpoint (.pt) to import")
+    group.add_argument("--to-reference", metavar="DIR", help="astrolom checkpoint directory to export")
+    parser.add_argument(
+        "--out", required=True, help="astrolom checkpoint directory (import) or reference .pt file (export)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from astrolom.train.checkpoint import from_pretrained, save_pretrained
+
+    if args.from_reference:
+        model = load_reference_checkpoint(args.from_reference)
+        save_pretrained(model, args.out)
+        cfg = model.config
+        print(
+            f"imported {args.from_reference} -> {args.out}: {cfg.n_layer} layers, width {cfg.n_embd}, "
+            f"{cfg.n_head} heads, tokeniser {cfg.tokeniser}, {model.num_params(non_embedding=False):,} parameters"
+        )
+    else:
+        model = from_pretrained(args.to_reference)
+        export_reference_checkpoint(model, args.out)
+        print(f"exported {args.to_reference} -> {args.out} (astropt.model.GPT state dict + model_args)")
+    return 0
