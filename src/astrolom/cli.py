@@ -21,10 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "astrolom.model.presets",
         "list the AstroPT model sizes (paper Table 1) with parameter counts",
     ),
+    "pretrain": ("astrolom.train.trainer", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
+    "convert": ("astrolom.interop.reference", "import/export reference AstroPT (astropt 2.x) checkpoints"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the `selected` subcommand's module is imported (keeps `--help` fast and robust)."""
     parser = argparse.ArgumentParser(
         prog="astrolom", description="Large Observation Models for astronomy: AstroPT and beyond."
     )
@@ -33,15 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"astrolom {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module, help_) in COMMANDS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == selected:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_module=mod)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
