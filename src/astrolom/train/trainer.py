@@ -1,0 +1,509 @@
+"""Pretrain AstroPT: `astrolom pretrain --data DIR --preset NAME --out RUN --max-steps N [--resume] [key=value ...]`.
+
+One process (CPU or GPU) or many under torchrun (DDP, or FSDP for models that do not fit one device)::
+
+    astrolom pretrain --data mock --preset 1m --out runs/1m --max-steps 300
+    torchrun --nproc_per_node 8 -m astrolom pretrain --data DIR --preset 89m --out RUN train.batch_size=512
+
+The `Trainer` owns its state (model, AdamW, schedule, step, tokens seen, RNG, data position), checkpoints all of it
+(see `astrolom.train.checkpoint` for the RUN layout) and resumes exactly: same batches, same losses, same weights.
+
+Loop facts worth knowing:
+- global batch = micro batch x accumulation steps x world size (every process on every node); each micro-step's
+  loss is divided by the accumulation steps, and gradients are all-reduced only on the last micro-step (`no_sync`);
+- record k of the training stream goes to rank k % world, so N ranks see exactly what one process would;
+- validation reads `data.val_split` (never the training stream), the same `train.eval_samples` images every time;
+- the logged loss is the global mean over all ranks and micro-steps; tokens counted are predicted tokens
+  (T - 1 per stamp of T); FLOPs are 6 N + attention per token (`astrolom.model.flops`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
+from astrolom.data.sources import open_source
+from astrolom.data.stream import RecordStream, TokenBatches
+from astrolom.model.astropt import AstroPT
+from astrolom.model.flops import flops_per_token, mfu
+from astrolom.train import checkpoint as ckpt
+from astrolom.train import parallel
+from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
+from astrolom.train.logging import MetricsLogger
+
+KILL_AFTER_STEP_ENV = "ASTROLOM_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL the main rank after this step
+
+
+def log_spaced_steps(max_steps: int, n: int) -> set[int]:
+    """`n` checkpoint steps spaced evenly in log(step) from 1 to max_steps (fewer where they round together)."""
+    if n <= 0:
+        return set()
+    return {int(s) for s in np.unique(np.round(np.logspace(0, math.log10(max_steps), n)).astype(int))}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device, fsdp: bool):
+    """AdamW; weight decay on >= 2-D weights only (matrices and embeddings, not biases or LayerNorm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = cfg.optim.fused
+    if fused is None:
+        fused = device.type in ("cuda", "cpu") and not fsdp
+    kw = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate(),
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        **kw,
+    )
+
+
+class _Data:
+    """The training stream (rank-aware, resumable) and the cached validation batches of one rank."""
+
+    def __init__(self, cfg: PretrainConfig, env: parallel.DistEnv, micro: int, eval_samples: int):
+        d = cfg.data
+        if not d.path:
+            raise ValueError("no data: pass --data DIR (or data.path=...)")
+        self.cfg, self.env = d, env
+        self.source = open_source(
+            d.path, d.format, skip_bad=d.skip_bad, split_fractions=d.split_fractions, split_seed=d.split_seed
+        )
+        self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None)
+        self._train_iter = None
+        self.val_ids: list[str] = []  # object ids of the validation images (for checks and reports)
+        self.val = self._take_val(micro, eval_samples) if eval_samples else []
+        probe = self.val[0] if self.val else next(iter(self._batches("train", 1, shuffle=False, epochs=1)))["tokens"]
+        self.tokens_per_stamp = probe.shape[1]
+        self.n_chan = probe.shape[2] // (d.patch_size * d.patch_size)
+
+    def _batches(self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None) -> TokenBatches:
+        stream = RecordStream(
+            self.source,
+            split=split,
+            shuffle=shuffle,
+            seed=self.cfg.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            epochs=epochs,
+        )
+        return TokenBatches(stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size)
+
+    def _take_val(self, micro: int, n: int) -> list[torch.Tensor]:
+        # Record k of the val stream is on rank k % world, so the first n of the stream are the first
+        # ceil((n - rank) / world) of this rank's share: the same n images whatever the world size.
+        env, split = self.env, self.cfg.val_split
+        share = max(0, -(-(n - env.rank) // env.world_size))
+        out, have = [], 0
+        try:
+            for batch in self._batches(split, micro, shuffle=False, epochs=1):
+                if have >= share:
+                    break
+                out.append(batch["tokens"][: share - have])
+                self.val_ids += batch["object_id"][: share - have]
+                have += out[-1].shape[0]
+        except ValueError as err:  # the stream's "no records in split"
+            raise ValueError(
+                f"{err}; set data.val_split, or train.eval_interval=0 to train without validation"
+            ) from None
+        return out
+
+    def next_train_batch(self) -> dict:
+        if self._train_iter is None:
+            self._train_iter = iter(self.train)
+        return next(self._train_iter)
+
+    def next_train(self) -> torch.Tensor:
+        return self.next_train_batch()["tokens"]
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+        self._train_iter = None
+
+
+class Trainer:
+    """Pretraining loop that owns its state; `fit()` runs to `train.max_steps`, checkpointing and logging."""
+
+    def __init__(self, cfg: PretrainConfig, *, resume: bool = False, env: parallel.DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or parallel.init_distributed(cfg.train.device)
+        if not cfg.train.out_dir:
+            raise ValueError("no run directory: pass --out RUN (or train.out_dir=...)")
+        self.run_dir = Path(cfg.train.out_dir)
+        self.micro, self.accum = cfg.train.accumulation_steps(self.env.world_size)
+        self.data = _Data(cfg, self.env, self.micro, cfg.train.eval_samples if cfg.train.eval_interval else 0)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model_config = resolve_model_config(
+            cfg.model,
+            patch_size=cfg.data.patch_size,
+            n_chan=self.data.n_chan,
+            tokens_per_stamp=self.data.tokens_per_stamp,
+        )
+        mc = self.model_config
+        resolved_model = dataclasses.replace(
+            cfg.model, n_layer=mc.n_layer, n_head=mc.n_head, n_embd=mc.n_embd, block_size=mc.block_size
+        )
+        self.cfg = cfg = dataclasses.replace(cfg, model=resolved_model)  # what RUN/config.yaml records
+        model = AstroPT(self.model_config)
+        self.n_params = model.num_params()  # non-embedding, for FLOPs
+        self.seq_len = self.data.tokens_per_stamp - 1
+        self.precision = parallel.resolve_precision(cfg.train.precision, self.env.device)
+        parallel.configure_backends(self.env.device)
+        self.model, self.strategy = parallel.parallelize(
+            model,
+            self.env,
+            strategy=cfg.train.parallel,
+            precision=self.precision,
+            compile=cfg.train.compile,
+        )
+        self.optimizer = build_optimizer(self.model, cfg, self.env.device, self.strategy == "fsdp")
+        torch.manual_seed(cfg.train.seed + 1 + self.env.rank)  # per-rank stream (dropout), distinct from init
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_seen = 0.0
+        self.last_val_loss: float | None = None
+        self._stop = False
+        self._log_steps = log_spaced_steps(cfg.train.max_steps, cfg.train.log_checkpoints)
+        self.resumed_from: Path | None = None
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------------------------- state
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.seq_len
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(
+            step,
+            peak=c.learning_rate(),
+            warmup=c.warmup_steps(),
+            decay=c.decay_steps(),
+            min_ratio=c.optim.min_lr_ratio,
+        )
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: RNG states and the data position."""
+        return {"rng": ckpt.capture_rng_state(), "data": self.data.state_dict()}
+
+    def state_dict(self) -> dict:
+        """The trainer state other than weights and optimiser (JSON values). Collective under DDP/FSDP."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "flops": self.flops_seen,
+            "world_size": self.env.world_size,
+            "scheduler": {
+                "peak_lr": self.cfg.learning_rate(),
+                "warmup_steps": self.cfg.warmup_steps(),
+                "decay_steps": self.cfg.decay_steps(),
+                "min_lr_ratio": self.cfg.optim.min_lr_ratio,
+                "last_lr": self.lr(max(0, self.step - 1)),
+            },
+            "last_val_loss": self.last_val_loss,
+            "ranks": parallel.gather_objects(self.rank_state(), self.env),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.env.world_size:
+            raise ValueError(
+                f"checkpoint was written by {state['world_size']} processes, this run has {self.env.world_size}: "
+                "an exact resume needs the same world size (the data position is per rank)"
+            )
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.flops_seen = float(state["flops"])
+        self.last_val_loss = state.get("last_val_loss")
+        mine = state["ranks"][self.env.rank]
+        self.data.load_state_dict(mine["data"])
+        ckpt.restore_rng_state(mine["rng"])
+
+    def config_json(self) -> dict:
+        """`config.json` of checkpoints: the model, its tokeniser and the data it was trained on."""
+        c = self.cfg.data
+        grid = int(round(math.sqrt(self.data.tokens_per_stamp)))
+        tokens = {
+            "patch_size": c.patch_size,
+            "order": "spiral",
+            "standardise": "per-patch",
+            "tokens_per_stamp": self.data.tokens_per_stamp,
+        }
+        data = {
+            "image_size": c.image_size or grid * c.patch_size,
+            "n_chan": self.data.n_chan,
+            "normalisation": "per-patch standardisation (mean 0, std 1 over each patch's values)",
+            "path": c.path,
+        }
+        out = ckpt.model_config_json(self.model_config, tokens=tokens, data=data)
+        out["pretrain_config"] = to_dict(self.cfg)
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        """Write RUN/checkpoints/step-N (rank 0 writes; every rank takes part in gathering state)."""
+        model_state = parallel.full_model_state(self.model)
+        optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        state = self.state_dict()
+        path = None
+        if self.env.is_main:
+            path = self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(self.step)
+            ckpt.save_checkpoint(
+                path,
+                model_state=model_state,
+                optimizer_state=optim_state,
+                trainer_state=state,
+                config_json=self.config_json(),
+            )
+            ckpt.mark_latest(self.run_dir, path)
+            if self.cfg.train.keep_last:
+                ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._log_steps)
+        parallel.barrier(self.env)
+        return path
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return  # nothing saved yet: start from scratch (a run killed before its first checkpoint)
+        loaded = ckpt.load_checkpoint(path)
+        parallel.load_full_state(self.model, self.optimizer, loaded["model"], loaded["optimizer"])
+        self.load_state_dict(loaded["trainer"])
+        self.resumed_from = path
+
+    # -------------------------------------------------------------------------------------------------- loop
+
+    def train_step(self) -> dict:
+        """One optimiser step over the global batch; returns its metrics (one host sync)."""
+        t0 = time.perf_counter()
+        lr = self.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i in range(self.accum):
+            tokens = self.data.next_train().to(self.env.device, non_blocking=True)
+            with parallel.grad_sync(self.model, i == self.accum - 1):
+                with parallel.autocast(self.precision, self.env.device):
+                    _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+                (loss / self.accum).backward()
+            loss_sum += loss.detach().float()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # [sum over ranks of the rank's mean loss, any rank asked to stop] in one all-reduce
+        stats = torch.stack([loss_sum / self.accum, torch.tensor(float(self._stop), device=self.env.device)])
+        parallel.all_reduce_sum(stats, self.env)
+        loss_total, stop = stats.tolist()
+        norm = float(grad_norm)
+        self._stop = stop > 0
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        step_flops = flops_per_token(self.model_config, self.n_params, self.seq_len) * self.tokens_per_step
+        self.flops_seen += step_flops
+        dt = time.perf_counter() - t0
+        util = mfu(step_flops / dt / self.env.world_size, self.env.device) if self.env.device.type == "cuda" else None
+        return {
+            "step": self.step,
+            "loss": loss_total / self.env.world_size,
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens_seen": self.tokens_seen,
+            "flops": self.flops_seen,
+            "tokens_per_s": self.tokens_per_step / dt,
+            "step_time_s": dt,
+            "mfu": util,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the cached validation images of every rank (weighted by images), or None without any."""
+        fsdp = self.strategy == "fsdp"
+        # DDP's forward would sync buffers; the plain module needs no collective. FSDP must run its own forward,
+        # on every rank the same number of times, so ranks with fewer batches pad with zero-weight repeats.
+        model = self.model if fsdp else parallel.unwrap(self.model)
+        model.eval()
+        n = parallel.all_reduce_max(len(self.data.val), self.env) if fsdp else len(self.data.val)
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for i in range(n):
+            real = i < len(self.data.val)
+            if real:
+                tokens = self.data.val[i]
+            elif self.data.val:
+                tokens = self.data.val[0]
+            else:
+                tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.input_dim)
+            tokens = tokens.to(self.env.device, non_blocking=True)
+            with parallel.autocast(self.precision, self.env.device):
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            if real:
+                total[0] += loss.double() * tokens.shape[0]
+                total[1] += tokens.shape[0]
+        parallel.all_reduce_sum(total, self.env)
+        if total[1] == 0:
+            return None
+        self.last_val_loss = float(total[0] / total[1])
+        return self.last_val_loss
+
+    def _should_checkpoint(self) -> bool:
+        t = self.cfg.train
+        return (
+            self.step == t.max_steps
+            or (t.checkpoint_interval > 0 and self.step % t.checkpoint_interval == 0)
+            or self.step in self._log_steps
+        )
+
+    def fit(self) -> dict:
+        """Train to `train.max_steps` (from wherever the state is), then write RUN/final. Returns a summary."""
+        t = self.cfg.train
+        main = self.env.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            run_json = {"config": to_dict(self.cfg), "checkpoint_config": self.config_json(), "strategy": self.strategy}
+            (self.run_dir / "config.json").write_text(json.dumps(run_json, indent=2) + "\n")
+        logger = MetricsLogger(
+            self.run_dir,
+            enabled=main,
+            resume_step=self.step if self.resumed_from is not None else None,
+            tensorboard=t.tensorboard,
+            wandb=t.wandb,
+            wandb_project=t.wandb_project,
+            codecarbon=t.codecarbon,
+            config=to_dict(self.cfg),
+        )
+        previous = signal.signal(signal.SIGTERM, self._request_stop) if main else None
+        bar = None
+        if main and t.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
+        last: dict = {}
+        try:
+            while self.step < t.max_steps and not self._stop:
+                row = self.train_step()
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; lower optim.learning_rate")
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+                    row["val_loss"] = self.evaluate()
+                logger.log(row)
+                last = row
+                if self._should_checkpoint() or self._stop:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{self.last_val_loss or float('nan'):.4f}")
+                if main and kill_after is not None and self.step == int(kill_after):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            finished = self.step >= t.max_steps
+            if finished:
+                full = parallel.full_model_state(self.model)
+                if main:
+                    model = AstroPT(self.model_config)
+                    model.load_state_dict(full)
+                    cfg_json = self.config_json()
+                    ckpt.save_pretrained(
+                        model, self.run_dir / ckpt.FINAL_DIR, tokens=cfg_json["tokens"], data=cfg_json["data"]
+                    )
+                parallel.barrier(self.env)
+        finally:
+            if bar is not None:
+                bar.close()
+            extras = logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return {
+            "step": self.step,
+            "finished": finished,
+            "loss": last.get("loss"),
+            "val_loss": self.last_val_loss,
+            "tokens_seen": self.tokens_seen,
+            "flops": self.flops_seen,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            **extras,
+        }
+
+    def _request_stop(self, signum, frame) -> None:
+        # checkpoint at the end of the current step, on every rank together (the flag travels with the loss)
+        self._stop = True
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="data set to train on (any format astrolom reads); data.path")
+    parser.add_argument("--preset", help="model size (see `astrolom presets`); model.preset")
+    parser.add_argument("--out", help="run directory RUN for config, metrics, checkpoints; train.out_dir")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps; train.max_steps")
+    parser.add_argument("--config", help="YAML file with model/data/optim/train sections (e.g. a RUN/config.yaml)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN from its latest checkpoint, with RUN/config.yaml as the base config",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides applied last, e.g. train.batch_size=64 optim.learning_rate=3e-4",
+    )
+
+
+def build_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults < --config (or RUN/config.yaml when resuming) < flags < overrides."""
+    cfg = PretrainConfig()
+    run_cfg = Path(args.out) / "config.yaml" if args.out else None
+    if args.config:
+        cfg = load_yaml(PretrainConfig, args.config)
+    elif args.resume and run_cfg is not None and run_cfg.is_file():
+        cfg = load_yaml(PretrainConfig, run_cfg)
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+    if args.preset is not None and args.preset != cfg.model.preset:
+        # a new preset: the architecture comes from it, not from another preset's resolved sizes
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, preset=args.preset, n_layer=None, n_head=None, n_embd=None)
+        )
+    if args.out is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=args.out))
+    if args.max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=args.max_steps))
+    return apply_overrides(cfg, args.overrides or [])
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else None
+    if run_dir is not None and not args.resume and ckpt.list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        summary = trainer.fit()
+    finally:
+        parallel.destroy_distributed()
+    if trainer.env.is_main:
+        print(json.dumps(summary), file=sys.stdout)
+    return 0 if summary["finished"] else 143
