@@ -87,9 +87,9 @@ def test_log_spaced_checkpoints():
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-def test_tiny_pretraining_run_writes_the_documented_layout(blobs, tmp_path):
+def test_tiny_pretraining_run_writes_the_documented_layout(mock_survey, tmp_path):
     run = tmp_path / "run"
-    args = ["pretrain", "--data", str(blobs), "--preset", "debug", "--out", str(run), "--max-steps", "6"]
+    args = ["pretrain", "--data", str(mock_survey), "--preset", "debug", "--out", str(run), "--max-steps", "6"]
     args += ["data.patch_size=8", "train.progress=false", "train.batch_size=4", "train.eval_interval=3"]
     args += ["train.checkpoint_interval=4", "train.eval_samples=8"]
     with torch_threads(1):
@@ -102,8 +102,9 @@ def test_tiny_pretraining_run_writes_the_documented_layout(blobs, tmp_path):
     assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
 
     rows = read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3, 6]  # step 0: the untrained model
+    assert all(math.isfinite(r["loss"]) for r in rows[1:]) and "loss" not in rows[0]
     tokens_per_step = 4 * (16 - 1)  # 32x32 stamps, 8x8 patches: 16 tokens, 15 predicted
     assert rows[-1]["tokens_seen"] == 6 * tokens_per_step
     model = ckpt.from_pretrained(run)
@@ -111,9 +112,8 @@ def test_tiny_pretraining_run_writes_the_documented_layout(blobs, tmp_path):
     assert model.config.block_size == cfg["model"]["block_size"] == 16  # from the data
     assert model.config.patch_size == 8 and model.config.n_chan == 3
     assert cfg["tokens"]["patch_size"] == 8 and cfg["data"]["image_size"] == 32
-    assert rows[-1]["flops"] == pytest.approx(
-        6 * tokens_per_step * flops_per_token(model.config, model.num_params(), 15)
-    )
+    per_token = flops_per_token(model.config, model.num_params(), 15)
+    assert rows[-1]["flops"] == pytest.approx(6 * tokens_per_step * per_token)
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["step", "loss", "val_loss"] and "tokens_per_s" in header
     saved = load_yaml(PretrainConfig, run / "config.yaml")
@@ -125,6 +125,20 @@ def test_tiny_pretraining_run_writes_the_documented_layout(blobs, tmp_path):
     assert all(torch.equal(last["model"][k], v) for k, v in model.state_dict().items())
     # a second run into the same directory needs --resume
     assert cli.main(args) == 2
+
+
+def test_prefetch_thread_changes_nothing(blobs, tmp_path):
+    losses = {}
+    for depth in (0, 2):
+        cfg = _cfg(blobs, tmp_path / f"p{depth}", "train.max_steps=6", "train.batch_size=8", "train.eval_interval=0")
+        cfg = apply_overrides(cfg, [f"data.prefetch={depth}", "train.micro_batch_size=4"])
+        with torch_threads(1):
+            trainer = Trainer(cfg)
+            losses[depth] = [trainer.train_step()["loss"] for _ in range(6)]
+            # the saved position is that of the last batch used, however far the thread has read ahead
+            assert trainer.data.state_dict()["batches"] == 12
+            trainer.data.close()
+    assert losses[0] == losses[2]
 
 
 def test_overfits_one_batch(tmp_path):

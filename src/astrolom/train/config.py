@@ -55,12 +55,15 @@ class DataConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for data without a split column
     split_seed: int = 0
     val_split: str = "val"  # the split validation is computed on; training reads only "train"
+    prefetch: int = 2  # training batches prepared ahead by a background thread; 0: prepare in the training loop
 
     def __post_init__(self):
         if self.patch_size <= 0:
             raise ValueError(f"data.patch_size must be positive, got {self.patch_size}")
         if self.image_size is not None and self.image_size % self.patch_size:
             raise ValueError(f"data.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.val_split == "train":
             raise ValueError("data.val_split must not be 'train': validation uses data training never sees")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:

@@ -24,8 +24,10 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +74,56 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.d
     )
 
 
+_END = object()
+
+
+class _Prefetch:
+    """A thread that tokenises the next batches while the model trains (pyarrow, numpy and torch release the GIL).
+
+    Each batch travels with the stream position just after it, so the position the trainer saves is the one of the
+    last batch it *used*, not of the last one prepared: resume stays exact.
+    """
+
+    def __init__(self, batches: TokenBatches, depth: int, pin: bool):
+        self._batches, self._pin = batches, pin
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="astrolom-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._batches:
+                if self._pin:
+                    batch["tokens"] = batch["tokens"].pin_memory()
+                if not self._put((batch, self._batches.state_dict())):
+                    return
+            self._put(_END)
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(err)
+
+    def __next__(self) -> tuple[dict, dict]:
+        item = self._queue.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class _Data:
     """The training stream (rank-aware, resumable) and the cached validation batches of one rank."""
 
@@ -85,6 +137,8 @@ class _Data:
         )
         self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None)
         self._train_iter = None
+        self._prefetch: _Prefetch | None = None
+        self._position = self.train.state_dict()
         self.val_ids: list[str] = []  # object ids of the validation images (for checks and reports)
         self.val = self._take_val(micro, eval_samples) if eval_samples else []
         probe = self.val[0] if self.val else next(iter(self._batches("train", 1, shuffle=False, epochs=1)))["tokens"]
@@ -123,18 +177,33 @@ class _Data:
         return out
 
     def next_train_batch(self) -> dict:
-        if self._train_iter is None:
-            self._train_iter = iter(self.train)
-        return next(self._train_iter)
+        if self.cfg.prefetch:
+            if self._prefetch is None:
+                self._prefetch = _Prefetch(self.train, self.cfg.prefetch, pin=self.env.device.type == "cuda")
+            batch, self._position = next(self._prefetch)
+        else:
+            if self._train_iter is None:
+                self._train_iter = iter(self.train)
+            batch = next(self._train_iter)
+            self._position = self.train.state_dict()
+        return batch
 
     def next_train(self) -> torch.Tensor:
         return self.next_train_batch()["tokens"]
 
     def state_dict(self) -> dict:
-        return self.train.state_dict()
+        """Position after the last training batch handed to the trainer (JSON values)."""
+        return self._position
 
     def load_state_dict(self, state: dict) -> None:
+        self.close()
         self.train.load_state_dict(state)
+        self._position = self.train.state_dict()
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
         self._train_iter = None
 
 
@@ -402,6 +471,8 @@ class Trainer:
         kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
         last: dict = {}
         try:
+            if t.eval_interval and self.step == 0:  # the untrained model's validation loss, the curve's origin
+                logger.log({"step": 0, "val_loss": self.evaluate(), "tokens_seen": 0, "flops": 0.0})
             while self.step < t.max_steps and not self._stop:
                 row = self.train_step()
                 if not math.isfinite(row["loss"]):
@@ -429,6 +500,7 @@ class Trainer:
                     )
                 parallel.barrier(self.env)
         finally:
+            self.data.close()
             if bar is not None:
                 bar.close()
             extras = logger.close()
