@@ -27,5 +27,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_setup_pins_cpu_torch_and_is_idempotent_by_design():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert 'import torch' in setup  # an installed torch (CPU or CUDA) is never replaced
+    assert "import torch" in setup  # an installed torch (CPU or CUDA) is never replaced
     assert "torch==${TORCH_VERSION}" in setup  # never an unpinned torch (would pull a multi-GB CUDA build)
