@@ -1,0 +1,50 @@
+"""The one record every reader yields, and the on-disk layout of astrolom Parquet shards.
+
+A record is one object: an id, an image (H, W, C) float32 in the survey's own units (never transposed), optional
+spectrum, its split and its labels. Our Parquet shards store one record per row:
+
+- `object_id` (string), `split` (string: train / val / test), one column per label;
+- `image`: raw little-endian float32 bytes in (H, W, C) order, with `image_shape` = [H, W, C] (int32 list);
+- `spectrum` (optional): raw float32 bytes, wavelengths in the file's metadata;
+- file metadata key `astrolom` (JSON): bands, pixel scale, spectrum wavelength grid, generator settings.
+
+Parquet files whose `image` column holds encoded JPEG/PNG bytes (e.g. the Smith42/galaxies layout, where `image`
+may also be a Hugging Face `{bytes, path}` struct) are read too, see `astrolom.data.sources`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IMAGE = "image"
+IMAGE_SHAPE = "image_shape"
+SPECTRUM = "spectrum"
+METADATA_KEY = b"astrolom"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Record:
+    object_id: str
+    image: np.ndarray  # (H, W, C) float32
+    split: str | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+    spectrum: np.ndarray | None = None  # (L,) float32
+
+
+def split_of(object_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> str:
+    """Deterministic train/val/test assignment from a hash of the id, for data sets that carry no split column.
+
+    Stable across runs, machines, file orders and dataset growth: an object never changes split.
+    """
+    h = hashlib.blake2b(f"{seed}:{object_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "little") / 2**64
+    if u < fractions[0]:
+        return "train"
+    if u < fractions[0] + fractions[1]:
+        return "val"
+    return "test"

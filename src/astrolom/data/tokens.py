@@ -1,0 +1,133 @@
+"""Images -> spiral-ordered, per-patch standardised tokens (and back).
+
+An image (H, W, C) is cut into P x P patches, each flattened in (p1 p2 c) order. Patches are then standardised
+to mean 0 / std 1 over all their values and reordered centre-out along a spiral, so that the first 4, 16, 64, ...
+tokens are the central 2x2, 4x4, 8x8, ... patches of any even grid. Stamps of different sizes therefore share a
+token prefix: a model trained on 64x64 stamps can embed 512x512 stamps from their first tokens, and a causal model's
+outputs on that prefix do not depend on the outer tokens at all.
+
+Everything here is batched tensor code; the spiral permutation is computed once per grid size and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+DEFAULT_EPS = 1e-6
+
+
+@lru_cache(maxsize=64)
+def _spiral_order_np(nh: int, nw: int) -> np.ndarray:
+    """Raster index of the patch at each spiral position, for an nh x nw grid.
+
+    Rings are Chebyshev distance from the grid centre (in half-patch units, so even and odd grids both work).
+    Within a ring the walk starts just below the top-left corner, runs down the left side, right along the bottom,
+    up the right side and left along the top; for square grids this is exactly the order of the reference
+    AstroPT `_spiral`, so reference checkpoints see the sequence they were trained on.
+    """
+    di = (2 * np.arange(nh) - (nh - 1))[:, None].repeat(nw, axis=1)  # row offset from centre, half-patch units
+    dj = (2 * np.arange(nw) - (nw - 1))[None, :].repeat(nh, axis=0)
+    r = np.maximum(np.abs(di), np.abs(dj))
+    t = np.select(
+        [(dj == -r) & (di > -r), (di == r) & (dj > -r), (dj == r) & (di < r)],
+        [di + r, 3 * r + dj, 5 * r - di],
+        default=7 * r - dj,  # top row, walked leftwards; the top-left corner closes the ring
+    )
+    return np.lexsort((t.ravel(), r.ravel()))
+
+
+def spiral_order(nh: int, nw: int | None = None) -> torch.Tensor:
+    """Permutation taking raster-ordered patches to centre-out spiral order (`tokens = patches[:, order]`)."""
+    return torch.from_numpy(_spiral_order_np(nh, nh if nw is None else nw).copy())
+
+
+def inverse_spiral_order(nh: int, nw: int | None = None) -> torch.Tensor:
+    """Permutation taking spiral-ordered tokens back to raster order."""
+    return torch.argsort(spiral_order(nh, nw))
+
+
+def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid (rows, cols) of an image, or a ValueError naming the problem."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image of {height}x{width} px is not a multiple of the patch size {patch_size}; "
+            f"crop it to {height - height % patch_size}x{width - width % patch_size} "
+            "(astrolom.data.tokens.center_crop) or choose another patch size"
+        )
+    return height // patch_size, width // patch_size
+
+
+def center_crop(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Crop (..., H, W, C) images symmetrically to the largest multiple of the patch size (galaxy stays centred)."""
+    h, w = images.shape[-3], images.shape[-2]
+    dh, dw = h % patch_size, w % patch_size
+    return images[..., dh // 2 : h - (dh - dh // 2), dw // 2 : w - (dw - dw // 2), :]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nh*nw, P*P*C) raster-ordered patches flattened in (p1 p2 c) order."""
+    b, h, w, c = images.shape
+    nh, nw = grid_shape(h, w, patch_size)
+    p = patch_size
+    x = images.reshape(b, nh, p, nw, p, c).permute(0, 1, 3, 2, 4, 5)  # (B, nh, nw, p1, p2, C)
+    return x.reshape(b, nh * nw, p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of `patchify`: (B, nh*nw, P*P*C) raster patches -> (B, H, W, C)."""
+    b, n, d = patches.shape
+    nh, nw = grid
+    p = patch_size
+    c = d // (p * p)
+    if n != nh * nw or c * p * p != d:
+        raise ValueError(f"{n} patches of {d} values do not form a {nh}x{nw} grid of {p}x{p} patches")
+    x = patches.reshape(b, nh, nw, p, p, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, nh * p, nw * p, c)
+
+
+def standardise(patches: torch.Tensor, eps: float = DEFAULT_EPS):
+    """Per-patch standardisation over all P*P*C values.
+
+    Returns (tokens, mean, std) with mean/std of shape (..., 1). Flat patches (std 0) get std = eps-guarded so
+    their tokens are exactly 0 rather than inf/NaN; `destandardise` undoes it exactly up to float rounding.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = patches.std(dim=-1, keepdim=True, unbiased=False).clamp_min(eps)
+    return (patches - mean) / std, mean, std
+
+
+def destandardise(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return tokens * std + mean
+
+
+@dataclass
+class TokenBatch:
+    """Spiral-ordered standardised tokens plus what is needed to map them back to pixels."""
+
+    tokens: torch.Tensor  # (B, T, P*P*C) float32, spiral order
+    mean: torch.Tensor  # (B, T, 1)
+    std: torch.Tensor  # (B, T, 1)
+    grid: tuple[int, int]
+    patch_size: int
+
+
+def tokenize(images: torch.Tensor, patch_size: int = 16, eps: float = DEFAULT_EPS) -> TokenBatch:
+    """(B, H, W, C) float images -> spiral-ordered standardised tokens."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (B, H, W, C), got {tuple(images.shape)}")
+    grid = grid_shape(images.shape[1], images.shape[2], patch_size)
+    patches = patchify(images.float(), patch_size)[:, spiral_order(*grid)]
+    tokens, mean, std = standardise(patches, eps)
+    return TokenBatch(tokens, mean, std, grid, patch_size)
+
+
+def detokenize(batch: TokenBatch, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens (the batch's own, or e.g. model predictions in the same order) -> (B, H, W, C) pixel images."""
+    tokens = batch.tokens if tokens is None else tokens
+    patches = destandardise(tokens, batch.mean[:, : tokens.shape[1]], batch.std[:, : tokens.shape[1]])
+    raster = patches[:, inverse_spiral_order(*batch.grid)]
+    return unpatchify(raster, batch.grid, batch.patch_size)
