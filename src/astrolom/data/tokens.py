@@ -92,12 +92,16 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) ->
 def standardise(patches: torch.Tensor, eps: float = DEFAULT_EPS):
     """Per-patch standardisation over all P*P*C values.
 
-    Returns (tokens, mean, std) with mean/std of shape (..., 1). Flat patches (std 0) get std = eps-guarded so
-    their tokens are exactly 0 rather than inf/NaN; `destandardise` undoes it exactly up to float rounding.
+    Returns (tokens, mean, std) with mean/std of shape (..., 1). Flat patches (std < eps, in the data's own units:
+    lower `eps` for data in tiny physical units) give exactly zero tokens and report std = eps, so nothing blows up
+    and `destandardise` still returns the patch (its mean) up to float rounding.
     """
     mean = patches.mean(dim=-1, keepdim=True)
-    std = patches.std(dim=-1, keepdim=True, unbiased=False).clamp_min(eps)
-    return (patches - mean) / std, mean, std
+    std = patches.std(dim=-1, keepdim=True, unbiased=False)
+    flat = std < eps
+    std = torch.where(flat, torch.full_like(std, eps), std)
+    tokens = torch.where(flat, torch.zeros_like(patches), (patches - mean) / std)
+    return tokens, mean, std
 
 
 def destandardise(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
