@@ -1,0 +1,321 @@
+"""Embed a data set with a pretrained AstroPT: `astrolom embed --model RUN --data DIR --out EMB.parquet`.
+
+An embedding is the paper's (sec. 3): the outputs of the penultimate transformer block averaged over the central 64
+spiral tokens (`--layer`, `--tokens`; a model that sees fewer tokens averages all it sees). The model is causal and
+the spiral prefix is the centre, so only the first `min(tokens, block_size)` spiral tokens are computed: stamps
+larger than the training size are centre-cropped to the patches that prefix covers before tokenising (a 512x512
+stamp with 16 px patches costs what its central 128x128 does), and its embedding is exactly that of the crop.
+
+Output: one Parquet row per object with `object_id`, `split`, every label column of the data, and `embedding`
+(fixed-size list<float32>), written batch by batch (memory does not depend on the data size). The file metadata key
+`astrolom` records the model, layer, token count and data. Under torchrun every rank embeds its share of the
+records (record k goes to rank k % world size) and writes `EMB.parquet/part-<rank>.parquet`; `load_embeddings`
+reads the file or the directory alike.
+
+    astrolom embed --model runs/1m --data mock --out emb.parquet --splits val,test
+    torchrun --nproc_per_node 8 -m astrolom embed --model RUN --data DIR --out emb.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from astrolom.data import tokens as tok
+from astrolom.data.records import SPLITS, Record
+from astrolom.model.astropt import AstroPT
+
+EMBEDDING = "embedding"
+DEFAULT_TOKENS = 64
+DEFAULT_LAYER = -2
+
+
+def tokens_used(model: AstroPT, available: int, n_tokens: int = DEFAULT_TOKENS) -> int:
+    """How many spiral tokens an embedding averages: the central `n_tokens`, capped by what the model and stamp hold."""
+    if n_tokens <= 0:
+        raise ValueError(f"the token count must be positive, got {n_tokens}")
+    return min(n_tokens, model.config.block_size, available)
+
+
+@torch.no_grad()
+def embed_tokens(
+    model: AstroPT, tokens: torch.Tensor, layer: int = DEFAULT_LAYER, n_tokens: int = DEFAULT_TOKENS
+) -> torch.Tensor:
+    """(B, T, D) spiral tokens -> (B, C) mean of layer `layer`'s outputs over the first `n_tokens` tokens.
+
+    Only the first tokens are run through the model: with causal attention their outputs do not depend on later ones.
+    """
+    n = tokens_used(model, tokens.shape[1], n_tokens)
+    feats = model.forward_features(tokens[:, :n], layer=layer)  # (B, n, C)
+    return feats.float().mean(dim=1)
+
+
+def prefix_crop(height: int, width: int, patch_size: int, n_tokens: int) -> tuple[int, int]:
+    """Smallest centred (H', W') crop whose spiral tokens begin with the first `n_tokens` tokens of the full stamp.
+
+    The spiral walks rings of patches around the stamp centre; a centred crop keeps the centre only when it removes
+    whole patches symmetrically, i.e. keeps the parity of each grid dimension.
+    """
+    nh, nw = height // patch_size, width // patch_size
+    need = tok.spiral_order(nh, nw)[:n_tokens].numpy()
+    rows, cols = need // nw, need % nw
+    # half-extent (in patches) of the needed patches around the grid centre, per axis
+    kh = int(max(np.abs(2 * rows - (nh - 1)).max(), 0)) + 1 if len(need) else nh
+    kw = int(max(np.abs(2 * cols - (nw - 1)).max(), 0)) + 1 if len(need) else nw
+    return min(nh, kh) * patch_size, min(nw, kw) * patch_size
+
+
+def embed_records(
+    model: AstroPT,
+    records: Iterable[Record],
+    *,
+    batch_size: int = 64,
+    layer: int = DEFAULT_LAYER,
+    n_tokens: int = DEFAULT_TOKENS,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+) -> Iterator[tuple[list[Record], np.ndarray]]:
+    """Yield (records, embeddings (B, C) float32) batch by batch; records of one batch share an image shape."""
+    from astrolom.data.stream import tokenize_records
+
+    device = torch.device(device)
+    p = model.config.patch_size
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    it = iter(records)
+    pending: list[Record] = []
+    while True:
+        pending += list(islice(it, batch_size - len(pending)))
+        if not pending:
+            return
+        shape = tuple(pending[0].image.shape)
+        batch = [r for r in pending if tuple(r.image.shape) == shape]  # mixed stamp sizes: one size per batch
+        pending = [r for r in pending if tuple(r.image.shape) != shape]
+        h, w = shape[0] - shape[0] % p, shape[1] - shape[1] % p
+        n = tokens_used(model, (h // p) * (w // p), n_tokens)
+        crop = prefix_crop(h, w, p, n)
+        tokens = tokenize_records(batch, p, image_size=crop)["tokens"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = embed_tokens(model, tokens, layer, n)
+        yield batch, emb.cpu().numpy().astype(np.float32)
+
+
+class EmbeddingWriter:
+    """Parquet writer for embedding rows; the schema is fixed by the first batch (labels keep their types)."""
+
+    def __init__(self, path: str | Path, metadata: dict):
+        self.path = Path(path)
+        self.metadata = metadata
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self.rows = 0
+
+    def write(self, records: list[Record], embeddings: np.ndarray) -> None:
+        dim = embeddings.shape[1]
+        cols: dict[str, pa.Array] = {
+            "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
+            "split": pa.array([r.split for r in records], pa.string()),
+        }
+        names = self._schema.names[2:-1] if self._schema is not None else _label_names(records)
+        for name in names:
+            values = [r.labels.get(name) for r in records]
+            typ = self._schema.field(name).type if self._schema is not None else None
+            cols[name] = pa.array(values, type=typ) if typ is not None else _infer(values)
+        flat = pa.array(embeddings.reshape(-1), pa.float32())
+        cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(flat, dim)
+        table = pa.table(cols)
+        if self._writer is None:
+            meta = {b"astrolom": json.dumps(dict(self.metadata, embedding_dim=dim)).encode()}
+            self._schema = table.schema.with_metadata(meta)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, self._schema)
+        self._writer.write_table(table.cast(self._schema))
+        self.rows += len(records)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _label_names(records: list[Record]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        names += [k for k in r.labels if k not in names and k not in ("object_id", "split", EMBEDDING)]
+    return names
+
+
+def _infer(values: list) -> pa.Array:
+    arr = pa.array([v.item() if isinstance(v, np.generic) else v for v in values])
+    return arr.cast(pa.float64()) if pa.types.is_null(arr.type) else arr
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not under torchrun)."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def output_path(out: str | Path, rank: int, world_size: int) -> Path:
+    """EMB.parquet for one process; EMB.parquet/part-<rank>.parquet (a directory) under torchrun."""
+    out = Path(out)
+    if world_size > 1:
+        return out / f"part-{rank:05d}.parquet"
+    return out
+
+
+def embed_dataset(
+    model: AstroPT,
+    data: str,
+    out: str | Path,
+    *,
+    splits: Iterable[str] | None = None,
+    batch_size: int = 64,
+    layer: int = DEFAULT_LAYER,
+    n_tokens: int = DEFAULT_TOKENS,
+    device: str | torch.device | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    metadata: dict | None = None,
+    max_per_split: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the file written.
+
+    `max_per_split` keeps the first N records of each split in file order (the same objects on every run).
+    """
+    from tqdm.auto import tqdm
+
+    from astrolom.data.sources import open_source
+    from astrolom.data.stream import RecordStream
+
+    env_rank, env_world, local = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    model = model.to(device).eval()
+    splits = list(SPLITS if splits is None else splits)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise ValueError(f"unknown split(s) {bad}; choose from {SPLITS}")
+    source = open_source(data)
+    counts = source.split_counts()
+    total = sum(min(counts[s], max_per_split or counts[s]) for s in splits)
+    mine = total // world_size + (rank < total % world_size)
+    path = output_path(out, rank, world_size)
+    n_layer = model.config.n_layer
+    meta = {
+        "model": None,
+        "data": str(data),
+        "layer": layer,
+        "layer_index": layer % n_layer if layer < 0 else layer,
+        "n_layer": n_layer,
+        "tokens": n_tokens,
+        "splits": splits,
+        "max_per_split": max_per_split,
+        "rank": rank,
+        "world_size": world_size,
+        "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(model.config).items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(metadata or {}),
+    }
+    writer = EmbeddingWriter(path, meta)
+
+    def stream() -> Iterator[Record]:
+        for s in splits:
+            if counts[s] == 0:
+                continue
+            it = RecordStream(source, split=s, shuffle=False, rank=rank, world_size=world_size, epochs=1)
+            if max_per_split is not None:
+                it = islice(it, math.ceil((max_per_split - rank) / world_size))
+            yield from it
+
+    bar = tqdm(total=mine, desc=f"embed[{rank}]" if world_size > 1 else "embed", unit="img", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for recs, emb in embed_records(
+            model, stream(), batch_size=batch_size, layer=layer, n_tokens=n_tokens, device=device
+        ):
+            writer.write(recs, emb)
+            bar.update(len(recs))
+    finally:
+        bar.close()
+        writer.close()
+        source.close()
+    if writer.rows == 0:
+        raise ValueError(f"{data}: no records in split(s) {splits} for rank {rank}")
+    if log:
+        dt = time.perf_counter() - t0
+        log(f"embedded {writer.rows} objects in {dt:.1f} s ({writer.rows / max(dt, 1e-9):.0f}/s) -> {path}")
+    return path
+
+
+def load_model(path: str, *, random_init: bool = False, seed: int = 0) -> tuple[AstroPT, dict]:
+    """A pretrained model from a RUN or model directory, or (random_init) a fresh one of its config and `seed`.
+
+    Returns (model in eval mode, metadata for the embedding file).
+    """
+    from astrolom.train.checkpoint import from_pretrained, read_config, resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    model = from_pretrained(model_dir)
+    meta = {"model": str(model_dir), "random_init": random_init}
+    cfg = read_config(model_dir)
+    meta["trained_on"] = cfg.get("data", {})
+    if random_init:
+        # the control: same architecture, weights from the model's own init with a fixed seed
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AstroPT(model.config).eval()
+        meta["seed"] = seed
+    return model, meta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="RUN directory (its final/ model) or a model directory")
+    parser.add_argument("--data", required=True, help="data set to embed (any format astrolom reads)")
+    parser.add_argument("--out", required=True, help="EMB.parquet (a directory of per-rank parts under torchrun)")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated splits to embed")
+    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="block whose outputs are averaged (-2)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="central spiral tokens averaged (64)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-per-split", type=int, default=None, help="embed only the first N objects per split")
+    parser.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: this rank's GPU, else CPU)")
+    parser.add_argument(
+        "--random-init", action="store_true", help="embed with a randomly initialised model of the same config"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="init seed for --random-init")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, meta = load_model(args.model, random_init=args.random_init, seed=args.seed)
+    embed_dataset(
+        model,
+        args.data,
+        args.out,
+        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        batch_size=args.batch_size,
+        layer=args.layer,
+        n_tokens=args.tokens,
+        device=args.device,
+        metadata=meta,
+        max_per_split=args.max_per_split,
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,0 +1,333 @@
+"""The paper's figures for your own runs (matplotlib, Agg backend; every figure is written as PNG and PDF).
+
+- `plot_loss_curves`: Figure 2, validation loss against training FLOPs and against tokens seen, one line per model,
+  with the fitted L(C) = L_inf + (C0 / C)^alpha when given.
+- `plot_umap`: Figure 3, a UMAP of the embeddings as a hexbin grid coloured by the mean of each property per bin;
+  `plot_telescope` the same map coloured by telescope (the paper's "islands").
+- `plot_probe_vs_flops`: Figure 4, probe score against pretraining FLOPs per property, with Spearman's rho.
+- `plot_probe_summary`: probe scores of the pretrained model beside its control and the baselines.
+- `plot_inpainting`: the model sees the central k spiral tokens of a stamp and generates the rest.
+
+Inpainting and pixel units: AstroPT predicts *standardised* patches (each patch has mean 0 and std 1), so a generated
+token carries shape and colour but not the patch's brightness level. To show generated patches in pixel units we use
+the true patch mean and standard deviation (the per-patch normalisation comes from the truth; nothing else does).
+The figure therefore shows what the model predicts about structure, and the reported error is measured on
+standardised tokens, where the model made its prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SET_COLOURS = {
+    "pretrained": "#1f77b4",
+    "random_init": "#7f7f7f",
+    "pca_pixels": "#2ca02c",
+    "photometry": "#ff7f0e",
+    "cnn": "#d62728",
+}
+UMAP_PROPERTIES = (
+    "redshift",
+    "log_mstar",
+    "log_ssfr",
+    "g_minus_r",
+    "abs_mag_g",
+    "abs_mag_z",
+    "sersic_n",
+    "smooth",
+    "disc",
+    "edge_on_vote",
+    "spiral",
+    "telescope",
+)
+
+
+def save(fig, stem: str | Path) -> dict[str, Path]:
+    """Write `stem.png` (150 dpi) and `stem.pdf`; returns their paths keyed by format."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt in ("png", "pdf"):
+        paths[fmt] = stem.with_suffix(f".{fmt}")
+        fig.savefig(paths[fmt], dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------ Figure 2
+
+
+def plot_loss_curves(
+    runs: dict[str, list[dict]],
+    stem: str | Path,
+    params: dict[str, float] | None = None,
+    fit: dict | None = None,
+) -> dict[str, Path]:
+    """Validation loss vs FLOPs (left) and vs tokens (right), one line per run; `fit` overlays L(C)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("viridis")
+    names = sorted(runs, key=lambda n: (params or {}).get(n, 0))
+    for i, name in enumerate(names):
+        rows = [r for r in runs[name] if r.get("val_loss") is not None and r.get("flops", 0) > 0]
+        if not rows:
+            continue
+        colour = cmap(i / max(1, len(names) - 1)) if len(names) > 1 else "#1f77b4"
+        label = name if not params or name not in params else f"{name} ({_human(params[name])} params)"
+        flops = [r["flops"] for r in rows]
+        tokens = [r.get("tokens_seen", r.get("tokens", 0)) for r in rows]
+        loss = [r["val_loss"] for r in rows]
+        axes[0].plot(flops, loss, "-o", ms=2.5, color=colour, label=label)
+        axes[1].plot(tokens, loss, "-o", ms=2.5, color=colour, label=label)
+    if fit and fit.get("ok"):
+        c = np.logspace(math.log10(fit["c_min"]), math.log10(fit["c_max"]), 200)
+        axes[0].plot(
+            c,
+            fit["L_inf"] + (fit["C0"] / c) ** fit["alpha"],
+            "k--",
+            lw=1,
+            label=f"L = {fit['L_inf']:.3f} + (C0/C)^{fit['alpha']:.3f}",
+        )
+    for ax, xlabel in zip(axes, ("training FLOPs", "tokens (patches) seen"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (Huber)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Validation loss (paper Fig. 2)")
+    return save(fig, stem)
+
+
+# ------------------------------------------------------------------------------------------------ Figure 3
+
+
+def umap_coords(X: np.ndarray, n_neighbors: int | None = None, seed: int = 0) -> np.ndarray:
+    """2-D UMAP of standardised embeddings; n_neighbors defaults to 15, shrunk for tiny samples."""
+    import warnings
+
+    from sklearn.preprocessing import StandardScaler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba / umap chatter (n_jobs with a seed, tbb)
+        import umap
+
+        k = n_neighbors or max(2, min(15, len(X) // 4))
+        reducer = umap.UMAP(n_neighbors=k, min_dist=0.1, random_state=seed, n_jobs=1)
+        return reducer.fit_transform(StandardScaler().fit_transform(X))
+
+
+def _numeric(values: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Numbers for colouring; a two-class string label becomes the fraction of its second class."""
+    if values.dtype.kind in "OUS":
+        classes = sorted(set(values.tolist()) - {""})
+        if len(classes) != 2:
+            return np.full(len(values), np.nan), None
+        return (values == classes[1]).astype(float), f"fraction {classes[1]}"
+    return values.astype(float), None
+
+
+def plot_umap(
+    coords: np.ndarray,
+    labels: dict[str, np.ndarray],
+    stem: str | Path,
+    properties: tuple[str, ...] = UMAP_PROPERTIES,
+    title: str = "UMAP of the embeddings (paper Fig. 3)",
+) -> dict[str, Path]:
+    """Hexbin grid of the UMAP coloured by the mean of each property per bin."""
+    props = [p for p in properties if p in labels]
+    ncol = min(4, max(1, len(props)))
+    nrow = max(1, math.ceil(len(props) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
+    grid = max(8, min(40, int(math.sqrt(len(coords)))))
+    for ax, name in zip(axes.flat, props, strict=False):
+        values, note = _numeric(labels[name])
+        ok = np.isfinite(values)
+        hb = ax.hexbin(
+            coords[ok, 0], coords[ok, 1], C=values[ok], reduce_C_function=np.mean, gridsize=grid, cmap="viridis"
+        )
+        fig.colorbar(hb, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(name + (f" ({note})" if note else ""), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(props) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def plot_telescope(coords: np.ndarray, telescope: np.ndarray, stem: str | Path) -> dict[str, Path]:
+    """The UMAP coloured by telescope: instrument differences show up as islands (paper sec. 3)."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for name, colour in zip(
+        sorted(set(telescope.tolist())), ("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), strict=False
+    ):
+        sel = telescope == name
+        ax.scatter(coords[sel, 0], coords[sel, 1], s=4, alpha=0.6, color=colour, label=f"{name} ({sel.sum()})")
+    ax.legend(markerscale=3, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("UMAP coloured by telescope")
+    return save(fig, stem)
+
+
+# ------------------------------------------------------------------------------------------------ Figure 4
+
+
+def plot_probe_vs_flops(
+    points: dict[str, list[tuple[float, float, str]]],
+    rho: dict[str, dict],
+    stem: str | Path,
+    metric_names: dict[str, str] | None = None,
+) -> dict[str, Path]:
+    """Probe score against pretraining FLOPs per property; `points[target]` = [(flops, score, model), ...]."""
+    targets = list(points)
+    ncol = min(4, max(1, len(targets)))
+    nrow = max(1, math.ceil(len(targets) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.9 * nrow), squeeze=False)
+    for ax, name in zip(axes.flat, targets, strict=False):
+        pts = sorted(points[name])
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        ax.plot(x, y, "-", color="0.7", lw=1)
+        ax.scatter(x, y, c=np.log10(x), cmap="viridis", s=30, zorder=3)
+        for xi, yi, label in pts:
+            ax.annotate(label, (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        r = rho.get(name, {})
+        rtxt = "n/a" if r.get("rho") is None else f"{r['rho']:.2f} (p={r['p']:.2g})"
+        ax.set_title(f"{name}: Spearman rho {rtxt}", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("pretraining FLOPs", fontsize=8)
+        ax.set_ylabel((metric_names or {}).get(name, "score"), fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(targets) :]:
+        ax.axis("off")
+    fig.suptitle("Linear-probe score per pretraining FLOP (paper Fig. 4)")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def plot_probe_summary(report: dict, stem: str | Path, method: str = "linear") -> dict[str, Path]:
+    """Grouped bars: the `method` probe's R2 / accuracy per target for every feature set (CNN: its own score)."""
+    from astrolom.eval.probes import FEATURE_SET_ORDER, primary_metric
+
+    results, targets = report["results"], report["targets"]
+    sets = [s for s in FEATURE_SET_ORDER if s in results] + [s for s in results if s not in FEATURE_SET_ORDER]
+    names = list(targets)
+    width = 0.8 / max(1, len(sets))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    for i, s in enumerate(sets):
+        vals = []
+        for t in names:
+            entry = results[s].get(t, {})
+            vals.append((entry.get(method) or entry.get("supervised") or {}).get(primary_metric(targets[t]["kind"])))
+        xs = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
+        ax.bar(
+            xs,
+            [np.nan if v is None else max(v, -0.2) for v in vals],
+            width,
+            label=s,
+            color=SET_COLOURS.get(s),
+        )
+    for j, t in enumerate(names):
+        if "majority_accuracy" in targets[t]:
+            ax.plot([j - 0.4, j + 0.4], [targets[t]["majority_accuracy"]] * 2, "k:", lw=1)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(-0.2, 1.05)
+    ax.set_ylabel("R2 (regression) / accuracy (classes)")
+    ax.set_title(f"{method} probe on {report['protocol']['test_split']} (dotted: majority class)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save(fig, stem)
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+
+
+def inpaint(model, images, k: int) -> dict:
+    """Give the model the first k spiral tokens of each stamp, generate the rest.
+
+    Returns the truth and the inpainted images (B, H, W, C), both in pixel units (the generated patches mapped back
+    with the true per-patch mean/std, see the module docstring), the masked input, and the mean squared error of the
+    generated standardised tokens against the true ones.
+    """
+    import torch
+
+    from astrolom.data import tokens as tok
+
+    x = torch.as_tensor(np.asarray(images, np.float32))
+    p = model.config.patch_size
+    batch = tok.tokenize(tok.center_crop(x, p), p)
+    T = batch.tokens.shape[1]
+    n = min(T, model.config.block_size)
+    k = max(1, min(k, n - 1))
+    with torch.no_grad():
+        gen = model.generate(batch.tokens[:, :k], n - k)
+    full = batch.tokens.clone()
+    full[:, k:n] = gen[:, k:n]
+    masked = batch.tokens.clone()
+    masked[:, k:] = 0.0
+    masked_mean, masked_std = batch.mean.clone(), batch.std.clone()
+    masked_mean[:, k:], masked_std[:, k:] = 0.0, 0.0  # hidden patches are shown blank
+    mse = float(((gen[:, k:n] - batch.tokens[:, k:n]) ** 2).mean())
+    # the same error for the "predict the patch mean" guess (0 in standardised units): the scale of a good result
+    baseline = float((batch.tokens[:, k:n] ** 2).mean())
+    masked_batch = tok.TokenBatch(batch.tokens, masked_mean, masked_std, batch.grid, batch.patch_size)
+    return {
+        "truth": tok.detokenize(batch).numpy(),
+        "inpainted": tok.detokenize(batch, full).numpy(),
+        "masked": tok.detokenize(masked_batch, masked).numpy(),
+        "k": k,
+        "generated": n - k,
+        "mse": mse,
+        "mse_zero": baseline,
+    }
+
+
+def _rgb(img: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """grz float image -> displayable RGB (z as red, r green, g blue), arcsinh stretch with per-band scale."""
+    x = np.arcsinh(img / scale) / np.arcsinh(10.0)
+    rgb = x[..., ::-1] if img.shape[-1] == 3 else np.repeat(x[..., :1], 3, axis=-1)
+    return np.clip(rgb, 0, 1)
+
+
+def plot_inpainting(result: dict, stem: str | Path, n_show: int = 6) -> dict[str, Path]:
+    """Rows: truth, what the model was given (central k tokens), the model's completion."""
+    truth, masked, gen = result["truth"], result["masked"], result["inpainted"]
+    n = min(n_show, len(truth))
+    scale = np.maximum(np.percentile(np.abs(truth[:n]), 99, axis=(0, 1, 2)) / 10.0, 1e-12)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6), squeeze=False)
+    rows = (("truth", truth), (f"given: central {result['k']} tokens", masked), ("AstroPT completion", gen))
+    for r, (label, imgs) in enumerate(rows):
+        for j in range(n):
+            ax = axes[r, j]
+            ax.imshow(_rgb(imgs[j], scale), origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(
+        f"Inpainting: {result['generated']} generated tokens; MSE on standardised tokens {result['mse']:.3f} "
+        f"(predicting the patch mean: {result['mse_zero']:.3f}). Generated patches use the true per-patch mean/std.",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return save(fig, stem)

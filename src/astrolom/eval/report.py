@@ -1,0 +1,371 @@
+"""`astrolom report RUN`: one self-contained HTML file (figures embedded as base64 PNG) describing a run.
+
+RUN may be a pretraining run (`astrolom pretrain --out RUN`), a demo directory (`astrolom demo --out DIR`) or a
+scaling sweep (`astrolom scaling --out DIR`). The report shows whatever it finds:
+
+- loss curves (training and validation loss per step; validation loss against FLOPs and tokens: paper Fig. 2);
+- the probe table against the random-init control and the baselines (`probes/probes.json`, `astrolom probe`);
+- the UMAP of the embeddings coloured by properties (Fig. 3) and by telescope (the paper's islands);
+- inpainting: the model completes stamps from their central spiral tokens (needs the model and the data);
+- the scaling sweep (Figs. 2 and 4, L(C) fit, Spearman rho) when `scaling.json` is present;
+- the configuration and the environment (package versions, machine).
+
+Where things live is discovered in RUN (and RUN/run, RUN/probes, RUN/scaling); flags override each location.
+Figures are written next to the report (RUN/figures/*.png|pdf) and embedded in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from astrolom.eval.probes import FEATURE_SET_ORDER, primary_metric
+
+CSS = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1180px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f4f4f4; } td.best { font-weight: bold; background: #eef6ee; }
+img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }
+.note { color: #555; font-size: .9em; } .kpi { display: inline-block; margin: 0 1.5em .6em 0; }
+.kpi b { font-size: 1.3em; display: block; }
+"""
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+
+
+def _first(*paths: Path) -> Path | None:
+    return next((p for p in paths if p is not None and p.exists()), None)
+
+
+def find_artifacts(root: str | Path) -> dict[str, Path | None]:
+    """Locations of the pieces a report can show, for a RUN, demo or sweep directory (None where absent)."""
+    root = Path(root)
+    run_dir = _first(root / "metrics.jsonl", root / "run" / "metrics.jsonl")
+    run_dir = run_dir.parent if run_dir else None
+    model = None
+    if run_dir is not None:
+        model = _first(run_dir / "final" / "model.safetensors")
+        model = model.parent if model else None
+    return {
+        "root": root,
+        "run": run_dir,
+        "model": model,
+        "embeddings": _first(root / "embeddings.parquet", root / "embeddings" / "embeddings.parquet"),
+        "probes": _first(root / "probes" / "probes.json", root / "probes.json"),
+        "scaling": _first(root / "scaling.json", root / "scaling" / "scaling.json"),
+        "demo": _first(root / "demo.json"),
+    }
+
+
+def _data_path(artifacts: dict, override: str | None) -> str | None:
+    if override:
+        return override
+    if artifacts.get("model") is not None:
+        cfg = json.loads((artifacts["model"] / "config.json").read_text())
+        path = cfg.get("data", {}).get("path")
+        if path and Path(path).exists():
+            return path
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- HTML pieces
+
+
+def _img(path: Path, caption: str = "") -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    cap = f'<div class="note">{html.escape(caption)}</div>' if caption else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">{cap}'
+
+
+def _table(header: list[str], rows: list[list[str]], best: list[set[int]] | None = None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for i, row in enumerate(rows):
+        cells = []
+        for j, c in enumerate(row):
+            cls = ' class="best"' if best and j in best[i] else ""
+            cells.append(f"<td{cls}>{html.escape(str(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def probe_tables(report: dict) -> str:
+    """HTML tables of a probes.json: per method, targets x feature sets, the best non-supervised cell in bold."""
+    results, targets = report["results"], report["targets"]
+    sets = [s for s in FEATURE_SET_ORDER if s in results] + [s for s in results if s not in FEATURE_SET_ORDER]
+    parts = []
+    for method in report["protocol"]["methods"]:
+        rows, best = [], []
+        for t, info in targets.items():
+            metric = primary_metric(info["kind"])
+            vals = []
+            for s in sets:
+                entry = results[s].get(t, {})
+                vals.append((entry.get(method) or entry.get("supervised") or {}).get(metric))
+            unsup = [(v, j) for j, (v, s) in enumerate(zip(vals, sets, strict=True)) if v is not None and s != "cnn"]
+            top = {max(unsup)[1] + 2} if unsup else set()
+            chance = f" (majority {info['majority_accuracy']:.2f})" if "majority_accuracy" in info else ""
+            rows.append([t, metric + chance] + ["-" if v is None else f"{v:.3f}" for v in vals])
+            best.append(top)
+        parts.append(f"<h3>{html.escape(method)} probe</h3>" + _table(["target", "metric", *sets], rows, best))
+    return "\n".join(parts)
+
+
+def _kpis(probes: dict | None, metrics: list[dict] | None, demo: dict | None) -> str:
+    items = []
+    if metrics:
+        val = [r["val_loss"] for r in metrics if r.get("val_loss") is not None]
+        if val:
+            items.append(("validation loss", f"{val[0]:.4f} → {val[-1]:.4f}"))
+        last = metrics[-1]
+        items.append(("steps / tokens", f"{last.get('step', 0)} / {last.get('tokens_seen', 0):.3g}"))
+        items.append(("training FLOPs", f"{last.get('flops', 0):.3g}"))
+    if probes:
+        res = probes["results"]
+        for t in ("redshift", "log_mstar", "g_minus_r", "telescope"):
+            if t in probes["targets"] and "pretrained" in res:
+                m = primary_metric(probes["targets"][t]["kind"])
+                pre = res["pretrained"][t]["linear"][m]
+                ctl = res.get("random_init", {}).get(t, {}).get("linear", {}).get(m)
+                items.append((f"{t} linear {m}", f"{pre:.3f}" + ("" if ctl is None else f" (control {ctl:.3f})")))
+    if demo and "seconds" in demo:
+        items.append(("demo wall time", f"{demo['seconds'] / 60:.1f} min"))
+    return "".join(f'<div class="kpi"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in items)
+
+
+def environment() -> dict:
+    """Versions and machine facts for the record."""
+    import importlib.metadata as md
+
+    import torch
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for pkg in ("astrolom", "torch", "numpy", "scipy", "scikit-learn", "pyarrow", "matplotlib", "umap-learn"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def _training_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
+    from astrolom.eval.figures import plt, save
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    va = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr, strict=True), lw=0.8, alpha=0.7, label="training loss")
+    if va:
+        ax.plot(*zip(*va, strict=True), "o-", ms=3, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Huber loss (standardised patches)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return save(fig, stem)
+
+
+def build_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    *,
+    data: str | None = None,
+    embeddings: str | None = None,
+    probes: str | None = None,
+    scaling: str | None = None,
+    umap: bool = True,
+    inpainting: bool = True,
+    inpaint_k: int | None = None,
+    umap_max: int = 5000,
+    log=print,
+) -> Path:
+    """Write the HTML report of `root` to `out` (default root/report.html); returns its path."""
+    from astrolom.eval import figures as fg
+
+    art = find_artifacts(root)
+    for key, value in (("embeddings", embeddings), ("probes", probes), ("scaling", scaling)):
+        if value:
+            art[key] = Path(value)
+    root = Path(root)
+    out = Path(out) if out else root / "report.html"
+    figdir = out.parent / "figures"
+    sections: list[str] = []
+    metrics = probe_report = demo = None
+    if art["demo"]:
+        demo = json.loads(art["demo"].read_text())
+
+    if art["run"]:
+        from astrolom.eval.scaling import read_metrics
+
+        metrics = read_metrics(art["run"])
+        p1 = _training_curves(metrics, figdir / "training_curves")
+        p2 = fg.plot_loss_curves({art["run"].name: metrics}, figdir / "fig2_loss")
+        sections.append(
+            "<h2>Pretraining</h2>"
+            + _img(p1["png"], "training loss (per step) and validation loss (held-out split)")
+            + _img(p2["png"], "validation loss against training FLOPs and tokens seen (paper Fig. 2)")
+        )
+
+    if art["probes"]:
+        probe_report = json.loads(art["probes"].read_text())
+        pr = probe_report["protocol"]
+        stem = figdir / "probes"
+        fg.plot_probe_summary(probe_report, stem)
+        sections.append(
+            "<h2>Probes: pretrained embeddings against control and baselines</h2>"
+            f'<p class="note">Fit on <code>{pr["fit_split"]}</code> ({pr["n_fit"]} objects), scored on '
+            f"<code>{pr['test_split']}</code> ({pr['n_test']}). R2 for continuous targets, accuracy for classes. "
+            "<b>random_init</b>: the same architecture with untrained weights (the control); <b>pca_pixels</b>: PCA "
+            "of arcsinh-stretched pixels; <b>photometry</b>: aperture magnitudes and colours (it sees absolute "
+            "flux, which per-patch standardisation hides from AstroPT); <b>cnn</b>: a small CNN trained "
+            "end-to-end on the fit split. Bold: best column other than the supervised CNN.</p>"
+            + _img(stem.with_suffix(".png"))
+            + probe_tables(probe_report)
+            + (
+                f'<p class="note">Skipped targets: {html.escape(json.dumps(probe_report["skipped"]))}</p>'
+                if probe_report.get("skipped")
+                else ""
+            )  # fmt: skip
+        )
+
+    if umap and art["embeddings"]:
+        from astrolom.eval.probes import load_embeddings
+
+        emb = load_embeddings(art["embeddings"])
+        if len(emb) > umap_max:
+            emb = emb.select(np.random.default_rng(0).permutation(len(emb))[:umap_max])
+        if len(emb) >= 10:
+            log(f"report: UMAP of {len(emb)} embeddings")
+            coords = fg.umap_coords(emb.X)
+            pu = fg.plot_umap(coords, emb.labels, figdir / "fig3_umap")
+            body = _img(pu["png"], "hexbins coloured by the mean property of their galaxies (paper Fig. 3)")
+            if "telescope" in emb.labels:
+                pt = fg.plot_telescope(coords, emb.labels["telescope"], figdir / "telescope")
+                body += _img(pt["png"], "the same map by telescope: instrument differences make islands (paper sec. 3)")
+            sections.append(f"<h2>Embedding map (UMAP, {len(emb)} objects)</h2>" + body)
+
+    data_path = _data_path(art, data)
+    if inpainting and art["model"] and data_path:
+        from astrolom.data.sources import open_source
+        from astrolom.data.stream import RecordStream
+        from astrolom.eval.embed import load_model
+
+        model, _ = load_model(str(art["model"]))
+        src = open_source(data_path)
+        try:
+            split = next((s for s in ("test", "val", "train") if src.split_counts()[s]), None)
+            recs = []
+            for rec in RecordStream(src, split=split, shuffle=False, epochs=1):
+                recs.append(rec)
+                if len(recs) == 6:
+                    break
+        finally:
+            src.close()
+        shapes = {r.image.shape for r in recs}
+        if recs and len(shapes) == 1:
+            h, w = recs[0].image.shape[:2]
+            p = model.config.patch_size
+            T = min(model.config.block_size, (h // p) * (w // p))
+            k = inpaint_k or max(1, T // 4)
+            res = fg.inpaint(model, np.stack([r.image for r in recs]), k)
+            pi = fg.plot_inpainting(res, figdir / "inpainting")
+            sections.append(
+                "<h2>Inpainting</h2>"
+                f'<p class="note">The model sees the central {res["k"]} spiral tokens and generates the next '
+                f"{res['generated']} autoregressively (point predictions). Generated patches are standardised; they "
+                "are shown in pixel units with the <b>true</b> per-patch mean and standard deviation, so the figure "
+                "shows predicted structure and colour, not predicted brightness. Mean squared error on standardised "
+                f"tokens: {res['mse']:.3f} (always predicting a flat patch: {res['mse_zero']:.3f}).</p>"
+                + _img(pi["png"])
+            )
+
+    if art["scaling"]:
+        from astrolom.eval.scaling import markdown
+
+        summ = json.loads(art["scaling"].read_text())
+        body = f"<pre>{html.escape(markdown(summ))}</pre>"
+        for name in ("fig2_loss", "fig4_probe_vs_flops"):
+            png = art["scaling"].parent / f"{name}.png"
+            if png.exists():
+                body += _img(png)
+        sections.append("<h2>Scaling sweep</h2>" + body)
+
+    cfg_text = ""
+    if art["run"] and (art["run"] / "config.yaml").exists():
+        cfg_text = (art["run"] / "config.yaml").read_text()
+    extra = f"<h3>Demo settings and timings</h3><pre>{html.escape(json.dumps(demo, indent=2))}</pre>" if demo else ""
+    sections.append(
+        "<h2>Configuration and environment</h2>"
+        + (f"<h3>Pretraining config</h3><pre>{html.escape(cfg_text)}</pre>" if cfg_text else "")
+        + extra
+        + f"<h3>Environment</h3><pre>{html.escape(json.dumps(environment(), indent=2))}</pre>"
+    )
+    title = f"astrolom report: {root.resolve().name}"
+    doc = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="note">AstroPT (Smith et al. 2024) run report, generated {time.strftime("%Y-%m-%d %H:%M")} from '
+        f"<code>{html.escape(str(root.resolve()))}</code>.</p>"
+        + _kpis(probe_report, metrics, demo)
+        + "\n".join(sections)
+        + "</body></html>"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="pretraining RUN, demo directory or scaling sweep directory")
+    parser.add_argument("--out", default=None, help="HTML file (default RUN/report.html)")
+    parser.add_argument("--data", default=None, help="data set for inpainting (default: the one the model trained on)")
+    parser.add_argument("--embeddings", default=None, help="embeddings Parquet for the UMAP")
+    parser.add_argument("--probes", default=None, help="probes.json")
+    parser.add_argument("--scaling", default=None, help="scaling.json")
+    parser.add_argument("--no-umap", action="store_true")
+    parser.add_argument("--no-inpainting", action="store_true")
+    parser.add_argument("--inpaint-k", type=int, default=None, help="tokens the model is given (default T/4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"{args.run} is not a directory")
+    path = build_report(
+        args.run,
+        args.out,
+        data=args.data,
+        embeddings=args.embeddings,
+        probes=args.probes,
+        scaling=args.scaling,
+        umap=not args.no_umap,
+        inpainting=not args.no_inpainting,
+        inpaint_k=args.inpaint_k,
+    )
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,355 @@
+"""Scaling sweeps: `astrolom scaling --data DIR --presets 1m,5m,12m --out DIR [--max-steps N | --tokens T]`.
+
+For each preset in turn: pretrain (`astrolom pretrain`, in this process or through `--launcher "torchrun ..."`),
+embed the fit and test splits with the final model, and probe them linearly. Then:
+
+- fit the saturating power law L(C) = L_inf + (C0 / C)^alpha to the validation loss against training compute C,
+  on the compute-efficient frontier of all runs (the lowest loss reached at or below each C), by least squares on
+  log L (`scipy.optimize.curve_fit`, parameters L_inf, alpha and log C0, bounds 0 <= L_inf < min L, 0 < alpha <= 5,
+  several starting points), with 1-sigma uncertainties from the covariance;
+- Figure 2 (validation loss against FLOPs and tokens), Figure 4 (probe score against pretraining FLOPs per property)
+  and a table of Spearman's rho (`scipy.stats.spearmanr`) between each model's total pretraining FLOPs and its probe
+  score, per property (the paper's sec. 3 test; with fewer than 3 models rho is reported but its p-value is not).
+
+Outputs in DIR: runs/<preset>/ (the pretraining runs), embeddings/<preset>.parquet, scaling.json, scaling.md,
+fig2_loss.{png,pdf}, fig4_probe_vs_flops.{png,pdf}. Finished runs are reused when the sweep is re-run (`--retrain`
+starts them again), so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize, stats
+
+DEFAULT_TARGETS = ("redshift", "log_mstar", "g_minus_r", "abs_mag_g", "sersic_n", "smooth", "telescope")
+
+
+# ---------------------------------------------------------------------------------------------------- the fit
+
+
+def scaling_law(c: np.ndarray, l_inf: float, c0: float, alpha: float) -> np.ndarray:
+    """L(C) = L_inf + (C0 / C)^alpha."""
+    return l_inf + (c0 / np.asarray(c, dtype=np.float64)) ** alpha
+
+
+def fit_scaling_law(flops, loss, n_starts: int = 6) -> dict:
+    """Fit L(C) = L_inf + (C0 / C)^alpha in log space; returns the parameters with 1-sigma errors.
+
+    Parametrised as log L = log(L_inf + exp(alpha * (ln C0 - ln C))), with C scaled by the geometric mean of the data
+    so the optimiser sees numbers of order one. Needs at least 4 points with distinct C.
+    """
+    c = np.asarray(flops, dtype=np.float64)
+    y = np.asarray(loss, dtype=np.float64)
+    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
+    c, y = c[ok], y[ok]
+    out: dict = {"ok": False, "n_points": int(len(c))}
+    if len(np.unique(c)) < 4:
+        out["reason"] = "need at least 4 points with distinct compute"
+        return out
+    c_ref = float(np.exp(np.mean(np.log(c))))
+    x = np.log(c / c_ref)
+    ly = np.log(y)
+    y_min = float(y.min())
+
+    def model(x, l_inf, alpha, ln_c0):
+        return np.log(l_inf + np.exp(np.clip(alpha * (ln_c0 - x), -700, 700)))
+
+    best = None
+    for frac in np.linspace(0.0, 0.95, n_starts):
+        l0 = frac * y_min
+        resid = y - l0
+        if np.any(resid <= 0):
+            continue
+        slope, intercept = np.polyfit(x, np.log(resid), 1)  # log(L - L_inf) = alpha ln C0 - alpha x
+        a0 = float(np.clip(-slope, 1e-3, 4.9))
+        p0 = [l0, a0, float(intercept / a0)]
+        bounds = ([0.0, 1e-4, -1e3], [y_min * (1 - 1e-9), 5.0, 1e3])
+        p0 = list(np.clip(p0, np.array(bounds[0]) + 1e-12, np.array(bounds[1]) - 1e-12))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                popt, pcov = optimize.curve_fit(model, x, ly, p0=p0, bounds=bounds, maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        ssr = float(np.sum((model(x, *popt) - ly) ** 2))
+        if best is None or ssr < best[0]:
+            best = (ssr, popt, pcov)
+    if best is None:
+        out["reason"] = "curve_fit did not converge from any starting point"
+        return out
+    ssr, (l_inf, alpha, ln_c0), pcov = best
+    err = np.sqrt(np.clip(np.diag(pcov), 0, None)) if np.all(np.isfinite(pcov)) else np.full(3, np.nan)
+    log10_c0 = (ln_c0 + math.log(c_ref)) / math.log(10)
+    out.update(
+        ok=True,
+        L_inf=float(l_inf),
+        L_inf_err=float(err[0]),
+        alpha=float(alpha),
+        alpha_err=float(err[1]),
+        log10_C0=float(log10_c0),
+        log10_C0_err=float(err[2] / math.log(10)),
+        C0=float(10**log10_c0),
+        c_min=float(c.min()),
+        c_max=float(c.max()),
+        rms_log_residual=float(math.sqrt(ssr / len(c))),
+    )
+    return out
+
+
+def frontier(points) -> list[tuple[float, float]]:
+    """Compute-efficient frontier: points (C, L), sorted by C, whose L is below every point at smaller C."""
+    out, best = [], math.inf
+    for c, loss in sorted(points):
+        if loss < best:
+            out.append((c, loss))
+            best = loss
+    return out
+
+
+def spearman(flops, scores) -> dict:
+    """Spearman's rho (and p where it means something: 3+ models) between FLOPs and a probe score."""
+    f, s = np.asarray(flops, float), np.asarray(scores, float)
+    ok = np.isfinite(f) & np.isfinite(s)
+    n = int(ok.sum())
+    if n < 2 or np.unique(s[ok]).size < 2:
+        return {"rho": None, "p": None, "n": n}
+    res = stats.spearmanr(f[ok], s[ok])
+    rho, p = float(res.statistic), float(res.pvalue)
+    return {"rho": rho, "p": p if n >= 3 and math.isfinite(p) else None, "n": n}
+
+
+# ------------------------------------------------------------------------------------------------ run records
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """RUN/metrics.jsonl as a list of dicts (later lines win for a repeated step, as after a resume)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            step = int(row.get("step", len(by_step)))
+            by_step[step] = {**by_step.get(step, {}), **row}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def val_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(FLOPs, validation loss) of the validation passes after training started."""
+    return [(r["flops"], r["val_loss"]) for r in rows if r.get("val_loss") is not None and r.get("flops", 0) > 0]
+
+
+# ----------------------------------------------------------------------------------------------------- the sweep
+
+
+def _pretrain(data: str, preset: str, run_dir: Path, steps: int, overrides: list[str], launcher: str | None) -> None:
+    argv = ["pretrain", "--data", data, "--preset", preset, "--out", str(run_dir), "--max-steps", str(steps)]
+    argv += overrides
+    if launcher:
+        cmd = shlex.split(launcher) + ["-m", "astrolom", *argv]
+        subprocess.run(cmd, check=True)
+        return
+    from astrolom.cli import main
+
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"pretraining {preset} failed (exit {rc}); see {run_dir}")
+
+
+def steps_for_tokens(data: str, tokens: float, overrides: list[str]) -> int:
+    """Optimiser steps that make `tokens` predicted tokens, from the batch size and stamp size training will use."""
+    from astrolom.config import apply_overrides
+    from astrolom.data.sources import open_source
+    from astrolom.train.config import PretrainConfig
+
+    cfg = apply_overrides(PretrainConfig(), overrides)
+    src = open_source(data)
+    h, w = src.image_shape[:2]
+    src.close()
+    if cfg.data.image_size:
+        h = w = cfg.data.image_size
+    p = cfg.data.patch_size
+    per_step = cfg.train.batch_size * ((h // p) * (w // p) - 1)
+    return max(1, math.ceil(tokens / per_step))
+
+
+def run_sweep(
+    data: str,
+    presets: list[str],
+    out: str | Path,
+    *,
+    max_steps: int | None = None,
+    tokens: float | None = None,
+    overrides: list[str] | None = None,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    fit_split: str = "val",
+    test_split: str = "test",
+    launcher: str | None = None,
+    retrain: bool = False,
+    batch_size: int = 64,
+    log=print,
+) -> dict:
+    """Pretrain, embed and probe each preset; fit L(C); write figures and tables. Returns the summary dict."""
+    from astrolom.eval.embed import embed_dataset, load_model
+    from astrolom.eval.figures import plot_loss_curves, plot_probe_vs_flops
+    from astrolom.eval.probes import evaluate, load_embeddings, primary_metric
+    from astrolom.model.presets import get_preset
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(overrides or [])
+    for p in presets:
+        get_preset(p)  # fail before hours of training, not after
+    if tokens is not None:
+        steps = steps_for_tokens(data, tokens, overrides)
+    elif max_steps is not None:
+        steps = max_steps
+    else:
+        raise ValueError("give --max-steps or --tokens")
+    models: dict[str, dict] = {}
+    curves: dict[str, list[dict]] = {}
+    for i, preset in enumerate(presets):
+        run_dir = out / "runs" / preset
+        t0 = time.perf_counter()
+        if retrain or not (run_dir / "final" / "model.safetensors").is_file():
+            if retrain and run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            log(f"[{i + 1}/{len(presets)}] pretraining {preset} for {steps} steps -> {run_dir}")
+            _pretrain(data, preset, run_dir, steps, overrides, launcher)
+        else:
+            log(f"[{i + 1}/{len(presets)}] reusing finished run {run_dir}")
+        rows = read_metrics(run_dir)
+        curves[preset] = rows
+        model, meta = load_model(str(run_dir))
+        emb_path = out / "embeddings" / f"{preset}.parquet"
+        embed_dataset(
+            model, data, emb_path, splits=(fit_split, test_split), batch_size=batch_size, metadata=meta, log=log
+        )
+        report = evaluate(load_embeddings(emb_path), list(targets), ("linear",), fit_split, test_split)
+        scores = {
+            t: report["results"]["pretrained"][t]["linear"][primary_metric(info["kind"])]
+            for t, info in report["targets"].items()
+        }
+        last = rows[-1]
+        models[preset] = {
+            "params": model.num_params(),
+            "flops": float(last.get("flops", 0.0)),
+            "tokens": float(last.get("tokens_seen", 0.0)),
+            "steps": int(last.get("step", 0)),
+            "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None),
+            "scores": scores,
+            "metrics": {t: primary_metric(info["kind"]) for t, info in report["targets"].items()},
+            "seconds": time.perf_counter() - t0,
+        }
+        log(f"  {preset}: val loss {models[preset]['final_val_loss']}, probe {json.dumps(_rounded(scores))}")
+    summary = summarise(models, curves)
+    summary["sweep"] = {"data": data, "presets": presets, "steps": steps, "overrides": overrides}
+    (out / "scaling.json").write_text(json.dumps(summary, indent=2))
+    (out / "scaling.md").write_text(markdown(summary))
+    params = {k: v["params"] for k, v in models.items()}
+    plot_loss_curves(curves, out / "fig2_loss", params=params, fit=summary["fit"])
+    names = list(models)
+    targets_seen = list(summary["spearman"])
+    points = {t: [(models[m]["flops"], models[m]["scores"][t], m) for m in names] for t in targets_seen}
+    metric_names = {t: models[names[0]]["metrics"][t] for t in targets_seen}
+    plot_probe_vs_flops(points, summary["spearman"], out / "fig4_probe_vs_flops", metric_names)
+    log((out / "scaling.md").read_text())
+    return summary
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 3) for k, v in d.items()}
+
+
+def summarise(models: dict[str, dict], curves: dict[str, list[dict]]) -> dict:
+    """Fit L(C) on the frontier of every run's validation curve; Spearman rho per probed property."""
+    pts = [p for rows in curves.values() for p in val_points(rows)]
+    front = frontier(pts)
+    fit = fit_scaling_law([c for c, _ in front], [v for _, v in front])
+    fit["points"] = "compute-efficient frontier of all validation curves"
+    names = list(models)
+    targets = list(models[names[0]]["scores"]) if names else []
+    rho = {
+        t: spearman([models[m]["flops"] for m in names], [models[m]["scores"].get(t, np.nan) for m in names])
+        for t in targets
+    }
+    return {"models": models, "fit": fit, "spearman": rho}
+
+
+def markdown(summary: dict) -> str:
+    models, fit, rho = summary["models"], summary["fit"], summary["spearman"]
+    names = list(models)
+    lines = ["| model | params | FLOPs | tokens | final val loss | " + " | ".join(rho) + " |"]
+    lines.append("|---|---|---|---|---|" + "---|" * len(rho))
+    for m in names:
+        d = models[m]
+        vl = "-" if d["final_val_loss"] is None else f"{d['final_val_loss']:.4f}"
+        cells = " | ".join(f"{d['scores'].get(t, float('nan')):.3f}" for t in rho)
+        lines.append(f"| {m} | {d['params']:,} | {d['flops']:.3g} | {d['tokens']:.3g} | {vl} | {cells} |")
+    lines.append(
+        "| **Spearman rho (FLOPs vs score)** | | | | | "
+        + " | ".join(
+            "-" if r["rho"] is None else f"{r['rho']:.2f}" + ("" if r["p"] is None else f" (p={r['p']:.2g})")
+            for r in rho.values()
+        )  # fmt: skip
+        + " |"
+    )
+    lines.append("")
+    if fit.get("ok"):
+        lines.append(
+            f"L(C) = L_inf + (C0/C)^alpha on {fit['n_points']} frontier points: L_inf = {fit['L_inf']:.4f} "
+            f"± {fit['L_inf_err']:.4f}, alpha = {fit['alpha']:.3f} ± {fit['alpha_err']:.3f}, "
+            f"log10 C0 = {fit['log10_C0']:.2f} ± {fit['log10_C0_err']:.2f} (rms log residual "
+            f"{fit['rms_log_residual']:.4f})"
+        )
+    else:
+        lines.append(f"L(C) not fitted: {fit.get('reason')}")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data set to pretrain and probe on")
+    parser.add_argument("--presets", required=True, help="comma-separated presets, e.g. 1m,5m,12m")
+    parser.add_argument("--out", required=True, help="sweep directory")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-steps", type=int, help="optimiser steps per model")
+    budget.add_argument("--tokens", type=float, help="predicted tokens per model (steps from batch and stamp size)")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="properties to probe")
+    parser.add_argument("--fit-split", default="val")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument(
+        "--launcher", default=None, help='run each pretraining through a launcher, e.g. "torchrun --nproc_per_node 8"'
+    )
+    parser.add_argument("--retrain", action="store_true", help="retrain presets whose runs already finished")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="pretraining overrides for every preset"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    run_sweep(
+        args.data,
+        [p.strip() for p in args.presets.split(",") if p.strip()],
+        args.out,
+        max_steps=args.max_steps,
+        tokens=args.tokens,
+        overrides=args.overrides,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        fit_split=args.fit_split,
+        test_split=args.test_split,
+        launcher=args.launcher,
+        retrain=args.retrain,
+    )
+    return 0
