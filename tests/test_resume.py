@@ -60,3 +60,40 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     state = json.loads((broken / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
     assert state["ranks"][0]["data"]["batches"] == 16 and state["tokens_seen"] == 8 * 8 * 15
     assert len((broken / "metrics.csv").read_text().splitlines()) == 1 + 9  # header, step 0 (validation), 1..8
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
+    """Cluster preemption: SIGTERM ends the current step, writes a checkpoint, exits 143; --resume completes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pretrain_helpers import subprocess_env
+
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--preset", "debug", "--max-steps", "100000", "--out", str(run), *TINY]
+    args += ["train.batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "astrolom", "pretrain", *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert not stopped["finished"] and stopped["step"] >= 3
+    latest = ckpt.latest_checkpoint(run)
+    assert latest.name == ckpt.checkpoint_name(stopped["step"])
+    assert max(r["step"] for r in read_metrics(run)) == stopped["step"]
+
+    more = run_pretrain([*args[:5], str(stopped["step"] + 2), *args[6:], "--resume"])
+    assert more.returncode == 0, more.stderr
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, stopped["step"] + 3))

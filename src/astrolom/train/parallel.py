@@ -79,15 +79,8 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Mean over ranks (in place; gloo has no AVG, so SUM / world)."""
-    if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= env.world_size
-    return t
-
-
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum over ranks, in place (means are sums / world: gloo has no AVG)."""
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

@@ -14,7 +14,10 @@ Loop facts worth knowing:
 - record k of the training stream goes to rank k % world, so N ranks see exactly what one process would;
 - validation reads `data.val_split` (never the training stream), the same `train.eval_samples` images every time;
 - the logged loss is the global mean over all ranks and micro-steps; tokens counted are predicted tokens
-  (T - 1 per stamp of T); FLOPs are 6 N + attention per token (`astrolom.model.flops`).
+  (T - 1 per stamp of T); FLOPs are 6 N + attention per token (`astrolom.model.flops`);
+- a background thread tokenises the next batches (`data.prefetch`); the saved data position is that of the last
+  batch used, so resume stays exact;
+- SIGTERM (cluster preemption) finishes the current step, checkpoints and exits with status 143; `--resume` goes on.
 """
 
 from __future__ import annotations
