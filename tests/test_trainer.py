@@ -212,6 +212,19 @@ def test_first_step_losses_match_the_stored_reference(tmp_path):
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_bf16_autocast_path_runs_on_cpu(blobs, tmp_path):
+    """The GPU precision path (bf16 autocast; the Huber loss stays fp32) exercised on CPU, against fp32."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(blobs, tmp_path / precision, "train.max_steps=3", "train.batch_size=8", "train.eval_interval=0")
+        with torch_threads(1):
+            trainer = Trainer(apply_overrides(cfg, [f"train.precision={precision}"]))
+            losses[precision] = [trainer.train_step()["loss"] for _ in range(3)]
+            trainer.data.close()
+    assert losses["bf16"] != losses["fp32"]  # it did run in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=5e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_gpu_run(blobs, tmp_path):

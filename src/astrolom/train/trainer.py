@@ -144,9 +144,11 @@ class _Data:
         self._position = self.train.state_dict()
         self.val_ids: list[str] = []  # object ids of the validation images (for checks and reports)
         self.val = self._take_val(micro, eval_samples) if eval_samples else []
-        probe = self.val[0] if self.val else next(iter(self._batches("train", 1, shuffle=False, epochs=1)))["tokens"]
-        self.tokens_per_stamp = probe.shape[1]
-        self.n_chan = probe.shape[2] // (d.patch_size * d.patch_size)
+        # what the data decides for the model: tokens per stamp, bands, patch grid
+        probe = next(iter(self._batches("train", 1, shuffle=False, epochs=1)))
+        self.tokens_per_stamp = probe["tokens"].shape[1]
+        self.n_chan = probe["tokens"].shape[2] // (d.patch_size * d.patch_size)
+        self.grid: tuple[int, int] = tuple(probe["grid"])
 
     def _batches(self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None) -> TokenBatches:
         stream = RecordStream(
@@ -314,7 +316,7 @@ class Trainer:
     def config_json(self) -> dict:
         """`config.json` of checkpoints: the model, its tokeniser and the data it was trained on."""
         c = self.cfg.data
-        grid = int(round(math.sqrt(self.data.tokens_per_stamp)))
+        height, width = (n * c.patch_size for n in self.data.grid)
         tokens = {
             "patch_size": c.patch_size,
             "order": "spiral",
@@ -322,7 +324,7 @@ class Trainer:
             "tokens_per_stamp": self.data.tokens_per_stamp,
         }
         data = {
-            "image_size": c.image_size or grid * c.patch_size,
+            "image_size": height if height == width else [height, width],
             "n_chan": self.data.n_chan,
             "normalisation": "per-patch standardisation (mean 0, std 1 over each patch's values)",
             "path": c.path,
@@ -528,7 +530,17 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
+def _config_epilog() -> str:
+    lines = ["config keys (section.key=default); see astrolom/train/config.py for what each means:"]
+    for section in dataclasses.fields(PretrainConfig):
+        values = to_dict(getattr(PretrainConfig(), section.name))
+        lines.append(f"  {section.name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _config_epilog()
     parser.add_argument("--data", help="data set to train on (any format astrolom reads); data.path")
     parser.add_argument("--preset", help="model size (see `astrolom presets`); model.preset")
     parser.add_argument("--out", help="run directory RUN for config, metrics, checkpoints; train.out_dir")
