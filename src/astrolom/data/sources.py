@@ -342,8 +342,10 @@ class Source:
         expect_shape: tuple[int | None, ...] | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         threads: int | None = None,
+        spectra: bool = True,
     ):
         self.location = location
+        self.load_spectra = spectra
         self.fs = fs
         self.files = files
         self.skip_bad = skip_bad
@@ -1031,7 +1033,9 @@ class ParquetSource(Source):
             return self._cached_chunk[1]
         self._cached_chunk = None  # drop the previous chunk before reading the next one
         cols = [self.image_col] + self.label_columns
-        cols += [c for c in (IMAGE_SHAPE, SPECTRUM) if c]
+        cols.append(IMAGE_SHAPE)
+        if self.load_spectra:
+            cols.append(SPECTRUM)
         self.chunk_reads += 1
         t = self._columns(i, cols)
         self._cached_chunk = (i, t)
@@ -1156,12 +1160,14 @@ def open_source(
     expect_shape: tuple[int | None, ...] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     threads: int | None = None,
+    spectra: bool = True,
 ) -> Source:
     """Open a data set (local path, glob or fsspec URL) in any supported format; see the module docstring.
 
     format: one of FORMATS (aliases: dir, jpeg, png, h5, ...) or None to detect from file extensions.
     expect_shape: (H, W, C) every record must have (None entries match anything); default: the most common
     shape among the first records. threads: decode threads for JPEG/PNG (default min(4, cores)).
+    spectra: False skips reading spectra (image-only work such as pretraining and embedding reads less).
     """
     import fsspec
 
@@ -1192,6 +1198,7 @@ def open_source(
         expect_shape=expect_shape,
         chunk_rows=chunk_rows,
         threads=threads,
+        spectra=spectra,
     )
     if fmt in ("images", "fits"):
         src = _CLASSES[fmt](path, fs, chosen, root_dir, **kw)

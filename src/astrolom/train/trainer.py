@@ -135,8 +135,16 @@ class _Data:
         if not d.path:
             raise ValueError("no data: pass --data DIR (or data.path=...)")
         self.cfg, self.env = d, env
+        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are not read for image pretraining
+        manifest = Path(cfg.train.out_dir) / "skipped.jsonl" if d.skip_bad and cfg.train.out_dir else None
         self.source = open_source(
-            d.path, d.format, skip_bad=d.skip_bad, split_fractions=d.split_fractions, split_seed=d.split_seed
+            d.path,
+            d.format,
+            skip_bad=d.skip_bad,
+            manifest=manifest,
+            split_fractions=d.split_fractions,
+            split_seed=d.split_seed,
+            spectra=False,
         )
         self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None)
         self._train_iter = None
