@@ -208,7 +208,9 @@ def plot_probe_vs_flops(
         for xi, yi, label in pts:
             ax.annotate(label, (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
         r = rho.get(name, {})
-        rtxt = "n/a" if r.get("rho") is None else f"{r['rho']:.2f} (p={r['p']:.2g})"
+        rtxt = "n/a" if r.get("rho") is None else f"{r['rho']:.2f}"
+        if r.get("p") is not None:
+            rtxt += f" (p={r['p']:.2g})"
         ax.set_title(f"{name}: Spearman rho {rtxt}", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("pretraining FLOPs", fontsize=8)
