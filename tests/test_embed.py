@@ -115,3 +115,22 @@ def test_random_init_control_is_seeded_and_differs(model_dir):
     torch.testing.assert_close(em.embed_tokens(a, x), em.embed_tokens(b, x))
     assert not torch.allclose(em.embed_tokens(a, x), em.embed_tokens(c, x))
     assert not torch.allclose(em.embed_tokens(a, x), em.embed_tokens(pre, x))
+
+
+def test_unsplit_data_is_split_as_in_pretraining(tmp_path):
+    """Data without a split column: embed uses the split settings of the run the model came from."""
+    from astrolom.data.records import split_of
+
+    run = tmp_path / "run"
+    save_pretrained(_model(block_size=16), run / "final")
+    (run / "config.yaml").write_text("data:\n  split_fractions: [0.5, 0.25, 0.25]\n  split_seed: 7\n")
+    np.save(tmp_path / "stamps.npy", np.random.default_rng(0).normal(size=(40, 32, 32, 3)).astype(np.float32))
+    model, meta = em.load_model(str(run))
+    assert meta["split_settings"] == {"split_fractions": (0.5, 0.25, 0.25), "split_seed": 7}
+    out = em.embed_dataset(model, str(tmp_path / "stamps.npy"), tmp_path / "emb.parquet", metadata=meta,
+                           progress=False, log=None)  # fmt: skip
+    emb = load_embeddings(out)
+    assert len(emb) == 40
+    expected = [split_of(oid, (0.5, 0.25, 0.25), 7) for oid in emb.object_id]
+    assert list(emb.split) == expected
+    assert expected != [split_of(oid) for oid in emb.object_id]  # the default settings would differ

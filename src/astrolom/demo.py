@@ -15,10 +15,12 @@ Layout of DIR: survey/ (data), run/ (pretraining RUN: metrics, checkpoints, fina
 probes/ (probes.json, probes.md, figure, control embeddings), figures/, report.html, demo.json (settings, timings,
 key numbers, checks).
 
-Defaults and why (measured on 2 CPU cores, see README): 64x64 stamps cut into 8x8-pixel patches give the paper's
-64-token sequences (an 8x8 grid, the same centre-out spiral) at a cost a CPU can pay; embeddings average the central
-16 tokens (the central 32x32 px, where the mock galaxies' light is: with 64 tokens the sky-noise patches at the edge
-dilute the mean).
+Defaults and why (measured on 2 CPU cores; see the report's timings): 64x64 stamps cut into 8x8-pixel patches give
+the paper's 64-token sequences (an 8x8 grid in the same centre-out spiral) at a cost a CPU can pay; 16x16 patches
+leave only 16 tokens per 64 px stamp and gave clearly worse embeddings for the same time. The 1m preset (paper
+Table 1) at a peak learning rate of 2e-3 (the paper's 1e-3 is tuned for far longer runs) for 3000 steps of 32 stamps
+(about 15 passes over the 6400 training stamps) beats the random-init control and PCA of pixels on redshift,
+stellar mass and g - r by a wide margin; 400 steps did not beat PCA, 1000 steps did, narrowly.
 """
 
 from __future__ import annotations
@@ -59,12 +61,12 @@ class DemoConfig:
     size: int = 64  # stamp size in pixels
     patch_size: int = 8  # 64 px / 8 px = an 8x8 token grid, as the paper's central 64 tokens
     preset: str = "1m"
-    max_steps: int = 600
+    max_steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 2e-3
-    embed_tokens: int = 16  # central spiral tokens averaged per embedding
+    embed_tokens: int = 64  # central spiral tokens averaged per embedding (paper: 64)
     embed_layer: int = -2  # penultimate block (paper)
-    cnn_epochs: int = 30
+    cnn_epochs: int = 60
     methods: tuple[str, ...] = ("linear", "knn", "mlp")
     seed: int = 0
     umap: bool = True

@@ -77,13 +77,19 @@ def random_init_embeddings(
 # ------------------------------------------------------------------------------------------------------ pixels
 
 
-def load_images(data: str, object_ids: dict[str, np.ndarray], pixel_crop: int | None = 64) -> dict[str, np.ndarray]:
+def load_images(
+    data: str, object_ids: dict[str, np.ndarray], pixel_crop: int | None = 64, split_settings: dict | None = None
+) -> dict[str, np.ndarray]:
     """Images (N, h, w, C) float32 of the given objects per split, in the given order, centre-cropped to
-    `pixel_crop` pixels (None: whole stamps, which must then share a size)."""
+    `pixel_crop` pixels (None: whole stamps, which must then share a size). `split_settings` (split_fractions,
+    split_seed) split data sets without a split column the way their embeddings were split."""
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
 
-    source = open_source(data)
+    settings = dict(split_settings or {})
+    if "split_fractions" in settings:
+        settings["split_fractions"] = tuple(settings["split_fractions"])
+    source = open_source(data, spectra=False, **settings)
     out = {}
     try:
         for split, ids in object_ids.items():
@@ -343,7 +349,8 @@ def pixel_baselines(
         return {}, {}
     fit, test = split_rows(embeddings, fit_split, test_split)
     t0 = time.perf_counter()
-    imgs = load_images(data, {fit_split: fit.object_id, test_split: test.object_id}, pixel_crop)
+    ids = {fit_split: fit.object_id, test_split: test.object_id}
+    imgs = load_images(data, ids, pixel_crop, embeddings.metadata.get("split_settings"))
     a, b = imgs[fit_split], imgs[test_split]
     if progress:
         progress(

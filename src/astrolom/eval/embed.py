@@ -98,9 +98,9 @@ def embed_records(
         pending += list(islice(it, batch_size - len(pending)))
         if not pending:
             return
-        shape = tuple(pending[0].image.shape)
-        batch = [r for r in pending if tuple(r.image.shape) == shape]  # mixed stamp sizes: one size per batch
-        pending = [r for r in pending if tuple(r.image.shape) != shape]
+        shape = _shape(pending[0])
+        batch = [r for r in pending if _shape(r) == shape]  # mixed stamp sizes: one size per batch
+        pending = [r for r in pending if _shape(r) != shape]
         h, w = shape[0] - shape[0] % p, shape[1] - shape[1] % p
         n = tokens_used(model, (h // p) * (w // p), n_tokens)
         crop = prefix_crop(h, w, p, n)
@@ -108,6 +108,11 @@ def embed_records(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = embed_tokens(model, tokens, layer, n)
         yield batch, emb.cpu().numpy().astype(np.float32)
+
+
+def _shape(record: Record) -> tuple[int, ...]:
+    # encoded 8-bit records know their shape without making the float image
+    return tuple(record.shape) if isinstance(getattr(record, "shape", None), tuple) else tuple(record.image.shape)
 
 
 class EmbeddingWriter:
@@ -196,6 +201,8 @@ def embed_dataset(
     """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the file written.
 
     `max_per_split` keeps the first N records of each split in file order (the same objects on every run).
+    `metadata` goes into the file; its `split_settings` (from `load_model`: the pretraining run's
+    data.split_fractions / split_seed) decide the splits of data sets that have no split column.
     """
     from tqdm.auto import tqdm
 
@@ -213,7 +220,11 @@ def embed_dataset(
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown split(s) {bad}; choose from {SPLITS}")
-    source = open_source(data)
+    # data without a split column is split by a hash of the object id: use the settings the model trained with
+    split_settings = dict((metadata or {}).get("split_settings") or {})
+    if "split_fractions" in split_settings:
+        split_settings["split_fractions"] = tuple(split_settings["split_fractions"])
+    source = open_source(data, spectra=False, **split_settings)
     counts = source.split_counts()
     total = sum(min(counts[s], max_per_split or counts[s]) for s in splits)
     mine = total // world_size + (rank < total % world_size)
@@ -277,6 +288,7 @@ def load_model(path: str, *, random_init: bool = False, seed: int = 0) -> tuple[
     meta = {"model": str(model_dir), "random_init": random_init}
     cfg = read_config(model_dir)
     meta["trained_on"] = cfg.get("data", {})
+    meta["split_settings"] = _split_settings(model_dir)
     if random_init:
         # the control: same architecture, weights from the model's own init with a fixed seed
         with torch.random.fork_rng():
@@ -284,6 +296,19 @@ def load_model(path: str, *, random_init: bool = False, seed: int = 0) -> tuple[
             model = AstroPT(model.config).eval()
         meta["seed"] = seed
     return model, meta
+
+
+def _split_settings(model_dir: Path) -> dict:
+    """data.split_fractions / split_seed of the run a model came from (RUN/config.yaml), or {} if unknown."""
+    import yaml
+
+    for d in (model_dir.parent, model_dir.parent.parent):
+        cfg = d / "config.yaml"
+        if cfg.is_file():
+            data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
+            if "split_fractions" in data:
+                return {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
+    return {}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

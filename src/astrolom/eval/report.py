@@ -277,7 +277,7 @@ def build_report(
         from astrolom.eval.embed import load_model
 
         model, _ = load_model(str(art["model"]))
-        src = open_source(data_path)
+        src = open_source(data_path, spectra=False)
         try:
             split = next((s for s in ("test", "val", "train") if src.split_counts()[s]), None)
             recs = []

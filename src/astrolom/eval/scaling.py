@@ -173,7 +173,7 @@ def steps_for_tokens(data: str, tokens: float, overrides: list[str]) -> int:
     from astrolom.train.config import PretrainConfig
 
     cfg = apply_overrides(PretrainConfig(), overrides)
-    src = open_source(data)
+    src = open_source(data, spectra=False)
     h, w = src.image_shape[:2]
     src.close()
     if cfg.data.image_size:
