@@ -24,6 +24,14 @@ def test_fit_recovers_known_law(l_inf, c0, alpha):
     assert fit["rms_log_residual"] < 0.01
 
 
+def test_fit_flags_unconstrained_floor():
+    c = np.logspace(12, 15, 12)
+    assert sc.fit_scaling_law(c, sc.scaling_law(c, 0.3, 1e11, 0.3))["at_bound"] == []
+    loss = 0.33 + 0.1 * (1e12 / c) ** 2  # flat after the first few points: L_inf sits at the lowest loss
+    fit = sc.fit_scaling_law(c, loss)
+    assert fit["ok"] and "L_inf" in fit["at_bound"]
+
+
 def test_fit_needs_enough_points():
     fit = sc.fit_scaling_law([1e12, 1e13, 1e14], [1.0, 0.9, 0.8])
     assert not fit["ok"] and "at least 4" in fit["reason"]
@@ -33,9 +41,11 @@ def test_frontier_and_spearman():
     pts = [(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0), (2.5, 3.5)]
     assert sc.frontier(pts) == [(1, 5.0), (2, 4.0), (2.5, 3.5), (4, 3.0)]
     up = sc.spearman([1e12, 1e13, 1e14, 1e15], [0.1, 0.3, 0.35, 0.6])
-    assert up["rho"] == pytest.approx(1.0) and up["p"] < 0.1 and up["n"] == 4
+    assert up["rho"] == pytest.approx(1.0) and up["p"] == pytest.approx(2 / 24) and up["n"] == 4  # exact
     down = sc.spearman([1e12, 1e13, 1e14], [0.6, 0.3, 0.1])
-    assert down["rho"] == pytest.approx(-1.0)
+    assert down["rho"] == pytest.approx(-1.0) and down["p"] == pytest.approx(1 / 3)  # not the t-approximation's 0
+    many = sc.spearman(np.arange(12.0), np.arange(12.0) + 0.01 * np.sin(np.arange(12.0)))
+    assert many["rho"] == pytest.approx(1.0) and many["p"] < 1e-6
     two = sc.spearman([1e12, 1e13], [0.1, 0.2])
     assert two["rho"] == pytest.approx(1.0) and two["p"] is None  # no p-value from two models
 

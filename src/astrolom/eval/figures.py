@@ -101,9 +101,12 @@ def plot_loss_curves(
             lw=1,
             label=f"L = {fit['L_inf']:.3f} + (C0/C)^{fit['alpha']:.3f}",
         )
+    losses = [r["val_loss"] for rows in runs.values() for r in rows if r.get("val_loss")]
+    # log-log as in the paper when the losses span a range; a narrow range reads better on a linear axis
+    log_y = bool(losses) and max(losses) / min(losses) > 3
     for ax, xlabel in zip(axes, ("training FLOPs", "tokens (patches) seen"), strict=True):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("log" if log_y else "linear")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (Huber)")
         ax.grid(alpha=0.3, which="both")

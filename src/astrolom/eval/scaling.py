@@ -19,6 +19,7 @@ starts them again), so an interrupted sweep continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -101,6 +102,13 @@ def fit_scaling_law(flops, loss, n_starts: int = 6) -> dict:
         c_min=float(c.min()),
         c_max=float(c.max()),
         rms_log_residual=float(math.sqrt(ssr / len(c))),
+        # a parameter on its bound is not measured by the data (e.g. L_inf at min L: no sign of saturation yet,
+        # or the curve has already flattened to its last point)
+        at_bound=[
+            name
+            for name, v, lo, hi in (("L_inf", l_inf, 0.0, y_min), ("alpha", alpha, 1e-4, 5.0))
+            if min(abs(v - lo), abs(hi - v)) <= 1e-6 * max(1.0, abs(hi))
+        ],
     )
     return out
 
@@ -115,16 +123,30 @@ def frontier(points) -> list[tuple[float, float]]:
     return out
 
 
-def spearman(flops, scores) -> dict:
-    """Spearman's rho (and p where it means something: 3+ models) between FLOPs and a probe score."""
+def spearman(flops, scores, exact_max: int = 8) -> dict:
+    """Spearman's rho between FLOPs and a probe score, with a two-sided p-value.
+
+    For up to `exact_max` models the p-value is exact (the fraction of all orderings with |rho| at least as large):
+    the t-approximation `scipy.stats.spearmanr` uses says p = 0 for any perfect ranking, even of 3 models, where
+    the exact value is 1/3. No p-value for fewer than 3 models.
+    """
     f, s = np.asarray(flops, float), np.asarray(scores, float)
     ok = np.isfinite(f) & np.isfinite(s)
-    n = int(ok.sum())
-    if n < 2 or np.unique(s[ok]).size < 2:
+    f, s = f[ok], s[ok]
+    n = int(len(f))
+    if n < 2 or np.unique(s).size < 2:
         return {"rho": None, "p": None, "n": n}
-    res = stats.spearmanr(f[ok], s[ok])
-    rho, p = float(res.statistic), float(res.pvalue)
-    return {"rho": rho, "p": p if n >= 3 and math.isfinite(p) else None, "n": n}
+    rho = float(stats.spearmanr(f, s).statistic)
+    if n < 3:
+        p = None
+    elif n <= exact_max:
+        rf, rs = stats.rankdata(f), stats.rankdata(s)
+        perms = np.array(list(itertools.permutations(range(n))))
+        null = np.array([stats.pearsonr(rf, rs[q]).statistic for q in perms])
+        p = float(np.mean(np.abs(null) >= abs(rho) - 1e-12))
+    else:
+        p = float(stats.spearmanr(f, s).pvalue)
+    return {"rho": rho, "p": p, "n": n}
 
 
 # ------------------------------------------------------------------------------------------------ run records
@@ -313,6 +335,7 @@ def markdown(summary: dict) -> str:
             f"± {fit['L_inf_err']:.4f}, alpha = {fit['alpha']:.3f} ± {fit['alpha_err']:.3f}, "
             f"log10 C0 = {fit['log10_C0']:.2f} ± {fit['log10_C0_err']:.2f} (rms log residual "
             f"{fit['rms_log_residual']:.4f})"
+            + (f"; on a bound, not constrained by the data: {', '.join(fit['at_bound'])}" if fit["at_bound"] else "")
         )
     else:
         lines.append(f"L(C) not fitted: {fit.get('reason')}")
