@@ -33,24 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 KEY_TARGETS = ("redshift", "log_mstar", "g_minus_r")
-PROBE_TARGETS = (
-    "redshift",
-    "log_mstar",
-    "log_ssfr",
-    "g_minus_r",
-    "r_minus_z",
-    "abs_mag_g",
-    "abs_mag_z",
-    "mag_r",
-    "r_half_arcsec",
-    "sersic_n",
-    "axis_ratio",
-    "smooth",
-    "disc",
-    "spiral",
-    "telescope",
-    "edge_on",
-)
 
 
 @dataclass
@@ -144,7 +126,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     from astrolom.data.survey import generate_survey
     from astrolom.eval import baselines as bl
     from astrolom.eval.embed import embed_dataset, load_model
-    from astrolom.eval.probes import evaluate, load_embeddings, markdown_table, write_report
+    from astrolom.eval.probes import DEFAULT_TARGETS, evaluate, load_embeddings, markdown_table, write_report
     from astrolom.eval.report import build_report
 
     out = Path(out)
@@ -212,7 +194,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     features, supervised = bl.pixel_baselines(
         str(survey),
         emb,
-        targets=list(PROBE_TARGETS),
+        targets=list(DEFAULT_TARGETS),
         pixel_crop=cfg.size,
         cnn_epochs=cfg.cnn_epochs,
         seed=cfg.seed,
@@ -220,7 +202,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     )
     probes = evaluate(
         emb,
-        list(PROBE_TARGETS),
+        list(DEFAULT_TARGETS),
         cfg.methods,
         control=control,
         baselines=features,

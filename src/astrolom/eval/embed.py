@@ -299,9 +299,19 @@ def load_model(path: str, *, random_init: bool = False, seed: int = 0) -> tuple[
 
 
 def _split_settings(model_dir: Path) -> dict:
-    """data.split_fractions / split_seed of the run a model came from (RUN/config.yaml), or {} if unknown."""
+    """data.split_fractions / split_seed of the run a model came from, or {} if unknown.
+
+    Read from the model's config.json (written since the trainer records it there), else from RUN/config.yaml.
+    """
+    import json
+
     import yaml
 
+    cfg_json = model_dir / "config.json"
+    if cfg_json.is_file():
+        data = json.loads(cfg_json.read_text()).get("data", {})
+        if "split_fractions" in data:
+            return {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
     for d in (model_dir.parent, model_dir.parent.parent):
         cfg = d / "config.yaml"
         if cfg.is_file():

@@ -336,6 +336,9 @@ class Trainer:
             "n_chan": self.data.n_chan,
             "normalisation": "per-patch standardisation (mean 0, std 1 over each patch's values)",
             "path": c.path,
+            # how objects without a split column were split, so embedding/probing keeps the same held-out sets
+            "split_fractions": list(c.split_fractions),
+            "split_seed": c.split_seed,
         }
         out = ckpt.model_config_json(self.model_config, tokens=tokens, data=data)
         out["pretrain_config"] = to_dict(self.cfg)
