@@ -33,7 +33,9 @@ def _optional(module: str, flag: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ValueError(f"{flag}=true needs the `{module}` package: pip install {module}") from err
+        raise ValueError(
+            f"{flag}=true needs the `{module}` package: pip install {module} (or astrolom[tracking])"
+        ) from err
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
