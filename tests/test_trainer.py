@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from pretrain_helpers import REFERENCE, TINY, read_metrics, reference_run, torch_threads, write_blobs
@@ -237,3 +238,19 @@ def test_bf16_gpu_run(blobs, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] and all(math.isfinite(r["loss"]) for r in rows)
     assert all(r.get("mfu") is None or 0 < r["mfu"] < 1 for r in rows)
     assert ckpt.from_pretrained(tmp_path / "run").pos_emb.weight.device.type == "cpu"
+
+
+def test_skip_bad_lists_skipped_records_in_the_run(tmp_path):
+    """A bad record stops nothing with data.skip_bad=true, and is named in RUN/skipped.jsonl."""
+    images = np.random.default_rng(0).random((40, 32, 32, 3), dtype=np.float32)
+    images[3, :, :, 1] = np.nan  # an all-NaN band: a bad record
+    np.save(tmp_path / "imgs.npy", images)
+    run = tmp_path / "run"
+    rc = cli.main(
+        ["pretrain", "--data", str(tmp_path / "imgs.npy"), "--out", str(run), "--max-steps", "2",
+         "data.skip_bad=true", "train.batch_size=4", "train.eval_samples=4", "train.progress=false"]
+    )  # fmt: skip
+    assert rc == 0
+    lines = [json.loads(x) for x in (run / "skipped.jsonl").read_text().splitlines()]
+    assert [(x["row"], x["object_id"]) for x in lines] == [(3, "imgs:3")]
+    assert "band 1 is entirely NaN" in lines[0]["reason"]
