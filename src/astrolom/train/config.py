@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, check_split_fractions
 from astrolom.model.astropt import TOKENISERS, ModelConfig
 from astrolom.model.presets import get_preset, model_config
 
@@ -52,7 +53,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0  # data-order seed (independent of the model-init seed)
     skip_bad: bool = False  # skip unreadable records instead of failing
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for data without a split column
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
     split_seed: int = 0
     val_split: str = "val"  # the split validation is computed on; training reads only "train"
     prefetch: int = 2  # training batches prepared ahead by a background thread; 0: prepare in the training loop
@@ -66,8 +67,7 @@ class DataConfig:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.val_split == "train":
             raise ValueError("data.val_split must not be 'train': validation uses data training never sees")
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
-            raise ValueError(f"data.split_fractions must be three numbers summing to 1, got {self.split_fractions}")
+        self.split_fractions = check_split_fractions(self.split_fractions, "data.split_fractions")
 
 
 @dataclass
