@@ -189,8 +189,8 @@ def main(argv=None) -> int:
         # sanity: both paths compute the same tokens (up to the reference's bfloat16/float16 rounding)
         check = ""
         if ref is not None:
+            from astrolom.data.batching import tokenize_records
             from astrolom.data.sources import open_source
-            from astrolom.data.stream import tokenize_records
 
             rec = next(open_source(str(paths[0])).records())
             mine = tokenize_records([rec], 16)["tokens"][0]
