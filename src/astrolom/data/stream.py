@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from astrolom.data import tokens as tok
-from astrolom.data.batching import BatchBuilder, BufferPool, tokenize_records
+from astrolom.data.batching import OUTPUTS, BatchBuilder, BufferPool, tokenize_records
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.sources import Source
 
@@ -219,6 +219,8 @@ class TokenBatches:
     Each item is the dict of `tokenize_records`: tokens (B, T, P*P*C) float32, mean / std (B, T, 1) (so
     `tokens * std + mean` gives the pixel patches back), object_id, split, labels {name: list}, grid, patch_size
     and, when records carry spectra, spectrum. With finite epochs the last batch may be short unless drop_last.
+    `output="bfloat16"` gives bfloat16 tokens, `output="pixels"` uint8 spiral patches plus their scale instead of
+    tokens / mean / std, to be standardised on the training device (`astrolom.data.batching.standardise_pixels`).
     `recycle` (default 2) token buffers are kept and reused once every tensor made from them has been released
     (`batching.BufferPool`: saves the page faults of fresh memory, about a third of the pipeline's time on 512x512
     stamps; never overwrites anything still referenced); 0 turns this off.
@@ -235,6 +237,7 @@ class TokenBatches:
         drop_last: bool = False,
         crop_to_patch: bool = True,
         recycle: int = 2,
+        output: str = "float32",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -249,6 +252,9 @@ class TokenBatches:
         self.drop_last = drop_last
         self.crop_to_patch = crop_to_patch
         self.recycle = int(recycle)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.output = output
         self._pool = BufferPool(self.recycle)
         self._state = {"stream": stream.state_dict(), "batches": 0}
 
@@ -260,7 +266,13 @@ class TokenBatches:
             for rec in it:  # tokenise as records arrive: each decoded image is released right away
                 if builder is None:
                     builder = BatchBuilder(
-                        self.batch_size, self.patch_size, self.image_size, self.eps, self.crop_to_patch, self._pool.get
+                        self.batch_size,
+                        self.patch_size,
+                        self.image_size,
+                        self.eps,
+                        self.crop_to_patch,
+                        self._pool.get,
+                        self.output,
                     )
                 builder.add(rec)
                 rec = None
