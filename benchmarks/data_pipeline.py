@@ -5,7 +5,10 @@ thread), so the numbers are images/s per core:
 
 * decode      read the file + PIL decode to a uint8 numpy array: the ceiling for any JPEG pipeline.
 * ours        astrolom: open_source(dir) -> RecordStream -> TokenBatches(batch, patch 16): float32 tokens (B, T, 768)
-              in spiral order with per-patch mean/std, exactly what the trainer consumes.
+              in spiral order with per-patch mean/std, exactly what the trainer consumes (data.token_format=float32);
+              also with output="bfloat16" (half the bytes written), output="pixels" (uint8 spiral patches: the
+              standardisation moves to the training device, `batching.standardise_pixels`, timed separately on
+              this CPU), and with the token-buffer pool off (recycle=0), to show what the pool saves.
 * reference   astropt==2.0.9 `GalaxyImageDataset.process_galaxy` (spiral=True) with a per-patch standardisation
               transform like the reference train script's `normalise` (torch.std_mean over each patch, float16 out).
               The reference reads JPEGs with torchvision.io, which does not import beside torch 2.13 CPU: we
@@ -95,14 +98,15 @@ def ours_pass(data_dir: str, batch: int, threads: int = 1) -> int:
     return n
 
 
-def ours_steady(data_dir: str, batch: int, n_images: int, threads: int = 1):
+def ours_steady(data_dir: str, batch: int, n_images: int, threads: int = 1, output: str = "float32", recycle: int = 2):
     """Steady state, as in training: one open source and an endless shuffled stream; returns a function that
     pulls the next n_images worth of batches (warmed up by two batches first)."""
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream, TokenBatches
 
     src = open_source(data_dir, threads=threads)
-    it = iter(TokenBatches(RecordStream(src, split=None, shuffle=True, epochs=None), batch, patch_size=16))
+    stream = RecordStream(src, split=None, shuffle=True, epochs=None)
+    it = iter(TokenBatches(stream, batch, patch_size=16, output=output, recycle=recycle))
     for _ in range(2):
         next(it)
     n_batches = -(-n_images // batch)
@@ -110,9 +114,23 @@ def ours_steady(data_dir: str, batch: int, n_images: int, threads: int = 1):
     def run():
         for _ in range(n_batches):
             b = next(it)
-            assert b["tokens"].shape == (batch, (512 // 16) ** 2, 768) or b["tokens"].shape[0] == batch
+            assert len(b["object_id"]) == batch
 
     return run, n_batches * batch
+
+
+def bench_standardise(data_dir: str, batch: int, repeats: int) -> tuple[int, tuple[float, float]]:
+    """Images per CPU-second of `standardise_pixels` on one output="pixels" batch (what the device does instead)."""
+    from astrolom.data.batching import standardise_pixels
+    from astrolom.data.sources import open_source
+    from astrolom.data.stream import RecordStream, TokenBatches
+
+    src = open_source(data_dir)
+    b = next(iter(TokenBatches(RecordStream(src, split=None, shuffle=False, epochs=1), batch, output="pixels")))
+    reps = 3
+    rate = bench(lambda: [standardise_pixels(b["pixels"], b["scale"]) for _ in range(reps)], reps * batch, repeats)
+    src.close()
+    return reps * batch, rate
 
 
 def reference_dataset():
@@ -172,6 +190,18 @@ def main(argv=None) -> int:
         rows.append((f"ours, steady state: RecordStream -> TokenBatches(b={args.batch})", n_steady, our))
         cold = bench(lambda: ours_pass(str(d), args.batch), args.n, args.repeats)
         rows.append(("ours, one cold pass (open + stream + tokens, fresh buffers)", args.n, cold))
+        modes = {}
+        for output, label in (("bfloat16", "bfloat16 tokens"), ("pixels", "uint8 pixels for the device")):
+            run, n_run = ours_steady(str(d), args.batch, args.n, output=output)
+            modes[output] = bench(run, n_run, args.repeats)
+            rows.append((f"ours, steady state, output={output} ({label})", n_run, modes[output]))
+        run, n_run = ours_steady(str(d), args.batch, args.n, recycle=0)
+        no_pool = bench(run, n_run, args.repeats)
+        rows.append(("ours, steady state, float32, buffer pool off (recycle=0)", n_run, no_pool))
+        device_side = bench_standardise(str(d), args.batch, args.repeats)
+        rows.append(
+            (f"standardise_pixels on this CPU (the device half of output=pixels, b={args.batch})",) + device_side
+        )
         ref = None
         try:
             ds = reference_dataset()
@@ -215,6 +245,9 @@ def main(argv=None) -> int:
             print(f"{name:<72} {n:>6} {best:>11.1f} {med:>8.1f}")
     print()
     print(f"ours / decode     = {our[0] / dec[0]:.2f}  steady state (cold pass: {cold[0] / dec[0]:.2f}); goal >= 0.8")
+    for output, (best, _) in modes.items():
+        print(f"ours / decode     = {best / dec[0]:.2f}  steady state, output={output}; goal >= 0.8")
+    print(f"buffer pool       = {our[0] / no_pool[0]:.2f}x the throughput without it (recycle=0)")
     if ref is not None:
         print(f"ours / reference  = {our[0] / ref[0]:.1f}  steady state (cold pass: {cold[0] / ref[0]:.1f}); goal >= 3")
     print(f"note: ours with 2 decode threads, wall clock: {wall2:.1f} img/s (whole machine, load-dependent)")
