@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, strip_ext
+from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, is_local, strip_ext
 from astrolom.data.sources.decode import decode_encoded, decode_fits, peek_encoded
 from astrolom.data.sources.errors import decode_errors
 
@@ -13,6 +13,7 @@ class _FileSource(Source):
     def __init__(self, location, fs, files, root: str | None, options: SourceOptions | None = None):
         super().__init__(location, fs, files, options)
         self.root = root
+        self._local = is_local(fs)
         self.ids = [self._id_of(f) for f in files]
         n = self.chunk_rows
         self.chunks = [
@@ -43,10 +44,16 @@ class _FileSource(Source):
             out.append(Item(f, None, oid, self._split_for(oid), {}, f))
         return out
 
+    def _read(self, path: str) -> bytes:
+        if self._local:  # the builtin open: fsspec's local file object costs ~3 % of a 512x512 JPEG decode
+            with open(path, "rb") as fh:
+                return fh.read()
+        with self.fs.open(path, "rb") as fh:
+            return fh.read()
+
     def _decode_one(self, item: Item):
         try:
-            with self.fs.open(item.file, "rb") as fh:
-                data = fh.read()
+            data = self._read(item.file)
         except OSError as err:  # unreadable file (permissions, vanished, remote error): a bad record
             return bad_record(item, err, "cannot read")
         return super()._decode_one(Item(item.file, None, item.object_id, item.split, {}, data))
@@ -59,8 +66,7 @@ class ImageDirSource(_FileSource):
 
     def _peek_one(self, item: Item):
         try:
-            with self.fs.open(item.file, "rb") as fh:
-                return peek_encoded(fh.read())
+            return peek_encoded(self._read(item.file))
         except decode_errors() as err:
             return bad_record(item, err, "cannot read")
 
