@@ -10,8 +10,8 @@ records (chunk lists, key caches, the bad-record list, stream positions, token b
 Run: python benchmarks/stream_memory.py [--sizes 10000 100000 1000000] [--size 32] [--batch 64] [--markdown]
 
 The peak is `ru_maxrss` of the child process (Linux: KiB), which includes the Python interpreter, numpy, torch and
-pyarrow imports (the floor every size shares); the table also gives the RSS after the first batch, so the growth
-during streaming is peak - first.
+pyarrow imports (the floor every size shares); the table also gives the peak after the first batch, so the growth
+during streaming is the difference.
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ def main(argv=None) -> int:
     )
     print(header + "\n")
     if args.markdown:
-        print("| records | batches | RSS after first batch (MiB) | peak RSS (MiB) | peak vs smallest | wall (s) |")
+        print(
+            "| records | batches | peak RSS after the first batch (MiB) | peak RSS at the end (MiB) "
+            "| peak vs smallest | wall (s) |"
+        )
         print("|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             print(
