@@ -23,7 +23,7 @@ import numpy as np
 IMAGE = "image"
 IMAGE_SHAPE = "image_shape"
 SPECTRUM = "spectrum"
-METADATA_KEY = b"astrolom"  # Parquet file-metadata key of our JSON metadata (surveys, embedding tables)
+METADATA_KEY = b"astrolom"
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
