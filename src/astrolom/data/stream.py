@@ -18,10 +18,11 @@
   single-process stream). Without skip_bad, a bad record raises `BadRecordError`.
 
 `TokenBatches(stream, batch_size, patch_size=16, image_size=None)` turns records into dicts of spiral-ordered,
-per-patch standardised tokens (`astrolom.data.tokens` conventions; the tokeniser is `astrolom.data.batching`), with the same state_dict/load_state_dict counted
-in whole batches. Stamps larger than `image_size` are centre-cropped (the spiral prefix is the centre, so a causal
-model's first tokens see the same pixels whatever the stamp size); without `image_size`, stamps that are not a
-multiple of the patch size are centre-cropped with `tokens.center_crop` (`crop_to_patch=False` makes it an error).
+per-patch standardised tokens (`astrolom.data.tokens` conventions; the tokeniser is `astrolom.data.batching`), with
+the same state_dict/load_state_dict counted in whole batches. Stamps larger than `image_size` are centre-cropped (the
+spiral prefix is the centre, so a causal model's first tokens see the same pixels whatever the stamp size); without
+`image_size`, stamps that are not a multiple of the patch size are centre-cropped with `tokens.center_crop`
+(`crop_to_patch=False` makes it an error).
 """
 
 from __future__ import annotations

@@ -205,11 +205,12 @@ class _Data:
                 self._train_iter = iter(self.train)
             batch = next(self._train_iter)
             self._position = self.train.state_dict()
+        if "pixels" in batch:  # data.token_format=pixels: standardise on the training device
+            batch["tokens"] = batch_tokens(batch, self.env.device)
         return batch
 
-    def next_train(self, device: torch.device | None = None) -> torch.Tensor:
-        """The next training tokens, on `device` (data.token_format=pixels: standardised there)."""
-        return batch_tokens(self.next_train_batch(), device)
+    def next_train(self) -> torch.Tensor:
+        return self.next_train_batch()["tokens"]
 
     def state_dict(self) -> dict:
         """Position after the last training batch handed to the trainer (JSON values)."""
@@ -399,7 +400,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
         for i in range(self.accum):
-            tokens = self.data.next_train(self.env.device)
+            tokens = self.data.next_train().to(self.env.device, non_blocking=True)
             with parallel.grad_sync(self.model, i == self.accum - 1):
                 with parallel.autocast(self.precision, self.env.device):
                     _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
