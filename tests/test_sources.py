@@ -17,7 +17,7 @@ from PIL import Image
 
 from astrolom import cli
 from astrolom.data.records import METADATA_KEY, split_of
-from astrolom.data.sources import BadRecordError, PixelRecord, detect_format, open_source
+from astrolom.data.sources import BadRecordError, ImageDirSource, PixelRecord, SourceOptions, detect_format, open_source
 
 H, W = 32, 48  # non-square on purpose: a transpose cannot go unnoticed
 
@@ -366,8 +366,35 @@ def test_bad_truncated_jpeg(good_dir):
 def test_bad_corrupt_jpeg(good_dir):
     (good_dir / "corrupt.jpg").write_bytes(b"\x00\x01garbage" * 50)
     src = open_source(str(good_dir))
-    with pytest.raises(BadRecordError, match=r"corrupt\.jpg: cannot decode: UnidentifiedImageError"):
+    with pytest.raises(BadRecordError, match=r"corrupt\.jpg: cannot decode: UnidentifiedImageError") as info:
         _only(src, "corrupt.jpg")
+    assert type(info.value.__cause__).__name__ == "UnidentifiedImageError"  # the library's error is chained
+
+
+def test_decoder_bug_is_not_a_bad_record(good_dir, monkeypatch):
+    """Only damaged input becomes a BadRecordError (even under skip_bad); a programming error propagates."""
+
+    def broken(data):
+        raise AttributeError("a bug, not bad data")
+
+    monkeypatch.setattr(ImageDirSource, "_decoder", staticmethod(broken))
+    src = open_source(str(good_dir), skip_bad=True, expect_shape=(H, W, 3))
+    with pytest.raises(AttributeError, match="a bug"):
+        list(src.records())
+
+
+def test_source_options_one_dataclass(good_dir, tmp_path):
+    opts = SourceOptions(skip_bad=True, chunk_rows=3, split_fractions=[0.5, 0.25, 0.25])
+    assert opts.split_fractions == (0.5, 0.25, 0.25)
+    src = open_source(str(good_dir), options=opts, threads=1)  # keyword overrides change single fields
+    assert src.options == SourceOptions(skip_bad=True, chunk_rows=3, split_fractions=(0.5, 0.25, 0.25), threads=1)
+    assert src.num_chunks == 2 and src.threads == 1
+    with pytest.raises(TypeError, match=r"unknown source option\(s\) \['skip_bd'\]"):
+        open_source(str(good_dir), skip_bd=True)
+    with pytest.raises(ValueError, match="split_fractions must be three non-negative numbers summing to 1"):
+        SourceOptions(split_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        SourceOptions(chunk_rows=0)
 
 
 def test_bad_empty_file(good_dir):

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from astrolom.data import tokens as tok
+from astrolom.data.batching import tokenize_records
 from astrolom.data.records import Record
 from astrolom.data.sources import PixelRecord, open_source
-from astrolom.data.stream import RecordStream, TokenBatches, tokenize_records
+from astrolom.data.stream import RecordStream, TokenBatches
 
 SPLIT_CYCLE = ("train", "train", "val", "train", "test")
 
@@ -200,6 +201,21 @@ def test_stream_skips_bad_records_and_counts(tmp_path):
     assert len(got) == 10 and "g3" not in got and src.skipped == 1
     with pytest.raises(ValueError, match=r"g3\.png: file is empty"):
         _ids(RecordStream(open_source(str(d)), split=None, epochs=1))
+
+
+def test_every_record_bad_is_a_clear_error(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for i in range(5):
+        (d / f"g{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg" * (i + 1))
+    manifest = tmp_path / "skipped.jsonl"
+    src = open_source(str(d), format="images", skip_bad=True, manifest=manifest, split_fractions=(1, 0, 0))
+    endless = TokenBatches(RecordStream(src, split="train", epochs=None), 2)  # used to spin forever
+    with pytest.raises(ValueError, match=r"every record of split 'train' is bad \(5 skipped by skip_bad \(listed in"):
+        next(iter(endless))
+    with pytest.raises(ValueError, match=r"is bad .*first: .*g\d\.jpg: cannot decode"):
+        next(iter(TokenBatches(RecordStream(src, split="train", epochs=1), 2)))  # used to be a bare StopIteration
+    assert len(manifest.read_text().splitlines()) == 5
 
 
 def test_threaded_decode_is_deterministic(tmp_path):

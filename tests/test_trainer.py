@@ -254,3 +254,33 @@ def test_skip_bad_lists_skipped_records_in_the_run(tmp_path):
     lines = [json.loads(x) for x in (run / "skipped.jsonl").read_text().splitlines()]
     assert [(x["row"], x["object_id"]) for x in lines] == [(3, "imgs:3")]
     assert "band 1 is entirely NaN" in lines[0]["reason"]
+
+
+def test_token_formats_pixels_exact_and_bf16(tmp_path):
+    """data.token_format=pixels (uint8 patches standardised on the device) trains bit-identically to float32 tokens;
+    bfloat16 tokens need bf16 precision and stay close to it."""
+    from PIL import Image
+
+    d = tmp_path / "jpegs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        px = np.clip(rng.normal(90, 40, (32, 32, 3)) + 80 * (i % 3), 0, 255).astype(np.uint8)
+        Image.fromarray(px).save(d / f"g{i:02d}.png")  # PNG: lossless, so the pixels are the ones drawn
+    losses = {}
+    for fmt, precision in (("float32", "fp32"), ("pixels", "fp32"), ("float32", "bf16"), ("bfloat16", "bf16")):
+        cfg = _cfg(d, tmp_path / f"{fmt}-{precision}", "train.max_steps=3", "train.batch_size=8")
+        cfg = apply_overrides(
+            cfg, ["train.eval_interval=0", f"data.token_format={fmt}", f"train.precision={precision}"]
+        )
+        with torch_threads(1):
+            trainer = Trainer(cfg)
+            losses[fmt, precision] = [trainer.train_step()["loss"] for _ in range(3)]
+            trainer.data.close()
+    assert losses["pixels", "fp32"] == losses["float32", "fp32"]
+    assert losses["bfloat16", "bf16"] == pytest.approx(losses["float32", "bf16"], abs=5e-3)
+    cfg = _cfg(d, tmp_path / "bad", "data.token_format=bfloat16", "train.precision=fp32")
+    with pytest.raises(ValueError, match="data.token_format=bfloat16 needs train.precision=bf16"):
+        Trainer(cfg)
+    with pytest.raises(ValueError, match="data.token_format must be one of"):
+        _cfg(d, tmp_path / "bad", "data.token_format=fp16")

@@ -25,6 +25,7 @@ IMAGE_SHAPE = "image_shape"
 SPECTRUM = "spectrum"
 METADATA_KEY = b"astrolom"
 SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 @dataclass
@@ -36,7 +37,21 @@ class Record:
     spectrum: np.ndarray | None = None  # (L,) float32
 
 
-def split_of(object_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> str:
+def check_split_fractions(fractions, name: str = "split_fractions") -> tuple[float, float, float]:
+    """`fractions` as a (train, val, test) tuple of floats, or a ValueError naming `name` (the option the user set).
+
+    The one validation of split fractions: survey generation, readers and the pretraining config all call it.
+    """
+    try:
+        fr = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be three numbers (train, val, test), got {fractions!r}") from None
+    if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must be three non-negative numbers summing to 1, got {fractions!r}")
+    return fr  # type: ignore[return-value]
+
+
+def split_of(object_id: str, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS, seed: int = 0) -> str:
     """Deterministic train/val/test assignment from a hash of the id, for data sets that carry no split column.
 
     Stable across runs, machines, file orders and dataset growth: an object never changes split.

@@ -18,28 +18,27 @@
   single-process stream). Without skip_bad, a bad record raises `BadRecordError`.
 
 `TokenBatches(stream, batch_size, patch_size=16, image_size=None)` turns records into dicts of spiral-ordered,
-per-patch standardised tokens (`astrolom.data.tokens` conventions), with the same state_dict/load_state_dict counted
-in whole batches. Stamps larger than `image_size` are centre-cropped (the spiral prefix is the centre, so a causal
-model's first tokens see the same pixels whatever the stamp size); without `image_size`, stamps that are not a
-multiple of the patch size are centre-cropped with `tokens.center_crop` (`crop_to_patch=False` makes it an error).
+per-patch standardised tokens (`astrolom.data.tokens` conventions; the tokeniser is `astrolom.data.batching`), with
+the same state_dict/load_state_dict counted in whole batches. Stamps larger than `image_size` are centre-cropped (the
+spiral prefix is the centre, so a causal model's first tokens see the same pixels whatever the stamp size); without
+`image_size`, stamps that are not a multiple of the patch size are centre-cropped with `tokens.center_crop`
+(`crop_to_patch=False` makes it an error).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import threading
-import warnings
-from collections.abc import Callable, Iterator
-from functools import lru_cache
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
 from astrolom.data import tokens as tok
+from astrolom.data.batching import OUTPUTS, BatchBuilder, BufferPool, tokenize_records
 from astrolom.data.records import SPLITS, Record
-from astrolom.data.sources import PixelRecord, Source
+from astrolom.data.sources import Source
+
+__all__ = ["RecordStream", "TokenBatches", "tokenize_records"]  # tokenize_records lives in astrolom.data.batching
 
 STATE_VERSION = 1
 
@@ -115,12 +114,14 @@ class RecordStream:
         k0 = self._pos["k"] - row  # global index of the first record of the current chunk
         nchunks = self.source.num_chunks
         epoch_total = 0 if (ci == 0 and row == 0) else None  # split records seen in a full epoch
+        owned = yielded = 0  # this rank's records in the epoch, and how many of them were not skipped as bad
         while self.epochs is None or e < self.epochs:
             if ci >= nchunks:
                 if epoch_total == 0:
                     raise ValueError(f"{self.source.location}: no records in split {self.split!r}")
+                self._check_not_all_bad(owned, yielded, full_epoch=epoch_total is not None)
                 self._end_of_epoch()
-                e, ci, epoch_total = e + 1, 0, 0
+                e, ci, epoch_total, owned, yielded = e + 1, 0, 0, 0, 0
                 continue
             order = self.chunk_order(e)
             chunk = int(order[ci])
@@ -133,6 +134,7 @@ class RecordStream:
                 ci += 1
                 continue
             mine = [t for t in range(row, len(sel)) if (k0 + t) % w == r]
+            owned += len(mine)
             for b in range(0, len(mine), self.decode_block):
                 ts = mine[b : b + self.decode_block]
                 recs = self.source.read_aligned(chunk, [sel[t] for t in ts])
@@ -141,12 +143,25 @@ class RecordStream:
                     # next record of this rank is global k0 + t + w; store the start of its round (rank-independent)
                     self._pos = {"epoch": e, "chunk": ci, "row": t + w - r, "k": k0 + t + w - r}
                     if rec is not None:
+                        yielded += 1
                         yield rec
                         rec = None
             k0 += len(sel)
             ci += 1
             row = 0
         self._end_of_epoch()
+
+    def _check_not_all_bad(self, owned: int, yielded: int, full_epoch: bool) -> None:
+        """A whole epoch of this rank's records skipped as bad would otherwise end the stream (finite epochs) or
+        spin forever (endless training): stop with the reason instead."""
+        if full_epoch and owned and not yielded:
+            where = f" (listed in {self.source.manifest})" if self.source.manifest else ""
+            first = f"; first: {self.source.bad[0]['reason']}" if self.source.bad else ""
+            rank = f" read by rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+            raise ValueError(
+                f"{self.source.location}: every record of split {self.split!r}{rank} is bad ({owned} skipped by "
+                f"skip_bad{where}){first}"
+            )
 
     def _end_of_epoch(self) -> None:
         if self.source.skipped > self._reported_skips:
@@ -199,210 +214,17 @@ class RecordStream:
         self._pos = {k: int(state[k]) for k in ("epoch", "chunk", "row", "k")}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# tokenisation (fast path with the conventions and ordering of astrolom.data.tokens)
-
-
-@lru_cache(maxsize=32)
-def _row_index(h: int, w: int, p: int) -> torch.Tensor:
-    """Index of the (P*C)-value pixel-row segments of an (h, w, C) image, in spiral token order: gathering
-    `image.view(h * w // p, p * C)[idx]` and viewing it as (T, P*P*C) gives the spiral-ordered patches."""
-    nh, nw = tok.grid_shape(h, w, p)
-    order = tok.spiral_order(nh, nw).numpy()
-    pi, pj = order // nw, order % nw
-    rows = (pi[:, None] * p + np.arange(p)[None, :]) * nw + pj[:, None]  # (T, p) pixel row * nw + patch column
-    return torch.from_numpy(rows.reshape(-1).astype(np.int64))
-
-
-_local = threading.local()
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread scratch buffer, reused across calls (fresh memory costs a page fault per 4 KiB)."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    buf = bufs.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = bufs[name] = torch.empty(shape, dtype=dtype)
-    return buf
-
-
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    if a.flags.writeable:
-        return torch.from_numpy(a)
-    with warnings.catch_warnings():  # read-only decoder output: we only ever read from it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-def _standardise_rows_into(x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Per-row standardisation (biased std) of the scratch rows `x` (centred in place) into `out`.
-
-    Two passes over `x` while it is in cache (mean, then the norm of the centred rows: no cancellation whatever the
-    offset), and a single write of `out`. Rows with std 0 give 0 / 0 here; the caller zeroes them.
-    """
-    torch.mean(x, dim=-1, keepdim=True, out=mean)
-    x.sub_(mean)
-    torch.linalg.vector_norm(x, dim=-1, keepdim=True, out=std)
-    std.mul_(1.0 / math.sqrt(x.shape[-1]))
-    torch.div(x, std, out=out)
-
-
-class _BatchBuilder:
-    """Tokenises records one at a time into a preallocated batch, so a decoded image can be released as soon as its
-    tokens are written (peak memory: the batch plus one image)."""
-
-    def __init__(self, capacity, patch_size, image_size, eps, crop_to_patch, allocate):
-        self.capacity, self.p, self.image_size = capacity, int(patch_size), image_size
-        self.eps, self.crop_to_patch, self.allocate = eps, crop_to_patch, allocate
-        self.n = 0
-        self.meta: list[tuple[str, str | None, dict, np.ndarray | None]] = []
-
-    def _setup(self, rec: Record, shape: tuple[int, ...]) -> None:
-        p = self.p
-        self.shape0, self.first_id = shape, rec.object_id
-        if self.image_size is not None:
-            isz = self.image_size
-            h, w = (isz, isz) if isinstance(isz, int) else tuple(isz)
-            tok.grid_shape(h, w, p)  # image_size must be a multiple of the patch size
-        else:
-            h, w = shape[:2]
-            if (h % p or w % p) and not self.crop_to_patch:
-                tok.grid_shape(h, w, p)  # raises the clear error
-            h, w = h - h % p, w - w % p
-        self.h, self.w, self.c = h, w, shape[2]
-        self.nh, self.nw = tok.grid_shape(h, w, p)
-        t, d = self.nh * self.nw, p * p * self.c
-        b = self.capacity
-        self.tokens = torch.empty(b, t, d) if self.allocate is None else self.allocate((b, t, d))
-        self.mean = torch.empty(b, t, 1)
-        self.std = torch.empty(b, t, 1)
-        self.scales = torch.ones(b, 1, 1)
-        self.idx = _row_index(h, w, p)
-
-    def add(self, rec: Record) -> None:
-        shape = rec.shape if isinstance(rec, PixelRecord) else rec.image.shape
-        if self.n == 0:
-            self._setup(rec, shape)
-        h, w, c, p, i = self.h, self.w, self.c, self.p, self.n
-        if shape[2] != c:
-            raise ValueError(
-                f"records in one batch have different band counts: {rec.object_id} has {shape[2]}, "
-                f"{self.first_id} has {c}"
-            )
-        if self.image_size is None and shape[:2] != self.shape0[:2]:
-            raise ValueError(
-                f"records in one batch have different sizes: {rec.object_id} is {shape[0]}x{shape[1]}, "
-                f"{self.first_id} is {self.shape0[0]}x{self.shape0[1]}; set image_size to centre-crop them"
-            )
-        if shape[0] < h or shape[1] < w:
-            raise ValueError(
-                f"record {rec.object_id}: image of {shape[0]}x{shape[1]} px is smaller than image_size {h}x{w}"
-            )
-        if isinstance(rec, PixelRecord) and rec.pixels is not None and rec.pixels.dtype == np.uint8:
-            arr, scale = rec.pixels, rec.scale
-        else:
-            arr, scale = rec.image, 1.0
-        if shape[0] != h or shape[1] != w:
-            if self.image_size is None:  # only the patch-size remainder: the tokens.py crop convention
-                arr = tok.center_crop(_as_tensor(arr), p).numpy()
-            else:
-                top, left = (shape[0] - h) // 2, (shape[1] - w) // 2
-                arr = arr[top : top + h, left : left + w]
-        arr = np.ascontiguousarray(arr)
-        t, d = self.nh * self.nw, p * p * c
-        src = _as_tensor(arr).view(h * self.nw, p * c)
-        scratch_f = _scratch("f32", (t, d), torch.float32)
-        if arr.dtype == np.uint8:
-            scratch_u8 = _scratch("u8", (t * p, p * c), torch.uint8)
-            torch.index_select(src, 0, self.idx, out=scratch_u8)
-            scratch_f.copy_(scratch_u8.view(t, d))
-        else:
-            if src.dtype != torch.float32:
-                src = src.float()
-            torch.index_select(src, 0, self.idx, out=scratch_f.view(t * p, p * c))
-        _standardise_rows_into(scratch_f, self.tokens[i], self.mean[i], self.std[i])
-        self.scales[i] = scale
-        self.meta.append((rec.object_id, rec.split, rec.labels, rec.spectrum))
-        self.n += 1
-
-    def result(self) -> dict[str, Any]:
-        n, eps = self.n, self.eps
-        tokens, mean, std = self.tokens[:n], self.mean[:n], self.std[:n]
-        std.mul_(self.scales[:n])
-        mean.mul_(self.scales[:n])
-        flat = (std < eps).squeeze(2)  # flat patches (std below eps): zero tokens, std reported as eps
-        if bool(flat.any()):
-            bi, ti = flat.nonzero(as_tuple=True)
-            tokens[bi, ti] = 0.0
-            std[bi, ti] = eps
-        label_keys: list[str] = []
-        for _, _, labels, _ in self.meta:
-            label_keys += [k for k in labels if k not in label_keys]
-        out: dict[str, Any] = {
-            "tokens": tokens,
-            "mean": mean,
-            "std": std,
-            "object_id": [m[0] for m in self.meta],
-            "split": [m[1] for m in self.meta],
-            "labels": {k: [m[2].get(k) for m in self.meta] for k in label_keys},
-            "grid": (self.nh, self.nw),
-            "patch_size": self.p,
-        }
-        spectra = [m[3] for m in self.meta]
-        if any(sp is not None for sp in spectra):
-            lengths = {None if sp is None else len(sp) for sp in spectra}
-            out["spectrum"] = (
-                torch.from_numpy(np.stack(spectra).astype(np.float32)) if len(lengths) == 1 and None not in lengths
-                else spectra
-            )  # fmt: skip
-        return out
-
-
-def tokenize_records(
-    records: list[Record],
-    patch_size: int = 16,
-    image_size: int | tuple[int, int] | None = None,
-    eps: float = tok.DEFAULT_EPS,
-    crop_to_patch: bool = True,
-    *,
-    allocate: Callable[[tuple[int, int, int]], torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Records -> batch dict (tokens (B, T, P*P*C) float32 in spiral order, mean, std (B, T, 1), object_id,
-    split, labels {name: list}, grid, patch_size, and spectrum when the records carry spectra).
-
-    Equal (to float rounding) to `tokens.tokenize` on the stacked, cropped float images, except that patches with
-    std < eps give exactly zero tokens (std reported as eps). Works image by image into the output (cache-friendly
-    for big stamps) and on the 8-bit pixels when the record has them. `allocate(shape)` may supply the
-    (uninitialised) token tensor. Stamps larger than `image_size` are centre-cropped (top-left offset
-    ((H - h) // 2, (W - w) // 2)); without it, a size that is not a multiple of the patch size is cropped with
-    `tokens.center_crop` (or is an error with crop_to_patch=False).
-    """
-    if not records:
-        raise ValueError("no records to tokenise")
-    builder = _BatchBuilder(len(records), patch_size, image_size, eps, crop_to_patch, allocate)
-    for rec in records:
-        builder.add(rec)
-    return builder.result()
-
-
-def _storage_use_count(t: torch.Tensor) -> int:
-    """Number of tensors (TensorImpls: views included) sharing t's storage."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # minus the temporary storage object
-
-
-_storage_refs = _storage_use_count if hasattr(torch._C, "_storage_Use_Count") else None
-
-
 class TokenBatches:
     """Batches of spiral-ordered tokens from a RecordStream, resumable in whole batches.
 
     Each item is the dict of `tokenize_records`: tokens (B, T, P*P*C) float32, mean / std (B, T, 1) (so
     `tokens * std + mean` gives the pixel patches back), object_id, split, labels {name: list}, grid, patch_size
     and, when records carry spectra, spectrum. With finite epochs the last batch may be short unless drop_last.
+    `output="bfloat16"` gives bfloat16 tokens, `output="pixels"` uint8 spiral patches plus their scale instead of
+    tokens / mean / std, to be standardised on the training device (`astrolom.data.batching.standardise_pixels`).
     `recycle` (default 2) token buffers are kept and reused once every tensor made from them has been released
-    (saves the page faults of fresh memory; never overwrites anything still referenced); 0 turns this off.
+    (`batching.BufferPool`: saves the page faults of fresh memory, about a third of the pipeline's time on 512x512
+    stamps; never overwrites anything still referenced); 0 turns this off.
     """
 
     def __init__(
@@ -416,6 +238,7 @@ class TokenBatches:
         drop_last: bool = False,
         crop_to_patch: bool = True,
         recycle: int = 2,
+        output: str = "float32",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -429,26 +252,12 @@ class TokenBatches:
         self.eps = eps
         self.drop_last = drop_last
         self.crop_to_patch = crop_to_patch
-        self.recycle = int(recycle) if _storage_refs is not None else 0
-        self._pool: list[torch.Tensor] = []
+        self.recycle = int(recycle)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.output = output
+        self._pool = BufferPool(self.recycle)
         self._state = {"stream": stream.state_dict(), "batches": 0}
-
-    def _allocate(self, shape: tuple[int, int, int]) -> torch.Tensor:
-        """Token memory for a batch: a pooled buffer that nothing outside the pool references any more, else new.
-
-        Writing tokens into fresh memory costs a page fault per 4 KiB (as much as the JPEG decode for big stamps);
-        reusing a released buffer avoids it. A buffer is reused only when no tensor, view or numpy array made from
-        an earlier batch is alive, so recycling is never visible to the consumer.
-        """
-        for buf in self._pool:
-            if buf.shape == shape and _storage_refs(buf) == 1:
-                return buf.view(shape)  # hand out a view: the consumer's references are then counted
-        buf = torch.empty(shape)
-        if self.recycle:
-            self._pool.append(buf)
-            if len(self._pool) > self.recycle:
-                self._pool.pop(0)
-        return buf.view(shape)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = iter(self.stream)
@@ -457,8 +266,14 @@ class TokenBatches:
             builder = None
             for rec in it:  # tokenise as records arrive: each decoded image is released right away
                 if builder is None:
-                    builder = _BatchBuilder(
-                        self.batch_size, self.patch_size, self.image_size, self.eps, self.crop_to_patch, self._allocate
+                    builder = BatchBuilder(
+                        self.batch_size,
+                        self.patch_size,
+                        self.image_size,
+                        self.eps,
+                        self.crop_to_patch,
+                        self._pool.get,
+                        self.output,
                     )
                 builder.add(rec)
                 rec = None

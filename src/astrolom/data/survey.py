@@ -60,7 +60,16 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM, Record, split_of
+from astrolom.data.records import (
+    DEFAULT_SPLIT_FRACTIONS,
+    IMAGE,
+    IMAGE_SHAPE,
+    METADATA_KEY,
+    SPECTRUM,
+    Record,
+    check_split_fractions,
+    split_of,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -187,7 +196,7 @@ class SurveyConfig:
     size: int = 64
     seed: int = 0
     workers: int | None = None  # None: os.cpu_count()
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
     shard_size: int = 1000
 
     def validate(self) -> SurveyConfig:
@@ -201,10 +210,7 @@ class SurveyConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
-        fr = tuple(float(f) for f in self.split_fractions)
-        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
-            raise ValueError(f"--split-fractions must be three non-negative numbers summing to 1, got {fr}")
-        self.split_fractions = fr  # type: ignore[assignment]
+        self.split_fractions = check_split_fractions(self.split_fractions, "--split-fractions")
         return self
 
 
@@ -371,7 +377,7 @@ def object_id(seed: int, index: int) -> str:
 # the catalogue: all labels and render parameters, vectorised, no images
 # ----------------------------------------------------------------------------------------------------------------
 def sample_catalogue(
-    n: int, seed: int = 0, start: int = 0, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    n: int, seed: int = 0, start: int = 0, split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
 ) -> dict[str, np.ndarray]:
     """Draw the physics of objects start..start+n-1 (no rendering): a dict of equal-length arrays.
 
@@ -864,7 +870,7 @@ def generate_objects(
     seed: int = 0,
     start: int = 0,
     noise: bool = True,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
 ) -> list[Record]:
     """Render objects start..start+n-1 in memory (single process) as `Record`s, identical to the shards' rows."""
     cat = sample_catalogue(n, seed=seed, start=start, split_fractions=split_fractions)
@@ -958,7 +964,7 @@ def generate_survey(
     size: int = 64,
     seed: int = 0,
     workers: int | None = None,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     shard_size: int = 1000,
     progress: bool = True,
     overwrite: bool = False,
@@ -1169,7 +1175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-fractions",
         type=_fractions,
-        default=(0.8, 0.1, 0.1),
+        default=DEFAULT_SPLIT_FRACTIONS,
         help="train,val,test fractions (default 0.8,0.1,0.1; the paper used 0.98,0.01,0.01)",
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="objects per Parquet shard (default 1000)")

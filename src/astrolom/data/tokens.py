@@ -61,11 +61,40 @@ def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
-def center_crop(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Crop (..., H, W, C) images symmetrically to the largest multiple of the patch size (galaxy stays centred)."""
-    h, w = images.shape[-3], images.shape[-2]
-    dh, dw = h % patch_size, w % patch_size
-    return images[..., dh // 2 : h - (dh - dh // 2), dw // 2 : w - (dw - dw // 2), :]
+def center_crop(images, patch_size: int | None = None, *, size: int | tuple[int, int] | None = None):
+    """Centred crop of (..., H, W, C) images (torch tensors or numpy arrays; returns a view).
+
+    To `size` (h, w) pixels (an int for square crops), or without `size` to the largest multiple of `patch_size`
+    (with neither, the images as they are). The top-left corner is ((H - h) // 2, (W - w) // 2): the galaxy stays
+    centred, an odd margin loses its extra pixel at the bottom / right. This is the one crop every path uses
+    (tokeniser, embedding, baselines), so the pixels a model and a baseline see are the same.
+    """
+    h0, w0 = images.shape[-3], images.shape[-2]
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if h0 < h or w0 < w:
+            raise ValueError(f"image of {h0}x{w0} px is smaller than the crop {h}x{w}")
+    elif patch_size is not None:
+        h, w = h0 - h0 % patch_size, w0 - w0 % patch_size
+    else:
+        return images
+    top, left = (h0 - h) // 2, (w0 - w) // 2
+    return images[..., top : top + h, left : left + w, :]
+
+
+def prefix_crop(height: int, width: int, patch_size: int, n_tokens: int) -> tuple[int, int]:
+    """Smallest centred (H', W') crop whose spiral tokens begin with the first `n_tokens` tokens of the full stamp.
+
+    The spiral walks rings of patches around the stamp centre; a centred crop keeps the centre only when it removes
+    whole patches symmetrically, i.e. keeps the parity of each grid dimension.
+    """
+    nh, nw = height // patch_size, width // patch_size
+    need = spiral_order(nh, nw)[:n_tokens].numpy()
+    rows, cols = need // nw, need % nw
+    # half-extent (in patches) of the needed patches around the grid centre, per axis
+    kh = int(max(np.abs(2 * rows - (nh - 1)).max(), 0)) + 1 if len(need) else nh
+    kw = int(max(np.abs(2 * cols - (nw - 1)).max(), 0)) + 1 if len(need) else nw
+    return min(nh, kh) * patch_size, min(nw, kw) * patch_size
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

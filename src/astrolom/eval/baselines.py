@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from astrolom.data.tokens import center_crop
 from astrolom.eval.probes import CLASSIFICATION, EmbeddingTable, load_embeddings, make_tasks, split_rows
 
 BASELINES = ("random_init", "pca_pixels", "photometry", "cnn")
@@ -100,7 +101,7 @@ def load_images(
                 i = want.get(str(rec.object_id))
                 if i is None:
                     continue
-                images[i] = _crop(np.asarray(rec.image, np.float32), pixel_crop)
+                images[i] = center_crop(np.asarray(rec.image, np.float32), size=pixel_crop)
                 found += 1
                 if found == len(ids):
                     break
@@ -111,16 +112,6 @@ def load_images(
     finally:
         source.close()
     return out
-
-
-def _crop(img: np.ndarray, size: int | None) -> np.ndarray:
-    if size is None:
-        return img
-    h, w = img.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"stamp of {h}x{w} px is smaller than the baseline crop {size}; lower --pixel-crop")
-    top, left = (h - size) // 2, (w - size) // 2
-    return img[top : top + size, left : left + size]
 
 
 def sky_sigma(images: np.ndarray) -> np.ndarray:

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from astrolom.data import tokens as tok
-from astrolom.data.records import SPLITS, Record
+from astrolom.data.records import METADATA_KEY, SPLITS, Record
+from astrolom.data.tokens import prefix_crop
 from astrolom.model.astropt import AstroPT
 
 EMBEDDING = "embedding"
@@ -59,21 +59,6 @@ def embed_tokens(
     n = tokens_used(model, tokens.shape[1], n_tokens)
     feats = model.forward_features(tokens[:, :n], layer=layer)  # (B, n, C)
     return feats.float().mean(dim=1)
-
-
-def prefix_crop(height: int, width: int, patch_size: int, n_tokens: int) -> tuple[int, int]:
-    """Smallest centred (H', W') crop whose spiral tokens begin with the first `n_tokens` tokens of the full stamp.
-
-    The spiral walks rings of patches around the stamp centre; a centred crop keeps the centre only when it removes
-    whole patches symmetrically, i.e. keeps the parity of each grid dimension.
-    """
-    nh, nw = height // patch_size, width // patch_size
-    need = tok.spiral_order(nh, nw)[:n_tokens].numpy()
-    rows, cols = need // nw, need % nw
-    # half-extent (in patches) of the needed patches around the grid centre, per axis
-    kh = int(max(np.abs(2 * rows - (nh - 1)).max(), 0)) + 1 if len(need) else nh
-    kw = int(max(np.abs(2 * cols - (nw - 1)).max(), 0)) + 1 if len(need) else nw
-    return min(nh, kh) * patch_size, min(nw, kw) * patch_size
 
 
 def embed_records(
@@ -140,7 +125,7 @@ class EmbeddingWriter:
         cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(flat, dim)
         table = pa.table(cols)
         if self._writer is None:
-            meta = {b"astrolom": json.dumps(dict(self.metadata, embedding_dim=dim)).encode()}
+            meta = {METADATA_KEY: json.dumps(dict(self.metadata, embedding_dim=dim)).encode()}
             self._schema = table.schema.with_metadata(meta)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, self._schema)

@@ -34,6 +34,8 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_sc
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 
+from astrolom.data.records import METADATA_KEY
+
 METHODS = ("linear", "knn", "mlp")
 REGRESSION, CLASSIFICATION = "regression", "classification"
 EMBEDDING = "embedding"
@@ -101,7 +103,7 @@ def load_embeddings(path: str | Path) -> EmbeddingTable:
     col = table.column(EMBEDDING).combine_chunks()
     dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[0].as_py())
     X = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), dim)
-    meta_raw = (tables[0].schema.metadata or {}).get(b"astrolom")
+    meta_raw = (tables[0].schema.metadata or {}).get(METADATA_KEY)
     labels = {
         name: _column_to_numpy(table.column(name))
         for name in table.column_names

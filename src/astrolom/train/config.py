@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from astrolom.data.batching import OUTPUTS
+from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, check_split_fractions
 from astrolom.model.astropt import TOKENISERS, ModelConfig
 from astrolom.model.presets import get_preset, model_config
 
@@ -52,22 +54,26 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0  # data-order seed (independent of the model-init seed)
     skip_bad: bool = False  # skip unreadable records instead of failing
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # for data without a split column
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
     split_seed: int = 0
     val_split: str = "val"  # the split validation is computed on; training reads only "train"
     prefetch: int = 2  # training batches prepared ahead by a background thread; 0: prepare in the training loop
+    # training batches as float32 tokens (exact), bfloat16 tokens (half the bytes; needs train.precision=bf16) or
+    # pixels: 8-bit JPEG/PNG patches standardised on the training device (the CPU only decodes; see data.batching)
+    token_format: str = "float32"
 
     def __post_init__(self):
         if self.patch_size <= 0:
             raise ValueError(f"data.patch_size must be positive, got {self.patch_size}")
         if self.image_size is not None and self.image_size % self.patch_size:
             raise ValueError(f"data.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.token_format not in OUTPUTS:
+            raise ValueError(f"data.token_format must be one of {OUTPUTS}, got {self.token_format!r}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
         if self.val_split == "train":
             raise ValueError("data.val_split must not be 'train': validation uses data training never sees")
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:
-            raise ValueError(f"data.split_fractions must be three numbers summing to 1, got {self.split_fractions}")
+        self.split_fractions = check_split_fractions(self.split_fractions, "data.split_fractions")
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
+from astrolom.data.batching import batch_tokens
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
 from astrolom.model.astropt import AstroPT
@@ -107,7 +108,8 @@ class _Prefetch:
         try:
             for batch in self._batches:
                 if self._pin:
-                    batch["tokens"] = batch["tokens"].pin_memory()
+                    key = "tokens" if "tokens" in batch else "pixels"
+                    batch[key] = batch[key].pin_memory()
                 if not self._put((batch, self._batches.state_dict())):
                     return
             self._put(_END)
@@ -146,7 +148,7 @@ class _Data:
             split_seed=d.split_seed,
             spectra=False,
         )
-        self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None)
+        self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None, output=d.token_format)
         self._train_iter = None
         self._prefetch: _Prefetch | None = None
         self._position = self.train.state_dict()
@@ -158,7 +160,9 @@ class _Data:
         self.n_chan = probe["tokens"].shape[2] // (d.patch_size * d.patch_size)
         self.grid: tuple[int, int] = tuple(probe["grid"])
 
-    def _batches(self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None) -> TokenBatches:
+    def _batches(
+        self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None, output: str = "float32"
+    ) -> TokenBatches:
         stream = RecordStream(
             self.source,
             split=split,
@@ -168,7 +172,9 @@ class _Data:
             world_size=self.env.world_size,
             epochs=epochs,
         )
-        return TokenBatches(stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size)
+        return TokenBatches(
+            stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size, output=output
+        )
 
     def _take_val(self, micro: int, n: int) -> list[torch.Tensor]:
         # Record k of the val stream is on rank k % world, so the first n of the stream are the first
@@ -199,6 +205,8 @@ class _Data:
                 self._train_iter = iter(self.train)
             batch = next(self._train_iter)
             self._position = self.train.state_dict()
+        if "pixels" in batch:  # data.token_format=pixels: standardise on the training device
+            batch["tokens"] = batch_tokens(batch, self.env.device)
         return batch
 
     def next_train(self) -> torch.Tensor:
@@ -230,6 +238,13 @@ class Trainer:
             raise ValueError("no run directory: pass --out RUN (or train.out_dir=...)")
         self.run_dir = Path(cfg.train.out_dir)
         self.micro, self.accum = cfg.train.accumulation_steps(self.env.world_size)
+        if (
+            cfg.data.token_format == "bfloat16"
+            and parallel.resolve_precision(cfg.train.precision, self.env.device) != "bf16"
+        ):
+            raise ValueError(
+                "data.token_format=bfloat16 needs train.precision=bf16 (the model would see rounded tokens)"
+            )
         self.data = _Data(cfg, self.env, self.micro, cfg.train.eval_samples if cfg.train.eval_interval else 0)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -1,0 +1,86 @@
+"""Read any supported data set as a stream of `Record`s: `astrolom inspect --data PATH` summarises one.
+
+Every command's `--data` goes through `open_source(path, format=None, options=None, **overrides)`, which detects (or is
+told) the layout; how to read it is one `SourceOptions` (skip_bad, manifest, split_fractions, split_seed, id_column,
+image_key, expect_shape, chunk_rows, threads, spectra), given whole or as keyword overrides:
+
+========== =================================================================================================
+format      what `path` may be
+========== =================================================================================================
+images      a folder (searched recursively), glob or single file of JPEG/PNG cutouts (e.g. DESI viewer
+            cutouts). 8-bit pixels become float32 in [0, 1] (value / 255; 16-bit PNG: / 65535); RGB(A)/P
+            images give 3 channels (alpha dropped), greyscale 1. The object id is the file path relative
+            to the folder without its extension.
+fits        a folder / glob / file of `.fits`, `.fit`, `.fts` (optionally `.gz`), one object per file: either a
+            multi-extension file with one 2-D band per image HDU (stacked in HDU order) or one (C, H, W) cube,
+            transposed to (H, W, C). Array rows are kept as astropy gives them (no flip).
+npy         `.npy` of shape (N, H, W, C) (or (N, H, W)), read row by row from the file (memory-mapped when local).
+npz         `.npz` holding `images` (N, H, W[, C]) and optionally `object_id`, `split` and 1-D label arrays.
+hdf5        `.h5`/`.hdf5` with dataset `images` (or `image_key`) (N, H, W[, C]), optional `object_id`, `split`
+            and 1-D label datasets of length N.
+parquet     a file, folder of `*.parquet` or glob. Our layout (raw float32 `image` bytes + `image_shape`, see
+            `astrolom.data.records`) and encoded layouts: an `image` column of raw JPEG/PNG bytes or a Hugging
+            Face Image struct `{bytes, path}` (the Smith42/galaxies layout: `dr8_id` is used as object id and
+            the other scalar columns become labels).
+========== =================================================================================================
+
+Paths may be local or any fsspec URL (`file://`, `memory://`, `s3://`, ...). Records without a split column get
+`records.split_of(object_id, split_fractions, split_seed)`. Numeric arrays (FITS, npy, npz, HDF5, our Parquet) are
+returned in their own units as float32; only encoded 8/16-bit images are rescaled to [0, 1].
+
+**Streaming.** A Source is a list of *chunks* (a Parquet row group, or a block of `chunk_rows` files or array rows).
+`chunk_keys(i)` gives the chunk's (object ids, splits) without touching any image, so split filtering and DDP rank
+assignment are cheap; `read(i, rows)` decodes just the selected rows. Memory is bounded by one chunk's encoded
+payload plus the rows being decoded.
+
+**Decoding.** JPEG/PNG decode runs in a small thread pool (`threads`, default min(4, cores); PIL releases the GIL);
+results keep their order, so output is deterministic. 8-bit images come back as `PixelRecord`s, which keep the uint8
+pixels and compute the float32 `image` on first access (tokenisation works on the 4x smaller uint8 array).
+
+**Masked pixels.** Non-finite pixels (NaN/inf, FITS BLANK) are replaced by the median of the finite pixels of the
+same band; the totals are kept in `source.masked_pixels` / `source.masked_records` and shown by `inspect`.
+A band with no finite pixel at all makes the record bad.
+
+**Bad input.** A record that cannot be decoded (0-byte or truncated file, corrupt JPEG/PNG/FITS, all-NaN band) or
+whose shape does not match the data set (the most common shape among the first records, or `expect_shape`) raises
+`BadRecordError` (a ValueError) naming the file, the row (Parquet/HDF5/arrays) and the problem, with the library's
+own exception as its `__cause__`. With
+`skip_bad=True` the record is skipped instead: counted in `source.skipped`, listed in `source.bad`, appended as one
+JSON line `{"file", "row", "object_id", "reason"}` to `manifest` (when given) and summarised in the log.
+Nothing is dropped silently.
+
+**Modules.** `errors` (BadRecordError, which exceptions mean damaged input) · `base` (SourceOptions, Source with the
+bad-record policy, PixelRecord, Chunk, file-name conventions) · `decode` (JPEG/PNG/FITS/raw-float32 payload ->
+pixels) · `files` (one record per file: images, fits) · `arrays` (npy, npz, HDF5) · `parquet` (ours, encoded,
+Smith42/HF) · `open` (format detection, the READERS registry, `open_source`) · `cli` (`astrolom inspect`).
+New readers (e.g. spectra) get a module beside these and an entry in `open.READERS`.
+"""
+
+from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
+from astrolom.data.sources.base import DEFAULT_CHUNK_ROWS, Chunk, PixelRecord, Source, SourceOptions
+from astrolom.data.sources.cli import add_arguments, run
+from astrolom.data.sources.errors import BadRecordError
+from astrolom.data.sources.files import FitsDirSource, ImageDirSource
+from astrolom.data.sources.open import FORMATS, READERS, detect_format, open_source
+from astrolom.data.sources.parquet import ParquetSource
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "FORMATS",
+    "READERS",
+    "BadRecordError",
+    "Chunk",
+    "FitsDirSource",
+    "Hdf5Source",
+    "ImageDirSource",
+    "NpySource",
+    "NpzSource",
+    "ParquetSource",
+    "PixelRecord",
+    "Source",
+    "SourceOptions",
+    "add_arguments",
+    "detect_format",
+    "open_source",
+    "run",
+]

@@ -1,0 +1,461 @@
+"""Base types of the readers: `SourceOptions`, `Source` (chunks, keys, the bad-record policy, masked pixels, shape
+inference), `PixelRecord`, `Chunk`, and the file-name conventions shared by the formats.
+
+A format is a `Source` subclass in its own module (`files`, `arrays`, `parquet`; spectra go beside them) that
+implements `_chunk_keys(i)` and `_items(i, rows)` and names its decoder (`astrolom.data.sources.decode`); it is
+registered by its extensions in `EXTENSIONS` here and by its name in `astrolom.data.sources.open`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
+from astrolom.data.sources.errors import BadRecordError, decode_errors
+
+log = logging.getLogger("astrolom.data")
+
+EXTENSIONS = {  # file name ending -> format (longest match wins)
+    ".jpg": "images",
+    ".jpeg": "images",
+    ".png": "images",
+    ".fits": "fits",
+    ".fit": "fits",
+    ".fts": "fits",
+    ".fits.gz": "fits",
+    ".fit.gz": "fits",
+    ".fts.gz": "fits",
+    ".npy": "npy",
+    ".npz": "npz",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".hdf": "hdf5",
+    ".he5": "hdf5",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+ID_COLUMNS = ("object_id", "dr8_id", "objid", "object_name", "targetid", "TARGETID", "id")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+DEFAULT_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read a data set; every reader takes one (`open_source(path, options)` or its keyword overrides)."""
+
+    skip_bad: bool = False  # skip (and list) records that cannot be used instead of raising BadRecordError
+    manifest: str | Path | None = None  # JSONL file to which skipped records are appended
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
+    split_seed: int = 0
+    id_column: str | None = None  # object id column / dataset (default: detected)
+    image_key: str | None = None  # image column / dataset / array name (default: image(s))
+    expect_shape: tuple[int | None, ...] | None = None  # (H, W, C), None entries match anything; default: inferred
+    chunk_rows: int = DEFAULT_CHUNK_ROWS  # files or array rows per chunk (Parquet chunks are row groups)
+    threads: int | None = None  # JPEG/PNG decode threads; None: min(4, cores)
+    spectra: bool = True  # False: do not read spectra (image-only work reads less)
+
+    def __post_init__(self):
+        object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.expect_shape is not None:
+            object.__setattr__(self, "expect_shape", tuple(self.expect_shape))
+
+    @classmethod
+    def with_overrides(cls, options: SourceOptions | None = None, **overrides: Any) -> SourceOptions:
+        """`options` (default: the defaults) with some fields replaced; unknown names are a TypeError listing them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown source option(s) {unknown}; SourceOptions has {sorted(names)}")
+        base = options if options is not None else cls()
+        return cls(**{**{n: getattr(base, n) for n in names}, **overrides})
+
+    @property
+    def decode_threads(self) -> int:
+        return max(1, min(4, os.cpu_count() or 1) if self.threads is None else int(self.threads))
+
+
+class PixelRecord(Record):
+    """A Record decoded from 8/16-bit encoded pixels (JPEG/PNG).
+
+    Behaves like any Record; `image` (float32, pixels / max_value) is made on first access. The integer `pixels` stay
+    available so that tokenisation can work on the 4x smaller array (see `astrolom.data.stream.TokenBatches`).
+    """
+
+    def __init__(
+        self,
+        object_id: str,
+        image: np.ndarray | None = None,
+        split: str | None = None,
+        labels: dict[str, Any] | None = None,
+        spectrum: np.ndarray | None = None,
+        *,
+        pixels: np.ndarray | None = None,
+        max_value: int = 255,
+    ):
+        self.object_id = object_id
+        self.split = split
+        self.labels = {} if labels is None else labels
+        self.spectrum = spectrum
+        self.pixels = pixels
+        self.max_value = max_value
+        self._image = image
+        if image is None and pixels is None:
+            raise ValueError("PixelRecord needs an image or pixels")
+
+    @property
+    def image(self) -> np.ndarray:  # type: ignore[override]
+        if self._image is None:
+            self._image = np.divide(self.pixels, np.float32(self.max_value), dtype=np.float32)
+        return self._image
+
+    @property
+    def scale(self) -> float:
+        """image = pixels * scale (up to float rounding: the image is computed as pixels / max_value)."""
+        return 1.0 / self.max_value
+
+    @image.setter
+    def image(self, value: np.ndarray) -> None:
+        self._image = value
+        self.pixels = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple((self.pixels if self.pixels is not None else self._image).shape)
+
+
+@dataclass
+class Chunk:
+    """One unit of streaming: `rows` records of `file` (a row group, or a block of files / array rows)."""
+
+    index: int
+    file: str
+    rows: int
+    where: str  # human-readable location, e.g. "shard-0001.parquet row group 3"
+
+
+@dataclass
+class Item:
+    """A row selected for decoding: everything but the pixels, plus what the decoder needs."""
+
+    file: str
+    row: int | None
+    object_id: str
+    split: str
+    labels: dict[str, Any]
+    payload: Any
+    spectrum: np.ndarray | None = None
+
+
+def strip_ext(name: str) -> str:
+    low = name.lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
+
+
+def kind_of(name: str) -> str | None:
+    low = name.lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if low.endswith(ext):
+            return EXTENSIONS[ext]
+    return None
+
+
+def norm_split(value, where: str) -> str:
+    s = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
+    if s is None:
+        raise BadRecordError(where, f"split {value!r} is not one of {SPLITS} (or validation)")
+    return s
+
+
+def to_python(v):
+    """numpy scalar -> python scalar (labels stay JSON-friendly)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
+def is_local(fs) -> bool:
+    """Whether an fsspec file system is the local disk (then files may be memory-mapped / opened by path)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def bad_record(item: Item, err: BaseException, action: str = "cannot decode") -> BadRecordError:
+    """The BadRecordError for `item` caused by `err` (kept as its `__cause__`, as `raise ... from err` would)."""
+    if isinstance(err, BadRecordError):  # a decoder's own message: add the location it did not know
+        out = BadRecordError(item.file, err.problem, item.row, item.object_id)
+    else:
+        out = BadRecordError(item.file, f"{action}: {type(err).__name__}: {err}", item.row, item.object_id)
+    out.__cause__ = err
+    return out
+
+
+class Source:
+    """A data set as a list of chunks of records. Use `open_source` to make one."""
+
+    format: str = "?"
+
+    def __init__(self, location: str, fs, files: list[str], options: SourceOptions | None = None):
+        self.location = location
+        self.fs = fs
+        self.files = files
+        self.options = opts = options if options is not None else SourceOptions()
+        # resolved forms of the options the machinery reads on every chunk
+        self.manifest = Path(opts.manifest) if opts.manifest is not None else None
+        self.chunk_rows = int(opts.chunk_rows)
+        self.threads = opts.decode_threads
+        self.bands: tuple[str, ...] | None = None
+        self.image_shape: tuple[int, ...] | None = opts.expect_shape
+        self._shape_given = opts.expect_shape is not None
+        self.label_columns: list[str] = []
+        self.metadata: dict[str, Any] = {}
+        self.bad: list[dict[str, Any]] = []
+        self._bad_keys: set = set()
+        self.masked_pixels = 0
+        self.masked_records = 0
+        self.chunk_reads = 0  # number of chunk payload reads (for tests / diagnostics)
+        self.key_reads = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._keys_cache: collections.OrderedDict[int, tuple[list[str], list[str]]] = collections.OrderedDict()
+        self.chunks: list[Chunk] = []
+
+    # -- to implement ----------------------------------------------------------------------------------------
+    def _chunk_keys(self, i: int) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def _items(self, i: int, rows: Sequence[int]) -> list[Item]:
+        raise NotImplementedError
+
+    _decoder: Callable  # payload -> (array, max_value, bands); see astrolom.data.sources.decode
+    _parallel_decode = False  # PIL releases the GIL; astropy's warnings handling is not thread-safe
+
+    # -- public API --------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.image_shape is None else self.image_shape[-1]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
+
+    def chunk_keys(self, i: int) -> tuple[list[str], list[str]]:
+        """(object ids, splits) of chunk i, in row order, without decoding any image."""
+        hit = self._keys_cache.get(i)
+        if hit is not None:
+            self._keys_cache.move_to_end(i)
+            return hit
+        self.key_reads += 1
+        keys = self._chunk_keys(i)
+        self._keys_cache[i] = keys
+        while len(self._keys_cache) > 8:
+            self._keys_cache.popitem(last=False)
+        return keys
+
+    def read(self, i: int, rows: Sequence[int] | None = None) -> list[Record]:
+        """Decode rows (indices within chunk i, in the order given; default all) -> Records (bad ones skipped
+        when skip_bad, else BadRecordError)."""
+        return [r for r in self.read_aligned(i, rows) if r is not None]
+
+    def read_aligned(self, i: int, rows: Sequence[int] | None = None) -> list[Record | None]:
+        """Like `read`, but one entry per requested row: None where a bad record was skipped."""
+        if rows is None:
+            rows = range(self.chunks[i].rows)
+        rows = list(rows)
+        if not rows:
+            return []
+        items = self._items(i, rows)
+        return self._decode_items(items, check_shape=True)
+
+    def records(self) -> Iterator[Record]:
+        """All records in file order (no split filtering, no shuffling)."""
+        for i in range(len(self.chunks)):
+            for start in range(0, self.chunks[i].rows, 64):
+                yield from self.read(i, range(start, min(start + 64, self.chunks[i].rows)))
+
+    def split_counts(self) -> dict[str, int]:
+        counts = collections.Counter()
+        for i in range(len(self.chunks)):
+            counts.update(self.chunk_keys(i)[1])
+        return {s: counts.get(s, 0) for s in SPLITS}
+
+    def describe(self) -> str:
+        return (
+            f"{self.format} data set {self.location}: {len(self)} records in {len(self.chunks)} chunks, "
+            f"image shape {self.image_shape}, bands {self.bands}"
+        )
+
+    def log_summary(self) -> str | None:
+        """Log (and return) a one-line summary of skipped bad records / replaced masked pixels, if any."""
+        parts = []
+        if self.bad:
+            where = f" (listed in {self.manifest})" if self.manifest else ""
+            parts.append(f"skipped {len(self.bad)} bad record(s){where}; first: {self.bad[0]['reason']}")
+        if self.masked_pixels:
+            parts.append(
+                f"replaced {self.masked_pixels} masked/NaN pixel(s) in {self.masked_records} record(s) "
+                "with the band median"
+            )
+        if not parts:
+            return None
+        line = f"{self.location}: " + "; ".join(parts)
+        log.warning(line)
+        return line
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    # -- shared machinery --------------------------------------------------------------------------------------
+    def _split_for(self, object_id: str) -> str:
+        return split_of(object_id, self.options.split_fractions, self.options.split_seed)
+
+    def _map(self, fn, items):
+        if self._parallel_decode and self.threads > 1 and len(items) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="astrolom-decode")
+            return list(self._pool.map(fn, items))  # map keeps input order: output is deterministic
+        return [fn(it) for it in items]
+
+    def _decode_one(self, item: Item):
+        """Decoded payload, or the BadRecordError to raise for it (returned, not raised: this runs in the pool)."""
+        try:
+            return self._decoder(item.payload)
+        except decode_errors() as err:  # damaged input is a bad record, reported with its location
+            return bad_record(item, err)
+
+    def _decode_items(self, items: list[Item], check_shape: bool) -> list[Record | None]:
+        decoded = self._map(self._decode_one, items)
+        out: list[Record | None] = []
+        for item, res in zip(items, decoded, strict=True):
+            try:
+                if isinstance(res, BadRecordError):
+                    raise res
+                out.append(self._finish(item, *res, check_shape=check_shape))
+            except BadRecordError as err:
+                self._bad_record(err)
+                out.append(None)
+        return out
+
+    def _finish(self, item: Item, arr: np.ndarray, max_value: int | None, bands, check_shape: bool) -> Record:
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3:
+            raise BadRecordError(item.file, f"image has shape {arr.shape}, expected (H, W, C)", item.row)
+        if check_shape and self.image_shape is not None:
+            want = self.image_shape
+            if len(want) != 3 or any(w is not None and w != a for w, a in zip(want, arr.shape, strict=True)):
+                origin = "requested" if self._shape_given else "the data set's (most common among its first records)"
+                what = "band count" if want[2] is not None and want[2] != arr.shape[2] else "image size"
+                raise BadRecordError(
+                    item.file,
+                    f"wrong {what}: image shape (H, W, C) = {tuple(arr.shape)} does not match {origin} {tuple(want)}",
+                    item.row,
+                    item.object_id,
+                )
+        if max_value is not None and arr.dtype.kind == "u":
+            return PixelRecord(
+                item.object_id, None, item.split, item.labels, item.spectrum, pixels=arr, max_value=max_value
+            )
+        img = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(img).all():
+            img = self._fill_masked(img, item)
+        return Record(item.object_id, img, item.split, item.labels, item.spectrum)
+
+    def _fill_masked(self, img: np.ndarray, item: Item) -> np.ndarray:
+        img = np.array(img, dtype=np.float32, copy=True)
+        total = 0
+        for c in range(img.shape[2]):
+            band = img[:, :, c]
+            bad = ~np.isfinite(band)
+            n = int(bad.sum())
+            if n == 0:
+                continue
+            if n == band.size:
+                name = self.bands[c] if self.bands and c < len(self.bands) else c
+                raise BadRecordError(
+                    item.file, f"band {name} is entirely NaN/masked ({n} pixels)", item.row, item.object_id
+                )
+            band[bad] = np.median(band[~bad])
+            total += n
+        with self._lock:
+            self.masked_pixels += total
+            self.masked_records += 1
+        return img
+
+    def _bad_record(self, err: BadRecordError) -> None:
+        if not self.options.skip_bad:
+            raise err
+        key = (err.file, err.row)
+        with self._lock:
+            if key in self._bad_keys:
+                return  # seen in an earlier epoch: skipped again, counted once
+            self._bad_keys.add(key)
+            entry = {"file": err.file, "row": err.row, "object_id": err.object_id, "reason": str(err)}
+            self.bad.append(entry)
+            if self.manifest is not None:
+                self.manifest.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.manifest, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+        if len(self.bad) == 1:
+            log.warning("skipping bad record: %s (further ones are counted in source.skipped)", err)
+        else:
+            log.debug("skipping bad record: %s", err)
+
+    def _peek_one(self, item: Item):
+        """((H, W, C), bands) of an item, as cheaply as the format allows (default: decode it)."""
+        res = self._decode_one(item)
+        if isinstance(res, BadRecordError):
+            return res
+        shape = res[0].shape if res[0].ndim == 3 else (*res[0].shape, 1)
+        return tuple(shape), res[2]
+
+    def _infer_shape(self, sample: int = 8) -> None:
+        """Reference shape = the most common (H, W, C) among the first decodable records (and their bands)."""
+        if not self.chunks:
+            return
+        seen: list[tuple[tuple, Any]] = []
+        for i in range(len(self.chunks)):
+            rows = range(min(sample, self.chunks[i].rows))
+            items = self._items(i, rows)
+            for res in self._map(self._peek_one, items):
+                if not isinstance(res, BadRecordError):
+                    seen.append(res)
+            if len(seen) >= min(sample, 3):
+                break
+        if not seen:
+            return
+        counts = collections.Counter(s for s, _ in seen)
+        best = max(counts, key=lambda s: (counts[s], -[x for x, _ in seen].index(s)))
+        if self.image_shape is None:
+            self.image_shape = best
+        if self.bands is None:
+            self.bands = next((b for s, b in seen if s == best and b), None)

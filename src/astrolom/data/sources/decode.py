@@ -1,0 +1,120 @@
+"""Decoders: one record's payload (file bytes, Parquet cell, array row) -> (array, max_value, bands).
+
+`max_value` is the full scale of integer pixels from encoded 8/16-bit images (255 / 65535), else None; `bands` are the
+band names the payload carries, else None. A decoder raises `BadRecordError` for problems it recognises and lets the
+libraries' own errors through; `Source` turns the exceptions listed in `DECODE_ERRORS` into a `BadRecordError` naming
+the file and row (the original chained as its cause). Anything else is a bug and propagates.
+
+Spectrum decoders (wavelength / flux / inverse-variance payloads) belong here too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+
+import numpy as np
+
+from astrolom.data.sources.errors import BadRecordError
+
+Decoded = tuple[np.ndarray, "int | None", "tuple[str, ...] | None"]
+
+
+def decode_encoded(data: bytes) -> Decoded:
+    """JPEG/PNG bytes -> (H, W, C) integer pixels with their full scale (8/16-bit) or float pixels, and band names."""
+    from PIL import Image
+
+    if data is None or len(data) == 0:
+        raise BadRecordError("", "file is empty (0 bytes)")
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # forces the decode: truncated / corrupt data raise here
+        mode = im.mode
+        if mode == "RGB":
+            return np.asarray(im), 255, ("R", "G", "B")
+        if mode == "L":
+            return np.asarray(im)[:, :, None], 255, ("L",)
+        if mode.startswith("I;16"):
+            return np.asarray(im).astype(np.uint16)[:, :, None], 65535, ("L",)
+        if mode in ("I", "F"):
+            return np.asarray(im).astype(np.float32)[:, :, None], None, ("L",)
+        return np.asarray(im.convert("RGB")), 255, ("R", "G", "B")
+
+
+def peek_encoded(data: bytes) -> tuple[tuple[int, int, int], tuple[str, ...]]:
+    """Shape and bands of an encoded image from its header, without decoding the pixels (same rules as
+    `decode_encoded`)."""
+    from PIL import Image
+
+    if not data:
+        raise BadRecordError("", "file is empty (0 bytes)")
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        grey = im.mode == "L" or im.mode.startswith("I;16") or im.mode in ("I", "F")
+    return (h, w, 1 if grey else 3), (("L",) if grey else ("R", "G", "B"))
+
+
+def _hdu_band(header, k: int) -> str:
+    for key in ("BAND", "FILTER", "FILTNAM", "EXTNAME"):
+        v = header.get(key)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return f"band{k}"
+
+
+def decode_fits(data: bytes) -> Decoded:
+    """FITS bytes (optionally gzipped) -> (H, W, C) float32 from 2-D image HDUs (stacked) or one (C, H, W) cube."""
+    from astropy.io import fits
+
+    if data is None or len(data) == 0:
+        raise BadRecordError("", "file is empty (0 bytes)")
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy's truncation warnings; the read below raises on real damage
+        with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
+            planes = []
+            for k, hdu in enumerate(hdul):
+                if not hasattr(hdu, "data"):  # astropy's stand-in for an HDU whose header it could not parse
+                    raise BadRecordError("", f"HDU {k} is damaged: astropy cannot parse its header")
+                if not hdu.is_image or hdu.data is None:
+                    continue
+                arr = np.asarray(hdu.data)
+                blank = hdu.header.get("BLANK")
+                if arr.dtype.kind in "iu" and blank is not None:
+                    arr = np.where(arr == blank, np.nan, arr.astype(np.float32))
+                planes.append((arr.astype(np.float32), _hdu_band(hdu.header, k), hdu.header))
+    if not planes:
+        raise BadRecordError("", "no image data in any HDU")
+    if len(planes) == 1 and planes[0][0].ndim == 3:  # one (C, H, W) cube
+        cube, _, header = planes[0]
+        bands = tuple(
+            str(header.get(f"BAND{i + 1}", header.get(f"FILTER{i + 1}", f"band{i}"))) for i in range(len(cube))
+        )
+        return np.ascontiguousarray(cube.transpose(1, 2, 0)), None, bands
+    if all(p[0].ndim == 2 for p in planes):
+        shapes = {p[0].shape for p in planes}
+        if len(shapes) > 1:
+            raise BadRecordError("", f"image HDUs have different shapes {sorted(shapes)}")
+        return np.stack([p[0] for p in planes], axis=-1), None, tuple(p[1] for p in planes)
+    raise BadRecordError(
+        "", f"unsupported FITS layout: image HDUs of {[p[0].shape for p in planes]} (want 2-D bands or one C,H,W cube)"
+    )
+
+
+def decode_raw_f32(payload: tuple[bytes, list[int]]) -> Decoded:
+    """(raw little-endian float32 bytes, [H, W, C]) -> the image (our Parquet layout, `astrolom.data.records`)."""
+    data, shape = payload
+    if data is None or len(data) == 0:
+        raise BadRecordError("", "image is empty (0 bytes)")
+    if shape is None or len(shape) not in (2, 3):
+        raise BadRecordError("", f"image_shape {shape!r} is not [H, W, C]")
+    n = int(np.prod(shape))
+    if len(data) != 4 * n:
+        raise BadRecordError("", f"image has {len(data)} bytes but image_shape {list(shape)} needs {4 * n}")
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32), None, None
+
+
+def decode_array(arr: np.ndarray) -> Decoded:
+    """An array row is already pixels."""
+    return arr, None, None
