@@ -19,7 +19,7 @@ def rows():
     return [S.catalogue_row(cat, j) for j in range(60)]
 
 
-def test_ivar_matches_the_noise_and_masked_pixels_are_bad(rows):
+def test_ivar_matches_the_noise_and_masked_pixels_are_unusable(rows):
     seen = 0
     wave = S.spectrum_wavelength()
     sky = S.sky_line_mask()
@@ -32,17 +32,15 @@ def test_ivar_matches_the_noise_and_masked_pixels_are_bad(rows):
             continue
         seen += 1
         clean = S.render_spectrum(row, noise=False)
-        pull = (spec.flux - clean) * np.sqrt(spec.ivar)
         good = spec.good
+        pull = (spec.flux[good] - clean[good]) * np.sqrt(spec.ivar[good])
         assert spec.mask[sky].all() and (spec.ivar[spec.mask] == 0).all()
+        assert np.isnan(spec.flux[spec.mask]).all() and np.isfinite(spec.flux[~spec.mask]).all()
         assert good.sum() >= wave.size - 45
-        assert np.std(pull[good]) == pytest.approx(1.0, abs=0.06)
-        assert abs(np.mean(pull[good])) < 0.06
-        # masked pixels hold sky-subtraction residuals far beyond the noise
-        resid = np.abs(spec.flux - clean)[spec.mask] / S.spectrum_sigma(row)[spec.mask]
-        assert np.median(resid) > 2.0
+        assert np.std(pull) == pytest.approx(1.0, abs=0.06)
+        assert abs(np.mean(pull)) < 0.06
         again = S.observe_spectrum(row)
-        np.testing.assert_array_equal(again.flux, spec.flux)
+        np.testing.assert_array_equal(again.flux, spec.flux)  # NaNs in the same places
         np.testing.assert_array_equal(again.mask, spec.mask)
     assert 30 <= seen <= 54
 

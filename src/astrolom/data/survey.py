@@ -37,7 +37,7 @@ Every object is drawn from physics that hangs together:
   strengths from the SFR (Kennicutt 1998, dust-attenuated; [NII]/Hα set by the metallicity), velocity-broadened,
   stellar absorption features (G band, Mg b, Fe, Na D) whose depth grows with metallicity and age, and Gaussian
   noise with a blue/red rise and sky lines. Each spectrum comes with its ivar (1/σ² of the noise added) and a mask:
-  sky-line cores and a few cosmic-ray runs hold large residuals and get ivar 0. About 30% of objects have no
+  sky-line cores and a few cosmic-ray runs get ivar 0 and NaN flux. About 30% of objects have no
   spectrum (missing at random, label `has_spectrum`; the spectrum columns are null). Labels `log_zstar`
   (mass–metallicity relation) and `age_mw_gyr` (mass-weighted age of the template mix) describe the populations.
 
@@ -953,8 +953,8 @@ def observe_spectrum(obj: Mapping[str, Any], noise: bool = True) -> Spectrum | N
     """The spectrum as a survey delivers it, or None for objects without one (`has_spectrum` False).
 
     ivar = 1/sigma² of the noise actually added. Sky-line cores and a few random 1-3 pixel runs (cosmic rays, bad
-    columns) are masked: their flux holds large residuals (8 sigma scatter) and their ivar is 0, as in DESI coadds.
-    Deterministic per object; the unmasked flux equals `render_spectrum(obj, noise)`.
+    columns) are masked: ivar 0 (as in DESI coadds) and flux NaN, so that a reader which ignores ivar and mask
+    cannot train on them either. Deterministic per object; the unmasked flux equals `render_spectrum(obj, noise)`.
     """
     if not obj.get("has_spectrum", True):
         return None
@@ -968,7 +968,7 @@ def observe_spectrum(obj: Mapping[str, Any], noise: bool = True) -> Spectrum | N
         for _ in range(rng.poisson(BAD_PIXEL_RUNS)):
             start = int(rng.integers(wave.size))
             mask[start : start + int(rng.integers(1, 4))] = True
-        flux[mask] += (8.0 * sigma[mask] * rng.standard_normal(int(mask.sum()))).astype(np.float32)
+    flux[mask] = np.nan
     ivar[mask] = 0.0
     meta = {"source": str(obj["object_id"]), "flux_unit": SPEC_UNITS}
     return Spectrum(wave, flux, ivar=ivar, mask=mask, meta=meta)
