@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
+from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength, to_device
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
 from astrolom.model.astropt import AstroPT
@@ -135,7 +136,9 @@ class _Data:
         if not d.path:
             raise ValueError("no data: pass --data DIR (or data.path=...)")
         self.cfg, self.env = d, env
-        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are not read for image pretraining
+        self.modalities = cfg.model.modalities
+        self.multimodal = self.modalities != ("images",)
+        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are read only for spectra models
         manifest = Path(cfg.train.out_dir) / "skipped.jsonl" if d.skip_bad and cfg.train.out_dir else None
         self.source = open_source(
             d.path,
@@ -144,8 +147,13 @@ class _Data:
             manifest=manifest,
             split_fractions=d.split_fractions,
             split_seed=d.split_seed,
-            spectra=False,
+            spectra="spectra" in self.modalities,
         )
+        self.spectra = None
+        if "spectra" in self.modalities:
+            m = cfg.model
+            grid = source_wavelength(self.source, d.path)
+            self.spectra = SpectrumTokeniser(grid, patch=m.spectrum_patch, amplitude=m.spectrum_amplitude)
         self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None)
         self._train_iter = None
         self._prefetch: _Prefetch | None = None
@@ -157,6 +165,13 @@ class _Data:
         self.tokens_per_stamp = probe["tokens"].shape[1]
         self.n_chan = probe["tokens"].shape[2] // (d.patch_size * d.patch_size)
         self.grid: tuple[int, int] = tuple(probe["grid"])
+        # tokens the model sees per object: the stamp minus its last token, or every modality's tokens + BOMs
+        self.sequence_length = self.tokens_per_stamp - 1
+        if self.multimodal:
+            bom = len(self.modalities) if cfg.model.modality_tokens and len(self.modalities) > 1 else 0
+            image_tokens = self.tokens_per_stamp if "images" in self.modalities else 0
+            spectrum_tokens = self.spectra.n_tokens if self.spectra is not None else 0
+            self.sequence_length = image_tokens + spectrum_tokens + bom
 
     def _batches(self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None) -> TokenBatches:
         stream = RecordStream(
@@ -168,7 +183,8 @@ class _Data:
             world_size=self.env.world_size,
             epochs=epochs,
         )
-        return TokenBatches(stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size)
+        batches = TokenBatches(stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size)
+        return MultimodalBatches(batches, self.modalities, self.spectra) if self.multimodal else batches
 
     def _take_val(self, micro: int, n: int) -> list[torch.Tensor]:
         # Record k of the val stream is on rank k % world, so the first n of the stream are the first
@@ -180,9 +196,12 @@ class _Data:
             for batch in self._batches(split, micro, shuffle=False, epochs=1):
                 if have >= share:
                     break
-                out.append(batch["tokens"][: share - have])
+                if self.multimodal:
+                    out.append(slice_inputs(batch["inputs"], share - have))
+                else:
+                    out.append(batch["tokens"][: share - have])
                 self.val_ids += batch["object_id"][: share - have]
-                have += out[-1].shape[0]
+                have += len(batch["object_id"][: share - have])
         except ValueError as err:  # the stream's "no records in split"
             raise ValueError(
                 f"{err}; set data.val_split, or train.eval_interval=0 to train without validation"
@@ -201,8 +220,10 @@ class _Data:
             self._position = self.train.state_dict()
         return batch
 
-    def next_train(self) -> torch.Tensor:
-        return self.next_train_batch()["tokens"]
+    def next_train(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The next micro-batch: image tokens, or the multimodal model's dict input."""
+        batch = self.next_train_batch()
+        return batch["inputs"] if self.multimodal else batch["tokens"]
 
     def state_dict(self) -> dict:
         """Position after the last training batch handed to the trainer (JSON values)."""
@@ -237,7 +258,8 @@ class Trainer:
             cfg.model,
             patch_size=cfg.data.patch_size,
             n_chan=self.data.n_chan,
-            tokens_per_stamp=self.data.tokens_per_stamp,
+            # a multimodal sequence needs block_size >= its length (the images-only check is on stamp - 1)
+            tokens_per_stamp=self.data.sequence_length + 1,
         )
         mc = self.model_config
         resolved_model = dataclasses.replace(
@@ -246,7 +268,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=resolved_model)  # what RUN/config.yaml records
         model = AstroPT(self.model_config)
         self.n_params = model.num_params()  # non-embedding, for FLOPs
-        self.seq_len = self.data.tokens_per_stamp - 1
+        self.seq_len = self.data.sequence_length
         self.precision = parallel.resolve_precision(cfg.train.precision, self.env.device)
         parallel.configure_backends(self.env.device)
         self.model, self.strategy = parallel.parallelize(
@@ -340,6 +362,8 @@ class Trainer:
             "split_fractions": list(c.split_fractions),
             "split_seed": c.split_seed,
         }
+        if self.data.spectra is not None:
+            tokens["spectra"] = self.data.spectra.describe()
         out = ckpt.model_config_json(self.model_config, tokens=tokens, data=data)
         out["pretrain_config"] = to_dict(self.cfg)
         return out
@@ -385,10 +409,10 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
         for i in range(self.accum):
-            tokens = self.data.next_train().to(self.env.device, non_blocking=True)
+            batch = self.data.next_train()
             with parallel.grad_sync(self.model, i == self.accum - 1):
                 with parallel.autocast(self.precision, self.env.device):
-                    _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+                    loss = self._loss(self.model, batch)
                 (loss / self.accum).backward()
             loss_sum += loss.detach().float()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -421,6 +445,13 @@ class Trainer:
             "mfu": util,
         }
 
+    def _loss(self, model: torch.nn.Module, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token loss of one micro-batch: shifted image tokens, or the multimodal model's own targets."""
+        if isinstance(batch, dict):
+            return model(to_device(batch, self.env.device))[1]
+        tokens = batch.to(self.env.device, non_blocking=True)
+        return model(tokens[:, :-1], tokens[:, 1:])[1]
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over the cached validation images of every rank (weighted by images), or None without any."""
@@ -437,14 +468,16 @@ class Trainer:
                 tokens = self.data.val[i]
             elif self.data.val:
                 tokens = self.data.val[0]
+            elif self.data.multimodal:
+                raise ValueError("FSDP validation of a multimodal model needs validation objects on every rank")
             else:
                 tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.input_dim)
-            tokens = tokens.to(self.env.device, non_blocking=True)
             with parallel.autocast(self.precision, self.env.device):
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                loss = self._loss(model, tokens)
             if real:
-                total[0] += loss.double() * tokens.shape[0]
-                total[1] += tokens.shape[0]
+                n_obj = len(next(iter(tokens.values()))) if isinstance(tokens, dict) else tokens.shape[0]
+                total[0] += loss.double() * n_obj
+                total[1] += n_obj
         parallel.all_reduce_sum(total, self.env)
         if total[1] == 0:
             return None
