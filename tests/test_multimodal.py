@@ -229,3 +229,24 @@ def test_a_tiny_two_modality_model_learns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("bom", [True, False])
+def test_loss_weight_is_the_loss_denominator(bom):
+    model = _model(modality_tokens=bom, loss_weights=(1.0, 2.0))
+    x = _inputs()
+    x["spectra_present"] = torch.tensor([True, False, True])
+    x["images_mask"] = torch.ones(B, TI, dtype=torch.bool)
+    x["images_mask"][2, 5:] = False
+    _, loss = model(x)
+    w = model.loss_weight(x)
+    # BOM: 16 + 16 + 5 image tokens, 2 x 10 spectrum tokens (weight 2); without: token 0 of the first modality has
+    # no predecessor (15 + 15 + 4), and sample 2's first spectrum token follows a missing image token (10 + 9)
+    assert w.item() == (37 + 2 * 20 if bom else 34 + 2 * 19)
+    torch.testing.assert_close(model(x, normaliser=w)[1], loss)
+    torch.testing.assert_close(model(x, normaliser=2 * w)[1], loss / 2)
+
+
+def test_random_order_without_bom_tokens_is_refused():
+    with pytest.raises(ValueError, match="modality_tokens=True"):
+        _config(modality_order="random", modality_tokens=False)

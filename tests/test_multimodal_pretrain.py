@@ -49,6 +49,7 @@ def test_spectrum_of_the_wrong_length_is_named():
         spectrum_matrix([None, [1.0] * 10], 3101, ["obj6", "obj7"])
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_multimodal_run_matches_an_uninterrupted_one(survey, tmp_path):
     args = ["--data", str(survey), "--preset", "debug", "--max-steps", "6", *TINY, *MM]
     args += ["train.batch_size=8", "train.micro_batch_size=4", "train.checkpoint_interval=3", "train.eval_interval=3"]
@@ -82,3 +83,23 @@ def test_spectra_model_on_data_without_spectra_is_refused(tmp_path):
     run = run_pretrain(["--data", str(data), "--max-steps", "1", "--out", str(tmp_path / "r"), *TINY, *MM])
     assert run.returncode != 0
     assert "no spectrum wavelength grid" in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_two_modalities(survey, tmp_path, strategy):
+    # fixed order: a random order is drawn from each rank's own RNG, so it differs between world sizes by design
+    mm = ["model.modalities=images,spectra", "model.spectrum_patch=64"]
+    args = ["--data", str(survey), "--preset", "debug", "--max-steps", "3", *TINY, *mm, "train.batch_size=8"]
+    args += ["train.eval_interval=3", "train.eval_samples=4", "train.checkpoint_interval=0"]
+    one = run_pretrain([*args, "train.micro_batch_size=4", "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run_pretrain(
+        [*args, "train.micro_batch_size=2", f"train.parallel={strategy}", "--out", str(tmp_path / "two")], nproc=2
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    a = [r for r in read_metrics(tmp_path / "one") if "loss" in r]
+    b = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["step"], ra["loss"], rb["loss"])

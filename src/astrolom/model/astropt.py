@@ -89,6 +89,10 @@ class ModelConfig:
             raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
         if self.modality_order not in ORDERS:
             raise ValueError(f"modality_order must be one of {ORDERS}, got {self.modality_order!r}")
+        if self.modality_order == "random" and not self.modality_tokens and len(self.modalities) > 1:
+            # without BOM tokens a modality's first token is predicted across the boundary from whichever
+            # modality happens to precede it; that layout exists for reference checkpoints (fixed order) only
+            raise ValueError("modality_order='random' needs modality_tokens=True")
         if self.loss_weights and (len(self.loss_weights) != len(self.modalities) or min(self.loss_weights) < 0):
             raise ValueError(
                 f"loss_weights must give one non-negative weight per modality {self.modalities}, "
@@ -301,6 +305,7 @@ class AstroPT(nn.Module):
         targets: torch.Tensor | None = None,
         modality: str = "images",
         order: list[str] | torch.Tensor | None = None,
+        normaliser: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor | None]:
         """Predict token t+1 from tokens <= t.
 
@@ -315,13 +320,15 @@ class AstroPT(nn.Module):
         loss): the Huber loss of each token averaged over its `m_value_mask` values, then a mean over the tokens
         whose value and context exist, weighted per modality by `loss_weights`. `order` overrides the segment
         order: a list of modality names, or a (B, n) tensor of indices into the modalities given, per sample.
+        `normaliser` replaces the batch's own total token weight (`loss_weight(x)`) as the denominator, so that
+        gradient accumulation and data parallelism can divide by the weight of the whole global batch.
         """
         if isinstance(x, Mapping):
             if targets is not None:
                 raise ValueError(
                     "multimodal inputs carry their own targets (each token is predicted); pass targets=None"
                 )
-            return self._forward_multi(x, order)
+            return self._forward_multi(x, order, normaliser)
         self._tensor_input_check()
         h = self._embed(x, modality)
         for block in self.blocks:
@@ -460,7 +467,36 @@ class AstroPT(nn.Module):
         off = int(self.config.bom_tokens)
         return {m: h[:, s + off : s + n] for m, s, n in layout["segs"]}
 
-    def _forward_multi(self, inputs: Mapping[str, torch.Tensor], order) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def loss_weight(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Total weight of the tokens that enter the loss of `inputs` (the loss's denominator), without a forward.
+
+        A token counts when it has a value in the loss and its predecessor (its BOM, or the previous token of the
+        fixed sequence without BOM tokens) is present; each counts with its modality's loss weight.
+        """
+        total = torch.zeros((), dtype=torch.float32)
+        prev_last = None
+        for m in (m for m in self.config.modalities if m in inputs):
+            x = inputs[m]
+            B, T = x.shape[:2]
+            tok = inputs.get(f"{m}_mask")
+            tok = torch.ones(B, T, dtype=torch.bool, device=x.device) if tok is None else tok.to(torch.bool)
+            present = inputs.get(f"{m}_present")
+            present = tok.any(1) if present is None else present.to(torch.bool)
+            tok = tok & present[:, None]
+            vm = inputs.get(f"{m}_value_mask")
+            has = tok if vm is None else tok & vm.any(-1)
+            if self.config.bom_tokens:
+                first = present
+            else:
+                first = torch.zeros_like(present) if prev_last is None else prev_last
+            src = torch.cat([first[:, None], tok[:, :-1]], dim=1)
+            total = total + self.config.loss_weight(m) * (has & src).sum().float().cpu()
+            prev_last = tok[:, -1]
+        return total
+
+    def _forward_multi(
+        self, inputs: Mapping[str, torch.Tensor], order, normaliser: torch.Tensor | float | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         hs, layout = self._trunk(inputs, order, len(self.blocks) - 1)
         h = self.ln_f(hs[-1])  # (B, T, C) sequence order
         kv = layout["key_valid"]
@@ -485,7 +521,7 @@ class AstroPT(nn.Module):
             w = w * self.config.loss_weight(m)
             num = num + (tok_loss * w).sum()
             den = den + w.sum()
-        return preds, num / den.clamp_min(1e-12)
+        return preds, num / (den.clamp_min(1e-12) if normaliser is None else normaliser)
 
     @torch.no_grad()
     def generate_modality(

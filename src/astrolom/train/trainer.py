@@ -408,13 +408,16 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
-        for i in range(self.accum):
-            batch = self.data.next_train()
+        batches = [self.data.next_train() for _ in range(self.accum)]
+        normaliser = self._global_loss_weight(batches)
+        for i, batch in enumerate(batches):
             with parallel.grad_sync(self.model, i == self.accum - 1):
                 with parallel.autocast(self.precision, self.env.device):
-                    loss = self._loss(self.model, batch)
-                (loss / self.accum).backward()
+                    loss = self._loss(self.model, batch, normaliser)
+                (loss if normaliser is not None else loss / self.accum).backward()
             loss_sum += loss.detach().float()
+        if normaliser is not None:
+            loss_sum = loss_sum * self.accum  # the micro-batch losses already sum to this rank's share
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -445,10 +448,29 @@ class Trainer:
             "mfu": util,
         }
 
-    def _loss(self, model: torch.nn.Module, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    def _global_loss_weight(self, batches: list) -> torch.Tensor | None:
+        """Multimodal: the step's total token weight over micro-batches and ranks, divided by the world size.
+
+        Objects may lack a modality, so micro-batches hold different numbers of loss tokens: dividing each rank's
+        summed micro-batch losses by this (DDP then averages over ranks) makes the gradient that of the mean over
+        every token of the global batch, whatever the micro-batching and world size.
+        """
+        if not batches or not isinstance(batches[0], dict):
+            return None
+        plain = parallel.unwrap(self.model)
+        total = sum(plain.loss_weight(b) for b in batches).to(self.env.device, torch.float64).reshape(1)
+        parallel.all_reduce_sum(total, self.env)
+        return (total / self.env.world_size).clamp_min(1e-12).float().reshape(())
+
+    def _loss(
+        self,
+        model: torch.nn.Module,
+        batch: torch.Tensor | dict[str, torch.Tensor],
+        normaliser: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token loss of one micro-batch: shifted image tokens, or the multimodal model's own targets."""
         if isinstance(batch, dict):
-            return model(to_device(batch, self.env.device))[1]
+            return model(to_device(batch, self.env.device), normaliser=normaliser)[1]
         tokens = batch.to(self.env.device, non_blocking=True)
         return model(tokens[:, :-1], tokens[:, 1:])[1]
 
@@ -472,11 +494,13 @@ class Trainer:
                 raise ValueError("FSDP validation of a multimodal model needs validation objects on every rank")
             else:
                 tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.input_dim)
+            mm = isinstance(tokens, dict)
             with parallel.autocast(self.precision, self.env.device):
-                loss = self._loss(model, tokens)
+                # multimodal: summed token losses and their weight, so the mean is over every validation token
+                loss = self._loss(model, tokens, torch.ones((), device=self.env.device) if mm else None)
             if real:
-                n_obj = len(next(iter(tokens.values()))) if isinstance(tokens, dict) else tokens.shape[0]
-                total[0] += loss.double() * n_obj
+                n_obj = parallel.unwrap(model).loss_weight(tokens).item() if mm else tokens.shape[0]
+                total[0] += loss.double() * (1 if mm else n_obj)
                 total[1] += n_obj
         parallel.all_reduce_sum(total, self.env)
         if total[1] == 0:
