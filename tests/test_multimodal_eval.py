@@ -85,3 +85,29 @@ def test_generation_metrics_and_figure(setup, tmp_path):
     rc = main(["generate", "--model", str(model_dir), "--data", str(survey), "--from", "images", "--to", "images",
                "--out", str(tmp_path / "g3")])  # fmt: skip
     assert rc == 2
+
+
+def test_probe_modalities_scores_each_column_on_the_same_objects(tmp_path):
+    import pyarrow as pa
+
+    from astrolom.eval.multimodal import probe_modalities
+
+    rng = np.random.default_rng(0)
+    n = 400
+    z = rng.uniform(0, 0.5, n)
+    informative = np.stack([z, rng.normal(size=n)], 1) + 0.01 * rng.normal(size=(n, 2))
+    noise = rng.normal(size=(n, 2))
+    has = rng.uniform(size=n) < 0.7
+    spec = [list(v) if h else None for v, h in zip(informative.astype(np.float32), has, strict=True)]
+    table = pa.table({
+        "object_id": [f"o{i}" for i in range(n)],
+        "split": ["val" if i % 2 else "test" for i in range(n)],
+        "redshift": z,
+        "embedding_images": pa.array(list(noise.astype(np.float32)), pa.list_(pa.float32(), 2)),
+        "embedding_spectra": pa.array(spec, pa.list_(pa.float32(), 2)),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "e.parquet")
+    res = probe_modalities(tmp_path / "e.parquet", ["redshift"])
+    assert res["embedding_spectra"]["redshift"] > 0.99
+    assert res["embedding_images"]["redshift"] < 0.05
+    assert res["_objects"]["fit"] + res["_objects"]["test"] == int(has.sum())

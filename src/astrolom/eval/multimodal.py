@@ -213,6 +213,42 @@ def embed_multimodal_dataset(
     return Path(out)
 
 
+def probe_modalities(
+    path: str | Path,
+    targets: Iterable[str] = ("redshift", "log_mstar", "log_ssfr"),
+    *,
+    fit_split: str = "val",
+    test_split: str = "test",
+    method: str = "linear",
+) -> dict[str, dict[str, float]]:
+    """Probe R² of each embedding column on the objects that have every modality (the same objects for all).
+
+    Paper protocol: fit on `fit_split`, score on `test_split`. Returns {column: {target: R²}}.
+    """
+    from astrolom.eval.probes import REGRESSION, fit_probe, score
+
+    table = pq.read_table(path)
+    cols = [c for c in COLUMNS if c in table.column_names]
+    keep = np.ones(table.num_rows, dtype=bool)
+    for c in cols:
+        keep &= ~np.asarray(table.column(c).is_null().to_numpy(zero_copy_only=False))
+    split = np.asarray(table.column("split").to_pylist())
+    fit, test = keep & (split == fit_split), keep & (split == test_split)
+    if fit.sum() < 10 or test.sum() < 10:
+        raise ValueError(f"{path}: too few objects with every modality in {fit_split}/{test_split} to probe")
+    out: dict[str, dict[str, float]] = {}
+    for c in cols:
+        X = np.asarray(table.column(c).to_pylist(), dtype=object)
+        out[c] = {}
+        for t in targets:
+            y = np.asarray(table.column(t).to_pylist(), dtype=np.float64)
+            Xf, Xt = np.stack(X[fit]).astype(np.float32), np.stack(X[test]).astype(np.float32)
+            pred = fit_probe(Xf, y[fit], Xt, REGRESSION, method)
+            out[c][t] = score(y[test], pred, REGRESSION)["r2"]
+    out["_objects"] = {"fit": int(fit.sum()), "test": int(test.sum())}
+    return out
+
+
 # --- cross-modal generation ---------------------------------------------------------------------------------------
 def _huber_per_object(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(pred.dtype)
