@@ -128,3 +128,19 @@ def test_to_grid_refuses_with_both_grids_named():
     assert to_grid(same, GRID, allow_resample=False) is same
     with pytest.raises(ValueError, match="does not overlap"):
         resample(Spectrum(12000.0 + np.arange(10.0), np.ones(10)), GRID)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"flux": np.full(GRID.size, np.nan)}, "flux is NaN everywhere"),
+        ({"ivar": np.zeros(GRID.size)}, "ivar is 0 everywhere"),
+        ({"mask": np.ones(GRID.size, bool)}, "every pixel is masked"),
+    ],
+)
+def test_unusable_spectra_are_named(kwargs, why):
+    args = {"flux": np.ones(GRID.size), **kwargs}
+    s = Spectrum(GRID, meta={"source": "coadd-42.fits"}, **args)
+    with pytest.raises(ValueError, match=f"coadd-42.fits: unusable spectrum: .*{why}"):
+        s.require_usable()
+    assert Spectrum(GRID, np.ones(GRID.size)).require_usable() is not None

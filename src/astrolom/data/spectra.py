@@ -85,6 +85,20 @@ class Spectrum:
         """(L,) bool: pixels that carry information (unmasked, ivar > 0, finite flux)."""
         return ~self.mask & (self.ivar > 0) & np.isfinite(self.flux)
 
+    def require_usable(self) -> Spectrum:
+        """Self, or a ValueError naming the source when no pixel carries information (readers turn it into their
+        bad-record error): all-NaN flux, all-zero ivar or everything masked."""
+        if self.good.any():
+            return self
+        src = self.meta.get("source", "spectrum")
+        if not np.isfinite(self.flux).any():
+            why = "its flux is NaN everywhere"
+        elif not (self.ivar > 0).any():
+            why = "its ivar is 0 everywhere"
+        else:
+            why = "every pixel is masked or has ivar 0 / non-finite flux"
+        raise ValueError(f"{src}: unusable spectrum: {why}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # grids and flux-conserving resampling
