@@ -189,7 +189,9 @@ def test_num_params_excludes_position_embeddings():
         ({"n_layer": 0}, "n_layer"),
         ({"n_head": 0}, "n_head"),
         ({"dropout": 1.0}, "dropout"),
-        ({"modalities": ("images", "spectra")}, "modality"),
+        ({"modalities": ("images", "radio")}, "unknown modalities"),
+        ({"modalities": ("images", "images")}, "without repeats"),
+        ({"modalities": ("images", "spectra"), "loss_weights": (1.0,)}, "loss_weights"),
     ],
 )
 def test_bad_config_raises(kwargs, match):

@@ -356,7 +356,12 @@ def test_shards_schema_and_metadata(survey_dir):
         img = np.frombuffer(row[IMAGE], dtype="<f4").reshape(row[IMAGE_SHAPE])
         assert row[IMAGE_SHAPE] == [32, 32, 3]
         np.testing.assert_array_equal(img, rec.image)
-        np.testing.assert_array_equal(np.frombuffer(row[SPECTRUM], dtype="<f4"), rec.spectrum)
+        if rec.spectrum is None:
+            assert row[SPECTRUM] is None and row["spectrum_ivar"] is None and not row["has_spectrum"]
+        else:
+            np.testing.assert_array_equal(np.frombuffer(row[SPECTRUM], dtype="<f4"), rec.spectrum)
+            np.testing.assert_array_equal(np.frombuffer(row["spectrum_ivar"], dtype="<f4"), rec.spectrum_ivar)
+            np.testing.assert_array_equal(np.frombuffer(row["spectrum_mask"], dtype=np.uint8), rec.spectrum_mask)
         assert row["split"] == rec.split and row["redshift"] == rec.labels["redshift"]
     summary = json.loads((survey_dir / "_survey.json").read_text())
     assert summary["counts"]["total"] == 23

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("astrolom.train.trainer", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
     "convert": ("astrolom.interop.reference", "import/export reference AstroPT (astropt 2.x) checkpoints"),
     "embed": ("astrolom.eval.embed", "embed a data set: penultimate layer, mean of the central 64 spiral tokens"),
+    "generate": (
+        "astrolom.eval.multimodal",
+        "cross-modal generation with a multimodal model (image -> spectrum, spectrum -> image) vs a mean baseline",
+    ),
     "probe": ("astrolom.eval.probes", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
     "scaling": ("astrolom.eval.scaling", "pretrain a sweep of presets, fit L(C), probe each model (Figs. 2, 4)"),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),

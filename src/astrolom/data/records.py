@@ -5,7 +5,9 @@ spectrum, its split and its labels. Our Parquet shards store one record per row:
 
 - `object_id` (string), `split` (string: train / val / test), one column per label;
 - `image`: raw little-endian float32 bytes in (H, W, C) order, with `image_shape` = [H, W, C] (int32 list);
-- `spectrum` (optional): raw float32 bytes, wavelengths in the file's metadata;
+- `spectrum` (optional, null for objects without one): raw float32 bytes, wavelengths in the file's metadata;
+  `spectrum_ivar` (float32 bytes, inverse variance, 0 = no information) and `spectrum_mask` (uint8 bytes,
+  1 = bad pixel) beside it;
 - file metadata key `astrolom` (JSON): bands, pixel scale, spectrum wavelength grid, generator settings.
 
 Parquet files whose `image` column holds encoded JPEG/PNG bytes (e.g. the Smith42/galaxies layout, where `image`
@@ -23,6 +25,8 @@ import numpy as np
 IMAGE = "image"
 IMAGE_SHAPE = "image_shape"
 SPECTRUM = "spectrum"
+SPECTRUM_IVAR = "spectrum_ivar"
+SPECTRUM_MASK = "spectrum_mask"
 METADATA_KEY = b"astrolom"
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -35,6 +39,8 @@ class Record:
     split: str | None = None
     labels: dict[str, Any] = field(default_factory=dict)
     spectrum: np.ndarray | None = None  # (L,) float32
+    spectrum_ivar: np.ndarray | None = None  # (L,) float32 inverse variance (None: unknown, treat as 1)
+    spectrum_mask: np.ndarray | None = None  # (L,) bool, True = bad pixel
 
 
 def check_split_fractions(fractions, name: str = "split_fractions") -> tuple[float, float, float]:

@@ -34,8 +34,12 @@ Every object is drawn from physics that hangs together:
 - **Spectra**: DESI-like observed-frame grid 3600–9800 Å with 2 Å pixels (3101 pixels; DESI itself uses 0.8 Å,
   7781 pixels — coarser here to keep shards small), flux in 1e-17 erg/s/cm²/Å of the total light: the same
   template mix, redshifted and flux-scaled, plus Hα, Hβ, [OII]3727, [OIII]4959,5007 and [NII]6548,6584 with
-  strengths from the SFR (Kennicutt 1998, dust-attenuated, mass-dependent line ratios), velocity-broadened, and
-  Gaussian noise with a blue/red rise and sky-line residuals.
+  strengths from the SFR (Kennicutt 1998, dust-attenuated; [NII]/Hα set by the metallicity), velocity-broadened,
+  stellar absorption features (G band, Mg b, Fe, Na D) whose depth grows with metallicity and age, and Gaussian
+  noise with a blue/red rise and sky lines. Each spectrum comes with its ivar (1/σ² of the noise added) and a mask:
+  sky-line cores and a few cosmic-ray runs get ivar 0 and NaN flux. About 30% of objects have no
+  spectrum (missing at random, label `has_spectrum`; the spectrum columns are null). Labels `log_zstar`
+  (mass–metallicity relation) and `age_mw_gyr` (mass-weighted age of the template mix) describe the populations.
 
 Determinism: each object's randomness derives from (seed, index) only, so an object is the same whatever the
 number of objects, workers or shard size. Splits come from a hash of the object id (`records.split_of`).
@@ -66,10 +70,13 @@ from astrolom.data.records import (
     IMAGE_SHAPE,
     METADATA_KEY,
     SPECTRUM,
+    SPECTRUM_IVAR,
+    SPECTRUM_MASK,
     Record,
     check_split_fractions,
     split_of,
 )
+from astrolom.data.spectra import Spectrum
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -172,11 +179,17 @@ LABELS: dict[str, tuple[str, str]] = {
     "flux_nii": ("1e-17 erg/s/cm2", "observed [NII]6584 line flux"),
     "sigma_v": ("km/s", "emission-line velocity dispersion"),
     "spec_noise": ("1e-17 erg/s/cm2/A", "spectrum noise sigma per pixel at 6500 A"),
+    "has_spectrum": (
+        "",
+        "the object has a spectrum (about 70%, missing at random); else the spectrum columns are null",
+    ),
+    "log_zstar": ("log10 Z/Zsun", "mass-weighted stellar metallicity (mass-metallicity relation)"),
+    "age_mw_gyr": ("Gyr", "mass-weighted stellar age of the template mix at the galaxy's redshift"),
 }
-BOOL_LABELS = ("quenched", "edge_on", "has_bar", "has_star")
+BOOL_LABELS = ("quenched", "edge_on", "has_bar", "has_star", "has_spectrum")
 INT_LABELS = ("n_arms",)
 STR_LABELS = ("telescope",)
-COLUMNS = ("object_id", "split", *LABELS, IMAGE, IMAGE_SHAPE, SPECTRUM)
+COLUMNS = ("object_id", "split", *LABELS, IMAGE, IMAGE_SHAPE, SPECTRUM, SPECTRUM_IVAR, SPECTRUM_MASK)
 
 
 def spectrum_wavelength() -> np.ndarray:
@@ -549,7 +562,9 @@ def sample_catalogue(
     a_ha = np.clip(0.35 + 0.55 * (logm - 10.0) + 0.2 * _normal(U["dust"]), 0.0, 2.5)
     l_ha = 1.27e41 * 10 ** c["log_sfr"]  # Kennicutt (1998), erg/s, intrinsic
     f_ha_int = l_ha / (4 * np.pi * dl**2) * 1e17
-    log_nii = np.clip(-0.65 + 0.35 * (logm - 10.0) + 0.1 * _normal(U["nii"]), -1.4, -0.1)
+    c.update(_stellar_population(c, seed, idx, quenched))
+    # [NII]/Halpha follows the metallicity (gas and stars enriched together; N2 flattens at high Z)
+    log_nii = np.clip(-0.54 + 0.75 * c["log_zstar"] + 0.07 * _normal(U["nii"]), -1.4, -0.1)
     log_oiii = np.clip(0.1 - 0.55 * (logm - 9.7) + 0.15 * _normal(U["oiii"]), -0.8, 0.8)
     intrinsic = {
         "ha": f_ha_int,
@@ -816,8 +831,95 @@ def _noise_shape(wave: np.ndarray) -> np.ndarray:
     return shape
 
 
+# --- spectra: stellar population labels, absorption features, ivar, masks, missing spectra ----------------------
+SPEC_MISSING_FRACTION = 0.3  # objects without a spectrum (missing completely at random, so probes stay unbiased)
+SKY_MASK_HALF_WIDTH = 2.0  # Å: pixels this close to a strong sky line are masked (sky-subtraction residuals)
+BAD_PIXEL_RUNS = 2.0  # mean number of cosmic-ray / bad-column runs (1-3 px) per spectrum, also masked
+TEMPLATE_AGE_GYR = (10.0, 6.0, 3.5, 1.5)  # mass-weighted age of the E, Sbc, Scd, Im populations today
+# rest-frame absorption features: (vacuum Å, equivalent width in Å for an old solar-metallicity population).
+# Kept modest (≲ 0.6% of a broad band) so the spectra still integrate to the catalogue magnitudes.
+ABSORPTION = {
+    "g_band": (4305.6, 3.0),
+    "mg_b": (5178.1, 2.0),
+    "fe_5270": (5271.5, 1.2),
+    "fe_5335": (5336.6, 1.2),
+    "na_d": (5895.6, 2.0),
+}
+_SPEC_U_COLUMNS = ("has_spec", "metal", "age")
+
+
+def _spectrum_uniforms(seed: int, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Uniforms for the spectrum physics, from the same counter-based stream as `_uniforms` (own column range)."""
+    with np.errstate(over="ignore"):
+        base = _splitmix64(_splitmix64(np.full(index.shape, seed, dtype=np.uint64)) ^ index.astype(np.uint64))
+        out = {}
+        for j, name in enumerate(_SPEC_U_COLUMNS):
+            bits = _splitmix64(base + np.uint64(1001 + j) * np.uint64(0xD1B54A32D192ED03))
+            out[name] = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+    return out
+
+
+@lru_cache(maxsize=1)
+def _universe_age_table() -> tuple[np.ndarray, np.ndarray]:
+    from astropy.cosmology import Planck18
+
+    z = np.linspace(0.0, 1.0, 201)
+    return z, Planck18.age(z).value
+
+
+def _stellar_population(c: Mapping[str, np.ndarray], seed: int, idx: np.ndarray, quenched: np.ndarray) -> dict:
+    """Metallicity, mass-weighted age and spectrum availability for a catalogue under construction.
+
+    - log Z*/Z☉ follows a stellar mass-metallicity relation shaped like Gallazzi et al. (2005): about -0.55 at
+      10^9 M☉, rising and flattening to ~0 above 10^11 M☉, quenched galaxies +0.05, 0.1 dex scatter.
+    - The age is the mass-weighted mean of the template ages, weighted by each template's share of the r-band light
+      times its mass-to-light ratio (Bell & de Jong from the template's rest g - r), scaled by the age of the
+      universe at the galaxy's redshift relative to today, with 0.05 dex scatter (capped at 95% of that age).
+    """
+    T = _tables()
+    U = _spectrum_uniforms(seed, idx)
+    logm = c["log_mstar"]
+    log_z = 0.05 - 0.6 * np.exp(-(logm - 9.0) / 0.9) + 0.05 * quenched + 0.1 * _normal(U["metal"])
+    i0, w1 = c["_t0"], c["_w1"]
+    ml = 10 ** _log_ml_r(T.rest_mags[:, 0] - T.rest_mags[:, 1])  # (templates,)
+    ages = np.asarray(TEMPLATE_AGE_GYR)
+    m0, m1 = (1 - w1) * ml[i0], w1 * ml[i0 + 1]
+    age0 = (m0 * ages[i0] + m1 * ages[i0 + 1]) / (m0 + m1)
+    zt, at = _universe_age_table()
+    t_univ = np.interp(c["redshift"], zt, at)
+    # the scatter never makes a population older than 95% of the universe at that redshift
+    age = np.minimum(age0 * t_univ / at[0] * 10 ** (0.05 * _normal(U["age"])), 0.95 * t_univ)
+    return {
+        "log_zstar": np.clip(log_z, -1.2, 0.4),
+        "age_mw_gyr": age,
+        "has_spectrum": U["has_spec"] >= SPEC_MISSING_FRACTION,
+    }
+
+
+def _absorption(rest: np.ndarray, obj: Mapping[str, Any]) -> np.ndarray:
+    """Multiplicative absorption-feature profile: deeper for metal-rich (EW ∝ Z^0.8) and old populations."""
+    strength = 10 ** (0.8 * obj["log_zstar"]) * (0.3 + 0.7 * min(obj["age_mw_gyr"] / 8.0, 1.0))
+    out = np.ones_like(rest)
+    for lam, ew in ABSORPTION.values():
+        sig = math.hypot(4.0, lam * obj["sigma_v"] / C_KMS)
+        out -= ew * strength / (sig * math.sqrt(2 * math.pi)) * np.exp(-0.5 * ((rest - lam) / sig) ** 2)
+    return out
+
+
+def sky_line_mask(wave: np.ndarray | None = None) -> np.ndarray:
+    """(L,) bool: pixels within SKY_MASK_HALF_WIDTH of a strong sky line (observed frame, the same for all)."""
+    wave = spectrum_wavelength() if wave is None else wave
+    return np.min(np.abs(wave[:, None] - np.asarray(SKY_LINES)[None, :]), axis=1) <= SKY_MASK_HALF_WIDTH
+
+
+def spectrum_sigma(obj: Mapping[str, Any]) -> np.ndarray:
+    """(L,) per-pixel noise sigma of an object's spectrum (1e-17 erg/s/cm²/Å): sky lines, blue and red ends."""
+    return obj["spec_noise"] * _noise_shape(_tables().wave)
+
+
 def render_spectrum(obj: Mapping[str, Any], noise: bool = True, lines: bool = True, rng=None) -> np.ndarray:
-    """Observed-frame spectrum (1e-17 erg/s/cm²/Å) on `spectrum_wavelength()`, float32."""
+    """Observed-frame spectrum (1e-17 erg/s/cm²/Å) on `spectrum_wavelength()`, float32 (no masking, see
+    `observe_spectrum`)."""
     T = _tables()
     if rng is None:
         rng = np.random.default_rng([int(obj["_seed"]), int(obj["_index"]), 2])
@@ -829,6 +931,8 @@ def render_spectrum(obj: Mapping[str, Any], noise: bool = True, lines: bool = Tr
         rest, T.tmpl_wave, T.tmpl_flux[i0 + 1]
     )
     spec = f10 / (1 + z) * 10 ** (-0.4 * (obj["_abs_r"] + obj["_dist_mod"])) * 1e17
+    if "log_zstar" in obj:
+        spec = spec * _absorption(rest, obj)
     if lines:
         edges = np.concatenate([wave - SPEC_STEP / 2, [wave[-1] + SPEC_STEP / 2]])
         for name, (lam, _) in LINES.items():
@@ -840,14 +944,48 @@ def render_spectrum(obj: Mapping[str, Any], noise: bool = True, lines: bool = Tr
             cdf = special.ndtr((edges - centre) / sig)
             spec += flux * np.diff(cdf) / SPEC_STEP
     if noise:
-        sigma = obj["spec_noise"] * _noise_shape(wave)
-        spec = spec + sigma * rng.standard_normal(wave.size)
+        spec = spec + spectrum_sigma(obj) * rng.standard_normal(wave.size)
     return spec.astype(np.float32)
 
 
-def render_object(obj: Mapping[str, Any], size: int = 64, noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(image (size, size, 3) float32, spectrum (L,) float32) for one catalogue row; deterministic."""
-    return render_image(obj, size, noise=noise), render_spectrum(obj, noise=noise)
+def observe_spectrum(obj: Mapping[str, Any], noise: bool = True) -> Spectrum | None:
+    """The spectrum as a survey delivers it, or None for objects without one (`has_spectrum` False).
+
+    ivar = 1/sigma² of the noise actually added. Sky-line cores and a few random 1-3 pixel runs (cosmic rays, bad
+    columns) are masked: ivar 0 (as in DESI coadds) and flux NaN, so that a reader which ignores ivar and mask
+    cannot train on them either. Deterministic per object; the unmasked flux equals `render_spectrum(obj, noise)`.
+    """
+    if not obj.get("has_spectrum", True):
+        return None
+    rng = np.random.default_rng([int(obj["_seed"]), int(obj["_index"]), 2])
+    flux = render_spectrum(obj, noise=noise, rng=rng)
+    wave = _tables().wave
+    sigma = spectrum_sigma(obj)
+    ivar = (1.0 / sigma**2).astype(np.float32)
+    mask = sky_line_mask(wave)
+    if noise:
+        for _ in range(rng.poisson(BAD_PIXEL_RUNS)):
+            start = int(rng.integers(wave.size))
+            mask[start : start + int(rng.integers(1, 4))] = True
+    flux[mask] = np.nan
+    ivar[mask] = 0.0
+    meta = {"source": str(obj["object_id"]), "flux_unit": SPEC_UNITS}
+    return Spectrum(wave, flux, ivar=ivar, mask=mask, meta=meta)
+
+
+def render_object(obj: Mapping[str, Any], size: int = 64, noise: bool = True) -> tuple[np.ndarray, Spectrum | None]:
+    """(image (size, size, 3) float32, observed `Spectrum` or None) for one catalogue row; deterministic."""
+    return render_image(obj, size, noise=noise), observe_spectrum(obj, noise=noise)
+
+
+def _spectrum_columns(spec: Spectrum | None) -> tuple[bytes | None, bytes | None, bytes | None]:
+    if spec is None:
+        return None, None, None
+    return (
+        spec.flux.astype("<f4").tobytes(),
+        spec.ivar.astype("<f4").tobytes(),
+        spec.mask.astype(np.uint8).tobytes(),
+    )
 
 
 def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float]]) -> dict[str, Any]:
@@ -858,9 +996,10 @@ def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float]]) -
         row = catalogue_row(cat, j)
         img, spec = render_object(row, size)
         images.append(img.astype("<f4").tobytes())
-        spectra.append(spec.astype("<f4").tobytes())
+        spectra.append(_spectrum_columns(spec))
     out = {k: v for k, v in cat.items() if k in ("object_id", "split") or k in LABELS}
-    out[IMAGE], out[SPECTRUM] = images, spectra
+    out[IMAGE] = images
+    out[SPECTRUM], out[SPECTRUM_IVAR], out[SPECTRUM_MASK] = (list(col) for col in zip(*spectra, strict=True))
     return out
 
 
@@ -879,7 +1018,17 @@ def generate_objects(
         row = catalogue_row(cat, j)
         img, spec = render_object(row, size, noise=noise)
         labels = {k: row[k] for k in LABELS}
-        records.append(Record(object_id=row["object_id"], image=img, split=row["split"], labels=labels, spectrum=spec))
+        records.append(
+            Record(
+                object_id=row["object_id"],
+                image=img,
+                split=row["split"],
+                labels=labels,
+                spectrum=None if spec is None else spec.flux,
+                spectrum_ivar=None if spec is None else spec.ivar,
+                spectrum_mask=None if spec is None else spec.mask,
+            )
+        )
     return records
 
 
@@ -904,6 +1053,8 @@ def _arrow_schema(metadata: dict[str, Any]):
         pa.field(IMAGE, pa.binary()),
         pa.field(IMAGE_SHAPE, pa.list_(pa.int32())),
         pa.field(SPECTRUM, pa.binary()),
+        pa.field(SPECTRUM_IVAR, pa.binary()),
+        pa.field(SPECTRUM_MASK, pa.binary()),
     ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
 
@@ -927,6 +1078,9 @@ def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
         "wavelength_units": "Angstrom (observed frame, vacuum)",
         "spectrum_dtype": "float32",
         "spectrum_units": SPEC_UNITS,
+        "spectrum_ivar": "float32 inverse variance of the spectrum, 0 = no information",
+        "spectrum_mask": "uint8 per pixel, 1 = bad (sky-line core or cosmic ray; ivar is 0 there)",
+        "spectrum_missing": "spectrum columns are null where has_spectrum is false",
         "seed": cfg.seed,
         "split_fractions": list(cfg.split_fractions),
         "telescopes": {k: {kk: list(vv) for kk, vv in v.items()} for k, v in TELESCOPES.items()},
@@ -1082,6 +1236,7 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
             "step": SPEC_STEP,
             "n": int(spectrum_wavelength().size),
             "units": SPEC_UNITS,
+            "with_spectrum_fraction": summary["label_stats"]["has_spectrum"]["mean"],
         },
         "label_stats": summary["label_stats"],
         "seconds": round(elapsed, 2),
@@ -1101,6 +1256,7 @@ SUMMARY_LABELS = (
     "psf_fwhm_r",
     "quenched",
     "edge_on",
+    "has_spectrum",
 )
 
 

@@ -325,6 +325,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.model, random_init=args.random_init, seed=args.seed)
+    if model.config.multimodal:  # per-modality and joint columns (astrolom.eval.multimodal)
+        from astrolom.eval.multimodal import embed_multimodal_dataset
+
+        if args.random_init:
+            raise ValueError("--random-init is not supported for multimodal models yet")
+        path = embed_multimodal_dataset(
+            args.model,
+            args.data,
+            args.out,
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            batch_size=args.batch_size,
+            layer=args.layer,
+            n_tokens=args.tokens,
+            max_per_split=args.max_per_split,
+            progress=not args.no_progress,
+        )
+        print(f"embedded (images, spectra, joint columns) -> {path}")
+        return 0
     embed_dataset(
         model,
         args.data,

@@ -1,10 +1,19 @@
 """Import and export checkpoints of the reference AstroPT implementation (`astropt` 2.x, `astropt.model.GPT`).
 
 A reference checkpoint is a `torch.save`d dict with `model` (the GPT state dict, sometimes with the `_orig_mod.`
-prefix that `torch.compile` adds) and `model_args` (the `GPTConfig` keyword arguments). Only single-modality
-`"images"` models with causal attention and the "aim" or "affine" tokeniser have an astrolom equivalent; anything
-else (more modalities, prefix attention, LoRA adapters, a fine-tuning task head) is refused with a
-`ReferenceFormatError` that says why.
+prefix that `torch.compile` adds) and `model_args` (the `GPTConfig` keyword arguments). Models with causal
+attention, the "aim" or "affine" tokeniser and the modalities `"images"` (learned positions, `embed_pos=True`),
+`"spectra"` (positions from an MLP of the wavelength, `embed_pos=False`, `pos_input_size=1`) or both have an
+astrolom equivalent; anything else (other modalities, prefix attention, LoRA adapters, a fine-tuning task head) is
+refused with a `ReferenceFormatError` that says why.
+
+Two-modality models: the reference concatenates the modalities in alphabetical order (images, then spectra) with
+no begin-of-modality token and no modality embedding, and the last image token predicts the first spectrum token.
+An imported model therefore gets `modalities=("images", "spectra")`, `modality_order="fixed"`,
+`modality_tokens=False` (that same layout) and `spectrum_amplitude=False` (the reference's spectrum tokens are the W
+fluxes alone); its predictions equal the reference's (`outputs["images"]` = ours `[:, 1:]`, `outputs["spectra"]`
+= ours). Spectrum positions are the reference's normalised wavelengths, (λ - 3000) / 7000, which is astrolom's
+default `spectrum_wavelength_range`. Only models of exactly that layout can be exported.
 
 Loading policy: never unpickle code. Files are read with `torch.load(weights_only=True)` only. The reference's
 training script also pickles its own classes (`ModalityConfig` objects inside `model_args`, a `ModalityRegistry`,
@@ -24,6 +33,8 @@ Name mapping (reference -> astrolom):
     transformer.h.N.mlp.c_fc / c_proj        blocks.N.mlp.fc / mlp.proj
     transformer.ln_f                         ln_f
     lm_head.images.c_fc / c_proj             decoders.images.0 / .2     ("affine": c_fc -> .0 only)
+    transformer.wte.spectra / lm_head.spectra  tokenisers.spectra / decoders.spectra (as for images)
+    transformer.wpe.spectra.c_fc / c_proj    wave_emb.0 / .2            ("affine": c_fc -> .0 only)
 
 Exported files hold only tensors and primitives (model_args["modalities"] is a list of plain dicts), so they load
 with `weights_only=True`. To build the reference model from one:
@@ -53,6 +64,7 @@ import torch
 from astrolom.model.astropt import AstroPT, ModelConfig
 
 MODALITY = "images"
+SUPPORTED = ("images", "spectra")  # alphabetical: the reference's sequence order
 _COMPILE_PREFIXES = ("_orig_mod.", "module.")
 # (reference name, astrolom name) inside transformer.h.N / blocks.N
 _BLOCK_RULES = (
@@ -201,8 +213,7 @@ def export_reference_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path
         raise ReferenceFormatError(
             f"tokeniser {cfg.tokeniser!r} has no equivalent in the reference astropt 2.x (only 'aim' and 'affine')"
         )
-    if cfg.modalities != (MODALITY,):
-        raise ReferenceFormatError(f"only the {MODALITY!r} modality can be exported, got {cfg.modalities}")
+    _check_exportable(cfg)
     state = astrolom_to_reference_state_dict(model.state_dict(), cfg.tokeniser)
     ckpt = {"model": state, "model_args": _model_args(cfg)}
     path = Path(path)
@@ -213,9 +224,38 @@ def export_reference_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path
     return path
 
 
+def _check_exportable(cfg: ModelConfig) -> None:
+    """Raise unless the reference can represent `cfg` exactly (see the module docstring)."""
+    if any(m not in SUPPORTED for m in cfg.modalities) or list(cfg.modalities) != sorted(cfg.modalities):
+        raise ReferenceFormatError(
+            f"modalities {cfg.modalities} cannot be exported: the reference supports {SUPPORTED} in alphabetical order"
+        )
+    if len(cfg.modalities) > 1:
+        if cfg.modality_tokens:
+            raise ReferenceFormatError(
+                "the reference has no begin-of-modality tokens or modality embedding; only models trained with "
+                "modality_tokens=False (the reference layout) can be exported"
+            )
+        if cfg.modality_order != "fixed":
+            raise ReferenceFormatError(
+                "the reference always uses the alphabetical order; modality_order='random' models"
+            )
+    if "spectra" in cfg.modalities and cfg.spectrum_amplitude:
+        raise ReferenceFormatError(
+            "spectrum tokens with the log-amplitude value (spectrum_amplitude=True) have no reference equivalent: "
+            "its data pipeline feeds the W fluxes only"
+        )
+
+
+def _modalities_in(state: Mapping[str, torch.Tensor], prefix: str, position: int) -> tuple[str, ...]:
+    return tuple(sorted({k.split(".")[position] for k in state if k.startswith(prefix)}))
+
+
 def reference_to_astrolom_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
     """Rename a reference GPT state dict to astrolom names (unknown names raise)."""
-    table = _name_table(tokeniser, _count_layers(state))
+    state = _strip_prefixes(state)
+    mods = _modalities_in(state, "transformer.wte.", 2) or (MODALITY,)
+    table = _name_table(tokeniser, _count_layers(state), mods)
     out = {}
     for name, tensor in _strip_prefixes(state).items():
         if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
@@ -229,7 +269,8 @@ def reference_to_astrolom_state_dict(state: Mapping[str, torch.Tensor], tokenise
 def astrolom_to_reference_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
     """Rename an astrolom state dict to reference GPT names; tensors are copied (contiguous, detached)."""
     n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
-    table = {ours: ref for ref, ours in _name_table(tokeniser, n_layer).items()}
+    mods = _modalities_in(state, "tokenisers.", 1) or (MODALITY,)
+    table = {ours: ref for ref, ours in _name_table(tokeniser, n_layer, mods).items()}
     out = {}
     for name, tensor in state.items():
         if name not in table:
@@ -238,20 +279,22 @@ def astrolom_to_reference_state_dict(state: Mapping[str, torch.Tensor], tokenise
     return out
 
 
-def _name_table(tokeniser: str, n_layer: int) -> dict[str, str]:
+def _name_table(tokeniser: str, n_layer: int, modalities: tuple[str, ...] = (MODALITY,)) -> dict[str, str]:
     """Every reference parameter name -> astrolom name, weights and biases (bias entries may go unused)."""
-    m = MODALITY
-    pairs = [
-        (f"transformer.wte.{m}.c_fc", f"tokenisers.{m}.0"),
-        (f"lm_head.{m}.c_fc", f"decoders.{m}.0"),
-        ("transformer.ln_f", "ln_f"),
-    ]
-    if tokeniser == "aim":
-        pairs += [(f"transformer.wte.{m}.c_proj", f"tokenisers.{m}.2"), (f"lm_head.{m}.c_proj", f"decoders.{m}.2")]
+    pairs = [("transformer.ln_f", "ln_f")]
+    for m in modalities:
+        pairs += [(f"transformer.wte.{m}.c_fc", f"tokenisers.{m}.0"), (f"lm_head.{m}.c_fc", f"decoders.{m}.0")]
+        if tokeniser == "aim":
+            pairs += [(f"transformer.wte.{m}.c_proj", f"tokenisers.{m}.2"), (f"lm_head.{m}.c_proj", f"decoders.{m}.2")]
+        if m == "spectra":
+            pairs.append(("transformer.wpe.spectra.c_fc", "wave_emb.0"))
+            if tokeniser == "aim":
+                pairs.append(("transformer.wpe.spectra.c_proj", "wave_emb.2"))
     for i in range(n_layer):
         pairs += [(f"transformer.h.{i}.{ref}", f"blocks.{i}.{ours}") for ref, ours in _BLOCK_RULES]
     table = {f"{ref}.{p}": f"{ours}.{p}" for ref, ours in pairs for p in ("weight", "bias")}
-    table[f"transformer.wpe.{m}.wpe.weight"] = "pos_emb.weight"
+    if MODALITY in modalities:
+        table[f"transformer.wpe.{MODALITY}.wpe.weight"] = "pos_emb.weight"
     return table
 
 
@@ -290,11 +333,53 @@ def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> 
         )
     names = sorted({k.split(".")[2] for k in state if k.startswith("transformer.wte.")})
     mods = list(args.get("modalities") or [])
-    mod_names = sorted(_field(mc, "name") for mc in mods) if mods else names
-    if mod_names != [MODALITY] or (names and names != [MODALITY]):
+    by_name = {_field(mc, "name"): mc for mc in mods}
+    mod_names = sorted(by_name) if mods else names
+    if not mod_names or any(m not in SUPPORTED for m in mod_names) or (names and names != mod_names):
         raise ReferenceFormatError(
-            f"only single-modality {MODALITY!r} checkpoints are supported, this one has {mod_names or names}"
+            f"only 'images' and/or 'spectra' checkpoints are supported, this one has {mod_names or names}"
+            + (f" (weights for {names})" if names and names != mod_names else "")
         )
+    tokeniser = "aim" if f"transformer.wte.{mod_names[0]}.c_proj.weight" in state else "affine"
+    if args.get("tokeniser", tokeniser) != tokeniser:
+        raise ReferenceFormatError(f"model_args say tokeniser={args['tokeniser']!r} but the weights are {tokeniser!r}")
+    bias = "transformer.ln_f.bias" in state
+    if "bias" in args and bool(args["bias"]) != bias:
+        has = "have" if bias else "lack"
+        raise ReferenceFormatError(f"model_args say bias={args['bias']} but the weights {has} biases")
+    if "n_head" not in args:
+        raise ReferenceFormatError("n_head is not stored in the weights: pass model_args={'n_head': ...}")
+    ln_f = state.get("transformer.ln_f.weight")
+    if ln_f is None:
+        raise ReferenceFormatError("no transformer.ln_f.weight in the checkpoint: not an astropt 2.x GPT state dict")
+    derived: dict = {"n_layer": _count_layers(state), "n_embd": ln_f.shape[0]}
+    kw: dict = {}
+    if MODALITY in mod_names:
+        kw.update(_images_fields(args, state, by_name.get(MODALITY, {}), derived))
+    elif "block_size" in args:
+        derived["block_size"] = int(args["block_size"])
+    if "spectra" in mod_names:
+        kw.update(_spectra_fields(state, by_name.get("spectra", {})))
+    for key, value in derived.items():
+        if key in args and args[key] != value:
+            raise ReferenceFormatError(f"model_args say {key}={args[key]} but the weights give {value}")
+    if len(mod_names) > 1:
+        weights = tuple(float(_field(by_name.get(m, {}), "loss_weight", 1.0)) for m in mod_names)
+        # the reference layout: alphabetical order, no BOM tokens or modality embedding
+        kw.update(modality_tokens=False, modality_order="fixed", loss_weights=() if set(weights) == {1.0} else weights)
+    return ModelConfig(
+        **derived,
+        **kw,
+        n_head=int(args["n_head"]),
+        dropout=float(args.get("dropout", 0.0)),
+        bias=bias,
+        tokeniser=tokeniser,
+        modalities=tuple(mod_names),
+    )
+
+
+def _images_fields(args: Mapping, state: Mapping[str, torch.Tensor], mc: Any, derived: dict) -> dict:
+    """patch_size / n_chan of the images modality (and block_size from its position table)."""
     wte = state.get(f"transformer.wte.{MODALITY}.c_fc.weight")
     wpe = state.get(f"transformer.wpe.{MODALITY}.wpe.weight")
     if wte is None or wpe is None:
@@ -302,22 +387,12 @@ def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> 
             f"no {MODALITY} tokeniser or learned position embedding (embed_pos=True) in the checkpoint; "
             "2024-era AstroPT checkpoints use other module names and are not supported"
         )
-    mc = mods[0] if mods else {}
-    if mods and not _field(mc, "embed_pos", True):
-        raise ReferenceFormatError("only learned position embeddings (embed_pos=True) are supported")
-
-    tokeniser = "aim" if f"transformer.wte.{MODALITY}.c_proj.weight" in state else "affine"
-    if args.get("tokeniser", tokeniser) != tokeniser:
-        raise ReferenceFormatError(f"model_args say tokeniser={args['tokeniser']!r} but the weights are {tokeniser!r}")
-    bias = "transformer.ln_f.bias" in state
-    if "bias" in args and bool(args["bias"]) != bias:
-        has = "have" if bias else "lack"
-        raise ReferenceFormatError(f"model_args say bias={args['bias']} but the weights {has} biases")
-
-    if "n_head" not in args:
-        raise ReferenceFormatError("n_head is not stored in the weights: pass model_args={'n_head': ...}")
+    if mc and not _field(mc, "embed_pos", True):
+        raise ReferenceFormatError("only learned position embeddings (embed_pos=True) are supported for images")
     input_size = wte.shape[1]
-    n_embd = wpe.shape[1]
+    derived["block_size"] = wpe.shape[0]
+    if wpe.shape[1] != derived["n_embd"]:
+        raise ReferenceFormatError(f"position table width {wpe.shape[1]} != model width {derived['n_embd']}")
     patch_size = _field(mc, "patch_size")
     n_chan = args.get("n_chan")
     if patch_size is None:
@@ -326,33 +401,56 @@ def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> 
         patch_size = math.isqrt(input_size // n_chan)
     if input_size % (patch_size * patch_size):
         raise ReferenceFormatError(f"input size {input_size} is not patch_size^2 * bands with patch_size={patch_size}")
-    bands = input_size // (patch_size * patch_size)
     if _field(mc, "input_size", input_size) != input_size:
         raise ReferenceFormatError(f"modality input_size {_field(mc, 'input_size')} != tokeniser input {input_size}")
-    derived = {"n_layer": _count_layers(state), "n_embd": n_embd, "block_size": wpe.shape[0]}
-    for key, value in derived.items():
-        if key in args and args[key] != value:
-            raise ReferenceFormatError(f"model_args say {key}={args[key]} but the weights give {value}")
-    return ModelConfig(
-        **derived,
-        n_head=int(args["n_head"]),
-        patch_size=int(patch_size),
-        n_chan=int(bands),
-        dropout=float(args.get("dropout", 0.0)),
-        bias=bias,
-        tokeniser=tokeniser,
-    )
+    return {"patch_size": int(patch_size), "n_chan": int(input_size // (patch_size * patch_size))}
+
+
+def _spectra_fields(state: Mapping[str, torch.Tensor], mc: Any) -> dict:
+    """spectrum_patch of the spectra modality; its positions must be the MLP of one wavelength value."""
+    wte = state.get("transformer.wte.spectra.c_fc.weight")
+    pos = state.get("transformer.wpe.spectra.c_fc.weight")
+    if wte is None:
+        raise ReferenceFormatError("no spectra tokeniser (transformer.wte.spectra) in the checkpoint")
+    if pos is None or (mc and _field(mc, "embed_pos", False)):
+        raise ReferenceFormatError(
+            "spectra with learned index positions (embed_pos=True) are not supported: astrolom places spectrum "
+            "tokens by wavelength (embed_pos=False, an MLP of pos_input_size=1)"
+        )
+    if pos.shape[1] != 1 or _field(mc, "pos_input_size", 1) != 1:
+        raise ReferenceFormatError(f"spectra positions must be one wavelength value per token, got {pos.shape[1]}")
+    width = wte.shape[1]
+    if _field(mc, "input_size", width) != width:
+        raise ReferenceFormatError(f"spectra input_size {_field(mc, 'input_size')} != tokeniser input {width}")
+    return {"spectrum_patch": int(width), "spectrum_amplitude": False}
 
 
 def _model_args(cfg: ModelConfig) -> dict:
-    modality = {
-        "name": MODALITY,
-        "input_size": cfg.input_dim,
-        "pos_input_size": 1,
-        "patch_size": cfg.patch_size,
-        "embed_pos": True,
-        "loss_weight": 1.0,
-    }
+    weights = cfg.loss_weights or (1.0,) * len(cfg.modalities)
+    modalities = []
+    for m, w in zip(cfg.modalities, weights, strict=True):
+        if m == MODALITY:
+            modalities.append(
+                {
+                    "name": m,
+                    "input_size": cfg.input_dim,
+                    "pos_input_size": 1,
+                    "patch_size": cfg.patch_size,
+                    "embed_pos": True,
+                    "loss_weight": w,
+                }  # fmt: skip
+            )
+        else:
+            modalities.append(
+                {
+                    "name": m,
+                    "input_size": cfg.spectrum_patch,
+                    "pos_input_size": 1,
+                    "patch_size": cfg.spectrum_patch,
+                    "embed_pos": False,
+                    "loss_weight": w,
+                }  # fmt: skip
+            )
     # exactly the GPTConfig fields of astropt 2.0.9, so that `GPTConfig(**model_args)` works
     args = {
         "block_size": cfg.block_size,
@@ -367,7 +465,7 @@ def _model_args(cfg: ModelConfig) -> dict:
         "lora_r": 0,
         "lora_alpha": 16,
         "lora_dropout": 0.1,
-        "modalities": [modality],
+        "modalities": modalities,
     }
     return args
 

@@ -6,11 +6,32 @@ One file, plain PyTorch (no parallelism, precision or compile logic: those are a
     patches (B, T, D) --tokeniser--> (B, T, C) + position embedding
       --> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))] --> ln_f --> decoder --> (B, T, D)
     loss = Huber(delta=1)(prediction at t, standardised patch t+1)
+
+Several modalities (`ModelConfig.modalities`, e.g. ("images", "spectra")) share the transformer; each has its own
+tokeniser and decoder. A multimodal model takes a dict of tensors (`forward(inputs)`, keys below) and lays every
+sample out as one sequence of segments, one per modality:
+
+    [BOM_images, img_0 .. img_{Ti-1}, BOM_spectra, spec_0 .. spec_{Ts-1}]     (order fixed or random per sample)
+
+A learned begin-of-modality (BOM) vector opens each segment and a learned modality embedding is added to every
+token of a segment, so a model can be prompted to start any modality (`generate_modality`). Token j of a modality is
+predicted from the hidden state just before it (its BOM for j = 0), so no value is ever predicted across a modality
+boundary and both conditionals image->spectrum and spectrum->image are learned when the order is random. Image
+tokens take learned positions 0..Ti-1 (`pos_emb`, as in the images-only model); spectrum tokens take an MLP of their
+normalised wavelength (`wave_emb`), evaluated in float32 even under autocast. Missing modalities, padding tokens and
+masked values are excluded from attention (as keys) and from the loss. Input keys, per modality `m`:
+
+    m                (B, Tm, Dm) tokens                         m_mask        (B, Tm) bool, token present
+    m_positions      (B, Tm) float32 wavelength (spectra)       m_value_mask  (B, Tm, Dm) bool, value in the loss
+    m_present        (B,) bool, object has the modality (default: any token present); a missing key m = absent.
+
+A model with `modalities=("images",)` has exactly the images-only modules and behaviour (tensor in, tensor out).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TOKENISERS = ("aim", "affine", "paper")
+MODALITIES = ("images", "spectra")
+ORDERS = ("fixed", "random")
 
 
 @dataclass
@@ -34,11 +57,21 @@ class ModelConfig:
     bias: bool = False  # bias in Linear/LayerNorm of the transformer; the "paper" tokeniser always has biases
     # "aim": Linear-GELU-Linear (4x hidden); "affine": one Linear; "paper": 2024 ReLU MLPs
     tokeniser: str = "aim"
-    modalities: tuple[str, ...] = ("images",)
+    modalities: tuple[str, ...] = ("images",)  # any non-empty subset of MODALITIES, in the fixed sequence order
+    # "fixed": segments in `modalities` order; "random": a random order per sample while training (eval: fixed)
+    modality_order: str = "fixed"
+    # BOM tokens + modality embedding for multimodal models; False is the reference astropt layout (import only)
+    modality_tokens: bool = True
+    loss_weights: tuple[float, ...] = ()  # one per modality (default all 1): weights of a token-weighted mean
+    spectrum_patch: int = 32  # pixels per spectrum token (see astrolom.data.spectra for the choice)
+    spectrum_amplitude: bool = True  # spectrum tokens carry log10 of the spectrum's scale as one extra value
+    spectrum_wavelength_range: tuple[float, float] = (3000.0, 10000.0)  # Angstrom mapped to positions 0 and 1
 
     def __post_init__(self):
         # JSON/YAML configs give lists; a tuple keeps configs comparable with the default
         self.modalities = tuple(self.modalities)
+        self.loss_weights = tuple(float(w) for w in self.loss_weights)
+        self.spectrum_wavelength_range = tuple(float(w) for w in self.spectrum_wavelength_range)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "patch_size", "n_chan"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -49,12 +82,49 @@ class ModelConfig:
             raise ValueError(f"tokeniser must be one of {TOKENISERS}, got {self.tokeniser!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.modalities != ("images",):
-            raise ValueError("only the 'images' modality is implemented so far")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be a non-empty list without repeats, got {self.modalities}")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
+        if self.modality_order not in ORDERS:
+            raise ValueError(f"modality_order must be one of {ORDERS}, got {self.modality_order!r}")
+        if self.modality_order == "random" and not self.modality_tokens and len(self.modalities) > 1:
+            # without BOM tokens a modality's first token is predicted across the boundary from whichever
+            # modality happens to precede it; that layout exists for reference checkpoints (fixed order) only
+            raise ValueError("modality_order='random' needs modality_tokens=True")
+        if self.loss_weights and (len(self.loss_weights) != len(self.modalities) or min(self.loss_weights) < 0):
+            raise ValueError(
+                f"loss_weights must give one non-negative weight per modality {self.modalities}, "
+                f"got {self.loss_weights}"
+            )
+        if isinstance(self.spectrum_patch, bool) or not isinstance(self.spectrum_patch, int) or self.spectrum_patch < 1:
+            raise ValueError(f"spectrum_patch must be a positive integer, got {self.spectrum_patch!r}")
+        lo, hi = self.spectrum_wavelength_range
+        if not hi > lo:
+            raise ValueError(f"spectrum_wavelength_range must be (low, high) with high > low, got {(lo, hi)}")
 
     @property
     def input_dim(self) -> int:
         return self.patch_size * self.patch_size * self.n_chan
+
+    @property
+    def multimodal(self) -> bool:
+        """True when the model takes dict inputs (more than one modality, or spectra)."""
+        return self.modalities != ("images",)
+
+    @property
+    def bom_tokens(self) -> bool:
+        return self.modality_tokens and len(self.modalities) > 1
+
+    def modality_dim(self, modality: str) -> int:
+        """Values per token of a modality (what its tokeniser reads and its decoder writes)."""
+        if modality == "images":
+            return self.input_dim
+        return self.spectrum_patch + int(self.spectrum_amplitude)
+
+    def loss_weight(self, modality: str) -> float:
+        return self.loss_weights[self.modalities.index(modality)] if self.loss_weights else 1.0
 
 
 def _tokeniser(cfg: ModelConfig, d_in: int) -> nn.Module:
@@ -92,14 +162,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # SDPA dispatches to flash / memory-efficient kernels on GPU
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        # SDPA dispatches to flash / memory-efficient kernels on GPU; an explicit (B, 1, T, T) mask (causal and
+        # valid keys only, multimodal batches with missing tokens) takes the memory-efficient / math kernels
+        p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -123,8 +198,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,13 +207,20 @@ class AstroPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        d = config.input_dim
-        self.tokenisers = nn.ModuleDict({m: _tokeniser(config, d) for m in config.modalities})
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        mods = config.modalities
+        self.tokenisers = nn.ModuleDict({m: _tokeniser(config, config.modality_dim(m)) for m in mods})
+        if "images" in mods:
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        if "spectra" in mods:
+            # an MLP of the normalised wavelength (the reference's layout: same structure as a tokeniser of 1 value)
+            self.wave_emb = _tokeniser(config, 1)
+        if config.bom_tokens:
+            self.modality_emb = nn.Embedding(len(mods), config.n_embd)
+            self.bom_emb = nn.Embedding(len(mods), config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.decoders = nn.ModuleDict({m: _decoder(config, d) for m in config.modalities})
+        self.decoders = nn.ModuleDict({m: _decoder(config, config.modality_dim(m)) for m in mods})
         self.reset_parameters()
 
     @torch.no_grad()
@@ -160,7 +242,7 @@ class AstroPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (the paper's 'neural' parameter count)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+        return n - self.pos_emb.weight.numel() if non_embedding and hasattr(self, "pos_emb") else n
 
     def _embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         T = x.shape[1]
@@ -173,14 +255,19 @@ class AstroPT(nn.Module):
         return self.drop(self.tokenisers[modality](x) + self.pos_emb(pos))  # (B, T, C)
 
     def forward_intermediates(
-        self, x: torch.Tensor, modality: str = "images", stop_at: int | None = None
-    ) -> list[torch.Tensor]:
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str = "images", stop_at: int | None = None
+    ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Hidden states (B, T, C) after each transformer block (index i = output of block i).
 
         `stop_at` ends the pass after that block (negative counts from the end), so early-layer features cost
-        only the layers they need.
+        only the layers they need. With dict inputs (multimodal) each entry is a dict {modality: (B, Tm, C)} of the
+        hidden states at that modality's tokens (BOM tokens left out), from one joint pass in the fixed order.
         """
         last = len(self.blocks) - 1 if stop_at is None else self._block_index(stop_at)
+        if isinstance(x, Mapping):
+            hs, layout = self._trunk(x, None, last)
+            return [self._split(h, layout) for h in hs]
+        self._tensor_input_check()
         h = self._embed(x, modality)
         out = []
         for i, block in enumerate(self.blocks):
@@ -190,13 +277,19 @@ class AstroPT(nn.Module):
                 break
         return out
 
-    def forward_features(self, x: torch.Tensor, layer: int = -2, modality: str = "images") -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], layer: int = -2, modality: str = "images"
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Per-token features (B, T, C) from one block; the default -2 is the penultimate layer (paper, sec. 3).
 
-        `layer=-1` returns the final block after the final LayerNorm (what the decoder sees).
+        `layer=-1` returns the final block after the final LayerNorm (what the decoder sees). With dict inputs the
+        result is {modality: (B, Tm, C)} for every modality given: pass one modality's keys for single-modality
+        features, several for joint ones (`m_mask` says which tokens are real).
         """
         idx = self._block_index(layer)
         h = self.forward_intermediates(x, modality, stop_at=idx)[-1]
+        if isinstance(h, dict):
+            return {m: self.ln_f(v) for m, v in h.items()} if idx == len(self.blocks) - 1 else h
         return self.ln_f(h) if idx == len(self.blocks) - 1 else h
 
     def _block_index(self, layer: int) -> int:
@@ -207,8 +300,13 @@ class AstroPT(nn.Module):
         return layer + n if layer < 0 else layer
 
     def forward(
-        self, x: torch.Tensor, targets: torch.Tensor | None = None, modality: str = "images"
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        x: torch.Tensor | Mapping[str, torch.Tensor],
+        targets: torch.Tensor | None = None,
+        modality: str = "images",
+        order: list[str] | torch.Tensor | None = None,
+        normaliser: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor | None]:
         """Predict token t+1 from tokens <= t.
 
         Args:
@@ -217,13 +315,271 @@ class AstroPT(nn.Module):
 
         Returns:
             (prediction (B, T, D), Huber loss averaged over all values or None)
+
+        With dict inputs (see the module docstring) it returns ({modality: (B, Tm, Dm) prediction *of* each token},
+        loss): the Huber loss of each token averaged over its `m_value_mask` values, then a mean over the tokens
+        whose value and context exist, weighted per modality by `loss_weights`. `order` overrides the segment
+        order: a list of modality names, or a (B, n) tensor of indices into the modalities given, per sample.
+        `normaliser` replaces the batch's own total token weight (`loss_weight(x)`) as the denominator, so that
+        gradient accumulation and data parallelism can divide by the weight of the whole global batch.
         """
+        if isinstance(x, Mapping):
+            if targets is not None:
+                raise ValueError(
+                    "multimodal inputs carry their own targets (each token is predicted); pass targets=None"
+                )
+            return self._forward_multi(x, order, normaliser)
+        self._tensor_input_check()
         h = self._embed(x, modality)
         for block in self.blocks:
             h = block(h)
         pred = self.decoders[modality](self.ln_f(h))  # (B, T, D)
         loss = None if targets is None else F.huber_loss(pred, targets, delta=1.0)
         return pred, loss
+
+    # --- multimodal ----------------------------------------------------------------------------------------------
+    def _tensor_input_check(self) -> None:
+        if self.config.multimodal:
+            raise TypeError(
+                f"this model has modalities {self.config.modalities}: pass a dict of tensors "
+                "({'images': ..., 'spectra': ..., 'spectra_positions': ...}), see astrolom.model.astropt"
+            )
+
+    def _positions(self, m: str, inputs: Mapping[str, torch.Tensor], B: int, T: int, device) -> torch.Tensor:
+        if m == "images":
+            if T > self.config.block_size:
+                raise ValueError(f"{T} image tokens exceed block_size={self.config.block_size}")
+            return self.pos_emb(torch.arange(T, device=device))  # (T, C)
+        pos = inputs.get(f"{m}_positions")
+        if pos is None or tuple(pos.shape) != (B, T):
+            got = None if pos is None else tuple(pos.shape)
+            raise ValueError(f"'{m}_positions' must be (B, T) = {(B, T)} normalised wavelengths, got {got}")
+        weight = self.wave_emb[0].weight
+        # float32 wavelengths stay float32 under autocast (bf16 would round them to 16-64 A steps)
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self.wave_emb(pos.to(weight.dtype)[..., None])  # (B, T, C)
+
+    def _trunk(
+        self, inputs: Mapping[str, torch.Tensor], order: list[str] | torch.Tensor | None, last: int
+    ) -> tuple[list[torch.Tensor], dict]:
+        """Embed, lay out and run blocks 0..last; hidden states in sequence order plus the layout to undo it."""
+        cfg = self.config
+        known = {f"{m}{s}" for m in cfg.modalities for s in ("", "_positions", "_mask", "_value_mask", "_present")}
+        unknown = sorted(set(inputs) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown input keys {unknown} for modalities {cfg.modalities}; expected some of {sorted(known)}"
+            )
+        mods = [m for m in cfg.modalities if m in inputs]
+        if not mods:
+            raise ValueError(f"inputs hold none of the model's modalities {cfg.modalities}")
+        B = inputs[mods[0]].shape[0]
+        device = inputs[mods[0]].device
+        embs, valid, tok_masks, segs = [], [], {}, []
+        start = 0
+        for m in mods:
+            x = inputs[m]
+            if x.dim() != 3 or x.shape[0] != B or x.shape[-1] != cfg.modality_dim(m):
+                raise ValueError(f"'{m}' must be (B={B}, T, {cfg.modality_dim(m)}), got {tuple(x.shape)}")
+            T = x.shape[1]
+            tok = inputs.get(f"{m}_mask")
+            tok = torch.ones(B, T, dtype=torch.bool, device=device) if tok is None else tok.to(torch.bool)
+            present = inputs.get(f"{m}_present")
+            present = tok.any(1) if present is None else present.to(torch.bool)
+            tok = tok & present[:, None]
+            e = self.tokenisers[m](x) + self._positions(m, inputs, B, T, device)  # (B, T, C)
+            if cfg.bom_tokens:
+                k = cfg.modalities.index(m)
+                e = torch.cat([self.bom_emb.weight[k].expand(B, 1, -1).to(e.dtype), e], dim=1)
+                e = e + self.modality_emb.weight[k].to(e.dtype)
+                v = torch.cat([present[:, None], tok], dim=1)
+            else:
+                v = tok
+            embs.append(e)
+            valid.append(v)
+            tok_masks[m] = tok
+            segs.append((m, start, e.shape[1]))
+            start += e.shape[1]
+        if start > cfg.block_size:
+            counts = ", ".join(f"{m} {inputs[m].shape[1]}" for m in mods)
+            bom = f" + {len(mods)} begin-of-modality" if cfg.bom_tokens else ""
+            raise ValueError(
+                f"token budget exceeded: {counts} tokens{bom} = {start} > block_size={cfg.block_size}; "
+                "use larger patches, smaller stamps or a larger block_size"
+            )
+        h = torch.cat(embs, dim=1)  # (B, T, C) canonical order
+        key_valid = torch.cat(valid, dim=1)  # (B, T)
+        perm = self._permutation(segs, order, B, device)
+        if perm is not None:
+            h = h.gather(1, perm[..., None].expand(-1, -1, h.shape[-1]))
+            key_valid = key_valid.gather(1, perm)
+        T = h.shape[1]
+        attn_mask = None
+        if not bool(key_valid.all()):
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=device)
+            # a query never sees a missing key; it always sees itself, so no row is empty (NaN-free softmax)
+            attn_mask = ((causal & key_valid[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
+        h = self.drop(h)
+        out = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, attn_mask)
+            out.append(h)
+            if i == last:
+                break
+        layout = {"segs": segs, "perm": perm, "key_valid": key_valid, "tok_masks": tok_masks}
+        return out, layout
+
+    def _permutation(self, segs: list, order, B: int, device) -> torch.Tensor | None:
+        """(B, T) gather index from the canonical layout to each sample's segment order; None for the canonical."""
+        names = [m for m, _, _ in segs]
+        n = len(names)
+        if order is None:
+            if self.config.modality_order == "random" and self.training and n > 1:
+                order = torch.argsort(torch.rand(B, n), dim=1)  # global torch RNG: saved with trainer state
+            else:
+                return None
+        elif not isinstance(order, torch.Tensor):
+            if sorted(order) != sorted(names):
+                raise ValueError(f"order {list(order)} must name exactly the modalities given, {names}")
+            order = torch.tensor([names.index(m) for m in order]).expand(B, n)
+        order = order.to("cpu", torch.long)
+        if order.shape != (B, n) or not bool((order.sort(1).values == torch.arange(n)).all()):
+            raise ValueError(f"order must be (B={B}, {n}) permutations of 0..{n - 1}, got {tuple(order.shape)}")
+        if bool((order == torch.arange(n)).all()):
+            return None
+        uniq, inverse = torch.unique(order, dim=0, return_inverse=True)
+        table = torch.stack(
+            [torch.cat([torch.arange(segs[k][1], segs[k][1] + segs[k][2]) for k in row.tolist()]) for row in uniq]
+        )
+        return table[inverse].to(device)
+
+    def _canonical(self, h: torch.Tensor, layout: dict) -> torch.Tensor:
+        perm = layout["perm"]
+        if perm is None:
+            return h
+        inv = torch.argsort(perm, dim=1)
+        return h.gather(1, inv[..., None].expand(-1, -1, h.shape[-1])) if h.dim() == 3 else h.gather(1, inv)
+
+    def _split(self, h: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+        """Sequence-order hidden states -> {modality: (B, Tm, C)} at its data tokens."""
+        h = self._canonical(h, layout)
+        off = int(self.config.bom_tokens)
+        return {m: h[:, s + off : s + n] for m, s, n in layout["segs"]}
+
+    def loss_weight(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Total weight of the tokens that enter the loss of `inputs` (the loss's denominator), without a forward.
+
+        A token counts when it has a value in the loss and its predecessor (its BOM, or the previous token of the
+        fixed sequence without BOM tokens) is present; each counts with its modality's loss weight.
+        """
+        total = torch.zeros((), dtype=torch.float32)
+        prev_last = None
+        for m in (m for m in self.config.modalities if m in inputs):
+            x = inputs[m]
+            B, T = x.shape[:2]
+            tok = inputs.get(f"{m}_mask")
+            tok = torch.ones(B, T, dtype=torch.bool, device=x.device) if tok is None else tok.to(torch.bool)
+            present = inputs.get(f"{m}_present")
+            present = tok.any(1) if present is None else present.to(torch.bool)
+            tok = tok & present[:, None]
+            vm = inputs.get(f"{m}_value_mask")
+            has = tok if vm is None else tok & vm.any(-1)
+            if self.config.bom_tokens:
+                first = present
+            else:
+                first = torch.zeros_like(present) if prev_last is None else prev_last
+            src = torch.cat([first[:, None], tok[:, :-1]], dim=1)
+            total = total + self.config.loss_weight(m) * (has & src).sum().float().cpu()
+            prev_last = tok[:, -1]
+        return total
+
+    def _forward_multi(
+        self, inputs: Mapping[str, torch.Tensor], order, normaliser: torch.Tensor | float | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        hs, layout = self._trunk(inputs, order, len(self.blocks) - 1)
+        h = self.ln_f(hs[-1])  # (B, T, C) sequence order
+        kv = layout["key_valid"]
+        # the token at sequence position p is predicted from the hidden state at p - 1 (its BOM or its predecessor)
+        src = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        src_valid = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1]], dim=1)
+        src = self._canonical(src, layout)
+        src_valid = self._canonical(src_valid, layout)
+        off = int(self.config.bom_tokens)
+        preds: dict[str, torch.Tensor] = {}
+        num = h.new_zeros((), dtype=torch.float32)
+        den = h.new_zeros((), dtype=torch.float32)
+        for m, s, n in layout["segs"]:
+            pred = self.decoders[m](src[:, s + off : s + n])  # (B, Tm, Dm)
+            preds[m] = pred
+            target = inputs[m]
+            vm = inputs.get(f"{m}_value_mask")
+            vm = torch.ones_like(target, dtype=torch.float32) if vm is None else vm.to(torch.float32)
+            hub = F.huber_loss(pred.float(), target.float(), reduction="none", delta=1.0)
+            tok_loss = (hub * vm).sum(-1) / vm.sum(-1).clamp_min(1.0)  # (B, Tm)
+            w = (layout["tok_masks"][m] & src_valid[:, s + off : s + n] & (vm.sum(-1) > 0)).to(torch.float32)
+            w = w * self.config.loss_weight(m)
+            num = num + (tok_loss * w).sum()
+            den = den + w.sum()
+        return preds, num / (den.clamp_min(1e-12) if normaliser is None else normaliser)
+
+    @torch.no_grad()
+    def generate_modality(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        target: str,
+        n_tokens: int | None = None,
+        positions: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate `target` tokens (B, n, Dm) from the other modalities in `inputs` (prompted by its BOM token).
+
+        Args:
+            inputs: conditioning modalities (dict inputs as for `forward`); keys of `target` are ignored.
+            target: the modality to generate.
+            n_tokens: how many tokens (images); for spectra it is the length of `positions`.
+            positions: (B, n) or (n,) normalised wavelengths of the spectrum tokens to generate.
+            temperature: standard deviation of Gaussian noise added to each generated token.
+        """
+        cfg = self.config
+        if target not in cfg.modalities:
+            raise ValueError(f"target {target!r} is not one of the model's modalities {cfg.modalities}")
+        cond = {k: v for k, v in inputs.items() if k != target and not k.startswith(f"{target}_")}
+        given = [m for m in cfg.modalities if m in cond]
+        if not given:
+            raise ValueError(
+                f"nothing to condition on: inputs hold none of {[m for m in cfg.modalities if m != target]}"
+            )
+        B, device = cond[given[0]].shape[0], cond[given[0]].device
+        if target == "spectra":
+            if positions is None:
+                raise ValueError("generating spectra needs the token wavelengths: positions=(n,) or (B, n)")
+            positions = positions.to(device).expand(B, -1) if positions.dim() == 1 else positions.to(device)
+            n_tokens = positions.shape[1]
+        elif n_tokens is None:
+            raise ValueError("generating images needs n_tokens")
+        d = cfg.modality_dim(target)
+        order = [*given, target]
+        out = torch.zeros(B, 0, d, device=device)
+        for k in range(n_tokens):
+            x = torch.cat([out, torch.zeros(B, 1, d, device=device)], dim=1)
+            mask = torch.ones(B, k + 1, dtype=torch.bool, device=device)
+            mask[:, -1] = False  # the placeholder is predicted, never attended to
+            step = {
+                **cond,
+                target: x,
+                f"{target}_mask": mask,
+                f"{target}_present": torch.ones(B, dtype=torch.bool, device=device),
+            }
+            if target == "spectra":
+                step[f"{target}_positions"] = positions[:, : k + 1]
+            preds, _ = self._forward_multi(step, order)
+            nxt = preds[target][:, -1:]
+            if temperature > 0:
+                nxt = nxt + temperature * torch.randn(nxt.shape, generator=generator, device=device, dtype=nxt.dtype)
+            out = torch.cat([out, nxt], dim=1)
+        return out
 
     @torch.no_grad()
     def generate(

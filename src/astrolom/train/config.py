@@ -32,9 +32,21 @@ class ModelSection:
     dropout: float = 0.0
     bias: bool = False
     tokeniser: str = "aim"
+    # multimodal (see astrolom.model.astropt): e.g. modalities=images,spectra needs data with spectra
+    modalities: tuple[str, ...] = ("images",)
+    modality_order: str = "fixed"  # fixed | random (per sample, so both conditionals are learned)
+    modality_tokens: bool = True  # begin-of-modality tokens and a modality embedding
+    loss_weights: tuple[float, ...] = ()  # one per modality; () = all 1
+    spectrum_patch: int = 32  # pixels per spectrum token
+    spectrum_amplitude: bool = True  # spectrum tokens carry log10 of the spectrum's scale
 
     def __post_init__(self):
         get_preset(self.preset)  # raises on an unknown name
+        self.modalities = tuple(self.modalities)
+        self.loss_weights = tuple(self.loss_weights)
+        # the model's own checks (names, order, weights) with the section's values, so errors come early
+        ModelConfig(modalities=self.modalities, modality_order=self.modality_order, loss_weights=self.loss_weights,
+                    spectrum_patch=self.spectrum_patch)  # fmt: skip
         if self.tokeniser not in TOKENISERS:
             raise ValueError(f"model.tokeniser must be one of {TOKENISERS}, got {self.tokeniser!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size"):

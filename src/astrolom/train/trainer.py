@@ -39,6 +39,7 @@ import torch
 
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
 from astrolom.data.batching import batch_tokens
+from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength, to_device
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
 from astrolom.model.astropt import AstroPT
@@ -137,7 +138,9 @@ class _Data:
         if not d.path:
             raise ValueError("no data: pass --data DIR (or data.path=...)")
         self.cfg, self.env = d, env
-        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are not read for image pretraining
+        self.modalities = cfg.model.modalities
+        self.multimodal = self.modalities != ("images",)
+        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are read only for spectra models
         manifest = Path(cfg.train.out_dir) / "skipped.jsonl" if d.skip_bad and cfg.train.out_dir else None
         self.source = open_source(
             d.path,
@@ -146,8 +149,13 @@ class _Data:
             manifest=manifest,
             split_fractions=d.split_fractions,
             split_seed=d.split_seed,
-            spectra=False,
+            spectra="spectra" in self.modalities,
         )
+        self.spectra = None
+        if "spectra" in self.modalities:
+            m = cfg.model
+            grid = source_wavelength(self.source, d.path)
+            self.spectra = SpectrumTokeniser(grid, patch=m.spectrum_patch, amplitude=m.spectrum_amplitude)
         self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None, output=d.token_format)
         self._train_iter = None
         self._prefetch: _Prefetch | None = None
@@ -159,6 +167,13 @@ class _Data:
         self.tokens_per_stamp = probe["tokens"].shape[1]
         self.n_chan = probe["tokens"].shape[2] // (d.patch_size * d.patch_size)
         self.grid: tuple[int, int] = tuple(probe["grid"])
+        # tokens the model sees per object: the stamp minus its last token, or every modality's tokens + BOMs
+        self.sequence_length = self.tokens_per_stamp - 1
+        if self.multimodal:
+            bom = len(self.modalities) if cfg.model.modality_tokens and len(self.modalities) > 1 else 0
+            image_tokens = self.tokens_per_stamp if "images" in self.modalities else 0
+            spectrum_tokens = self.spectra.n_tokens if self.spectra is not None else 0
+            self.sequence_length = image_tokens + spectrum_tokens + bom
 
     def _batches(
         self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None, output: str = "float32"
@@ -172,9 +187,10 @@ class _Data:
             world_size=self.env.world_size,
             epochs=epochs,
         )
-        return TokenBatches(
+        batches = TokenBatches(
             stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size, output=output
         )
+        return MultimodalBatches(batches, self.modalities, self.spectra) if self.multimodal else batches
 
     def _take_val(self, micro: int, n: int) -> list[torch.Tensor]:
         # Record k of the val stream is on rank k % world, so the first n of the stream are the first
@@ -186,9 +202,12 @@ class _Data:
             for batch in self._batches(split, micro, shuffle=False, epochs=1):
                 if have >= share:
                     break
-                out.append(batch["tokens"][: share - have])
+                if self.multimodal:
+                    out.append(slice_inputs(batch["inputs"], share - have))
+                else:
+                    out.append(batch["tokens"][: share - have])
                 self.val_ids += batch["object_id"][: share - have]
-                have += out[-1].shape[0]
+                have += len(batch["object_id"][: share - have])
         except ValueError as err:  # the stream's "no records in split"
             raise ValueError(
                 f"{err}; set data.val_split, or train.eval_interval=0 to train without validation"
@@ -209,8 +228,10 @@ class _Data:
             batch["tokens"] = batch_tokens(batch, self.env.device)
         return batch
 
-    def next_train(self) -> torch.Tensor:
-        return self.next_train_batch()["tokens"]
+    def next_train(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The next micro-batch: image tokens, or the multimodal model's dict input."""
+        batch = self.next_train_batch()
+        return batch["inputs"] if self.multimodal else batch["tokens"]
 
     def state_dict(self) -> dict:
         """Position after the last training batch handed to the trainer (JSON values)."""
@@ -245,6 +266,11 @@ class Trainer:
             raise ValueError(
                 "data.token_format=bfloat16 needs train.precision=bf16 (the model would see rounded tokens)"
             )
+        if cfg.data.token_format != "float32" and tuple(cfg.model.modalities) != ("images",):
+            raise ValueError(
+                f"data.token_format={cfg.data.token_format} is for images-only models; "
+                f"model.modalities={','.join(cfg.model.modalities)} trains on float32 tokens"
+            )
         self.data = _Data(cfg, self.env, self.micro, cfg.train.eval_samples if cfg.train.eval_interval else 0)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -252,7 +278,8 @@ class Trainer:
             cfg.model,
             patch_size=cfg.data.patch_size,
             n_chan=self.data.n_chan,
-            tokens_per_stamp=self.data.tokens_per_stamp,
+            # a multimodal sequence needs block_size >= its length (the images-only check is on stamp - 1)
+            tokens_per_stamp=self.data.sequence_length + 1,
         )
         mc = self.model_config
         resolved_model = dataclasses.replace(
@@ -261,7 +288,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=resolved_model)  # what RUN/config.yaml records
         model = AstroPT(self.model_config)
         self.n_params = model.num_params()  # non-embedding, for FLOPs
-        self.seq_len = self.data.tokens_per_stamp - 1
+        self.seq_len = self.data.sequence_length
         self.precision = parallel.resolve_precision(cfg.train.precision, self.env.device)
         parallel.configure_backends(self.env.device)
         self.model, self.strategy = parallel.parallelize(
@@ -355,6 +382,8 @@ class Trainer:
             "split_fractions": list(c.split_fractions),
             "split_seed": c.split_seed,
         }
+        if self.data.spectra is not None:
+            tokens["spectra"] = self.data.spectra.describe()
         out = ckpt.model_config_json(self.model_config, tokens=tokens, data=data)
         out["pretrain_config"] = to_dict(self.cfg)
         return out
@@ -399,13 +428,16 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
-        for i in range(self.accum):
-            tokens = self.data.next_train().to(self.env.device, non_blocking=True)
+        batches = [self.data.next_train() for _ in range(self.accum)]
+        normaliser = self._global_loss_weight(batches)
+        for i, batch in enumerate(batches):
             with parallel.grad_sync(self.model, i == self.accum - 1):
                 with parallel.autocast(self.precision, self.env.device):
-                    _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
-                (loss / self.accum).backward()
+                    loss = self._loss(self.model, batch, normaliser)
+                (loss if normaliser is not None else loss / self.accum).backward()
             loss_sum += loss.detach().float()
+        if normaliser is not None:
+            loss_sum = loss_sum * self.accum  # the micro-batch losses already sum to this rank's share
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -436,6 +468,32 @@ class Trainer:
             "mfu": util,
         }
 
+    def _global_loss_weight(self, batches: list) -> torch.Tensor | None:
+        """Multimodal: the step's total token weight over micro-batches and ranks, divided by the world size.
+
+        Objects may lack a modality, so micro-batches hold different numbers of loss tokens: dividing each rank's
+        summed micro-batch losses by this (DDP then averages over ranks) makes the gradient that of the mean over
+        every token of the global batch, whatever the micro-batching and world size.
+        """
+        if not batches or not isinstance(batches[0], dict):
+            return None
+        plain = parallel.unwrap(self.model)
+        total = sum(plain.loss_weight(b) for b in batches).to(self.env.device, torch.float64).reshape(1)
+        parallel.all_reduce_sum(total, self.env)
+        return (total / self.env.world_size).clamp_min(1e-12).float().reshape(())
+
+    def _loss(
+        self,
+        model: torch.nn.Module,
+        batch: torch.Tensor | dict[str, torch.Tensor],
+        normaliser: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token loss of one micro-batch: shifted image tokens, or the multimodal model's own targets."""
+        if isinstance(batch, dict):
+            return model(to_device(batch, self.env.device), normaliser=normaliser)[1]
+        tokens = batch.to(self.env.device, non_blocking=True)
+        return model(tokens[:, :-1], tokens[:, 1:])[1]
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over the cached validation images of every rank (weighted by images), or None without any."""
@@ -452,14 +510,18 @@ class Trainer:
                 tokens = self.data.val[i]
             elif self.data.val:
                 tokens = self.data.val[0]
+            elif self.data.multimodal:
+                raise ValueError("FSDP validation of a multimodal model needs validation objects on every rank")
             else:
                 tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.input_dim)
-            tokens = tokens.to(self.env.device, non_blocking=True)
+            mm = isinstance(tokens, dict)
             with parallel.autocast(self.precision, self.env.device):
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                # multimodal: summed token losses and their weight, so the mean is over every validation token
+                loss = self._loss(model, tokens, torch.ones((), device=self.env.device) if mm else None)
             if real:
-                total[0] += loss.double() * tokens.shape[0]
-                total[1] += tokens.shape[0]
+                n_obj = parallel.unwrap(model).loss_weight(tokens).item() if mm else tokens.shape[0]
+                total[0] += loss.double() * (1 if mm else n_obj)
+                total[1] += n_obj
         parallel.all_reduce_sum(total, self.env)
         if total[1] == 0:
             return None

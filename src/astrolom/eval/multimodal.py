@@ -1,0 +1,386 @@
+"""Using a multimodal (images + spectra) AstroPT: per-modality embeddings and cross-modal generation.
+
+Embeddings (`embed_multimodal`), each the penultimate block's output averaged over a modality's real tokens:
+
+- `embedding_images`: an images-only pass over the first `n_tokens` spiral tokens (the central patches);
+- `embedding_spectra`: a spectra-only pass over the spectrum's present tokens (null without a spectrum);
+- `embedding_joint`: one pass over both (images first, so the spectrum tokens see the image), averaged over every
+  present token of both; objects without a spectrum get their image embedding here. The file's `embedding`
+  column holds the joint one, so every tool that reads `embedding` (probes, search) uses it unchanged.
+
+Cross-modal generation (`astrolom generate --from images --to spectra`): the model is prompted with the image tokens
+and the spectrum's begin-of-modality token and continues the spectrum token by token (`AstroPT.generate_modality`).
+The metric is the mean Huber loss (δ = 1) over the good values of the true tokens, in the normalised units the
+model is trained on (flux / scale, plus log10 scale), against a trivial baseline: the training split's mean
+spectrum token values (per token position and value). The figure shows predicted and true spectra in flux units
+with emission lines marked at the true redshift. `--to images` predicts the first image tokens from a spectrum,
+scored the same way against the mean training image tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
+from astrolom.data.records import SPLITS, Record
+from astrolom.data.spectra import detokenize_spectra
+from astrolom.model.astropt import AstroPT
+
+DEFAULT_LAYER = -2
+DEFAULT_TOKENS = 64
+COLUMNS = ("embedding_images", "embedding_spectra", "embedding_joint")
+
+
+def spectrum_tokeniser_from_config(cfg_json: dict) -> SpectrumTokeniser:
+    """The spectrum tokeniser a model was trained with (its config.json `tokens.spectra`)."""
+    spec = (cfg_json.get("tokens") or {}).get("spectra")
+    if not spec or "wavelength" not in spec:
+        raise ValueError("the model's config.json has no tokens.spectra section: it was not trained on spectra")
+    return SpectrumTokeniser(
+        spec["wavelength"],
+        patch=int(spec["patch"]),
+        amplitude=bool(spec["amplitude"]),
+        wavelength_range=tuple(spec["wavelength_range"]),
+    )
+
+
+def _image_size(cfg_json: dict) -> int | tuple[int, int] | None:
+    size = (cfg_json.get("data") or {}).get("image_size")
+    return tuple(size) if isinstance(size, list) else size
+
+
+def record_inputs(
+    records: list[Record], model: AstroPT, cfg_json: dict, spectra: SpectrumTokeniser | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(tokenised batch, the model's dict input) for records, with the model's image and spectrum tokenisation."""
+    from astrolom.data.stream import tokenize_records
+
+    batch = tokenize_records(records, model.config.patch_size, image_size=_image_size(cfg_json))
+    batch["spectrum"] = [r.spectrum for r in records]
+    return batch, multimodal_inputs(batch, model.config.modalities, spectra)
+
+
+def _masked_mean(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(feats.dtype)[..., None]
+    return (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def embed_multimodal(
+    model: AstroPT, inputs: dict[str, torch.Tensor], layer: int = DEFAULT_LAYER, n_tokens: int = DEFAULT_TOKENS
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{column: (embeddings (B, C) float32, present (B,) bool)} for the modalities in `inputs` (module docstring)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    joint: dict[str, torch.Tensor] = {}
+    if "images" in inputs:
+        img = {"images": inputs["images"][:, :n_tokens]}
+        joint.update(img)
+        f = model.forward_features(img, layer=layer)["images"].float()
+        b = f.shape[0]
+        out["embedding_images"] = (f.mean(1), torch.ones(b, dtype=torch.bool, device=f.device))
+    spec = {k: v for k, v in inputs.items() if k.startswith("spectra")}
+    if spec:
+        joint.update(spec)
+        f = model.forward_features(spec, layer=layer)["spectra"].float()
+        present = spec["spectra_present"].to(torch.bool)
+        out["embedding_spectra"] = (_masked_mean(f, spec["spectra_mask"] & present[:, None]), present)
+    if len(joint) > 1 and "images" in joint:
+        feats = model.forward_features(joint, layer=layer)
+        fi, fs = feats["images"].float(), feats["spectra"].float()
+        m_s = (spec["spectra_mask"] & spec["spectra_present"].to(torch.bool)[:, None]).to(fi.dtype)
+        total = fi.sum(1) + (fs * m_s[..., None]).sum(1)
+        out["embedding_joint"] = (total / (fi.shape[1] + m_s.sum(1))[:, None], out["embedding_images"][1])
+    return out
+
+
+class MultimodalEmbeddingWriter:
+    """Parquet rows: object_id, split, labels, `embedding` (= joint) and one column per modality (null if absent)."""
+
+    def __init__(self, path: str | Path, metadata: dict):
+        self.path, self.metadata = Path(path), metadata
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self.rows = 0
+
+    def write(self, records: list[Record], embs: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        cols: dict[str, pa.Array] = {
+            "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
+            "split": pa.array([r.split for r in records], pa.string()),
+        }
+        labels = [k for k in records[0].labels if k not in ("object_id", "split", "embedding", *COLUMNS)]
+        for name in labels:
+            cols[name] = pa.array([_py(r.labels.get(name)) for r in records])
+        for name in ("embedding", *COLUMNS):
+            key = "embedding_joint" if name == "embedding" else name
+            if key not in embs:
+                continue
+            values, present = embs[key]
+            flat = pa.array(values.reshape(-1), pa.float32())
+            arr = pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~present))
+            cols[name] = arr
+        table = pa.table(cols)
+        if self._writer is None:
+            self._schema = table.schema.with_metadata({b"astrolom": json.dumps(self.metadata).encode()})
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, self._schema)
+        self._writer.write_table(table.cast(self._schema))
+        self.rows += len(records)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _py(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _load(model_path: str) -> tuple[AstroPT, dict, Path]:
+    from astrolom.train.checkpoint import from_pretrained, read_config, resolve_model_dir
+
+    model_dir = resolve_model_dir(model_path)
+    return from_pretrained(model_dir), read_config(model_dir), model_dir
+
+
+def _records(data: str, cfg_json: dict, splits: Iterable[str], max_per_split: int | None) -> Iterator[Record]:
+    from astrolom.data.sources import open_source
+    from astrolom.data.stream import RecordStream
+
+    d = cfg_json.get("data") or {}
+    settings = {}
+    if "split_fractions" in d:
+        settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
+    source = open_source(data, spectra=True, **settings)
+    counts = source.split_counts()
+    try:
+        for s in splits:
+            if counts.get(s, 0):
+                it = RecordStream(source, split=s, shuffle=False, epochs=1)
+                yield from (islice(it, max_per_split) if max_per_split else it)
+    finally:
+        source.close()
+
+
+def embed_multimodal_dataset(
+    model_path: str,
+    data: str,
+    out: str | Path,
+    *,
+    splits: Iterable[str] = SPLITS,
+    batch_size: int = 64,
+    layer: int = DEFAULT_LAYER,
+    n_tokens: int = DEFAULT_TOKENS,
+    max_per_split: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Embed a data set with a multimodal model: one row per object, per-modality columns (module docstring)."""
+    from tqdm.auto import tqdm
+
+    model, cfg_json, model_dir = _load(model_path)
+    if not model.config.multimodal:
+        raise ValueError(f"{model_dir} is an images-only model: use `astrolom embed`")
+    spectra = spectrum_tokeniser_from_config(cfg_json) if "spectra" in model.config.modalities else None
+    splits = list(splits)
+    meta = {"model": str(model_dir), "data": str(data), "layer": layer, "tokens": n_tokens, "splits": splits,
+            "columns": {"embedding": "joint", **{c: c.split("_", 1)[1] for c in COLUMNS}},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    writer = MultimodalEmbeddingWriter(out, meta)
+    it = _records(data, cfg_json, splits, max_per_split)
+    bar = tqdm(desc="embed", unit="obj", disable=not progress)
+    try:
+        while batch := list(islice(it, batch_size)):
+            _, inputs = record_inputs(batch, model, cfg_json, spectra)
+            embs = embed_multimodal(model, inputs, layer, n_tokens)
+            writer.write(batch, {k: (v.numpy(), p.numpy()) for k, (v, p) in embs.items()})
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer.close()
+    if writer.rows == 0:
+        raise ValueError(f"{data}: no records in split(s) {splits}")
+    return Path(out)
+
+
+def probe_modalities(
+    path: str | Path,
+    targets: Iterable[str] = ("redshift", "log_mstar", "log_ssfr"),
+    *,
+    fit_split: str = "val",
+    test_split: str = "test",
+    method: str = "linear",
+) -> dict[str, dict[str, float]]:
+    """Probe R² of each embedding column on the objects that have every modality (the same objects for all).
+
+    Paper protocol: fit on `fit_split`, score on `test_split`. Returns {column: {target: R²}}.
+    """
+    from astrolom.eval.probes import REGRESSION, fit_probe, score
+
+    table = pq.read_table(path)
+    cols = [c for c in COLUMNS if c in table.column_names]
+    keep = np.ones(table.num_rows, dtype=bool)
+    for c in cols:
+        keep &= ~np.asarray(table.column(c).is_null().to_numpy(zero_copy_only=False))
+    split = np.asarray(table.column("split").to_pylist())
+    fit, test = keep & (split == fit_split), keep & (split == test_split)
+    if fit.sum() < 10 or test.sum() < 10:
+        raise ValueError(f"{path}: too few objects with every modality in {fit_split}/{test_split} to probe")
+    out: dict[str, dict[str, float]] = {}
+    for c in cols:
+        X = np.asarray(table.column(c).to_pylist(), dtype=object)
+        out[c] = {}
+        for t in targets:
+            y = np.asarray(table.column(t).to_pylist(), dtype=np.float64)
+            Xf, Xt = np.stack(X[fit]).astype(np.float32), np.stack(X[test]).astype(np.float32)
+            pred = fit_probe(Xf, y[fit], Xt, REGRESSION, method)
+            out[c][t] = score(y[test], pred, REGRESSION)["r2"]
+    out["_objects"] = {"fit": int(fit.sum()), "test": int(test.sum())}
+    return out
+
+
+# --- cross-modal generation ---------------------------------------------------------------------------------------
+def _huber_per_object(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(pred.dtype)
+    return (F.huber_loss(pred, true, reduction="none", delta=1.0) * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1.0)
+
+
+def _mean_tokens(model, cfg_json, spectra, data, target, n, batch_size) -> torch.Tensor:
+    """The training split's mean target tokens (per position and value, good values only): the baseline."""
+    total = count = None
+    it = _records(data, cfg_json, ["train"], n)
+    while batch := list(islice(it, batch_size)):
+        _, inputs = record_inputs(batch, model, cfg_json, spectra)
+        x = inputs[target]
+        m = inputs.get(f"{target}_value_mask", torch.ones_like(x, dtype=torch.bool)).to(x.dtype)
+        total = (x * m).sum(0) if total is None else total + (x * m).sum(0)
+        count = m.sum(0) if count is None else count + m.sum(0)
+    if total is None:
+        raise ValueError(f"{data}: no training objects for the baseline")
+    return total / count.clamp_min(1.0)
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model_path: str,
+    data: str,
+    source: str,
+    target: str,
+    out: str | Path,
+    *,
+    split: str = "test",
+    n: int = 64,
+    n_baseline: int = 512,
+    image_tokens: int = 16,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Generate `target` from `source` for up to n objects of `split` that have both; metrics.json and a figure."""
+    model, cfg_json, model_dir = _load(model_path)
+    mods = model.config.modalities
+    if {source, target} != {"images", "spectra"} or not set(mods) >= {source, target}:
+        raise ValueError(f"--from/--to must be images and spectra (either way round); the model has {mods}")
+    spectra = spectrum_tokeniser_from_config(cfg_json)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    baseline = _mean_tokens(model, cfg_json, spectra, data, target, n_baseline, batch_size)
+    if target == "images":
+        baseline = baseline[:image_tokens]
+    losses, base_losses, shown = [], [], []
+    it = (r for r in _records(data, cfg_json, [split], None) if r.spectrum is not None)
+    done = 0
+    while done < n and (batch := list(islice(it, min(batch_size, n - done)))):
+        _, inputs = record_inputs(batch, model, cfg_json, spectra)
+        cond = {k: v for k, v in inputs.items() if k == source or k.startswith(f"{source}_")}
+        if target == "spectra":
+            pred = model.generate_modality(cond, "spectra", positions=inputs["spectra_positions"][0])
+            true, mask = inputs["spectra"], inputs["spectra_value_mask"]
+        else:
+            pred = model.generate_modality(cond, "images", n_tokens=image_tokens)
+            true = inputs["images"][:, :image_tokens]
+            mask = torch.ones_like(true, dtype=torch.bool)
+        losses.append(_huber_per_object(pred, true, mask))
+        base_losses.append(_huber_per_object(baseline.expand_as(true), true, mask))
+        if target == "spectra" and len(shown) < 4:
+            shown += [(r, pred[i], inputs["spectra_value_mask"][i]) for i, r in enumerate(batch)][: 4 - len(shown)]
+        done += len(batch)
+    if not losses:
+        raise ValueError(f"{data}: no objects with both modalities in split {split!r}")
+    model_loss, base_loss = torch.cat(losses), torch.cat(base_losses)
+    metrics = {
+        "model": str(model_dir),
+        "data": str(data),
+        "from": source,
+        "to": target,
+        "split": split,
+        "objects": int(model_loss.numel()),
+        "huber_model": float(model_loss.mean()),
+        "huber_mean_baseline": float(base_loss.mean()),
+        "fraction_better_than_baseline": float((model_loss < base_loss).float().mean()),
+    }
+    if shown:
+        metrics["figure"] = str(_spectra_figure(shown, spectra, out / "generated_spectra.png"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def _spectra_figure(shown, spectra: SpectrumTokeniser, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from astrolom.data.survey import LINES
+
+    wave = spectra.wavelength
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.2 * len(shown)), squeeze=False)
+    for ax, (rec, pred, _) in zip(axes[:, 0], shown, strict=True):
+        flux = detokenize_spectra(pred[None].float().cpu(), wave.size, spectra.patch, amplitude=spectra.amplitude)[0]
+        ax.plot(wave, rec.spectrum, lw=0.5, color="0.5", label="true")
+        ax.plot(wave, flux.numpy(), lw=0.8, color="C3", label="predicted from image")
+        z = rec.labels.get("redshift")
+        if z is not None:
+            for lam, _ in LINES.values():
+                if wave[0] < lam * (1 + z) < wave[-1]:
+                    ax.axvline(lam * (1 + z), color="C0", lw=0.5, ls=":")
+            ax.set_title(f"{rec.object_id}  z = {z:.3f}", fontsize=8)
+        ax.set_ylabel("flux")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("observed wavelength (Å)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="RUN directory or model directory of a multimodal model")
+    parser.add_argument("--data", required=True, help="data set with images and spectra")
+    parser.add_argument("--from", dest="source", default="images", choices=("images", "spectra"))
+    parser.add_argument("--to", dest="target", default="spectra", choices=("images", "spectra"))
+    parser.add_argument("--out", required=True, help="directory for metrics.json and the figure")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--n", type=int, default=64, help="objects to generate for")
+    parser.add_argument("--image-tokens", type=int, default=16, help="image tokens to generate (--to images)")
+
+
+def run(args: argparse.Namespace) -> int:
+    m = evaluate_generation(
+        args.model, args.data, args.source, args.target, args.out, split=args.split, n=args.n,
+        image_tokens=args.image_tokens,
+    )  # fmt: skip
+    print(
+        f"{m['from']} -> {m['to']} on {m['objects']} {m['split']} objects: Huber {m['huber_model']:.4f} "
+        f"(mean-{m['to']} baseline {m['huber_mean_baseline']:.4f}); better than the baseline for "
+        f"{100 * m['fraction_better_than_baseline']:.0f}% -> {args.out}/metrics.json"
+    )
+    return 0
