@@ -60,6 +60,23 @@ def test_save_pretrained_round_trip_is_exact_and_hub_layout(tmp_path):
     assert torch.equal(model.eval()(x)[0], loaded(x)[0])
 
 
+def test_save_pretrained_takes_the_plain_model_that_unwrap_returns(tmp_path):
+    from astrolom.train.parallel import unwrap
+
+    class Compiled(torch.nn.Module):  # like torch.compile's wrapper: the model under `_orig_mod`
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+    model = _model()
+    compiled = Compiled(Compiled(model))
+    with pytest.raises(TypeError, match="unwrap it first"):
+        save_pretrained(compiled, tmp_path / "m")
+    assert unwrap(compiled) is model and unwrap(model) is model
+    save_pretrained(unwrap(compiled), tmp_path / "m")
+    assert torch.equal(from_pretrained(tmp_path / "m").pos_emb.weight, model.pos_emb.weight)
+
+
 def test_from_pretrained_finds_final_then_latest_in_a_run_dir(tmp_path):
     run = tmp_path / "run"
     a, b = _model(0), _model(1)
