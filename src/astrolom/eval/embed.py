@@ -31,7 +31,7 @@ import torch
 
 from astrolom.data import tokens as tok
 from astrolom.data.records import SPLITS, Record
-from astrolom.eval.embeddings import EmbeddingWriter, output_path
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingWriter, output_path  # noqa: F401  (EMBEDDING: old home)
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT

@@ -33,7 +33,11 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_sc
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 
-from astrolom.eval.embeddings import EmbeddingTable, split_rows
+from astrolom.eval.embeddings import (
+    EmbeddingTable,
+    load_embeddings,  # noqa: F401  (its home before issue 7; same object)
+    split_rows,
+)
 
 METHODS = ("linear", "knn", "mlp")
 REGRESSION, CLASSIFICATION = "regression", "classification"

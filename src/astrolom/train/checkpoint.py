@@ -42,21 +42,32 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+# FINAL_DIR, checkpoint_name and the pretrained-model functions live in astrolom.layout / astrolom.model.pretrained
+# since issue 7; they stay importable from here (same objects) for code written against their old home.
 from astrolom.layout import (
     CHECKPOINT_FILES,
     CHECKPOINTS_DIR,
     CONFIG_NAME,
+    FINAL_DIR,  # noqa: F401
     LATEST_NAME,
     OPTIMIZER_NAME,
     TRAINER_STATE_NAME,
     WEIGHTS_NAME,
     atomic_directory,
     atomic_write_text,
+    checkpoint_name,  # noqa: F401
     latest_checkpoint,
     list_checkpoints,
     write_text_synced,
 )
-from astrolom.model.pretrained import write_model_files
+from astrolom.model.pretrained import (
+    from_pretrained,  # noqa: F401
+    model_config_json,  # noqa: F401
+    read_config,  # noqa: F401
+    resolve_model_dir,  # noqa: F401
+    save_pretrained,  # noqa: F401
+    write_model_files,
+)
 
 FAULT_ENV = "ASTROLOM_FAULT_KILL_IN_CHECKPOINT"
 
