@@ -30,6 +30,7 @@ def single(tmp_path_factory):
     return data, tmp / "one"
 
 
+@pytest.mark.slow  # two gloo ranks: 34-44 s each (plus a 23 s shared set-up) on a loaded 2-core machine
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(single, tmp_path, strategy):
     data, one = single

@@ -20,6 +20,7 @@ def data(tmp_path_factory):
     return write_blobs(tmp_path_factory.mktemp("blobs"), n=48, size=32)
 
 
+@pytest.mark.slow  # 41-82 s on a loaded 2-core machine
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     # 30 train images, batch 8 = 2 micro-batches of 4: the stream crosses an epoch boundary at step 4
     args = ["--data", str(data), "--preset", "debug", "--max-steps", "8", *TINY]
@@ -63,6 +64,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     assert len((broken / "metrics.csv").read_text().splitlines()) == 1 + 9  # header, step 0 (validation), 1..8
 
 
+@pytest.mark.slow  # 41-82 s on a loaded 2-core machine
 def test_sigterm_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     """Cluster preemption: SIGTERM ends the current step, writes a checkpoint, exits 143; --resume completes."""
     import signal

@@ -59,7 +59,6 @@ def configure(verbosity: int = 0) -> logging.Logger:
     handler.setFormatter(_Formatter(_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return logger
 
 
