@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from astrolom.layout import atomic_directory, checkpoint_name, latest_checkpoint, list_checkpoints
 from astrolom.model.astropt import AstroPT
 from astrolom.model.presets import model_config
+from astrolom.model.pretrained import from_pretrained, model_config_json, save_pretrained
 from astrolom.train import checkpoint as ckpt
 
 
@@ -45,11 +47,11 @@ def _fake_state(step: int) -> dict:
 
 def test_save_pretrained_round_trip_is_exact_and_hub_layout(tmp_path):
     model = _model()
-    ckpt.save_pretrained(model, tmp_path / "m", tokens={"patch_size": 4}, data={"image_size": 16})
+    save_pretrained(model, tmp_path / "m", tokens={"patch_size": 4}, data={"image_size": 16})
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["model_type"] == "astropt" and cfg["model"]["n_layer"] == 2 and cfg["tokens"] == {"patch_size": 4}
-    loaded = ckpt.from_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
     assert not loaded.training
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -58,24 +60,41 @@ def test_save_pretrained_round_trip_is_exact_and_hub_layout(tmp_path):
     assert torch.equal(model.eval()(x)[0], loaded(x)[0])
 
 
+def test_save_pretrained_takes_the_plain_model_that_unwrap_returns(tmp_path):
+    from astrolom.train.parallel import unwrap
+
+    class Compiled(torch.nn.Module):  # like torch.compile's wrapper: the model under `_orig_mod`
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+    model = _model()
+    compiled = Compiled(Compiled(model))
+    with pytest.raises(TypeError, match="unwrap it first"):
+        save_pretrained(compiled, tmp_path / "m")
+    assert unwrap(compiled) is model and unwrap(model) is model
+    save_pretrained(unwrap(compiled), tmp_path / "m")
+    assert torch.equal(from_pretrained(tmp_path / "m").pos_emb.weight, model.pos_emb.weight)
+
+
 def test_from_pretrained_finds_final_then_latest_in_a_run_dir(tmp_path):
     run = tmp_path / "run"
     a, b = _model(0), _model(1)
     opt = _trained_optimizer(a)
-    path = run / "checkpoints" / ckpt.checkpoint_name(5)
+    path = run / "checkpoints" / checkpoint_name(5)
     ckpt.save_checkpoint(
         path,
         model_state=a.state_dict(),
         optimizer_state=opt.state_dict(),
         trainer_state=_fake_state(5),
-        config_json=ckpt.model_config_json(a.config),
+        config_json=model_config_json(a.config),
     )
     ckpt.mark_latest(run, path)
-    assert torch.equal(ckpt.from_pretrained(run).pos_emb.weight, a.pos_emb.weight)
-    ckpt.save_pretrained(b, run / "final")
-    assert torch.equal(ckpt.from_pretrained(run).pos_emb.weight, b.pos_emb.weight)
+    assert torch.equal(from_pretrained(run).pos_emb.weight, a.pos_emb.weight)
+    save_pretrained(b, run / "final")
+    assert torch.equal(from_pretrained(run).pos_emb.weight, b.pos_emb.weight)
     with pytest.raises(FileNotFoundError):
-        ckpt.from_pretrained(tmp_path / "nothing")
+        from_pretrained(tmp_path / "nothing")
 
 
 def test_training_checkpoint_round_trip_is_exact(tmp_path):
@@ -87,7 +106,7 @@ def test_training_checkpoint_round_trip_is_exact(tmp_path):
         model_state=model.state_dict(),
         optimizer_state=state,
         trainer_state=_fake_state(2),
-        config_json=ckpt.model_config_json(model.config),
+        config_json=model_config_json(model.config),
     )
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert files == ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
@@ -126,9 +145,9 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
         model_state=model.state_dict(),
         optimizer_state=opt.state_dict(),
         trainer_state=_fake_state(1),
-        config_json=ckpt.model_config_json(model.config),
+        config_json=model_config_json(model.config),
     )
-    ckpt.save_pretrained(model, tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
 
     def forbidden(*a, **k):
         raise AssertionError("pickle-based loading used")
@@ -137,7 +156,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr("pickle.load", forbidden)
     monkeypatch.setattr("pickle.loads", forbidden)
     ckpt.load_checkpoint(tmp_path / "c")
-    ckpt.from_pretrained(tmp_path / "m")
+    from_pretrained(tmp_path / "m")
     for f in list((tmp_path / "c").iterdir()) + list((tmp_path / "m").iterdir()):
         assert f.suffix in (".json", ".safetensors")
 
@@ -169,14 +188,14 @@ def test_rng_state_round_trip():
 
 def test_atomic_directory_keeps_the_old_one_on_error(tmp_path):
     target = tmp_path / "d"
-    with ckpt.atomic_directory(target) as tmp:
+    with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("old")
-    with pytest.raises(RuntimeError), ckpt.atomic_directory(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("new")
         raise RuntimeError("boom")
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary left behind
-    with ckpt.atomic_directory(target) as tmp:  # replacing an existing directory
+    with atomic_directory(target) as tmp:  # replacing an existing directory
         (tmp / "b.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
 
@@ -188,23 +207,24 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path):
 import torch
 from astrolom.model.astropt import AstroPT
 from astrolom.model.presets import model_config
+from astrolom.model.pretrained import model_config_json
 from astrolom.train import checkpoint as ckpt
 m = AstroPT(model_config("debug", block_size=16, patch_size=4, n_chan=3))
 opt = torch.optim.AdamW(m.parameters())
 for step in (1, 2):
     p = ckpt.save_checkpoint({str(run)!r} + f"/checkpoints/step-{{step:06d}}", model_state=m.state_dict(),
-        optimizer_state=opt.state_dict(), config_json=ckpt.model_config_json(m.config),
+        optimizer_state=opt.state_dict(), config_json=model_config_json(m.config),
         trainer_state={{"step": step, "tokens_seen": 0, "flops": 0.0, "world_size": 1, "ranks": []}})
     ckpt.mark_latest({str(run)!r}, p)
 """
     proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, ckpt.FAULT_ENV: "2"})
     assert proc.returncode == -9  # SIGKILL
-    assert ckpt.latest_checkpoint(run).name == "step-000001"
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000001"]
+    assert latest_checkpoint(run).name == "step-000001"
+    assert [p.name for p in list_checkpoints(run)] == ["step-000001"]
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers and all(".tmp-" in n for n in leftovers)  # the half-written step 2
     assert not (run / "checkpoints" / leftovers[0] / "optimizer.safetensors").exists()
-    ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    ckpt.load_checkpoint(latest_checkpoint(run))
 
 
 def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
@@ -212,16 +232,16 @@ def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
     opt = _trained_optimizer(model, 1)
     for step in (1, 2):
         ckpt.save_checkpoint(
-            tmp_path / "checkpoints" / ckpt.checkpoint_name(step),
+            tmp_path / "checkpoints" / checkpoint_name(step),
             model_state=model.state_dict(),
             optimizer_state=opt.state_dict(),
             trainer_state=_fake_state(step),
-            config_json=ckpt.model_config_json(model.config),
+            config_json=model_config_json(model.config),
         )
     (tmp_path / "checkpoints" / "latest").write_text("step-000099\n")  # dangling pointer
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
+    assert latest_checkpoint(tmp_path).name == "step-000002"
     ckpt.mark_latest(tmp_path, tmp_path / "checkpoints" / "step-000001")
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
+    assert latest_checkpoint(tmp_path).name == "step-000001"
 
 
 def test_prune_keeps_newest_protected_and_latest(tmp_path):
@@ -229,12 +249,12 @@ def test_prune_keeps_newest_protected_and_latest(tmp_path):
     opt = _trained_optimizer(model, 1)
     for step in (1, 2, 3, 4, 5):
         p = ckpt.save_checkpoint(
-            tmp_path / "checkpoints" / ckpt.checkpoint_name(step),
+            tmp_path / "checkpoints" / checkpoint_name(step),
             model_state=model.state_dict(),
             optimizer_state=opt.state_dict(),
             trainer_state=_fake_state(step),
-            config_json=ckpt.model_config_json(model.config),
+            config_json=model_config_json(model.config),
         )
         ckpt.mark_latest(tmp_path, p)
     ckpt.prune_checkpoints(tmp_path, keep_last=2, protected={1})
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000001", "step-000004", "step-000005"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000004", "step-000005"]

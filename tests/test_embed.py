@@ -10,9 +10,9 @@ import torch
 
 from astrolom.data import tokens as tok
 from astrolom.eval import embed as em
-from astrolom.eval.probes import load_embeddings
+from astrolom.eval.embeddings import load_embeddings
 from astrolom.model.astropt import AstroPT, ModelConfig
-from astrolom.train.checkpoint import save_pretrained
+from astrolom.model.pretrained import load_model, save_pretrained
 
 
 def _model(block_size=64, patch_size=8, seed=0):
@@ -91,11 +91,11 @@ def test_embed_cli_writes_streaming_parquet(mock_survey, model_dir, tmp_path):
     assert emb.metadata["layer"] == -2 and emb.metadata["tokens"] == 64 and emb.metadata["random_init"] is False
 
     # two ranks write two parts whose union is the single-process output, row for row
-    model, _ = em.load_model(str(model_dir))
+    model, _ = load_model(str(model_dir))
     parts = tmp_path / "emb_ddp.parquet"
     for rank in (0, 1):
         em.embed_dataset(model, str(mock_survey), parts, splits=["val", "test"], batch_size=4, rank=rank,
-                         world_size=2, progress=False, log=None)  # fmt: skip
+                         world_size=2, progress=False)  # fmt: skip
     assert sorted(p.name for p in parts.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     both = load_embeddings(parts)
     order = {oid: i for i, oid in enumerate(emb.object_id)}
@@ -105,10 +105,10 @@ def test_embed_cli_writes_streaming_parquet(mock_survey, model_dir, tmp_path):
 
 
 def test_random_init_control_is_seeded_and_differs(model_dir):
-    pre, meta = em.load_model(str(model_dir))
-    a, meta_a = em.load_model(str(model_dir), random_init=True, seed=3)
-    b, _ = em.load_model(str(model_dir), random_init=True, seed=3)
-    c, _ = em.load_model(str(model_dir), random_init=True, seed=4)
+    pre, meta = load_model(str(model_dir))
+    a, meta_a = load_model(str(model_dir), random_init=True, seed=3)
+    b, _ = load_model(str(model_dir), random_init=True, seed=3)
+    c, _ = load_model(str(model_dir), random_init=True, seed=4)
     x = tok.tokenize(torch.randn(2, 32, 32, 3), 8).tokens
     assert meta_a["random_init"] is True and meta_a["seed"] == 3 and meta["random_init"] is False
     assert a.config == pre.config
@@ -125,10 +125,10 @@ def test_unsplit_data_is_split_as_in_pretraining(tmp_path):
     save_pretrained(_model(block_size=16), run / "final")
     (run / "config.yaml").write_text("data:\n  split_fractions: [0.5, 0.25, 0.25]\n  split_seed: 7\n")
     np.save(tmp_path / "stamps.npy", np.random.default_rng(0).normal(size=(40, 32, 32, 3)).astype(np.float32))
-    model, meta = em.load_model(str(run))
+    model, meta = load_model(str(run))
     assert meta["split_settings"] == {"split_fractions": (0.5, 0.25, 0.25), "split_seed": 7}
     out = em.embed_dataset(model, str(tmp_path / "stamps.npy"), tmp_path / "emb.parquet", metadata=meta,
-                           progress=False, log=None)  # fmt: skip
+                           progress=False)  # fmt: skip
     emb = load_embeddings(out)
     assert len(emb) == 40
     expected = [split_of(oid, (0.5, 0.25, 0.25), 7) for oid in emb.object_id]

@@ -84,6 +84,7 @@ def test_large_preset_builds_on_meta(name):
     assert total == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # 58 s on a loaded 2-core machine
 def test_overfits_one_batch():
     cfg = model_config("debug", block_size=32, patch_size=8)
     model = _seeded_model(cfg).train()

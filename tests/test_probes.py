@@ -9,7 +9,8 @@ import pytest
 
 from astrolom.data.records import Record
 from astrolom.eval import probes as pr
-from astrolom.eval.embed import EmbeddingWriter
+from astrolom.eval.embeddings import EmbeddingTable, EmbeddingWriter, load_embeddings, split_rows
+from astrolom.eval.probes import ProbeResult
 
 
 def _table(n_fit=300, n_test=300, dim=24, seed=0):
@@ -26,23 +27,23 @@ def _table(n_fit=300, n_test=300, dim=24, seed=0):
     labels["linear"][:5] = np.nan  # missing labels are dropped per target
     split = np.array(["val"] * n_fit + ["test"] * n_test)
     ids = np.array([f"obj{i}" for i in range(n)])
-    return pr.EmbeddingTable(ids, split, X, labels, {"layer": -2})
+    return EmbeddingTable(ids, split, X, labels, {"layer": -2})
 
 
 def test_linear_signal_and_noise():
     t = _table()
-    report = pr.evaluate(t, ["linear", "noise", "side", "flag"], seed=0)
-    res = report["results"]["pretrained"]
-    assert res["linear"]["linear"]["r2"] > 0.99
-    assert res["linear"]["mlp"]["r2"] > 0.9
-    assert res["linear"]["knn"]["r2"] > 0.3  # kNN in 24-D is weaker, but clearly informative
+    result = pr.evaluate(t, ["linear", "noise", "side", "flag"], seed=0)
+    assert result.score("linear", "pretrained", "linear") > 0.99
+    assert result.score("linear", "pretrained", "mlp") > 0.9
+    assert result.score("linear", "pretrained", "knn") > 0.3  # kNN in 24-D is weaker, but clearly informative
     for method in pr.METHODS:
-        assert abs(res["noise"][method]["r2"]) < 0.1, (method, res["noise"][method])
-    assert res["side"]["linear"]["accuracy"] > 0.9
-    assert report["targets"]["side"]["kind"] == pr.CLASSIFICATION
-    assert report["targets"]["flag"]["kind"] == pr.CLASSIFICATION
-    assert report["targets"]["linear"]["n_fit"] == 295  # five NaN labels dropped
-    assert 0.5 <= report["targets"]["side"]["majority_accuracy"] <= 0.6
+        assert abs(result.score("noise", "pretrained", method)) < 0.1, method
+    assert result.metric("side") == "accuracy" and result.score("side", "pretrained", "linear") > 0.9
+    assert result.kind("side") == pr.CLASSIFICATION
+    assert result.kind("flag") == pr.CLASSIFICATION
+    assert result.targets["linear"]["n_fit"] == 295  # five NaN labels dropped
+    assert 0.5 <= result.majority_accuracy("side") <= 0.6
+    assert result.majority_accuracy("linear") is None
 
 
 def test_knn_reads_low_dimensional_signal():
@@ -59,44 +60,49 @@ def test_standardisation_uses_fit_split_only():
     # a feature scaled by 1e6 must not drown the others: scaling is fit on the fit split
     t = _table()
     t.X[:, 0] *= 1e6
-    res = pr.evaluate(t, ["linear"], ("linear",))["results"]["pretrained"]
-    assert res["linear"]["linear"]["r2"] > 0.99
+    assert pr.evaluate(t, ["linear"], ("linear",)).score("linear") > 0.99
 
 
 def test_control_and_baselines_are_aligned_by_object_id():
     t = _table()
     rng = np.random.default_rng(5)
     perm = rng.permutation(len(t))
-    control = pr.EmbeddingTable(t.object_id[perm], t.split[perm], t.X[perm], {}, {})  # same features, shuffled rows
-    fit, test = pr.split_rows(t, "val", "test")
+    control = EmbeddingTable(t.object_id[perm], t.split[perm], t.X[perm], {}, {})  # same features, shuffled rows
+    fit, test = split_rows(t, "val", "test")
     noise = (rng.normal(size=(len(fit), 4)), rng.normal(size=(len(test), 4)))
     cnn = {"linear": np.asarray(test.labels["linear"], float), "side": test.labels["side"]}
-    report = pr.evaluate(t, ["linear", "side"], ("linear",), control=control, baselines={"noise": noise},
+    result = pr.evaluate(t, ["linear", "side"], ("linear",), control=control, baselines={"noise": noise},
                          supervised={"cnn": cnn})  # fmt: skip
-    res = report["results"]
     # identical features after alignment -> identical scores
-    assert res["random_init"]["linear"]["linear"]["r2"] == pytest.approx(res["pretrained"]["linear"]["linear"]["r2"])
-    assert res["noise"]["linear"]["linear"]["r2"] < 0.1
-    assert res["cnn"]["linear"]["supervised"]["r2"] == pytest.approx(1.0)  # perfect predictions score 1
-    assert res["cnn"]["side"]["supervised"]["accuracy"] == 1.0
-    md = pr.markdown_table(report)
+    assert result.score("linear", "random_init") == pytest.approx(result.score("linear", "pretrained"))
+    assert result.score("linear", "noise") < 0.1
+    # a supervised model answers for every probe method with its own score; perfect predictions score 1
+    assert result.score("linear", "cnn", "linear") == pytest.approx(1.0)
+    assert result.score("linear", "cnn", "knn") == pytest.approx(1.0)
+    assert result.score("side", "cnn") == 1.0
+    assert result.is_supervised("cnn") and not result.is_supervised("pretrained")
+    assert result.feature_sets == ["pretrained", "random_init", "cnn", "noise"]  # table order, then the others
+    assert result.score("side", "pretrained", "linear", "f1") > 0.9
+    assert result.score("side", "pretrained", "mlp") is None  # not run
+    assert result.score("nonexistent") is None
+    md = pr.markdown_table(result)
     assert "| target | metric | pretrained | random_init | cnn | noise |" in md
-    missing = pr.EmbeddingTable(t.object_id[:10], t.split[:10], t.X[:10], {}, {})
+    missing = EmbeddingTable(t.object_id[:10], t.split[:10], t.X[:10], {}, {})
     with pytest.raises(ValueError, match="no row"):
         pr.evaluate(t, ["linear"], ("linear",), control=missing)
 
 
 def test_skips_and_errors():
     t = _table()
-    report = pr.evaluate(t, ["linear", "nonexistent"], ("linear",))
-    assert report["skipped"] == {"nonexistent": "not a label column"}
+    result = pr.evaluate(t, ["linear", "nonexistent"], ("linear",))
+    assert result.skipped == {"nonexistent": "not a label column"}
     with pytest.raises(ValueError, match="no objects in split"):
         pr.evaluate(t, ["linear"], fit_split="train")
     with pytest.raises(ValueError, match="no probe targets"):
         pr.evaluate(t, ["nonexistent"])
 
 
-def _write(path, t: pr.EmbeddingTable, rows=slice(None)):
+def _write(path, t: EmbeddingTable, rows=slice(None)):
     w = EmbeddingWriter(path, {"layer": -2, "tokens": 64})
     recs = [
         Record(str(t.object_id[i]), np.zeros((1, 1, 1), np.float32), str(t.split[i]),
@@ -112,7 +118,7 @@ def test_parquet_roundtrip_and_cli(tmp_path):
 
     t = _table(n_fit=120, n_test=120)
     _write(tmp_path / "emb.parquet", t)
-    back = pr.load_embeddings(tmp_path / "emb.parquet")
+    back = load_embeddings(tmp_path / "emb.parquet")
     np.testing.assert_array_equal(back.X, t.X)
     np.testing.assert_array_equal(back.object_id, t.object_id)
     assert np.isnan(back.labels["linear"][:5]).all()  # nulls come back as NaN
@@ -121,7 +127,7 @@ def test_parquet_roundtrip_and_cli(tmp_path):
     (tmp_path / "parts").mkdir()
     _write(tmp_path / "parts" / "part-00000.parquet", t, slice(0, 100))
     _write(tmp_path / "parts" / "part-00001.parquet", t, slice(100, None))
-    both = pr.load_embeddings(tmp_path / "parts")
+    both = load_embeddings(tmp_path / "parts")
     assert len(both) == len(t)
     np.testing.assert_array_equal(both.X, t.X)
 
@@ -129,9 +135,30 @@ def test_parquet_roundtrip_and_cli(tmp_path):
     rc = main(["probe", "--embeddings", str(tmp_path / "emb.parquet"), "--out", str(out), "--targets",
                "linear,noise,side", "--methods", "linear,knn", "--baselines", ""])  # fmt: skip
     assert rc == 0
-    report = json.loads((out / "probes.json").read_text())
+    report = json.loads((out / "probes.json").read_text())  # readable JSON, same layout as before the dataclass
     assert set(report) >= {"protocol", "targets", "results", "skipped", "embeddings"}
     assert report["protocol"]["methods"] == ["linear", "knn"]
     assert report["results"]["pretrained"]["linear"]["linear"]["r2"] > 0.99
+    result = ProbeResult.load(out / "probes.json")
+    assert result.score("linear", "pretrained", "linear") == report["results"]["pretrained"]["linear"]["linear"]["r2"]
+    assert result.methods == ["linear", "knn"]
     assert (out / "probes.md").read_text().count("| linear |") == 2
     assert (out / "probes.png").stat().st_size > 0 and (out / "probes.pdf").stat().st_size > 0
+
+
+def test_probe_result_json_round_trip_and_bad_files(tmp_path):
+    t = _table(n_fit=100, n_test=100)
+    result = pr.evaluate(t, ["linear", "side"], ("linear", "knn"))
+    back = ProbeResult.from_json(result.to_json())
+    assert back == result
+    assert back.score("side", "pretrained", "knn") == result.score("side", "pretrained", "knn")
+    path = result.save(tmp_path / "p" / "probes.json")
+    assert ProbeResult.load(path) == result
+    (tmp_path / "bad.json").write_text('{"protocol": {}}')
+    with pytest.raises(ValueError, match=r"bad.json is not a probe report: no targets, results"):
+        ProbeResult.load(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        ProbeResult.load(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match="no probe report"):
+        ProbeResult.load(tmp_path / "missing.json")

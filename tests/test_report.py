@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from astrolom.eval import figures as fg
+from astrolom.eval.inpaint import inpaint
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_report_without_model_or_embeddings(tiny_run, tmp_path):
 
     (tmp_path / "probes").mkdir()
     (tmp_path / "probes" / "probes.json").write_text((tiny_run / "probes" / "probes.json").read_text())
-    path = build_report(tmp_path, log=lambda s: None)
+    path = build_report(tmp_path)
     doc = path.read_text()
     assert "<h2>Probes" in doc and "<h2>Pretraining" not in doc and "<h2>Inpainting" not in doc
 
@@ -67,7 +68,7 @@ def test_inpainting_uses_true_normalisation_and_measures_error(tmp_path):
     torch.manual_seed(0)
     model = AstroPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, patch_size=8)).eval()
     images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32) + 5.0
-    res = fg.inpaint(model, images, k=4)
+    res = inpaint(model, images, k=4)
     assert res["k"] == 4 and res["generated"] == 12
     np.testing.assert_allclose(res["truth"], images, atol=1e-4)
     # the given tokens are reproduced exactly; generated patches carry the true per-patch mean

@@ -10,6 +10,7 @@ import torch
 from pretrain_helpers import TINY, read_metrics, run_pretrain, write_blobs
 from safetensors.torch import load_file
 
+from astrolom.layout import checkpoint_name, latest_checkpoint
 from astrolom.train import checkpoint as ckpt
 from astrolom.train.trainer import KILL_AFTER_STEP_ENV
 
@@ -19,6 +20,7 @@ def data(tmp_path_factory):
     return write_blobs(tmp_path_factory.mktemp("blobs"), n=48, size=32)
 
 
+@pytest.mark.slow  # 41-82 s on a loaded 2-core machine
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     # 30 train images, batch 8 = 2 micro-batches of 4: the stream crosses an epoch boundary at step 4
     args = ["--data", str(data), "--preset", "debug", "--max-steps", "8", *TINY]
@@ -31,12 +33,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
 
     killed = run_pretrain([*args, "--out", str(broken)], env={KILL_AFTER_STEP_ENV: "5"})
     assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5; last checkpoint: step 3
-    assert ckpt.latest_checkpoint(broken).name == "step-000003"
+    assert latest_checkpoint(broken).name == "step-000003"
     assert max(r["step"] for r in read_metrics(broken)) == 5
 
     killed = run_pretrain([*args, "--out", str(broken), "--resume"], env={ckpt.FAULT_ENV: "6"})
     assert killed.returncode == -9, killed.stderr  # SIGKILL halfway through writing step 6
-    assert ckpt.latest_checkpoint(broken).name == "step-000003"
+    assert latest_checkpoint(broken).name == "step-000003"
     assert any(".tmp-" in p.name for p in (broken / "checkpoints").iterdir())
 
     resumed = run_pretrain([*args, "--out", str(broken), "--resume"])
@@ -62,6 +64,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     assert len((broken / "metrics.csv").read_text().splitlines()) == 1 + 9  # header, step 0 (validation), 1..8
 
 
+@pytest.mark.slow  # 41-82 s on a loaded 2-core machine
 def test_sigterm_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     """Cluster preemption: SIGTERM ends the current step, writes a checkpoint, exits 143; --resume completes."""
     import signal
@@ -90,8 +93,8 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     assert proc.returncode == 143, err
     stopped = json.loads(out.strip().splitlines()[-1])
     assert not stopped["finished"] and stopped["step"] >= 3
-    latest = ckpt.latest_checkpoint(run)
-    assert latest.name == ckpt.checkpoint_name(stopped["step"])
+    latest = latest_checkpoint(run)
+    assert latest.name == checkpoint_name(stopped["step"])
     assert max(r["step"] for r in read_metrics(run)) == stopped["step"]
 
     more = run_pretrain([*args[:5], str(stopped["step"] + 2), *args[6:], "--resume"])

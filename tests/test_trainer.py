@@ -12,9 +12,11 @@ from pretrain_helpers import REFERENCE, TINY, read_metrics, reference_run, torch
 
 from astrolom import cli
 from astrolom.config import apply_overrides, load_yaml, save_yaml
+from astrolom.layout import list_checkpoints
 from astrolom.model.astropt import AstroPT
 from astrolom.model.flops import flops_per_token
 from astrolom.model.presets import get_preset
+from astrolom.model.pretrained import from_pretrained, read_config
 from astrolom.train import checkpoint as ckpt
 from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
 from astrolom.train.trainer import Trainer, build_optimizer, log_spaced_steps
@@ -99,7 +101,7 @@ def test_tiny_pretraining_run_writes_the_documented_layout(mock_survey, tmp_path
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000004", "step-000006"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000004", "step-000006"]
     assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
 
     rows = read_metrics(run)
@@ -108,8 +110,8 @@ def test_tiny_pretraining_run_writes_the_documented_layout(mock_survey, tmp_path
     assert all(math.isfinite(r["loss"]) for r in rows[1:]) and "loss" not in rows[0]
     tokens_per_step = 4 * (16 - 1)  # 32x32 stamps, 8x8 patches: 16 tokens, 15 predicted
     assert rows[-1]["tokens_seen"] == 6 * tokens_per_step
-    model = ckpt.from_pretrained(run)
-    cfg = ckpt.read_config(run)
+    model = from_pretrained(run)
+    cfg = read_config(run)
     assert model.config.block_size == cfg["model"]["block_size"] == 16  # from the data
     assert model.config.patch_size == 8 and model.config.n_chan == 3
     assert cfg["tokens"]["patch_size"] == 8 and cfg["data"]["image_size"] == 32
@@ -237,7 +239,7 @@ def test_bf16_gpu_run(blobs, tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["loss"] < rows[0]["loss"] and all(math.isfinite(r["loss"]) for r in rows)
     assert all(r.get("mfu") is None or 0 < r["mfu"] < 1 for r in rows)
-    assert ckpt.from_pretrained(tmp_path / "run").pos_emb.weight.device.type == "cpu"
+    assert from_pretrained(tmp_path / "run").pos_emb.weight.device.type == "cpu"
 
 
 def test_skip_bad_lists_skipped_records_in_the_run(tmp_path):

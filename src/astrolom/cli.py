@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from astrolom.log import configure as configure_logging
+
 # name -> (module, one-line help). Order is the order of the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "survey": ("astrolom.data.survey", "generate the embedded mock DESI Legacy Survey (GalSim)"),
@@ -28,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "astrolom.eval.multimodal",
         "cross-modal generation with a multimodal model (image -> spectrum, spectrum -> image) vs a mean baseline",
     ),
-    "probe": ("astrolom.eval.probes", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
+    "probe": ("astrolom.eval.probe_cli", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
     "scaling": ("astrolom.eval.scaling", "pretrain a sweep of presets, fit L(C), probe each model (Figs. 2, 4)"),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),
     "demo": ("astrolom.demo", "mock survey -> pretrain -> embed -> probe -> report, on a laptop CPU"),
@@ -43,6 +45,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     from astrolom import __version__
 
     parser.add_argument("--version", action="version", version=f"astrolom {__version__}")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug messages as well")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no progress)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
     args = parser.parse_args(argv)
+    configure_logging(1 if args.verbose else -1 if args.quiet else 0)
     if args.command is None:
         parser.print_help()
         return 0

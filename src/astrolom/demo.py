@@ -7,9 +7,10 @@
    aperture photometry and a supervised CNN: fit on the validation split, score on the test split;
 5. write DIR/report.html (loss curves, probe table, UMAP, telescope islands, inpainting, config, environment).
 
-It prints progress for every stage and, at the end, where the report is and a table of the key numbers, plus
-whether the science checks hold (pretrained beats the control and PCA on redshift, stellar mass and g - r; the
-telescope is predictable). `--tiny` runs the same pipeline at toy size (CI: well under two minutes).
+It logs progress for every stage (stderr) and prints, at the end, where the report is and a table of the key numbers,
+plus whether the science checks hold (pretrained beats the control and PCA on redshift, stellar mass and g - r; the
+telescope is predictable). `astrolom demo` exits with status 1 when a check fails. `--tiny` runs the same pipeline
+at toy size for CI (a few minutes on a loaded 2-core machine; 20 steps need not pass the checks).
 
 Layout of DIR: survey/ (data), run/ (pretraining RUN: metrics, checkpoints, final/), embeddings.parquet,
 probes/ (probes.json, probes.md, figure, control embeddings), figures/, report.html, demo.json (settings, timings,
@@ -32,7 +33,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-KEY_TARGETS = ("redshift", "log_mstar", "g_minus_r")
+import torch
+
+from astrolom import layout
+from astrolom.data.survey import generate_survey
+from astrolom.eval import baselines as bl
+from astrolom.eval.embed import embed_dataset
+from astrolom.eval.embeddings import load_embeddings
+from astrolom.eval.probe_cli import write_report
+from astrolom.eval.probes import DEFAULT_TARGETS, HEADLINE_TARGETS, KEY_TARGETS, ProbeResult, evaluate, markdown_table
+from astrolom.eval.report import build_report
+from astrolom.log import get_logger
+from astrolom.model.pretrained import load_model
+from astrolom.train.trainer import make_config, pretrain
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -72,63 +87,50 @@ TINY = DemoConfig(
 
 
 def _stage(i: int, n: int, text: str) -> float:
-    print(f"\n[{i}/{n}] {text}", flush=True)
+    log.info("\n[%d/%d] %s", i, n, text)
     return time.perf_counter()
 
 
 def _done(t0: float, timings: dict, key: str) -> None:
     timings[key] = round(time.perf_counter() - t0, 1)
-    print(f"      done in {timings[key]:.1f} s", flush=True)
+    log.info("      done in %.1f s", timings[key])
 
 
-def checks(probes: dict) -> dict:
-    """The science acceptance checks on a probes.json report (linear probes, test split)."""
-    res, out = probes["results"], {}
+def _detail(text: str) -> None:
+    log.info("      %s", text)
+
+
+def checks(probes: ProbeResult) -> dict[str, bool]:
+    """The science acceptance checks on a probe result (linear probes, test split)."""
+    out = {}
     for t in KEY_TARGETS:
-        if t not in probes["targets"] or "pretrained" not in res:
+        pre = probes.score(t, "pretrained", "linear")
+        if pre is None:
             continue
-        pre = res["pretrained"][t]["linear"]["r2"]
         for other in ("random_init", "pca_pixels"):
-            if other in res and t in res[other]:
-                out[f"{t}: pretrained > {other}"] = bool(pre > res[other][t]["linear"]["r2"])
-    if "telescope" in probes["targets"] and "pretrained" in res:
-        acc = res["pretrained"]["telescope"]["linear"]["accuracy"]
-        out["telescope predictable (accuracy > majority class)"] = bool(
-            acc > probes["targets"]["telescope"]["majority_accuracy"]
-        )
+            theirs = probes.score(t, other, "linear")
+            if theirs is not None:
+                out[f"{t}: pretrained > {other}"] = bool(pre > theirs)
+    acc = probes.score("telescope", "pretrained", "linear")
+    if acc is not None:
+        out["telescope predictable (accuracy > majority class)"] = bool(acc > probes.majority_accuracy("telescope"))
     return out
 
 
-def key_table(probes: dict) -> str:
+def key_table(probes: ProbeResult) -> str:
     """Plain-text table: linear-probe R2 (accuracy for classes) per feature set for the headline targets."""
-    from astrolom.eval.probes import FEATURE_SET_ORDER, primary_metric
-
-    res, targets = probes["results"], probes["targets"]
-    sets = [s for s in FEATURE_SET_ORDER if s in res]
-    rows = [t for t in (*KEY_TARGETS, "sersic_n", "smooth", "telescope") if t in targets]
+    sets = [s for s in probes.feature_sets if s in ("pretrained", "random_init", "pca_pixels", "photometry", "cnn")]
+    rows = [t for t in HEADLINE_TARGETS if t in probes.targets]
     lines = [f"{'target (metric)':<24}" + "".join(f"{s:>12}" for s in sets)]
     for t in rows:
-        m = primary_metric(targets[t]["kind"])
-        vals = []
-        for s in sets:
-            e = res[s].get(t, {})
-            v = (e.get("linear") or e.get("supervised") or {}).get(m)
-            vals.append("-" if v is None else f"{v:.3f}")
-        lines.append(f"{t + ' (' + m + ')':<24}" + "".join(f"{v:>12}" for v in vals))
+        vals = [probes.score(t, s, "linear") for s in sets]
+        cells = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals)
+        lines.append(f"{t + ' (' + probes.metric(t) + ')':<24}" + cells)
     return "\n".join(lines)
 
 
 def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     """Run the five stages into `out`; returns the demo summary (also written to out/demo.json)."""
-    import torch
-
-    from astrolom.cli import main as cli_main
-    from astrolom.data.survey import generate_survey
-    from astrolom.eval import baselines as bl
-    from astrolom.eval.embed import embed_dataset, load_model
-    from astrolom.eval.probes import DEFAULT_TARGETS, evaluate, load_embeddings, markdown_table, write_report
-    from astrolom.eval.report import build_report
-
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -137,54 +139,50 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     n_stages = 5
-    print(f"astrolom demo -> {out}\nsettings: {json.dumps(asdict(cfg))}", flush=True)
+    log.info("astrolom demo -> %s\nsettings: %s", out, json.dumps(asdict(cfg)))
 
-    survey = out / "survey"
+    survey = out / layout.DEMO_SURVEY_DIR
     t0 = _stage(1, n_stages, f"mock Legacy Survey: {cfg.n} galaxies, {cfg.size}x{cfg.size} px g/r/z")
     wanted = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed}
     if _survey_settings(survey) == wanted:
-        print(f"      reusing {survey}")
+        _detail(f"reusing {survey}")
     else:
         generate_survey(survey, n=cfg.n, size=cfg.size, seed=cfg.seed, progress=True, overwrite=True)
     _done(t0, timings, "survey")
 
-    run_dir = out / "run"
+    run_dir = out / layout.DEMO_RUN_DIR
     t0 = _stage(
         2, n_stages, f"pretraining AstroPT-{cfg.preset} for {cfg.max_steps} steps (batch {cfg.batch_size}, CPU)"
     )
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    argv = [
-        "pretrain",
-        "--data",
-        str(survey),
-        "--preset",
-        cfg.preset,
-        "--out",
-        str(run_dir),
-        "--max-steps",
-        str(cfg.max_steps),
-        f"data.patch_size={cfg.patch_size}",
-        f"train.batch_size={cfg.batch_size}",
-        f"optim.learning_rate={cfg.learning_rate}",
-        f"train.seed={cfg.seed}",
-        f"train.eval_interval={max(1, cfg.max_steps // 10)}",
-        "train.eval_samples=256",
-        "train.checkpoint_interval=0",
-        "train.tensorboard=false",
-    ]
-    rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"pretraining failed (exit {rc})")
+    train_cfg = make_config(
+        data=survey,
+        preset=cfg.preset,
+        out=run_dir,
+        max_steps=cfg.max_steps,
+        overrides=[
+            f"data.patch_size={cfg.patch_size}",
+            f"train.batch_size={cfg.batch_size}",
+            f"optim.learning_rate={cfg.learning_rate}",
+            f"train.seed={cfg.seed}",
+            f"train.eval_interval={max(1, cfg.max_steps // 10)}",
+            "train.eval_samples=256",
+            "train.checkpoint_interval=0",
+            "train.tensorboard=false",
+        ],
+    )
+    if not pretrain(train_cfg)["finished"]:
+        raise RuntimeError(f"pretraining stopped before step {cfg.max_steps}; see {run_dir}")
     _done(t0, timings, "pretrain")
 
     t0 = _stage(3, n_stages, "embedding the validation and test splits (pretrained and random-init control)")
-    emb_path = out / "embeddings.parquet"
+    emb_path = out / layout.EMBEDDINGS_NAME
     model, meta = load_model(str(run_dir))
     kw = dict(splits=("val", "test"), layer=cfg.embed_layer, n_tokens=cfg.embed_tokens, batch_size=64)
     embed_dataset(model, str(survey), emb_path, metadata=meta, **kw)
     emb = load_embeddings(emb_path)
-    probe_dir = out / "probes"
+    probe_dir = out / layout.PROBES_DIR
     control = bl.random_init_embeddings(
         str(run_dir), str(survey), probe_dir / "embeddings_random_init.parquet", emb, seed=cfg.seed
     )
@@ -198,7 +196,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         pixel_crop=cfg.size,
         cnn_epochs=cfg.cnn_epochs,
         seed=cfg.seed,
-        progress=lambda s: print("      " + s, flush=True),
+        progress=_detail,
     )
     probes = evaluate(
         emb,
@@ -208,7 +206,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         baselines=features,
         supervised=supervised,
         seed=cfg.seed,
-        progress=lambda s: print("      " + s, flush=True),
+        progress=_detail,
     )
     write_report(probes, probe_dir)
     _done(t0, timings, "probes")
@@ -220,13 +218,13 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         "checks": checks(probes),
         "key_numbers": _key_numbers(probes),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting, log=lambda s: print("      " + s))
+    (out / layout.DEMO_JSON).write_text(json.dumps(summary, indent=2))
+    report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting)
     _done(t0, timings, "report")
     summary["timings_s"] = timings
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     summary["report"] = str(report)
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))  # the report shows the run before this stage
+    (out / layout.DEMO_JSON).write_text(json.dumps(summary, indent=2))  # the report shows the run before this stage
     print("\n" + markdown_table(probes).split("\n\n")[0])
     print("\nlinear probes on the test split (R2; accuracy for telescope):")
     print(key_table(probes))
@@ -247,17 +245,8 @@ def _survey_settings(survey: Path) -> dict | None:
     return {k: c.get(k) for k in ("n", "size", "seed")}
 
 
-def _key_numbers(probes: dict) -> dict:
-    from astrolom.eval.probes import primary_metric
-
-    out = {}
-    for t, info in probes["targets"].items():
-        m = primary_metric(info["kind"])
-        out[t] = {
-            s: (r.get(t, {}).get("linear") or r.get(t, {}).get("supervised") or {}).get(m)
-            for s, r in probes["results"].items()
-        }
-    return out
+def _key_numbers(probes: ProbeResult) -> dict:
+    return {t: {s: probes.score(t, s, "linear") for s in probes.feature_sets} for t in probes.targets}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,5 +290,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0 when every science check passed, 1 when one failed (the run's outputs are written either way)."""
     summary = run_demo(args.out, config_from_args(args), fresh=args.fresh)
-    return 0 if summary else 1
+    failed = [k for k, ok in summary["checks"].items() if not ok]
+    if failed:
+        log.error("%d science check(s) failed: %s", len(failed), "; ".join(failed))
+        return 1
+    return 0

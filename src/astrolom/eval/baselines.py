@@ -28,8 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from astrolom.data.sources import open_source
+from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
-from astrolom.eval.probes import CLASSIFICATION, EmbeddingTable, load_embeddings, make_tasks, split_rows
+from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS, embed_dataset
+from astrolom.eval.embeddings import EmbeddingTable, load_embeddings, split_rows
+from astrolom.eval.probes import CLASSIFICATION, make_tasks
+from astrolom.model.pretrained import load_model
 
 BASELINES = ("random_init", "pca_pixels", "photometry", "cnn")
 APERTURES = (2.0, 4.0, 8.0, 16.0)  # radii in pixels
@@ -51,8 +56,6 @@ def random_init_embeddings(
     progress: bool = True,
 ) -> EmbeddingTable:
     """Embeddings of a freshly initialised model of `model_path`'s config, extracted as `like` was (layer, tokens)."""
-    from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS, embed_dataset, load_model
-
     if not data:
         raise ValueError("the random-init control needs the data set: pass --data")
     model, meta = load_model(model_path, random_init=True, seed=seed)
@@ -84,9 +87,6 @@ def load_images(
     """Images (N, h, w, C) float32 of the given objects per split, in the given order, centre-cropped to
     `pixel_crop` pixels (None: whole stamps, which must then share a size). `split_settings` (split_fractions,
     split_seed) split data sets without a split column the way their embeddings were split."""
-    from astrolom.data.sources import open_source
-    from astrolom.data.stream import RecordStream
-
     settings = dict(split_settings or {})
     if "split_fractions" in settings:
         settings["split_fractions"] = tuple(settings["split_fractions"])

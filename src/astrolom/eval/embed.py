@@ -6,9 +6,10 @@ the spiral prefix is the centre, so only the first `min(tokens, block_size)` spi
 larger than the training size are centre-cropped to the patches that prefix covers before tokenising (a 512x512
 stamp with 16 px patches costs what its central 128x128 does), and its embedding is exactly that of the crop.
 
-Output: one Parquet row per object with `object_id`, `split`, every label column of the data, and `embedding`
-(fixed-size list<float32>), written batch by batch (memory does not depend on the data size). The file metadata key
-`astrolom` records the model, layer, token count and data. Under torchrun every rank embeds its share of the
+Output: the embedding table of `astrolom.eval.embeddings` (one Parquet row per object with `object_id`, `split`,
+every label column of the data, and `embedding`), written batch by batch (memory does not depend on the data size);
+its file metadata records the model, layer, token count and data. Models load with
+`astrolom.model.pretrained.load_model`. Under torchrun every rank embeds its share of the
 records (record k goes to rank k % world size) and writes `EMB.parquet/part-<rank>.parquet`; `load_embeddings`
 reads the file or the directory alike.
 
@@ -19,26 +20,31 @@ reads the file or the directory alike.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from astrolom.data.records import METADATA_KEY, SPLITS, Record
+from astrolom.data.records import SPLITS, Record
 from astrolom.data.tokens import prefix_crop
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingWriter, output_path  # noqa: F401  (EMBEDDING: old home)
+from astrolom.log import get_logger
+from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
+from astrolom.model.pretrained import load_model
+from astrolom.train import parallel
 
-EMBEDDING = "embedding"
+log = get_logger(__name__)
+
 DEFAULT_TOKENS = 64
 DEFAULT_LAYER = -2
+# only the central <= 64 tokens are computed, so big batches stay small in memory; on CPU 256 is ~1.5x faster than
+# 64 per galaxy (per-op overhead amortised; benchmarks/embed_speed.py)
+DEFAULT_BATCH = 256
 
 
 def tokens_used(model: AstroPT, available: int, n_tokens: int = DEFAULT_TOKENS) -> int:
@@ -48,7 +54,7 @@ def tokens_used(model: AstroPT, available: int, n_tokens: int = DEFAULT_TOKENS) 
     return min(n_tokens, model.config.block_size, available)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: ~15% less CPU time than no_grad for a small model
 def embed_tokens(
     model: AstroPT, tokens: torch.Tensor, layer: int = DEFAULT_LAYER, n_tokens: int = DEFAULT_TOKENS
 ) -> torch.Tensor:
@@ -65,7 +71,7 @@ def embed_records(
     model: AstroPT,
     records: Iterable[Record],
     *,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     layer: int = DEFAULT_LAYER,
     n_tokens: int = DEFAULT_TOKENS,
     device: torch.device | str = "cpu",
@@ -76,7 +82,7 @@ def embed_records(
 
     device = torch.device(device)
     p = model.config.patch_size
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    precision = parallel.resolve_precision(precision, device)
     it = iter(records)
     pending: list[Record] = []
     while True:
@@ -90,7 +96,7 @@ def embed_records(
         n = tokens_used(model, (h // p) * (w // p), n_tokens)
         crop = prefix_crop(h, w, p, n)
         tokens = tokenize_records(batch, p, image_size=crop)["tokens"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with parallel.autocast(precision, device):
             emb = embed_tokens(model, tokens, layer, n)
         yield batch, emb.cpu().numpy().astype(np.float32)
 
@@ -100,79 +106,13 @@ def _shape(record: Record) -> tuple[int, ...]:
     return tuple(record.shape) if isinstance(getattr(record, "shape", None), tuple) else tuple(record.image.shape)
 
 
-class EmbeddingWriter:
-    """Parquet writer for embedding rows; the schema is fixed by the first batch (labels keep their types)."""
-
-    def __init__(self, path: str | Path, metadata: dict):
-        self.path = Path(path)
-        self.metadata = metadata
-        self._writer: pq.ParquetWriter | None = None
-        self._schema: pa.Schema | None = None
-        self.rows = 0
-
-    def write(self, records: list[Record], embeddings: np.ndarray) -> None:
-        dim = embeddings.shape[1]
-        cols: dict[str, pa.Array] = {
-            "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
-            "split": pa.array([r.split for r in records], pa.string()),
-        }
-        names = self._schema.names[2:-1] if self._schema is not None else _label_names(records)
-        for name in names:
-            values = [r.labels.get(name) for r in records]
-            typ = self._schema.field(name).type if self._schema is not None else None
-            cols[name] = pa.array(values, type=typ) if typ is not None else _infer(values)
-        flat = pa.array(embeddings.reshape(-1), pa.float32())
-        cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(flat, dim)
-        table = pa.table(cols)
-        if self._writer is None:
-            meta = {METADATA_KEY: json.dumps(dict(self.metadata, embedding_dim=dim)).encode()}
-            self._schema = table.schema.with_metadata(meta)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, self._schema)
-        self._writer.write_table(table.cast(self._schema))
-        self.rows += len(records)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _label_names(records: list[Record]) -> list[str]:
-    names: list[str] = []
-    for r in records:
-        names += [k for k in r.labels if k not in names and k not in ("object_id", "split", EMBEDDING)]
-    return names
-
-
-def _infer(values: list) -> pa.Array:
-    arr = pa.array([v.item() if isinstance(v, np.generic) else v for v in values])
-    return arr.cast(pa.float64()) if pa.types.is_null(arr.type) else arr
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not under torchrun)."""
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
-
-
-def output_path(out: str | Path, rank: int, world_size: int) -> Path:
-    """EMB.parquet for one process; EMB.parquet/part-<rank>.parquet (a directory) under torchrun."""
-    out = Path(out)
-    if world_size > 1:
-        return out / f"part-{rank:05d}.parquet"
-    return out
-
-
 def embed_dataset(
     model: AstroPT,
     data: str,
     out: str | Path,
     *,
     splits: Iterable[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH,
     layer: int = DEFAULT_LAYER,
     n_tokens: int = DEFAULT_TOKENS,
     device: str | torch.device | None = None,
@@ -181,7 +121,6 @@ def embed_dataset(
     metadata: dict | None = None,
     max_per_split: int | None = None,
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
 ) -> Path:
     """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the file written.
 
@@ -189,16 +128,14 @@ def embed_dataset(
     `metadata` goes into the file; its `split_settings` (from `load_model`: the pretraining run's
     data.split_fractions / split_seed) decide the splits of data sets that have no split column.
     """
-    from tqdm.auto import tqdm
-
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
 
-    env_rank, env_world, local = dist_env()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
+    env = parallel.read_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
     if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     model = model.to(device).eval()
     splits = list(SPLITS if splits is None else splits)
@@ -241,7 +178,7 @@ def embed_dataset(
                 it = islice(it, math.ceil((max_per_split - rank) / world_size))
             yield from it
 
-    bar = tqdm(total=mine, desc=f"embed[{rank}]" if world_size > 1 else "embed", unit="img", disable=not progress)
+    bar = progress_bar(mine, desc=f"embed[{rank}]" if world_size > 1 else "embed", unit="img", enabled=progress)
     t0 = time.perf_counter()
     try:
         for recs, emb in embed_records(
@@ -255,55 +192,9 @@ def embed_dataset(
         source.close()
     if writer.rows == 0:
         raise ValueError(f"{data}: no records in split(s) {splits} for rank {rank}")
-    if log:
-        dt = time.perf_counter() - t0
-        log(f"embedded {writer.rows} objects in {dt:.1f} s ({writer.rows / max(dt, 1e-9):.0f}/s) -> {path}")
+    dt = time.perf_counter() - t0
+    log.info("embedded %d objects in %.1f s (%.0f/s) -> %s", writer.rows, dt, writer.rows / max(dt, 1e-9), path)
     return path
-
-
-def load_model(path: str, *, random_init: bool = False, seed: int = 0) -> tuple[AstroPT, dict]:
-    """A pretrained model from a RUN or model directory, or (random_init) a fresh one of its config and `seed`.
-
-    Returns (model in eval mode, metadata for the embedding file).
-    """
-    from astrolom.train.checkpoint import from_pretrained, read_config, resolve_model_dir
-
-    model_dir = resolve_model_dir(path)
-    model = from_pretrained(model_dir)
-    meta = {"model": str(model_dir), "random_init": random_init}
-    cfg = read_config(model_dir)
-    meta["trained_on"] = cfg.get("data", {})
-    meta["split_settings"] = _split_settings(model_dir)
-    if random_init:
-        # the control: same architecture, weights from the model's own init with a fixed seed
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = AstroPT(model.config).eval()
-        meta["seed"] = seed
-    return model, meta
-
-
-def _split_settings(model_dir: Path) -> dict:
-    """data.split_fractions / split_seed of the run a model came from, or {} if unknown.
-
-    Read from the model's config.json (written since the trainer records it there), else from RUN/config.yaml.
-    """
-    import json
-
-    import yaml
-
-    cfg_json = model_dir / "config.json"
-    if cfg_json.is_file():
-        data = json.loads(cfg_json.read_text()).get("data", {})
-        if "split_fractions" in data:
-            return {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
-    for d in (model_dir.parent, model_dir.parent.parent):
-        cfg = d / "config.yaml"
-        if cfg.is_file():
-            data = (yaml.safe_load(cfg.read_text()) or {}).get("data", {})
-            if "split_fractions" in data:
-                return {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
-    return {}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", default="train,val,test", help="comma-separated splits to embed")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="block whose outputs are averaged (-2)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="central spiral tokens averaged (64)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"stamps per forward ({DEFAULT_BATCH})")
     parser.add_argument("--max-per-split", type=int, default=None, help="embed only the first N objects per split")
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: this rank's GPU, else CPU)")
     parser.add_argument(

@@ -6,13 +6,10 @@
   `plot_telescope` the same map coloured by telescope (the paper's "islands").
 - `plot_probe_vs_flops`: Figure 4, probe score against pretraining FLOPs per property, with Spearman's rho.
 - `plot_probe_summary`: probe scores of the pretrained model beside its control and the baselines.
-- `plot_inpainting`: the model sees the central k spiral tokens of a stamp and generates the rest.
+- `plot_inpainting`: truth, the central k spiral tokens the model saw, and its completion (from
+  `astrolom.eval.inpaint.inpaint`, which explains the pixel units).
 
-Inpainting and pixel units: AstroPT predicts *standardised* patches (each patch has mean 0 and std 1), so a generated
-token carries shape and colour but not the patch's brightness level. To show generated patches in pixel units we use
-the true patch mean and standard deviation (the per-patch normalisation comes from the truth; nothing else does).
-The figure therefore shows what the model predicts about structure, and the reported error is measured on
-standardised tokens, where the model made its prediction.
+Plots only: these functions draw results computed elsewhere and never run a model.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from astrolom.eval.probes import ProbeResult  # noqa: E402
 
 SET_COLOURS = {
     "pretrained": "#1f77b4",
@@ -229,20 +228,14 @@ def plot_probe_vs_flops(
 # ------------------------------------------------------------------------------------------------ probes
 
 
-def plot_probe_summary(report: dict, stem: str | Path, method: str = "linear") -> dict[str, Path]:
+def plot_probe_summary(result: ProbeResult, stem: str | Path, method: str = "linear") -> dict[str, Path]:
     """Grouped bars: the `method` probe's R2 / accuracy per target for every feature set (CNN: its own score)."""
-    from astrolom.eval.probes import FEATURE_SET_ORDER, primary_metric
-
-    results, targets = report["results"], report["targets"]
-    sets = [s for s in FEATURE_SET_ORDER if s in results] + [s for s in results if s not in FEATURE_SET_ORDER]
-    names = list(targets)
+    sets = result.feature_sets
+    names = list(result.targets)
     width = 0.8 / max(1, len(sets))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     for i, s in enumerate(sets):
-        vals = []
-        for t in names:
-            entry = results[s].get(t, {})
-            vals.append((entry.get(method) or entry.get("supervised") or {}).get(primary_metric(targets[t]["kind"])))
+        vals = [result.score(t, s, method) for t in names]
         xs = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
         ax.bar(
             xs,
@@ -252,59 +245,19 @@ def plot_probe_summary(report: dict, stem: str | Path, method: str = "linear") -
             color=SET_COLOURS.get(s),
         )
     for j, t in enumerate(names):
-        if "majority_accuracy" in targets[t]:
-            ax.plot([j - 0.4, j + 0.4], [targets[t]["majority_accuracy"]] * 2, "k:", lw=1)
+        if result.majority_accuracy(t) is not None:
+            ax.plot([j - 0.4, j + 0.4], [result.majority_accuracy(t)] * 2, "k:", lw=1)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_ylim(-0.2, 1.05)
     ax.set_ylabel("R2 (regression) / accuracy (classes)")
-    ax.set_title(f"{method} probe on {report['protocol']['test_split']} (dotted: majority class)")
+    ax.set_title(f"{method} probe on {result.protocol['test_split']} (dotted: majority class)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save(fig, stem)
 
 
 # ------------------------------------------------------------------------------------------------ inpainting
-
-
-def inpaint(model, images, k: int) -> dict:
-    """Give the model the first k spiral tokens of each stamp, generate the rest.
-
-    Returns the truth and the inpainted images (B, H, W, C), both in pixel units (the generated patches mapped back
-    with the true per-patch mean/std, see the module docstring), the masked input, and the mean squared error of the
-    generated standardised tokens against the true ones.
-    """
-    import torch
-
-    from astrolom.data import tokens as tok
-
-    x = torch.as_tensor(np.asarray(images, np.float32))
-    p = model.config.patch_size
-    batch = tok.tokenize(tok.center_crop(x, p), p)
-    T = batch.tokens.shape[1]
-    n = min(T, model.config.block_size)
-    k = max(1, min(k, n - 1))
-    with torch.no_grad():
-        gen = model.generate(batch.tokens[:, :k], n - k)
-    full = batch.tokens.clone()
-    full[:, k:n] = gen[:, k:n]
-    masked = batch.tokens.clone()
-    masked[:, k:] = 0.0
-    masked_mean, masked_std = batch.mean.clone(), batch.std.clone()
-    masked_mean[:, k:], masked_std[:, k:] = 0.0, 0.0  # hidden patches are shown blank
-    mse = float(((gen[:, k:n] - batch.tokens[:, k:n]) ** 2).mean())
-    # the same error for the "predict the patch mean" guess (0 in standardised units): the scale of a good result
-    baseline = float((batch.tokens[:, k:n] ** 2).mean())
-    masked_batch = tok.TokenBatch(batch.tokens, masked_mean, masked_std, batch.grid, batch.patch_size)
-    return {
-        "truth": tok.detokenize(batch).numpy(),
-        "inpainted": tok.detokenize(batch, full).numpy(),
-        "masked": tok.detokenize(masked_batch, masked).numpy(),
-        "k": k,
-        "generated": n - k,
-        "mse": mse,
-        "mse_zero": baseline,
-    }
 
 
 def _rgb(img: np.ndarray, scale: np.ndarray) -> np.ndarray:

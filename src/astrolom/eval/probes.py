@@ -13,32 +13,36 @@ the score of a probe that learnt nothing). Every table puts the pretrained model
 of the same preset (the control), PCA of pixels, photometry measured from the images and a supervised CNN, on the
 same objects and splits (`astrolom.eval.baselines`).
 
-`astrolom probe --embeddings EMB.parquet --targets redshift,log_mstar --out DIR [--model RUN --data DIR]`
-writes DIR/probes.json, DIR/probes.md and DIR/probes.{png,pdf}.
+`evaluate` returns a `ProbeResult`: `result.score(target, feature_set, method)` is the one lookup of a score, and
+`result.save(path)` / `ProbeResult.load(path)` keep the readable JSON of probes.json. This module is a pure probe
+library (it imports only `astrolom.eval.embeddings`); the `astrolom probe` command that adds the baselines and the
+figure is `astrolom.eval.probe_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 
-from astrolom.data.records import METADATA_KEY
+from astrolom.eval.embeddings import (
+    EmbeddingTable,
+    load_embeddings,  # noqa: F401  (its home before issue 7; same object)
+    split_rows,
+)
 
 METHODS = ("linear", "knn", "mlp")
 REGRESSION, CLASSIFICATION = "regression", "classification"
-EMBEDDING = "embedding"
+SUPERVISED = "supervised"  # the "method" of a feature set that predicts the targets itself (the CNN)
+# every label of the mock survey a probe can read (`astrolom probe` default)
 DEFAULT_TARGETS = (
     "redshift",
     "log_mstar",
@@ -57,73 +61,16 @@ DEFAULT_TARGETS = (
     "telescope",
     "edge_on",
 )
+# the paper's headline physics: the demo checks that pretraining beats the control and PCA on these
+KEY_TARGETS = ("redshift", "log_mstar", "g_minus_r")
+# a short list for summaries and sweeps: the key targets plus a magnitude, morphology and the instrument
+HEADLINE_TARGETS = (*KEY_TARGETS, "abs_mag_g", "sersic_n", "smooth", "telescope")
 # column order of the tables: the model under test, then its control, then the baselines
 FEATURE_SET_ORDER = ("pretrained", "random_init", "pca_pixels", "photometry", "cnn")
 RIDGE_ALPHAS = np.logspace(-3, 5, 17)
 LOGISTIC_CS = np.logspace(-4, 2, 7)
 KNN_K = 16
 MLP_WIDTH = 32
-
-
-@dataclass
-class EmbeddingTable:
-    """Embeddings with their object ids, splits and labels (one row per object)."""
-
-    object_id: np.ndarray  # (N,) str
-    split: np.ndarray  # (N,) str
-    X: np.ndarray  # (N, D) float32
-    labels: dict[str, np.ndarray] = field(default_factory=dict)
-    metadata: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.object_id)
-
-    def select(self, mask: np.ndarray) -> EmbeddingTable:
-        return EmbeddingTable(
-            self.object_id[mask],
-            self.split[mask],
-            self.X[mask],
-            {k: v[mask] for k, v in self.labels.items()},
-            self.metadata,
-        )
-
-
-def load_embeddings(path: str | Path) -> EmbeddingTable:
-    """Read an embedding Parquet file, or a directory of per-rank parts (`astrolom embed` under torchrun)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no embeddings at {path}")
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"{path} holds no .parquet files")
-    tables = [pq.read_table(f) for f in files]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    if EMBEDDING not in table.column_names:
-        raise ValueError(f"{path} has no {EMBEDDING!r} column; was it written by `astrolom embed`?")
-    col = table.column(EMBEDDING).combine_chunks()
-    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[0].as_py())
-    X = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), dim)
-    meta_raw = (tables[0].schema.metadata or {}).get(METADATA_KEY)
-    labels = {
-        name: _column_to_numpy(table.column(name))
-        for name in table.column_names
-        if name not in (EMBEDDING, "object_id", "split")
-    }
-    return EmbeddingTable(
-        object_id=np.asarray(table.column("object_id").to_pylist(), dtype=str),
-        split=np.asarray(table.column("split").to_pylist(), dtype=str),
-        X=X,
-        labels=labels,
-        metadata=json.loads(meta_raw) if meta_raw else {},
-    )
-
-
-def _column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
-    if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
-    if pa.types.is_boolean(col.type):
-        return np.asarray([np.nan if v is None else float(v) for v in col.to_pylist()])
-    return np.asarray(["" if v is None else str(v) for v in col.to_pylist()], dtype=object)
 
 
 def target_kind(values: np.ndarray) -> str:
@@ -351,28 +298,10 @@ def probe_features(
 def score_predictions(predictions: dict[str, np.ndarray], tasks: list[ProbeTask]) -> dict[str, dict]:
     """Scores of a model that predicts the targets itself (the supervised CNN), on the test objects of each task."""
     return {
-        t.name: {"supervised": score(t.y_test, predictions[t.name][t.test_rows], t.kind)}
+        t.name: {SUPERVISED: score(t.y_test, predictions[t.name][t.test_rows], t.kind)}
         for t in tasks
         if t.name in predictions
     }
-
-
-def split_rows(table: EmbeddingTable, fit_split: str, test_split: str) -> tuple[EmbeddingTable, EmbeddingTable]:
-    fit, test = table.select(table.split == fit_split), table.select(table.split == test_split)
-    for name, part in ((fit_split, fit), (test_split, test)):
-        if len(part) == 0:
-            have = sorted(set(table.split.tolist()))
-            raise ValueError(f"no objects in split {name!r}; the embeddings hold splits {have}")
-    return fit, test
-
-
-def align(table: EmbeddingTable, object_ids: np.ndarray) -> np.ndarray:
-    """Rows of `table.X` in the order of `object_ids` (every id must be present)."""
-    index = {oid: i for i, oid in enumerate(table.object_id)}
-    missing = [oid for oid in object_ids if oid not in index]
-    if missing:
-        raise ValueError(f"{len(missing)} objects (e.g. {missing[0]!r}) have no row in the control/baseline table")
-    return table.X[[index[oid] for oid in object_ids]]
 
 
 def run_probes(
@@ -394,34 +323,6 @@ def run_probes(
     return results
 
 
-def markdown_table(report: dict) -> str:
-    """Markdown: one table per probe method; rows are targets, columns feature sets (R2 or accuracy)."""
-    results, targets = report["results"], report["targets"]
-    sets = [s for s in FEATURE_SET_ORDER if s in results] + [s for s in results if s not in FEATURE_SET_ORDER]
-    lines = [
-        f"Probes fit on the `{report['protocol']['fit_split']}` split ({report['protocol']['n_fit']} objects), "
-        f"scored on `{report['protocol']['test_split']}` ({report['protocol']['n_test']} objects). "
-        "Cells: R2 for continuous targets, accuracy for classes (majority-class accuracy in brackets). "
-        "`cnn` is a supervised CNN trained end-to-end on the fit split (same value in every table).",
-        "",
-    ]
-    for method in report["protocol"]["methods"]:
-        lines += [f"**{method} probe**", ""]
-        lines.append("| target | metric | " + " | ".join(sets) + " |")
-        lines.append("|---|---|" + "---|" * len(sets))
-        for target, info in targets.items():
-            metric = primary_metric(info["kind"])
-            label = metric + (f" ({info['majority_accuracy']:.2f})" if "majority_accuracy" in info else "")
-            cells = []
-            for s in sets:
-                entry = results[s].get(target, {})
-                value = (entry.get(method) or entry.get("supervised") or {}).get(metric)
-                cells.append("-" if value is None else f"{value:.3f}")
-            lines.append(f"| {target} | {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def evaluate(
     embeddings: EmbeddingTable,
     targets: list[str],
@@ -434,8 +335,8 @@ def evaluate(
     classify: tuple[str, ...] = (),
     seed: int = 0,
     progress=None,
-) -> dict:
-    """Full probe report (a JSON-able dict) for embeddings plus optional control and baselines.
+) -> ProbeResult:
+    """Probe the embeddings, and beside them the optional control and baselines, on the same objects.
 
     `baselines` maps a name to (features of the fit objects, features of the test objects) in the row order of the
     embeddings' fit/test splits; `supervised` maps a name to {target: predictions for the test objects}.
@@ -446,11 +347,11 @@ def evaluate(
         raise ValueError(f"no probe targets left: {skipped}")
     feature_sets = {"pretrained": (fit.X, test.X)}
     if control is not None:
-        feature_sets["random_init"] = (align(control, fit.object_id), align(control, test.object_id))
+        feature_sets["random_init"] = (control.rows_of(fit.object_id), control.rows_of(test.object_id))
     feature_sets.update(baselines or {})
     results = run_probes(feature_sets, tasks, methods, supervised, seed, progress)
-    return {
-        "protocol": {
+    return ProbeResult(
+        protocol={
             "fit_split": fit_split,
             "test_split": test_split,
             "n_fit": len(fit),
@@ -462,112 +363,131 @@ def evaluate(
             "mlp": f"one hidden layer, width {MLP_WIDTH} (few-shot)",
             "seed": seed,
         },
-        "embeddings": embeddings.metadata,
-        "targets": {t.name: t.summary() for t in tasks},
-        "skipped": skipped,
-        "results": results,
-    }
-
-
-def write_report(report: dict, out: str | Path) -> dict[str, Path]:
-    """probes.json, probes.md and the bar-chart figure probes.{png,pdf} in `out`."""
-    from astrolom.eval.figures import plot_probe_summary
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "probes.json", "markdown": out / "probes.md"}
-    paths["json"].write_text(json.dumps(report, indent=2))
-    paths["markdown"].write_text(markdown_table(report))
-    paths.update(plot_probe_summary(report, out / "probes"))
-    return paths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="Parquet file (or directory of parts) from astrolom embed")
-    parser.add_argument("--out", required=True, help="output directory for probes.json / probes.md / figure")
-    parser.add_argument(
-        "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated label columns (missing ones are listed as skipped)",
+        targets={t.name: t.summary() for t in tasks},
+        results=results,
+        skipped=skipped,
+        embeddings=embeddings.metadata,
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help="subset of linear,knn,mlp")
-    parser.add_argument("--classify", default="", help="targets to treat as classes even if numeric")
-    parser.add_argument("--fit-split", default="val")
-    parser.add_argument("--test-split", default="test")
-    parser.add_argument(
-        "--model", default=None, help="pretrained RUN (or RUN/final): enables the random-init control of its config"
-    )
-    parser.add_argument(
-        "--control-embeddings", default=None, help="precomputed random-init embeddings (skips computing them)"
-    )
-    parser.add_argument("--data", default=None, help="data set of the embeddings: enables the pixel baselines")
-    parser.add_argument(
-        "--baselines",
-        default="random_init,pca_pixels,photometry,cnn",
-        help="which of random_init,pca_pixels,photometry,cnn to run when --model/--data allow",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="probe seed; also seeds the random-init control")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size for control embeddings")
-    parser.add_argument("--cnn-epochs", type=int, default=40, help="epochs of the supervised CNN baseline")
-    parser.add_argument(
-        "--pixel-crop", type=int, default=64, help="central pixels the PCA / photometry / CNN baselines see"
-    )
-    parser.add_argument("--device", default=None)
 
 
-def run(args: argparse.Namespace) -> int:
-    from astrolom.eval import baselines as bl
+# ------------------------------------------------------------------------------------------------------- results
 
-    emb = load_embeddings(args.embeddings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    wanted = {b.strip() for b in args.baselines.split(",") if b.strip()}
-    unknown = wanted - set(bl.BASELINES)
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; choose from {bl.BASELINES}")
-    control = None
-    if args.control_embeddings:
-        control = load_embeddings(args.control_embeddings)
-    elif args.model and "random_init" in wanted:
-        control = bl.random_init_embeddings(
-            args.model,
-            args.data or emb.metadata.get("data"),
-            out / "embeddings_random_init.parquet",
-            emb,
-            splits=(args.fit_split, args.test_split),
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-        )
-    baselines, supervised = {}, {}
-    if args.data:
-        baselines, supervised = bl.pixel_baselines(
-            args.data,
-            emb,
-            fit_split=args.fit_split,
-            test_split=args.test_split,
-            which=wanted,
-            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-            classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
-            pixel_crop=args.pixel_crop,
-            cnn_epochs=args.cnn_epochs,
-            seed=args.seed,
-            progress=print,
-        )
-    report = evaluate(
-        emb,
-        [t.strip() for t in args.targets.split(",") if t.strip()],
-        tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        args.fit_split,
-        args.test_split,
-        control=control,
-        baselines=baselines,
-        supervised=supervised,
-        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
-        seed=args.seed,
-        progress=print,
-    )
-    paths = write_report(report, out)
-    print(markdown_table(report))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
+
+@dataclass
+class ProbeResult:
+    """Probe scores of several feature sets on the same targets, fit and test objects.
+
+    `results[feature_set][target][method]` holds the metrics ({"r2", "mae"} or {"accuracy", "f1"}); a supervised
+    model (the CNN) has a single entry under `SUPERVISED` that stands for every probe method. Read scores with
+    `score`, never by indexing `results`: that is where the supervised rule lives.
+    """
+
+    protocol: dict
+    targets: dict[str, dict]  # target -> ProbeTask.summary(): kind, n_fit, n_test, classes / majority_accuracy
+    results: dict[str, dict[str, dict[str, dict[str, float]]]]
+    skipped: dict[str, str] = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)  # how the probed embeddings were made
+
+    @property
+    def feature_sets(self) -> list[str]:
+        """Feature sets in table order: the model, its control, the baselines, then any others."""
+        known = [s for s in FEATURE_SET_ORDER if s in self.results]
+        return known + [s for s in self.results if s not in FEATURE_SET_ORDER]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.protocol.get("methods", METHODS))
+
+    def kind(self, target: str) -> str:
+        return self.targets[target]["kind"]
+
+    def metric(self, target: str) -> str:
+        """The headline metric of a target: R2 for regression, accuracy for classes."""
+        return primary_metric(self.kind(target))
+
+    def majority_accuracy(self, target: str) -> float | None:
+        """Accuracy of always guessing the commonest class (None for regression targets)."""
+        return self.targets[target].get("majority_accuracy")
+
+    def is_supervised(self, feature_set: str) -> bool:
+        entries = self.results.get(feature_set, {}).values()
+        return bool(entries) and all(set(e) == {SUPERVISED} for e in entries)
+
+    def score(
+        self, target: str, feature_set: str = "pretrained", method: str = "linear", metric: str | None = None
+    ) -> float | None:
+        """The `metric` (default: the target's headline metric) of `method`'s probe on `feature_set`.
+
+        None where that feature set, target or method was not scored. A supervised feature set answers with its own
+        score for every method.
+        """
+        if target not in self.targets:
+            return None
+        entry = self.results.get(feature_set, {}).get(target, {})
+        metrics = entry.get(method) or entry.get(SUPERVISED) or {}
+        return metrics.get(metric or self.metric(target))
+
+    def to_dict(self) -> dict:
+        return {
+            "protocol": self.protocol,
+            "embeddings": self.embeddings,
+            "targets": self.targets,
+            "skipped": self.skipped,
+            "results": self.results,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "probe result") -> ProbeResult:
+        missing = [k for k in ("protocol", "targets", "results") if k not in d]
+        if missing:
+            raise ValueError(f"{source} is not a probe report: no {', '.join(missing)}")
+        return cls(d["protocol"], d["targets"], d["results"], d.get("skipped", {}), d.get("embeddings", {}))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "probe result") -> ProbeResult:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not valid JSON: {err}") from err
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeResult:
+        """Read a probes.json."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no probe report at {path}")
+        return cls.from_json(path.read_text(), str(path))
+
+
+def markdown_table(result: ProbeResult) -> str:
+    """Markdown: one table per probe method; rows are targets, columns feature sets (R2 or accuracy)."""
+    sets, pr = result.feature_sets, result.protocol
+    lines = [
+        f"Probes fit on the `{pr['fit_split']}` split ({pr['n_fit']} objects), "
+        f"scored on `{pr['test_split']}` ({pr['n_test']} objects). "
+        "Cells: R2 for continuous targets, accuracy for classes (majority-class accuracy in brackets). "
+        "`cnn` is a supervised CNN trained end-to-end on the fit split (same value in every table).",
+        "",
+    ]
+    for method in result.methods:
+        lines += [f"**{method} probe**", ""]
+        lines.append("| target | metric | " + " | ".join(sets) + " |")
+        lines.append("|---|---|" + "---|" * len(sets))
+        for target in result.targets:
+            chance = result.majority_accuracy(target)
+            label = result.metric(target) + ("" if chance is None else f" ({chance:.2f})")
+            values = [result.score(target, s, method) for s in sets]
+            cells = ["-" if v is None else f"{v:.3f}" for v in values]
+            lines.append(f"| {target} | {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -28,7 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-from astrolom.eval.probes import FEATURE_SET_ORDER, primary_metric
+from astrolom import layout
+from astrolom.data.sources import open_source
+from astrolom.data.stream import RecordStream
+from astrolom.eval import figures as fg
+from astrolom.eval.embeddings import load_embeddings
+from astrolom.eval.inpaint import inpaint
+from astrolom.eval.probes import KEY_TARGETS, ProbeResult
+from astrolom.eval.scaling import markdown as scaling_markdown
+from astrolom.eval.scaling import read_metrics
+from astrolom.log import get_logger
+from astrolom.model.pretrained import load_model
+
+log = get_logger(__name__)
 
 CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1180px; margin: 2em auto;
@@ -54,21 +66,22 @@ def _first(*paths: Path) -> Path | None:
 
 def find_artifacts(root: str | Path) -> dict[str, Path | None]:
     """Locations of the pieces a report can show, for a RUN, demo or sweep directory (None where absent)."""
+    L = layout
     root = Path(root)
-    run_dir = _first(root / "metrics.jsonl", root / "run" / "metrics.jsonl")
+    run_dir = _first(root / L.METRICS_NAME, root / L.DEMO_RUN_DIR / L.METRICS_NAME)
     run_dir = run_dir.parent if run_dir else None
     model = None
     if run_dir is not None:
-        model = _first(run_dir / "final" / "model.safetensors")
+        model = _first(run_dir / L.FINAL_DIR / L.WEIGHTS_NAME)
         model = model.parent if model else None
     return {
         "root": root,
         "run": run_dir,
         "model": model,
-        "embeddings": _first(root / "embeddings.parquet", root / "embeddings" / "embeddings.parquet"),
-        "probes": _first(root / "probes" / "probes.json", root / "probes.json"),
-        "scaling": _first(root / "scaling.json", root / "scaling" / "scaling.json"),
-        "demo": _first(root / "demo.json"),
+        "embeddings": _first(root / L.EMBEDDINGS_NAME, root / "embeddings" / L.EMBEDDINGS_NAME),
+        "probes": _first(root / L.PROBES_DIR / L.PROBES_JSON, root / L.PROBES_JSON),
+        "scaling": _first(root / L.SCALING_JSON, root / "scaling" / L.SCALING_JSON),
+        "demo": _first(root / L.DEMO_JSON),
     }
 
 
@@ -76,7 +89,7 @@ def _data_path(artifacts: dict, override: str | None) -> str | None:
     if override:
         return override
     if artifacts.get("model") is not None:
-        cfg = json.loads((artifacts["model"] / "config.json").read_text())
+        cfg = json.loads((artifacts["model"] / layout.CONFIG_NAME).read_text())
         path = cfg.get("data", {}).get("path")
         if path and Path(path).exists():
             return path
@@ -103,29 +116,26 @@ def _table(header: list[str], rows: list[list[str]], best: list[set[int]] | None
     return "\n".join(out + ["</table>"])
 
 
-def probe_tables(report: dict) -> str:
-    """HTML tables of a probes.json: per method, targets x feature sets, the best non-supervised cell in bold."""
-    results, targets = report["results"], report["targets"]
-    sets = [s for s in FEATURE_SET_ORDER if s in results] + [s for s in results if s not in FEATURE_SET_ORDER]
+def probe_tables(result: ProbeResult) -> str:
+    """HTML tables of a probe result: per method, targets x feature sets, the best non-supervised cell in bold."""
+    sets = result.feature_sets
+    sup = {s for s in sets if result.is_supervised(s)}
     parts = []
-    for method in report["protocol"]["methods"]:
+    for method in result.methods:
         rows, best = [], []
-        for t, info in targets.items():
-            metric = primary_metric(info["kind"])
-            vals = []
-            for s in sets:
-                entry = results[s].get(t, {})
-                vals.append((entry.get(method) or entry.get("supervised") or {}).get(metric))
-            unsup = [(v, j) for j, (v, s) in enumerate(zip(vals, sets, strict=True)) if v is not None and s != "cnn"]
+        for t in result.targets:
+            vals = [result.score(t, s, method) for s in sets]
+            unsup = [(v, j) for j, (v, s) in enumerate(zip(vals, sets, strict=True)) if v is not None and s not in sup]
             top = {max(unsup)[1] + 2} if unsup else set()
-            chance = f" (majority {info['majority_accuracy']:.2f})" if "majority_accuracy" in info else ""
-            rows.append([t, metric + chance] + ["-" if v is None else f"{v:.3f}" for v in vals])
+            majority = result.majority_accuracy(t)
+            chance = "" if majority is None else f" (majority {majority:.2f})"
+            rows.append([t, result.metric(t) + chance] + ["-" if v is None else f"{v:.3f}" for v in vals])
             best.append(top)
         parts.append(f"<h3>{html.escape(method)} probe</h3>" + _table(["target", "metric", *sets], rows, best))
     return "\n".join(parts)
 
 
-def _kpis(probes: dict | None, metrics: list[dict] | None, demo: dict | None) -> str:
+def _kpis(probes: ProbeResult | None, metrics: list[dict] | None, demo: dict | None) -> str:
     items = []
     if metrics:
         val = [r["val_loss"] for r in metrics if r.get("val_loss") is not None]
@@ -135,12 +145,11 @@ def _kpis(probes: dict | None, metrics: list[dict] | None, demo: dict | None) ->
         items.append(("steps / tokens", f"{last.get('step', 0)} / {last.get('tokens_seen', 0):.3g}"))
         items.append(("training FLOPs", f"{last.get('flops', 0):.3g}"))
     if probes:
-        res = probes["results"]
-        for t in ("redshift", "log_mstar", "g_minus_r", "telescope"):
-            if t in probes["targets"] and "pretrained" in res:
-                m = primary_metric(probes["targets"][t]["kind"])
-                pre = res["pretrained"][t]["linear"][m]
-                ctl = res.get("random_init", {}).get(t, {}).get("linear", {}).get(m)
+        for t in (*KEY_TARGETS, "telescope"):
+            pre = probes.score(t, "pretrained", "linear")
+            if pre is not None:
+                ctl = probes.score(t, "random_init", "linear")
+                m = probes.metric(t)
                 items.append((f"{t} linear {m}", f"{pre:.3f}" + ("" if ctl is None else f" (control {ctl:.3f})")))
     if demo and "seconds" in demo:
         items.append(("demo wall time", f"{demo['seconds'] / 60:.1f} min"))
@@ -174,9 +183,7 @@ def environment() -> dict:
 
 
 def _training_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
-    from astrolom.eval.figures import plt, save
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = fg.plt.subplots(figsize=(6.5, 3.8))
     tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     va = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if tr:
@@ -188,7 +195,7 @@ def _training_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return save(fig, stem)
+    return fg.save(fig, stem)
 
 
 def build_report(
@@ -203,17 +210,14 @@ def build_report(
     inpainting: bool = True,
     inpaint_k: int | None = None,
     umap_max: int = 5000,
-    log=print,
 ) -> Path:
     """Write the HTML report of `root` to `out` (default root/report.html); returns its path."""
-    from astrolom.eval import figures as fg
-
     art = find_artifacts(root)
     for key, value in (("embeddings", embeddings), ("probes", probes), ("scaling", scaling)):
         if value:
             art[key] = Path(value)
     root = Path(root)
-    out = Path(out) if out else root / "report.html"
+    out = Path(out) if out else root / layout.REPORT_NAME
     figdir = out.parent / "figures"
     sections: list[str] = []
     metrics = probe_report = demo = None
@@ -221,8 +225,6 @@ def build_report(
         demo = json.loads(art["demo"].read_text())
 
     if art["run"]:
-        from astrolom.eval.scaling import read_metrics
-
         metrics = read_metrics(art["run"])
         p1 = _training_curves(metrics, figdir / "training_curves")
         p2 = fg.plot_loss_curves({art["run"].name: metrics}, figdir / "fig2_loss")
@@ -233,8 +235,8 @@ def build_report(
         )
 
     if art["probes"]:
-        probe_report = json.loads(art["probes"].read_text())
-        pr = probe_report["protocol"]
+        probe_report = ProbeResult.load(art["probes"])
+        pr = probe_report.protocol
         stem = figdir / "probes"
         fg.plot_probe_summary(probe_report, stem)
         sections.append(
@@ -248,20 +250,18 @@ def build_report(
             + _img(stem.with_suffix(".png"))
             + probe_tables(probe_report)
             + (
-                f'<p class="note">Skipped targets: {html.escape(json.dumps(probe_report["skipped"]))}</p>'
-                if probe_report.get("skipped")
+                f'<p class="note">Skipped targets: {html.escape(json.dumps(probe_report.skipped))}</p>'
+                if probe_report.skipped
                 else ""
             )  # fmt: skip
         )
 
     if umap and art["embeddings"]:
-        from astrolom.eval.probes import load_embeddings
-
         emb = load_embeddings(art["embeddings"])
         if len(emb) > umap_max:
             emb = emb.select(np.random.default_rng(0).permutation(len(emb))[:umap_max])
         if len(emb) >= 10:
-            log(f"report: UMAP of {len(emb)} embeddings")
+            log.info("report: UMAP of %d embeddings", len(emb))
             coords = fg.umap_coords(emb.X)
             pu = fg.plot_umap(coords, emb.labels, figdir / "fig3_umap")
             body = _img(pu["png"], "hexbins coloured by the mean property of their galaxies (paper Fig. 3)")
@@ -272,10 +272,6 @@ def build_report(
 
     data_path = _data_path(art, data)
     if inpainting and art["model"] and data_path:
-        from astrolom.data.sources import open_source
-        from astrolom.data.stream import RecordStream
-        from astrolom.eval.embed import load_model
-
         model, _ = load_model(str(art["model"]))
         src = open_source(data_path, spectra=False)
         try:
@@ -293,7 +289,7 @@ def build_report(
             p = model.config.patch_size
             T = min(model.config.block_size, (h // p) * (w // p))
             k = inpaint_k or max(1, T // 4)
-            res = fg.inpaint(model, np.stack([r.image for r in recs]), k)
+            res = inpaint(model, np.stack([r.image for r in recs]), k)
             pi = fg.plot_inpainting(res, figdir / "inpainting")
             sections.append(
                 "<h2>Inpainting</h2>"
@@ -306,10 +302,8 @@ def build_report(
             )
 
     if art["scaling"]:
-        from astrolom.eval.scaling import markdown
-
         summ = json.loads(art["scaling"].read_text())
-        body = f"<pre>{html.escape(markdown(summ))}</pre>"
+        body = f"<pre>{html.escape(scaling_markdown(summ))}</pre>"
         for name in ("fig2_loss", "fig4_probe_vs_flops"):
             png = art["scaling"].parent / f"{name}.png"
             if png.exists():
@@ -317,8 +311,8 @@ def build_report(
         sections.append("<h2>Scaling sweep</h2>" + body)
 
     cfg_text = ""
-    if art["run"] and (art["run"] / "config.yaml").exists():
-        cfg_text = (art["run"] / "config.yaml").read_text()
+    if art["run"] and (art["run"] / layout.RUN_CONFIG_YAML).exists():
+        cfg_text = (art["run"] / layout.RUN_CONFIG_YAML).read_text()
     extra = f"<h3>Demo settings and timings</h3><pre>{html.escape(json.dumps(demo, indent=2))}</pre>" if demo else ""
     sections.append(
         "<h2>Configuration and environment</h2>"

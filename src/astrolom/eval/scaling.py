@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import time
 import warnings
@@ -31,7 +32,20 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize, stats
 
-DEFAULT_TARGETS = ("redshift", "log_mstar", "g_minus_r", "abs_mag_g", "sersic_n", "smooth", "telescope")
+from astrolom import layout
+from astrolom.config import apply_overrides
+from astrolom.data.sources import open_source
+from astrolom.eval.embed import embed_dataset
+from astrolom.eval.embeddings import load_embeddings
+from astrolom.eval.figures import plot_loss_curves, plot_probe_vs_flops
+from astrolom.eval.probes import HEADLINE_TARGETS, evaluate
+from astrolom.log import get_logger
+from astrolom.model.presets import get_preset
+from astrolom.model.pretrained import load_model
+from astrolom.train.config import PretrainConfig
+from astrolom.train.trainer import make_config, pretrain
+
+log = get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- the fit
@@ -154,9 +168,9 @@ def spearman(flops, scores, exact_max: int = 8) -> dict:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """RUN/metrics.jsonl as a list of dicts (later lines win for a repeated step, as after a resume)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / layout.METRICS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+        raise FileNotFoundError(f"no {layout.METRICS_NAME} in {run_dir}")
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -175,25 +189,18 @@ def val_points(rows: list[dict]) -> list[tuple[float, float]]:
 
 
 def _pretrain(data: str, preset: str, run_dir: Path, steps: int, overrides: list[str], launcher: str | None) -> None:
-    argv = ["pretrain", "--data", data, "--preset", preset, "--out", str(run_dir), "--max-steps", str(steps)]
-    argv += overrides
-    if launcher:
-        cmd = shlex.split(launcher) + ["-m", "astrolom", *argv]
-        subprocess.run(cmd, check=True)
+    if launcher:  # torchrun and friends start their own processes: hand them the command line
+        argv = ["pretrain", "--data", data, "--preset", preset, "--out", str(run_dir), "--max-steps", str(steps)]
+        subprocess.run([*shlex.split(launcher), "-m", "astrolom", *argv, *overrides], check=True)
         return
-    from astrolom.cli import main
-
-    rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"pretraining {preset} failed (exit {rc}); see {run_dir}")
+    cfg = make_config(data=data, preset=preset, out=run_dir, max_steps=steps, overrides=overrides)
+    summary = pretrain(cfg)
+    if not summary["finished"]:
+        raise RuntimeError(f"pretraining {preset} stopped at step {summary['step']} of {steps}; see {run_dir}")
 
 
 def steps_for_tokens(data: str, tokens: float, overrides: list[str]) -> int:
     """Optimiser steps that make `tokens` predicted tokens, from the batch size and stamp size training will use."""
-    from astrolom.config import apply_overrides
-    from astrolom.data.sources import open_source
-    from astrolom.train.config import PretrainConfig
-
     cfg = apply_overrides(PretrainConfig(), overrides)
     src = open_source(data, spectra=False)
     h, w = src.image_shape[:2]
@@ -213,20 +220,14 @@ def run_sweep(
     max_steps: int | None = None,
     tokens: float | None = None,
     overrides: list[str] | None = None,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    targets: tuple[str, ...] = HEADLINE_TARGETS,
     fit_split: str = "val",
     test_split: str = "test",
     launcher: str | None = None,
     retrain: bool = False,
     batch_size: int = 64,
-    log=print,
 ) -> dict:
     """Pretrain, embed and probe each preset; fit L(C); write figures and tables. Returns the summary dict."""
-    from astrolom.eval.embed import embed_dataset, load_model
-    from astrolom.eval.figures import plot_loss_curves, plot_probe_vs_flops
-    from astrolom.eval.probes import evaluate, load_embeddings, primary_metric
-    from astrolom.model.presets import get_preset
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
@@ -243,27 +244,20 @@ def run_sweep(
     for i, preset in enumerate(presets):
         run_dir = out / "runs" / preset
         t0 = time.perf_counter()
-        if retrain or not (run_dir / "final" / "model.safetensors").is_file():
+        if retrain or not (run_dir / layout.FINAL_DIR / layout.WEIGHTS_NAME).is_file():
             if retrain and run_dir.exists():
-                import shutil
-
                 shutil.rmtree(run_dir)
-            log(f"[{i + 1}/{len(presets)}] pretraining {preset} for {steps} steps -> {run_dir}")
+            log.info("[%d/%d] pretraining %s for %d steps -> %s", i + 1, len(presets), preset, steps, run_dir)
             _pretrain(data, preset, run_dir, steps, overrides, launcher)
         else:
-            log(f"[{i + 1}/{len(presets)}] reusing finished run {run_dir}")
+            log.info("[%d/%d] reusing finished run %s", i + 1, len(presets), run_dir)
         rows = read_metrics(run_dir)
         curves[preset] = rows
         model, meta = load_model(str(run_dir))
         emb_path = out / "embeddings" / f"{preset}.parquet"
-        embed_dataset(
-            model, data, emb_path, splits=(fit_split, test_split), batch_size=batch_size, metadata=meta, log=log
-        )
-        report = evaluate(load_embeddings(emb_path), list(targets), ("linear",), fit_split, test_split)
-        scores = {
-            t: report["results"]["pretrained"][t]["linear"][primary_metric(info["kind"])]
-            for t, info in report["targets"].items()
-        }
+        embed_dataset(model, data, emb_path, splits=(fit_split, test_split), batch_size=batch_size, metadata=meta)
+        result = evaluate(load_embeddings(emb_path), list(targets), ("linear",), fit_split, test_split)
+        scores = {t: result.score(t, "pretrained", "linear") for t in result.targets}
         last = rows[-1]
         models[preset] = {
             "params": model.num_params(),
@@ -272,13 +266,13 @@ def run_sweep(
             "steps": int(last.get("step", 0)),
             "final_val_loss": next((r["val_loss"] for r in reversed(rows) if r.get("val_loss") is not None), None),
             "scores": scores,
-            "metrics": {t: primary_metric(info["kind"]) for t, info in report["targets"].items()},
+            "metrics": {t: result.metric(t) for t in result.targets},
             "seconds": time.perf_counter() - t0,
         }
-        log(f"  {preset}: val loss {models[preset]['final_val_loss']}, probe {json.dumps(_rounded(scores))}")
+        log.info("  %s: val loss %s, probe %s", preset, models[preset]["final_val_loss"], json.dumps(_rounded(scores)))
     summary = summarise(models, curves)
     summary["sweep"] = {"data": data, "presets": presets, "steps": steps, "overrides": overrides}
-    (out / "scaling.json").write_text(json.dumps(summary, indent=2))
+    (out / layout.SCALING_JSON).write_text(json.dumps(summary, indent=2))
     (out / "scaling.md").write_text(markdown(summary))
     params = {k: v["params"] for k, v in models.items()}
     plot_loss_curves(curves, out / "fig2_loss", params=params, fit=summary["fit"])
@@ -287,7 +281,7 @@ def run_sweep(
     points = {t: [(models[m]["flops"], models[m]["scores"][t], m) for m in names] for t in targets_seen}
     metric_names = {t: models[names[0]]["metrics"][t] for t in targets_seen}
     plot_probe_vs_flops(points, summary["spearman"], out / "fig4_probe_vs_flops", metric_names)
-    log((out / "scaling.md").read_text())
+    log.info((out / "scaling.md").read_text())
     return summary
 
 
@@ -349,7 +343,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimiser steps per model")
     budget.add_argument("--tokens", type=float, help="predicted tokens per model (steps from batch and stamp size)")
-    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="properties to probe")
+    parser.add_argument("--targets", default=",".join(HEADLINE_TARGETS), help="properties to probe")
     parser.add_argument("--fit-split", default="val")
     parser.add_argument("--test-split", default="test")
     parser.add_argument(

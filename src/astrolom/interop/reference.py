@@ -483,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from astrolom.train.checkpoint import from_pretrained, save_pretrained
+    from astrolom.model.pretrained import from_pretrained, save_pretrained
 
     if args.from_reference:
         model = load_reference_checkpoint(args.from_reference)

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from astrolom import layout
+
 COLUMNS = (
     "step",
     "loss",
@@ -91,8 +93,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir = Path(run_dir)
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        self.csv_path = run_dir / "metrics.csv"
+        self.jsonl_path = run_dir / layout.METRICS_NAME
+        self.csv_path = run_dir / layout.METRICS_CSV_NAME
         if resume_step is not None:
             _truncate_jsonl(self.jsonl_path, resume_step)
             _truncate_csv(self.csv_path, resume_step)
@@ -108,7 +110,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(run_dir / layout.TENSORBOARD_DIR), purge_step=purge)
         if wandb:
             wb = _optional("wandb", "train.wandb")
             self._wandb = wb.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")

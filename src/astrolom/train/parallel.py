@@ -4,7 +4,8 @@
   NCCL on GPUs, gloo on CPU. Without torchrun it is a world of one and nothing is initialised.
 - `parallelize`: DDP, or FSDP2 (`fully_shard` per block, then the root) for models that do not fit one device,
   plus optional per-block `torch.compile`. `grad_sync` skips the gradient all-reduce on accumulation micro-steps.
-- `autocast`: bf16 autocast on GPU (TF32 matmuls for what stays fp32); fp32 on CPU.
+- `resolve_precision` / `autocast`: the one bf16 choice for training and embedding (auto: bf16 autocast on GPU,
+  TF32 matmuls for what stays fp32; fp32 on CPU). `read_env` / `unwrap`: torchrun's environment, the plain model.
 - `full_model_state` / `full_optimizer_state` and their `load_*` twins move complete, unsharded, CPU state between
   a wrapped model and a checkpoint, whatever the wrapping (none, DDP, FSDP).
 
@@ -47,15 +48,26 @@ class DistEnv:
         return self.world_size > 1
 
 
+def read_env() -> DistEnv:
+    """This process's place in a torchrun job (RANK, LOCAL_RANK, WORLD_SIZE; a world of one without torchrun).
+
+    Reads the environment only: no process group is joined and the device is left at CPU.
+    """
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join torchrun's process group if there is one; pick this rank's device ("auto": its GPU if any, else CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = read_env()
+    world, rank, local_rank = env.world_size, env.rank, env.local_rank
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -107,6 +119,9 @@ def gather_objects(obj, env: DistEnv) -> list:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPU (every GPU astrolom targets has bf16 units), fp32 on CPU; else `precision` itself."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -147,7 +162,7 @@ def choose_strategy(strategy: str, model: nn.Module, env: DistEnv) -> str:
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6 (FSDP2)
-    except ImportError:  # torch 2.4 / 2.5
+    except ImportError:  # torch 2.5
         from torch.distributed._composable.fsdp import fully_shard
     return fully_shard
 
@@ -180,8 +195,10 @@ def parallelize(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain AstroPT inside a DDP wrapper (FSDP2 shards in place, so it is its own module)."""
-    return model.module if isinstance(model, DDP) else model
+    """The plain AstroPT inside DDP and `torch.compile` wrappers (FSDP2 shards in place: it is its own module)."""
+    while isinstance(model, DDP) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DDP) else model._orig_mod
+    return model
 
 
 @contextlib.contextmanager

@@ -37,13 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrolom import layout
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
 from astrolom.data.batching import batch_tokens
 from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength, to_device
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
+from astrolom.log import progress
 from astrolom.model.astropt import AstroPT
 from astrolom.model.flops import flops_per_token, mfu
+from astrolom.model.pretrained import model_config_json, save_pretrained
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
 from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
@@ -384,7 +387,7 @@ class Trainer:
         }
         if self.data.spectra is not None:
             tokens["spectra"] = self.data.spectra.describe()
-        out = ckpt.model_config_json(self.model_config, tokens=tokens, data=data)
+        out = model_config_json(self.model_config, tokens=tokens, data=data)
         out["pretrain_config"] = to_dict(self.cfg)
         return out
 
@@ -395,7 +398,7 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.env.is_main:
-            path = self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(self.step)
+            path = self.run_dir / layout.CHECKPOINTS_DIR / layout.checkpoint_name(self.step)
             ckpt.save_checkpoint(
                 path,
                 model_state=model_state,
@@ -410,7 +413,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path = layout.latest_checkpoint(self.run_dir)
         if path is None:
             return  # nothing saved yet: start from scratch (a run killed before its first checkpoint)
         loaded = ckpt.load_checkpoint(path)
@@ -542,9 +545,9 @@ class Trainer:
         main = self.env.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            save_yaml(self.cfg, self.run_dir / layout.RUN_CONFIG_YAML)
             run_json = {"config": to_dict(self.cfg), "checkpoint_config": self.config_json(), "strategy": self.strategy}
-            (self.run_dir / "config.json").write_text(json.dumps(run_json, indent=2) + "\n")
+            (self.run_dir / layout.RUN_CONFIG_JSON).write_text(json.dumps(run_json, indent=2) + "\n")
         logger = MetricsLogger(
             self.run_dir,
             enabled=main,
@@ -558,9 +561,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._request_stop) if main else None
         bar = None
         if main and t.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+            bar = progress(t.max_steps, initial=self.step, desc="pretrain", unit="step")
         kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
         last: dict = {}
         try:
@@ -588,8 +589,8 @@ class Trainer:
                     model = AstroPT(self.model_config)
                     model.load_state_dict(full)
                     cfg_json = self.config_json()
-                    ckpt.save_pretrained(
-                        model, self.run_dir / ckpt.FINAL_DIR, tokens=cfg_json["tokens"], data=cfg_json["data"]
+                    save_pretrained(
+                        model, self.run_dir / layout.FINAL_DIR, tokens=cfg_json["tokens"], data=cfg_json["data"]
                     )
                 parallel.barrier(self.env)
         finally:
@@ -647,38 +648,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_config(args: argparse.Namespace) -> PretrainConfig:
-    """Defaults < --config (or RUN/config.yaml when resuming) < flags < overrides."""
-    cfg = PretrainConfig()
-    run_cfg = Path(args.out) / "config.yaml" if args.out else None
-    if args.config:
-        cfg = load_yaml(PretrainConfig, args.config)
-    elif args.resume and run_cfg is not None and run_cfg.is_file():
-        cfg = load_yaml(PretrainConfig, run_cfg)
-    if args.data is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
-    if args.preset is not None and args.preset != cfg.model.preset:
+def make_config(
+    *,
+    base: PretrainConfig | None = None,
+    data: str | None = None,
+    preset: str | None = None,
+    out: str | Path | None = None,
+    max_steps: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PretrainConfig:
+    """`base` (default: the defaults) with the given settings, then `section.key=value` overrides applied last."""
+    cfg = base or PretrainConfig()
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+    if preset is not None and preset != cfg.model.preset:
         # a new preset: the architecture comes from it, not from another preset's resolved sizes
         cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, preset=args.preset, n_layer=None, n_head=None, n_embd=None)
+            cfg, model=dataclasses.replace(cfg.model, preset=preset, n_layer=None, n_head=None, n_embd=None)
         )
-    if args.out is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=args.out))
-    if args.max_steps is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=args.max_steps))
-    return apply_overrides(cfg, args.overrides or [])
+    if out is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out)))
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+    return apply_overrides(cfg, list(overrides))
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+def build_config(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults < --config (or RUN/config.yaml when resuming) < flags < overrides."""
+    base = None
+    run_cfg = Path(args.out) / layout.RUN_CONFIG_YAML if args.out else None
+    if args.config:
+        base = load_yaml(PretrainConfig, args.config)
+    elif args.resume and run_cfg is not None and run_cfg.is_file():
+        base = load_yaml(PretrainConfig, run_cfg)
+    return make_config(
+        base=base,
+        data=args.data,
+        preset=args.preset,
+        out=args.out,
+        max_steps=args.max_steps,
+        overrides=args.overrides or [],
+    )
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict:
+    """Train with `cfg` in this process (one rank of torchrun, or alone); returns the `Trainer.fit` summary.
+
+    A run directory that already holds checkpoints is continued only with `resume`, never overwritten.
+    """
     run_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else None
-    if run_dir is not None and not args.resume and ckpt.list_checkpoints(run_dir):
+    if run_dir is not None and not resume and layout.list_checkpoints(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=resume)
     try:
         summary = trainer.fit()
     finally:
         parallel.destroy_distributed()
-    if trainer.env.is_main:
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = pretrain(build_config(args), resume=args.resume)
+    if parallel.read_env().is_main:
         print(json.dumps(summary), file=sys.stdout)
     return 0 if summary["finished"] else 143

@@ -1,0 +1,120 @@
+"""`astrolom probe`: probe embeddings beside the random-init control and the pixel baselines, and write the report.
+
+    astrolom probe --embeddings EMB.parquet --targets redshift,log_mstar --out DIR [--model RUN --data DIR]
+
+writes DIR/probes.json (a `ProbeResult`), DIR/probes.md and the bar chart DIR/probes.{png,pdf}. The probes are
+`astrolom.eval.probes`, the control and baselines `astrolom.eval.baselines`, the figure `astrolom.eval.figures`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from astrolom.eval import baselines as bl
+from astrolom.eval.embeddings import load_embeddings
+from astrolom.eval.figures import plot_probe_summary
+from astrolom.eval.probes import DEFAULT_TARGETS, METHODS, ProbeResult, evaluate, markdown_table
+from astrolom.layout import PROBES_JSON
+from astrolom.log import get_logger
+
+log = get_logger(__name__)
+
+
+def write_report(result: ProbeResult, out: str | Path) -> dict[str, Path]:
+    """probes.json, probes.md and the bar-chart figure probes.{png,pdf} in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": result.save(out / PROBES_JSON), "markdown": out / "probes.md"}
+    paths["markdown"].write_text(markdown_table(result))
+    paths.update(plot_probe_summary(result, out / "probes"))
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embeddings", required=True, help="Parquet file (or directory of parts) from astrolom embed")
+    parser.add_argument("--out", required=True, help="output directory for probes.json / probes.md / figure")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated label columns (missing ones are listed as skipped)",
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of linear,knn,mlp")
+    parser.add_argument("--classify", default="", help="targets to treat as classes even if numeric")
+    parser.add_argument("--fit-split", default="val")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument(
+        "--model", default=None, help="pretrained RUN (or RUN/final): enables the random-init control of its config"
+    )
+    parser.add_argument(
+        "--control-embeddings", default=None, help="precomputed random-init embeddings (skips computing them)"
+    )
+    parser.add_argument("--data", default=None, help="data set of the embeddings: enables the pixel baselines")
+    parser.add_argument(
+        "--baselines",
+        default="random_init,pca_pixels,photometry,cnn",
+        help="which of random_init,pca_pixels,photometry,cnn to run when --model/--data allow",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="probe seed; also seeds the random-init control")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size for control embeddings")
+    parser.add_argument("--cnn-epochs", type=int, default=40, help="epochs of the supervised CNN baseline")
+    parser.add_argument(
+        "--pixel-crop", type=int, default=64, help="central pixels the PCA / photometry / CNN baselines see"
+    )
+    parser.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    emb = load_embeddings(args.embeddings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {b.strip() for b in args.baselines.split(",") if b.strip()}
+    unknown = wanted - set(bl.BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; choose from {bl.BASELINES}")
+    control = None
+    if args.control_embeddings:
+        control = load_embeddings(args.control_embeddings)
+    elif args.model and "random_init" in wanted:
+        control = bl.random_init_embeddings(
+            args.model,
+            args.data or emb.metadata.get("data"),
+            out / "embeddings_random_init.parquet",
+            emb,
+            splits=(args.fit_split, args.test_split),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    baselines, supervised = {}, {}
+    if args.data:
+        baselines, supervised = bl.pixel_baselines(
+            args.data,
+            emb,
+            fit_split=args.fit_split,
+            test_split=args.test_split,
+            which=wanted,
+            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+            classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+            pixel_crop=args.pixel_crop,
+            cnn_epochs=args.cnn_epochs,
+            seed=args.seed,
+            progress=log.info,
+        )
+    report = evaluate(
+        emb,
+        [t.strip() for t in args.targets.split(",") if t.strip()],
+        tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        args.fit_split,
+        args.test_split,
+        control=control,
+        baselines=baselines,
+        supervised=supervised,
+        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        seed=args.seed,
+        progress=log.info,
+    )
+    paths = write_report(report, out)
+    print(markdown_table(report))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
