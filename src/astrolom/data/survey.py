@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import special
+from scipy import integrate, special
 
 from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM, Record, split_of
 
@@ -777,7 +777,7 @@ def _lanczos_table() -> tuple[np.ndarray, np.ndarray]:
     x = np.linspace(-LANCZOS_A, LANCZOS_A, 6001)
     kern = np.sinc(x) * np.sinc(x / LANCZOS_A)
     u = np.linspace(0.0, 2.0, 2001)
-    ft = np.trapezoid(kern[None, :] * np.cos(2 * np.pi * u[:, None] * x[None, :]), x, axis=1)
+    ft = integrate.trapezoid(kern[None, :] * np.cos(2 * np.pi * u[:, None] * x[None, :]), x, axis=1)
     return u, ft / ft[0]
 
 
@@ -801,7 +801,7 @@ def resampled_noise_factor(native: float) -> float:
     if not _resampled(native):
         return 1.0
     f = np.linspace(-0.5 / PIXEL_SCALE, 0.5 / PIXEL_SCALE, 4001)
-    return float(PIXEL_SCALE * np.trapezoid(_lanczos_ft(f * native) ** 2, f))
+    return float(PIXEL_SCALE * integrate.trapezoid(_lanczos_ft(f * native) ** 2, f))
 
 
 @lru_cache(maxsize=16)
