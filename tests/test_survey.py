@@ -530,3 +530,14 @@ def test_cli_rejects_bad_split_fractions(tmp_path, capsys):
     argv = ["survey", "--n", "2", "--out", str(tmp_path / "x"), "--split-fractions", "0.5,0.1,0.1"]
     assert main([*argv, "--no-progress"]) == 2
     assert "split-fractions" in capsys.readouterr().err
+
+
+def test_cli_instrument_option(tmp_path, capsys):
+    from astrolom.cli import main
+
+    argv = ["survey", "--n", "2", "--size", "32", "--workers", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "x"), "--instrument", "filters,seeing"]) == 2
+    assert "seeing" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "y"), "--instrument=-pixels"]) == 0
+    meta = json.loads((tmp_path / "y" / "_survey.json").read_text())
+    assert meta["config"]["instrument"] == ["filters", "psf", "depth"]

@@ -1370,7 +1370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--instrument",
         default="all",
         help="north/south instrument differences to simulate: 'all' (default), 'none', a comma list of "
-        f"{','.join(INSTRUMENT_EFFECTS)}, or all but some ('-pixels,-psf')",
+        f"{','.join(INSTRUMENT_EFFECTS)}, or all but some (--instrument=-pixels,-psf)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a survey already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
