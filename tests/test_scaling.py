@@ -15,13 +15,58 @@ def test_fit_recovers_known_law(l_inf, c0, alpha):
     rng = np.random.default_rng(0)
     c = np.logspace(13, 18, 25)
     loss = sc.scaling_law(c, l_inf, c0, alpha) * np.exp(0.005 * rng.normal(size=c.size))  # 0.5% scatter
-    fit = sc.fit_scaling_law(c, loss)
-    assert fit["ok"]
+    fit = sc.fit_scaling_law(c, loss, n_boot=100)
+    assert fit["ok"] and fit["r2"] > 0.99
     assert fit["alpha"] == pytest.approx(alpha, rel=0.1)
     assert abs(fit["alpha"] - alpha) < 4 * fit["alpha_err"] + 1e-3  # the quoted error is honest
     assert abs(fit["L_inf"] - l_inf) < 3 * fit["L_inf_err"] + 0.01
     assert fit["log10_C0"] == pytest.approx(np.log10(c0), abs=0.5)
     assert fit["rms_log_residual"] < 0.01
+
+
+def test_bootstrap_errors_cover_the_true_law():
+    """Ten noisy 12-point sweeps of a known law: the bootstrap 68% interval holds the true alpha in most of them."""
+    c = np.logspace(13, 17, 12)
+    truth = {"l_inf": 0.25, "c0": 1e12, "alpha": 0.3}
+    inside, within_2sigma, r2 = 0, 0, []
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        loss = sc.scaling_law(c, truth["l_inf"], truth["c0"], truth["alpha"]) * np.exp(0.01 * rng.normal(size=c.size))
+        fit = sc.fit_scaling_law(c, loss, n_boot=100, seed=seed)
+        assert fit["ok"] and fit["n_boot"] >= 90 and fit["boot_failed"] <= 10
+        lo, hi = fit["alpha_ci68"]
+        inside += lo <= truth["alpha"] <= hi
+        within_2sigma += abs(fit["alpha"] - truth["alpha"]) < 2 * fit["alpha_err"]
+        assert 0.0 < fit["alpha_err"] < 0.3 and 0.0 < fit["L_inf_err"] < 0.2
+        lo, hi = fit["L_inf_ci68"]
+        assert lo <= fit["L_inf"] + 1e-9 and hi >= fit["L_inf"] - 0.05
+        r2.append(fit["r2"])
+    assert inside >= 5 and within_2sigma >= 8  # nominal 6.8 and 9.5 of 10
+    assert min(r2) > 0.98
+
+
+def test_fit_r2_and_checks_fail_on_flat_noise():
+    rng = np.random.default_rng(3)
+    c = np.logspace(13, 16, 8)
+    fit = sc.fit_scaling_law(c, 0.4 * np.exp(0.02 * rng.normal(size=c.size)), n_boot=50)
+    # noise with no trend: whatever curve fits, it explains little of it (or sits on a bound)
+    flags = sc.checks(fit, {})
+    assert not (flags["fit R2 >= 0.95"] and flags["L_inf and alpha off their bounds"])
+    good = sc.fit_scaling_law(
+        c, sc.scaling_law(c, 0.3, 1e11, 0.3) * np.exp(0.002 * rng.normal(size=c.size)), n_boot=100
+    )
+    assert good["r2"] > 0.99
+    flags = sc.checks(good, {"redshift": {"rho": 0.9, "p": 0.01, "n": 6}, "smooth": {"rho": 1.0, "p": 0.33, "n": 3}})
+    assert flags["fit R2 >= 0.95"] and flags["L_inf and alpha off their bounds"]
+    assert flags["alpha measured (bootstrap error < alpha / 2)"]
+    assert flags["redshift: rho > 0 with p < 0.05"] and not flags["smooth: rho > 0 with p < 0.05"]
+
+
+def test_bootstrap_is_deterministic():
+    c = np.logspace(13, 16, 8)
+    loss = sc.scaling_law(c, 0.3, 1e11, 0.3) * np.exp(0.01 * np.sin(np.arange(8.0)))
+    a, b = sc.fit_scaling_law(c, loss, n_boot=40, seed=1), sc.fit_scaling_law(c, loss, n_boot=40, seed=1)
+    assert a["alpha_err"] == b["alpha_err"] and a["L_inf_ci68"] == b["L_inf_ci68"]
 
 
 def test_fit_flags_unconstrained_floor():
@@ -76,6 +121,8 @@ def test_summary_and_markdown():
     assert s["fit"]["ok"] and s["fit"]["alpha"] == pytest.approx(0.3, rel=0.05)
     md = sc.markdown(s)
     assert "Spearman rho" in md and "| 12m |" in md and "alpha = 0.30" in md
+    assert "R² = " in md and "bootstrap" in md and "| fit R2 >= 0.95 | yes |" in md
+    assert s["checks"]["redshift: rho > 0 with p < 0.05"] is False  # rho = 1 on 3 models: exact p = 1/3
 
 
 def test_tiny_sweep(mock_survey, tmp_path):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from astrolom import layout
-from astrolom.data.survey import generate_survey
+from astrolom.data.survey import generate_survey, parse_instrument
 from astrolom.eval import baselines as bl
 from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
@@ -68,6 +68,7 @@ class DemoConfig:
     seed: int = 0
     umap: bool = True
     inpainting: bool = True
+    instrument: str = "all"  # north/south instrument differences of the mock survey (`astrolom survey --instrument`)
 
 
 TINY = DemoConfig(
@@ -143,11 +144,14 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
 
     survey = out / layout.DEMO_SURVEY_DIR
     t0 = _stage(1, n_stages, f"mock Legacy Survey: {cfg.n} galaxies, {cfg.size}x{cfg.size} px g/r/z")
-    wanted = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed}
+    instrument = list(parse_instrument(cfg.instrument))
+    wanted = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed, "instrument": instrument}
     if _survey_settings(survey) == wanted:
         _detail(f"reusing {survey}")
     else:
-        generate_survey(survey, n=cfg.n, size=cfg.size, seed=cfg.seed, progress=True, overwrite=True)
+        generate_survey(
+            survey, n=cfg.n, size=cfg.size, seed=cfg.seed, progress=True, overwrite=True, instrument=instrument
+        )
     _done(t0, timings, "survey")
 
     run_dir = out / layout.DEMO_RUN_DIR
@@ -237,12 +241,12 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
 
 
 def _survey_settings(survey: Path) -> dict | None:
-    """(n, size, seed) of a survey already on disk, or None."""
+    """(n, size, seed, instrument) of a survey already on disk, or None."""
     try:
         c = json.loads((survey / "_survey.json").read_text())["config"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return None
-    return {k: c.get(k) for k in ("n", "size", "seed")}
+    return {k: c.get(k) for k in ("n", "size", "seed", "instrument")}
 
 
 def _key_numbers(probes: ProbeResult) -> dict:
@@ -264,6 +268,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn-epochs", type=int, default=None, help=f"CNN baseline epochs (default {d.cnn_epochs})")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-umap", action="store_true")
+    parser.add_argument(
+        "--instrument",
+        default=None,
+        help="north/south instrument differences of the mock survey (default all; see `astrolom survey --help`)",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --out first (the survey is reused otherwise)")
 
 
@@ -280,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "embed_tokens": args.embed_tokens,
         "cnn_epochs": args.cnn_epochs,
         "seed": args.seed,
+        "instrument": args.instrument,
     }
     cfg = DemoConfig(**{**asdict(base), **{k: v for k, v in changes.items() if v is not None}})
     if args.no_umap:

@@ -22,15 +22,38 @@ Every object is drawn from physics that hangs together:
 - **Galaxy-Zoo-like votes** from 40 simulated volunteers (binomial), depending on the true morphology *and* on how
   resolved and bright the galaxy is: `smooth`, `disc` (featured or disc), `artefact` (these three sum to 1), then
   `edge_on_vote` (among `disc` voters), `spiral` and `bar` (among face-on `disc` voters); 0 when nobody was asked.
-- **Images**: two telescopes, 'north' (BASS/MzLS-like, dec > 32.375°, seeing ≈ 1.5–1.75″, shallower) and
-  'south' (DECaLS-like, seeing ≈ 1.1–1.3″, deeper), with per-object/per-band Moffat (β = 3) PSFs, sky noise plus
-  source shot noise at Legacy-like depth, and per-band photometric offsets for the north (its images are on a
-  slightly different photometric system, like BASS/MzLS vs DECam; labels are always DECam). Pixel scale
-  0.262″, units nanomaggies (AB zero-point 22.5), float32 (H, W, C) with bands g, r, z. Smooth components are drawn
+- **Images**: per-object/per-band Moffat (β = 3) PSFs, sky noise plus source shot noise, pixel scale 0.262″,
+  units nanomaggies (AB zero-point 22.5), float32 (H, W, C) with bands g, r, z. Smooth components are drawn
   in Fourier space with GalSim (exact Sérsic/Moffat transforms, pixel response) on a padded grid of fixed size,
   so the cost does not explode for large nearby galaxies; arms and clumps are added on the same grid. The galaxy
   sits at the stamp centre (the corner between the four central pixels) with ±0.5 px jitter. About 12% of stamps
-  contain a contaminating star.
+  contain a contaminating star (a blackbody of the drawn colour).
+- **Instrument realism: two telescopes** (`TELESCOPES`), split at dec = 32.375° as the Legacy Surveys are:
+  'north' = BASS g, r (Bok 2.3 m, 90Prime camera) + MzLS z (Mayall 4 m, Mosaic-3), both at Kitt Peak; 'south' =
+  DECaLS g, r, z (Blanco 4 m, DECam, Cerro Tololo). Labels are always on the DECam system. The north differs only
+  in ways the real surveys differ, each switchable (`--instrument`, `INSTRUMENT_EFFECTS`; off = the south's value):
+
+  - `filters`: north images are the same SED (template mix at its redshift; blackbodies for stars) integrated
+    through speclite's BASS-g, BASS-r and MzLS-z curves instead of decam2014-g/r/z, so the north sees colour- and
+    redshift-dependent offsets (g: +0.02 to +0.07 mag, r: ≈ +0.005, z: ≈ -0.006 for the galaxies here). Source:
+    the filter curves shipped with speclite; the systems differ as described by Dey et al. (2019, AJ 157, 168)
+    and Zou et al. (2017, PASP 129, 064101) for BASS.
+  - `psf`: each camera its own seeing distribution: log-normal around the median delivered FWHM, one draw per
+    camera (bands of one camera share nights and site; the north's z comes from another telescope than its g, r,
+    so it has its own draw). Medians g, r, z: DECam 1.29″, 1.18″, 1.11″; BASS 1.61″, 1.47″ (the Bok is a smaller,
+    older telescope); MzLS 1.01″ (the Mayall's z-band image quality is better than DECam's), so the north is
+    blurrier in g, r and sharper in z. Values are rounded medians of the kind Dey et al. (2019) report per survey.
+  - `depth`: 5σ point-source depths g, r, z: DECaLS 24.3, 23.8, 22.9; BASS 23.9, 23.4 (smaller aperture);
+    MzLS 23.0 (rounded, after Dey et al. 2019's per-survey depth figures); 0.2 mag scatter per object and band.
+  - `pixels`: 90Prime's 0.454″ pixels (Zou et al. 2017; Mosaic-3 and DECam have 0.262″) are resampled onto the
+    0.262″ coadd grid with a Lanczos-3 kernel, as legacypipe does: the signal gets the wider native pixel response
+    times the kernel's transfer function, and the noise is correlated (its power stops at the native Nyquist
+    frequency; per-pixel sigma × `resampled_noise_factor(0.454)` ≈ 0.52 at the same depth). Aliasing of the
+    native sampling is neglected.
+
+  Not modelled (named so nobody looks for them): zero-point calibration offsets between the surveys, CCD
+  artefacts, different sky levels (dark sky is taken as alike at both sites, `SKY_MAG`), and PSF shapes beyond a
+  sheared Moffat. `benchmarks/telescope_islands.py` measures how visible each difference is in the pixels.
 - **Spectra**: DESI-like observed-frame grid 3600–9800 Å with 2 Å pixels (3101 pixels; DESI itself uses 0.8 Å,
   7781 pixels — coarser here to keep shards small), flux in 1e-17 erg/s/cm²/Å of the total light: the same
   template mix, redshifted and flux-scaled, plus Hα, Hβ, [OII]3727, [OIII]4959,5007 and [NII]6548,6584 with
@@ -62,7 +85,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import special
+from scipy import integrate, special
 
 from astrolom.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
@@ -98,23 +121,39 @@ EDGE_ON_DEG = 75.0
 DISC_Q0 = 0.18
 C_KMS = 299792.458
 
-# Telescopes. fwhm: typical seeing per band (arcsec); depth: 5σ point-source depth per band (AB);
-# offset: photometric-system offset of the images (mag, added to DECam magnitudes); sky: sky brightness
-# (AB mag / arcsec²), which sets the source shot noise through the implied gain.
-TELESCOPES: dict[str, dict[str, tuple[float, float, float]]] = {
+# Telescopes: what differs between the north (BASS g, r on the Bok 2.3 m / 90Prime; MzLS z on the Mayall 4 m /
+# Mosaic-3, both at Kitt Peak) and the south (DECaLS g, r, z on the Blanco 4 m / DECam at Cerro Tololo). Sources and
+# the switch that turns each difference off are in the module docstring ("Instrument realism").
+#   filters: speclite names of the filter curves the images are taken through (labels always stay on DECam);
+#   fwhm: median delivered seeing per band (arcsec); seeing_scatter: log-normal scatter of the per-camera seeing;
+#   camera: bands sharing a camera share their seeing draw (taken on the same nights and site);
+#   depth: median 5-sigma point-source depth per band (AB); native_scale: the camera's pixel scale (arcsec), images
+#   with a coarser native pixel are resampled (Lanczos-3) onto the 0.262" coadd grid, as the Legacy Surveys do.
+TELESCOPES: dict[str, dict[str, tuple]] = {
     "north": {
-        "fwhm": (1.75, 1.62, 1.50),
-        "depth": (23.5, 23.1, 22.6),
-        "offset": (0.03, -0.02, 0.04),
-        "sky": (22.0, 21.0, 19.8),
+        "filters": ("BASS-g", "BASS-r", "MzLS-z"),
+        "camera": ("90Prime", "90Prime", "Mosaic-3"),
+        "fwhm": (1.61, 1.47, 1.01),
+        "seeing_scatter": (0.16, 0.16, 0.14),
+        "depth": (23.9, 23.4, 23.0),
+        "native_scale": (0.454, 0.454, 0.262),
     },
     "south": {
-        "fwhm": (1.30, 1.20, 1.12),
-        "depth": (24.2, 23.7, 22.9),
-        "offset": (0.0, 0.0, 0.0),
-        "sky": (22.1, 21.1, 19.9),
+        "filters": FILTER_NAMES,
+        "camera": ("DECam", "DECam", "DECam"),
+        "fwhm": (1.29, 1.18, 1.11),
+        "seeing_scatter": (0.12, 0.12, 0.12),
+        "depth": (24.3, 23.8, 22.9),
+        "native_scale": (PIXEL_SCALE, PIXEL_SCALE, PIXEL_SCALE),
     },
 }
+# Sky brightness (AB mag / arcsec², g r z): dark-time levels at Kitt Peak and Cerro Tololo are alike, so one value
+# for both; it sets the source shot noise through the gain implied by the sky noise.
+SKY_MAG = (22.0, 21.0, 19.8)
+# The switchable instrument differences of the north ("survey --instrument"); a difference switched off makes the
+# north take the south's value for it.
+INSTRUMENT_EFFECTS = ("filters", "psf", "depth", "pixels")
+LANCZOS_A = 3  # Lanczos-3 resampling kernel (legacypipe resamples every exposure onto the coadd grid with it)
 
 # Emission lines: vacuum wavelength (Å), Calzetti k(λ) for the attenuation.
 LINES = {
@@ -163,7 +202,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "psf_fwhm_g": ("arcsec", "Moffat (beta=3) PSF FWHM in g"),
     "psf_fwhm_r": ("arcsec", "Moffat PSF FWHM in r"),
     "psf_fwhm_z": ("arcsec", "Moffat PSF FWHM in z"),
-    "noise_g": ("nanomaggies/pixel", "sky noise sigma in g"),
+    "noise_g": ("nanomaggies/pixel", "sky noise sigma per pixel in g (correlated in the resampled north g, r)"),
     "noise_r": ("nanomaggies/pixel", "sky noise sigma in r"),
     "noise_z": ("nanomaggies/pixel", "sky noise sigma in z"),
     "smooth": ("", "Galaxy-Zoo-like vote fraction: smooth (of 40 volunteers)"),
@@ -198,6 +237,31 @@ def spectrum_wavelength() -> np.ndarray:
     return SPEC_START + SPEC_STEP * np.arange(n)
 
 
+def check_instrument(effects) -> tuple[str, ...]:
+    """The instrument differences in canonical order; raises ValueError naming any unknown one."""
+    if isinstance(effects, str):
+        effects = parse_instrument(effects)
+    effects = tuple(effects)
+    bad = [e for e in effects if e not in INSTRUMENT_EFFECTS]
+    if bad:
+        raise ValueError(f"unknown instrument difference(s) {bad}; choose from {', '.join(INSTRUMENT_EFFECTS)} or none")
+    return tuple(e for e in INSTRUMENT_EFFECTS if e in effects)
+
+
+def parse_instrument(text: str) -> tuple[str, ...]:
+    """'filters,psf' -> ('filters', 'psf'); 'all' -> every difference; 'none' or '' -> none; '-pixels' -> all but."""
+    text = text.strip()
+    if text in ("", "none"):
+        return ()
+    if text == "all":
+        return INSTRUMENT_EFFECTS
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if all(p.startswith("-") for p in parts):
+        drop = check_instrument([p[1:] for p in parts])
+        return tuple(e for e in INSTRUMENT_EFFECTS if e not in drop)
+    return check_instrument(parts)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,8 +275,11 @@ class SurveyConfig:
     workers: int | None = None  # None: os.cpu_count()
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
     shard_size: int = 1000
+    # north/south instrument differences that are on (see INSTRUMENT_EFFECTS); () makes both telescopes alike
+    instrument: tuple[str, ...] = INSTRUMENT_EFFECTS
 
     def validate(self) -> SurveyConfig:
+        self.instrument = check_instrument(self.instrument)
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
         if not (32 <= self.size <= 512 and self.size % 2 == 0):
@@ -237,6 +304,9 @@ class _Tables:
     lum_dist_cm: np.ndarray  # (Z,)
     kpc_per_arcsec: np.ndarray  # (Z,) proper kpc per arcsec
     maggies: np.ndarray  # (T, B, Z) observed maggies of each template (M_r = 0) at each z, before the DM term
+    maggies_north: np.ndarray  # (T, B, Z) the same through the north's filters (BASS g, r; MzLS z)
+    star_gr: np.ndarray  # (K,) DECam g - r of blackbody stars on a temperature grid (decreasing with temperature)
+    star_north_offset: np.ndarray  # (B, K) north-filter minus DECam magnitude of those stars
     rest_mags: np.ndarray  # (T, B) rest-frame absolute magnitudes for M_r = 0 (so rest_mags[:, 1] == 0)
     tmpl_wave: np.ndarray  # (L,) rest-frame Å
     tmpl_flux: np.ndarray  # (T, L) erg/s/cm²/Å at 10 pc for M_r = 0
@@ -263,19 +333,32 @@ def _build_tables() -> _Tables:
     from speclite import filters as sfilters
 
     filt = sfilters.load_filters(*FILTER_NAMES)
+    north_names = TELESCOPES["north"]["filters"]
+    filt_north = sfilters.load_filters(*north_names)
     wave, flux = _load_templates()
     obs_wave = np.arange(3000.0, 11600.0, 4.0)
 
-    def maggies_at(f_rest: np.ndarray, z: np.ndarray) -> np.ndarray:
+    def maggies_at(f_rest: np.ndarray, z: np.ndarray, north: bool = False) -> np.ndarray:
         spec = np.stack([np.interp(obs_wave / (1 + zz), wave, f_rest) / (1 + zz) for zz in np.atleast_1d(z)])
-        t = filt.get_ab_maggies(spec, obs_wave)
-        return np.stack([np.asarray(t[name], dtype=float) for name in FILTER_NAMES])  # (B, Z)
+        fs, names = (filt_north, north_names) if north else (filt, FILTER_NAMES)
+        t = fs.get_ab_maggies(spec, obs_wave)
+        return np.stack([np.asarray(t[name], dtype=float) for name in names])  # (B, Z)
 
     # normalise each template to rest-frame absolute M_r = 0 at 10 pc
     for i in range(len(TEMPLATES)):
         flux[i] /= maggies_at(flux[i], np.array([0.0]))[1, 0]
     z_grid = np.linspace(0.0, 0.6, 601)
     maggies = np.stack([maggies_at(flux[i], z_grid) for i in range(len(TEMPLATES))])  # (T, B, Z)
+    maggies_north = np.stack([maggies_at(flux[i], z_grid, north=True) for i in range(len(TEMPLATES))])
+
+    # stars as blackbodies: their colour term between the two filter systems, against DECam g - r
+    temp = np.geomspace(2500.0, 30000.0, 200)[::-1]
+    lam_cm = obs_wave[None, :] * 1e-8
+    bb = 1.0 / (lam_cm**5 * np.expm1(1.4387769 / (lam_cm * temp[:, None])))  # B_λ up to a constant, per Å
+    bb = bb / bb.max(axis=1, keepdims=True)
+    t_s, t_n = filt.get_ab_maggies(bb, obs_wave), filt_north.get_ab_maggies(bb, obs_wave)
+    m_s = np.stack([-2.5 * np.log10(np.asarray(t_s[k], dtype=float)) for k in FILTER_NAMES])  # (B, K)
+    m_n = np.stack([-2.5 * np.log10(np.asarray(t_n[k], dtype=float)) for k in north_names])
     rest_mags = -2.5 * np.log10(maggies[:, :, 0])
 
     zc = np.maximum(z_grid, 1e-4)
@@ -303,6 +386,9 @@ def _build_tables() -> _Tables:
         lum_dist_cm=dl,
         kpc_per_arcsec=kpc_as,
         maggies=maggies,
+        maggies_north=maggies_north,
+        star_gr=m_s[0] - m_s[1],
+        star_north_offset=m_n - m_s,
         rest_mags=rest_mags,
         tmpl_wave=wave,
         tmpl_flux=flux,
@@ -342,8 +428,8 @@ def _log_ml_r(g_minus_r_rest):
 _U_COLUMNS = (
     "z mass quench ssfr sed size bt nb rbr cosi pa qb arms_n pitch arm_str clump bar bar_len dec ra "
     "seeing see_g see_r see_z depth_g depth_r depth_z psf_g1 psf_g2 star star_mag star_col sigv "
-    "vote_s vote_a vote_e vote_sp vote_b spec_noise dust nii oiii jitter_x jitter_y"
-).split()
+    "vote_s vote_a vote_e vote_sp vote_b spec_noise dust nii oiii jitter_x jitter_y seeing_cam2"
+).split()  # (append new columns at the end: a column's stream depends on its position)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -390,13 +476,19 @@ def object_id(seed: int, index: int) -> str:
 # the catalogue: all labels and render parameters, vectorised, no images
 # ----------------------------------------------------------------------------------------------------------------
 def sample_catalogue(
-    n: int, seed: int = 0, start: int = 0, split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    n: int,
+    seed: int = 0,
+    start: int = 0,
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+    instrument: tuple[str, ...] = INSTRUMENT_EFFECTS,
 ) -> dict[str, np.ndarray]:
     """Draw the physics of objects start..start+n-1 (no rendering): a dict of equal-length arrays.
 
     Keys: `object_id`, `split`, every name in `LABELS`, and render parameters prefixed with '_'. Object i is the
-    same whatever n and start are.
+    same whatever n and start are. `instrument` lists the north/south differences that are on (`INSTRUMENT_EFFECTS`);
+    the physics and every label but the observing conditions are the same whatever it is.
     """
+    instrument = check_instrument(instrument)
     T = _tables()
     idx = np.arange(start, start + n, dtype=np.int64)
     U = _uniforms(seed, idx)
@@ -453,10 +545,14 @@ def sample_catalogue(
     c["_abs_r"] = abs_r
     dm = np.interp(z, T.z_grid, T.dist_mod)
     obs = np.empty((n, 3))
+    sys_offset = np.zeros((n, 3))  # the north's filters: the same SED through BASS/MzLS minus DECam (mag)
+    rows = np.arange(n)
     for b in range(3):
         mg_t = _interp_rows(z, T.z_grid, T.maggies[:, b])  # (n, T)
-        mgz = (1 - w1) * mg_t[np.arange(n), i0] + w1 * mg_t[np.arange(n), i0 + 1]
+        mgz = (1 - w1) * mg_t[rows, i0] + w1 * mg_t[rows, i0 + 1]
         obs[:, b] = abs_r + dm - 2.5 * np.log10(mgz)
+        mg_n = _interp_rows(z, T.z_grid, T.maggies_north[:, b])
+        sys_offset[:, b] = -2.5 * np.log10(((1 - w1) * mg_n[rows, i0] + w1 * mg_n[rows, i0 + 1]) / mgz)
     c["mag_g"], c["mag_r"], c["mag_z"] = obs[:, 0], obs[:, 1], obs[:, 2]
     c["g_minus_r"] = obs[:, 0] - obs[:, 1]
     c["r_minus_z"] = obs[:, 1] - obs[:, 2]
@@ -508,23 +604,38 @@ def sample_catalogue(
     c["has_bar"] = is_disc & (logm > 9.8) & (U["bar"] < 0.35)
     c["_bar_len"] = 0.6 + 0.6 * U["bar_len"]  # bar half-light radius in disc half-light radii
 
-    # observing conditions
-    tel = {
-        k: np.where(north[:, None], np.array(TELESCOPES["north"][k]), np.array(TELESCOPES["south"][k]))
-        for k in ("fwhm", "depth", "offset", "sky")
-    }
-    common = np.exp(0.12 * _normal(U["seeing"]))
+    # observing conditions: each telescope's own seeing, depth, pixels and filters (see "Instrument realism")
+    north_is = {e: north & (e in instrument) for e in INSTRUMENT_EFFECTS}  # north objects that get each difference
+    S_, N_ = TELESCOPES["south"], TELESCOPES["north"]
+
+    def per_tel(key: str, effect: str) -> np.ndarray:  # (n, B)
+        return np.where(north_is[effect][:, None], np.array(N_[key], dtype=float), np.array(S_[key], dtype=float))
+
+    fwhm0, scatter, depth0 = per_tel("fwhm", "psf"), per_tel("seeing_scatter", "psf"), per_tel("depth", "depth")
+    c["_native_scale"] = per_tel("native_scale", "pixels")  # (n, B), popped into per-band keys below
+    # one seeing draw per camera (its bands are taken on the same nights at one site); the north's z comes from
+    # another telescope (Mayall) than its g and r (Bok), so it gets its own draw
+    second_cam = north_is["psf"][:, None] & (np.array(N_["camera"]) != N_["camera"][0])[None, :]
+    common = np.where(second_cam, _normal(U["seeing_cam2"])[:, None], _normal(U["seeing"])[:, None])
+    sky = np.array(SKY_MAG)
     for b, band in enumerate(BANDS):
-        fw = tel["fwhm"][:, b] * common * np.exp(0.04 * _normal(U[f"see_{band}"]))
+        fw = fwhm0[:, b] * np.exp(scatter[:, b] * common[:, b] + 0.04 * _normal(U[f"see_{band}"]))
         fw = np.clip(fw, 0.7, 3.5)
         c[f"psf_fwhm_{band}"] = fw
-        depth = tel["depth"][:, b] + 0.2 * _normal(U[f"depth_{band}"])
-        # 5σ point-source depth with a Gaussian-equivalent noise-equivalent area 4πσ²
+        depth = depth0[:, b] + 0.2 * _normal(U[f"depth_{band}"])
+        # 5σ point-source depth with a Gaussian-equivalent noise-equivalent area 4πσ², for noise that is white at
+        # the coadd's pixel scale; resampled (correlated) noise has the same power at low frequency, so the same
+        # depth, and a smaller per-pixel sigma (the `noise_*` label), set below
         nea = 4 * np.pi * (fw / 2.3548 / PIXEL_SCALE) ** 2
-        c[f"noise_{band}"] = 10 ** (-0.4 * (depth - ZERO_POINT)) / 5.0 / np.sqrt(nea)
-        sky_pix = 10 ** (-0.4 * (tel["sky"][:, b] - ZERO_POINT)) * PIXEL_SCALE**2
-        c[f"_gain_{band}"] = sky_pix / c[f"noise_{band}"] ** 2  # counts per nanomaggy implied by the sky noise
-        c[f"_zp_offset_{band}"] = tel["offset"][:, b]
+        white = 10 ** (-0.4 * (depth - ZERO_POINT)) / 5.0 / np.sqrt(nea)
+        c[f"_noise_white_{band}"] = white
+        native = c["_native_scale"][:, b]
+        c[f"_native_scale_{band}"] = native
+        c[f"noise_{band}"] = white * np.array([resampled_noise_factor(float(s)) for s in native])
+        sky_pix = 10 ** (-0.4 * (sky[b] - ZERO_POINT)) * PIXEL_SCALE**2
+        c[f"_gain_{band}"] = sky_pix / white**2  # counts per nanomaggy implied by the sky noise
+        c[f"_zp_offset_{band}"] = np.where(north_is["filters"], sys_offset[:, b], 0.0)
+    del c["_native_scale"]
     c["_offset_x"] = U["jitter_x"] - 0.5  # sub-pixel position jitter (pixels)
     c["_offset_y"] = U["jitter_y"] - 0.5
     c["_psf_g1"] = 0.025 * _normal(U["psf_g1"])
@@ -534,6 +645,9 @@ def sample_catalogue(
     c["has_star"] = U["star"] < 0.12
     c["_star_mag_r"] = 17.5 + 4.0 * U["star_mag"]
     c["_star_gr"] = 0.3 + 1.1 * U["star_col"]
+    for b, band in enumerate(BANDS):  # stars are blackbodies seen through the same filters as the galaxy
+        off = np.interp(c["_star_gr"], T.star_gr, T.star_north_offset[b])
+        c[f"_star_offset_{band}"] = np.where(north_is["filters"], off, 0.0)
 
     # Galaxy-Zoo-like votes
     resolved = _sigmoid((np.log(r_as / c["psf_fwhm_r"]) - np.log(0.7)) / 0.3)
@@ -677,6 +791,62 @@ def _moffat3_table() -> tuple[np.ndarray, np.ndarray]:
     return x, np.nan_to_num(f)
 
 
+@lru_cache(maxsize=1)
+def _lanczos_table() -> tuple[np.ndarray, np.ndarray]:
+    """Fourier transform of the 1-D Lanczos-3 kernel sinc(x) sinc(x/3), |x| < 3 (x in input pixels), normalised
+    to 1 at zero frequency, tabulated on frequency u in cycles per input pixel."""
+    x = np.linspace(-LANCZOS_A, LANCZOS_A, 6001)
+    kern = np.sinc(x) * np.sinc(x / LANCZOS_A)
+    u = np.linspace(0.0, 2.0, 2001)
+    ft = integrate.trapezoid(kern[None, :] * np.cos(2 * np.pi * u[:, None] * x[None, :]), x, axis=1)
+    return u, ft / ft[0]
+
+
+def _lanczos_ft(u: np.ndarray) -> np.ndarray:
+    ut, ft = _lanczos_table()
+    return np.interp(np.abs(u), ut, ft, right=0.0)
+
+
+def _resampled(native: float) -> bool:
+    return native > PIXEL_SCALE * (1 + 1e-6)
+
+
+@lru_cache(maxsize=8)
+def resampled_noise_factor(native: float) -> float:
+    """Per-pixel sigma of resampled noise over that of white noise with the same depth (the same low-frequency power).
+
+    Noise that is white on `native`-arcsec camera pixels and Lanczos-3 resampled onto the 0.262" grid keeps its
+    power below the camera's Nyquist frequency and loses it above: per pixel it is s_o ∫ |L(f s_n)|² df over the
+    coadd's band (per axis; the 2-D kernel is separable). 1.0 for cameras already on the coadd's pixel scale.
+    """
+    if not _resampled(native):
+        return 1.0
+    f = np.linspace(-0.5 / PIXEL_SCALE, 0.5 / PIXEL_SCALE, 4001)
+    return float(PIXEL_SCALE * integrate.trapezoid(_lanczos_ft(f * native) ** 2, f))
+
+
+@lru_cache(maxsize=16)
+def _pixel_transfer(N: int, native: float) -> np.ndarray:
+    """Pixel response on the (N, N//2+1) half plane: the 0.262" pixel, or a coarser camera pixel followed by the
+    Lanczos-3 resampling onto the 0.262" grid (aliasing of the camera's sampling is neglected)."""
+    grid = _grid(N)
+    if not _resampled(native):
+        return grid.pix
+    fy, fx = grid.ky / (2 * np.pi), grid.kx / (2 * np.pi)
+    ty = np.sinc(fy * native) * _lanczos_ft(fy * native)
+    tx = np.sinc(fx * native) * _lanczos_ft(fx * native)
+    return np.outer(ty, tx)
+
+
+@lru_cache(maxsize=16)
+def _noise_filter(size: int, native: float) -> np.ndarray:
+    """Transfer function (size, size//2+1) that turns white noise on the 0.262" grid into Lanczos-3 resampled noise
+    from `native`-arcsec camera pixels (1 at zero frequency: the depth is kept)."""
+    fy = np.fft.fftfreq(size, d=PIXEL_SCALE) * native
+    fx = np.fft.rfftfreq(size, d=PIXEL_SCALE) * native
+    return np.outer(_lanczos_ft(fy), _lanczos_ft(fx))
+
+
 def _moffat_k(grid: _Grid, fwhm: float, g1: float, g2: float) -> np.ndarray:
     """Sheared β=3 Moffat PSF in Fourier space on the half plane (identical to GalSim's Moffat.shear)."""
     import galsim
@@ -805,10 +975,16 @@ def render_image(obj: Mapping[str, Any], size: int = 64, noise: bool = True, rng
         star = _phase(grid, rad_px * math.cos(ang) * PIXEL_SCALE, rad_px * math.sin(ang) * PIXEL_SCALE)
         m_r, gr = obj["_star_mag_r"], obj["_star_gr"]
         for b, (m, band) in enumerate(zip((m_r + gr, m_r, m_r - 0.7 * gr + 0.1), BANDS, strict=True)):
-            kb[b] += 10 ** (-0.4 * (m + obj[f"_zp_offset_{band}"] - ZERO_POINT)) * star
-    kb *= grid.pix
+            kb[b] += 10 ** (-0.4 * (m + obj[f"_star_offset_{band}"] - ZERO_POINT)) * star
+    natives = [float(obj[f"_native_scale_{band}"]) for band in BANDS]
+    for b in range(3):
+        kb[b] *= _pixel_transfer(N, natives[b])
     if names_s:
-        kb += _combine(fluxes[:, na:], [sampled[c] for c in names_s])
+        ks = _combine(fluxes[:, na:], [sampled[c] for c in names_s])  # already sampled on 0.262" pixels
+        for b in range(3):
+            if _resampled(natives[b]):
+                ks[b] *= _pixel_transfer(N, natives[b]) / grid.pix
+        kb += ks
 
     # PSF, and the shift that puts the centre on the corner between the four central pixels (+ jitter)
     for b, band in enumerate(BANDS):
@@ -819,8 +995,11 @@ def render_image(obj: Mapping[str, Any], size: int = 64, noise: bool = True, rng
     img = img[:, lo : lo + size, lo : lo + size]
     if noise:
         for b, band in enumerate(BANDS):
-            var = obj[f"noise_{band}"] ** 2 + np.maximum(img[b], 0.0) / obj[f"_gain_{band}"]
-            img[b] += np.sqrt(var) * rng.standard_normal((size, size))
+            var = obj[f"_noise_white_{band}"] ** 2 + np.maximum(img[b], 0.0) / obj[f"_gain_{band}"]
+            field = np.sqrt(var) * rng.standard_normal((size, size))
+            if _resampled(natives[b]):  # camera pixels resampled onto the coadd grid: correlated noise
+                field = np.fft.irfft2(np.fft.rfft2(field) * _noise_filter(size, natives[b]), s=(size, size))
+            img[b] += field
     return np.ascontiguousarray(img.transpose(1, 2, 0), dtype=np.float32)
 
 
@@ -988,9 +1167,9 @@ def _spectrum_columns(spec: Spectrum | None) -> tuple[bytes | None, bytes | None
     )
 
 
-def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float]]) -> dict[str, Any]:
-    start, stop, seed, size, fractions = task
-    cat = sample_catalogue(stop - start, seed=seed, start=start, split_fractions=fractions)
+def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float], tuple[str, ...]]) -> dict[str, Any]:
+    start, stop, seed, size, fractions, instrument = task
+    cat = sample_catalogue(stop - start, seed=seed, start=start, split_fractions=fractions, instrument=instrument)
     images, spectra = [], []
     for j in range(stop - start):
         row = catalogue_row(cat, j)
@@ -1010,9 +1189,10 @@ def generate_objects(
     start: int = 0,
     noise: bool = True,
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+    instrument: tuple[str, ...] = INSTRUMENT_EFFECTS,
 ) -> list[Record]:
     """Render objects start..start+n-1 in memory (single process) as `Record`s, identical to the shards' rows."""
-    cat = sample_catalogue(n, seed=seed, start=start, split_fractions=split_fractions)
+    cat = sample_catalogue(n, seed=seed, start=start, split_fractions=split_fractions, instrument=instrument)
     records = []
     for j in range(n):
         row = catalogue_row(cat, j)
@@ -1084,6 +1264,8 @@ def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "split_fractions": list(cfg.split_fractions),
         "telescopes": {k: {kk: list(vv) for kk, vv in v.items()} for k, v in TELESCOPES.items()},
+        "sky_mag": list(SKY_MAG),
+        "instrument": list(cfg.instrument),
         # (the worker count is left out: it changes nothing in the data, so shards are byte-identical across it)
         "generator": {
             "module": "astrolom.data.survey",
@@ -1096,6 +1278,7 @@ def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
 def _config_dict(cfg: SurveyConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["split_fractions"] = list(cfg.split_fractions)
+    d["instrument"] = list(cfg.instrument)
     return d
 
 
@@ -1122,6 +1305,7 @@ def generate_survey(
     shard_size: int = 1000,
     progress: bool = True,
     overwrite: bool = False,
+    instrument: tuple[str, ...] | str = INSTRUMENT_EFFECTS,
 ) -> Path:
     """Render n objects into Parquet shards `out_dir/shard-00000.parquet`, ... plus `out_dir/_survey.json`.
 
@@ -1129,7 +1313,13 @@ def generate_survey(
     With workers > 1 this starts 'spawn' processes: call it under `if __name__ == "__main__":` in scripts.
     """
     cfg = SurveyConfig(
-        n=n, size=size, seed=seed, workers=workers, split_fractions=split_fractions, shard_size=shard_size
+        n=n,
+        size=size,
+        seed=seed,
+        workers=workers,
+        split_fractions=split_fractions,
+        shard_size=shard_size,
+        instrument=check_instrument(instrument),
     ).validate()
     return _generate(cfg, Path(out_dir), progress=progress, overwrite=overwrite)[0]
 
@@ -1153,7 +1343,10 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
     # row groups of <= 256 rows / ~16 MiB: the unit that readers shuffle and deal out to data-parallel ranks
     row_group = int(max(1, min(cfg.shard_size, 256, (16 << 20) // bytes_per_row)))
     chunk = int(max(1, min(32, math.ceil(cfg.n / (workers * 8)), row_group)))
-    tasks = [(s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions) for s in range(0, cfg.n, chunk)]
+    tasks = [
+        (s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions, cfg.instrument)
+        for s in range(0, cfg.n, chunk)
+    ]
 
     stats = _RunningStats()
     files: list[Path] = []
@@ -1335,6 +1528,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train,val,test fractions (default 0.8,0.1,0.1; the paper used 0.98,0.01,0.01)",
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="objects per Parquet shard (default 1000)")
+    parser.add_argument(
+        "--instrument",
+        default="all",
+        help="north/south instrument differences to simulate: 'all' (default), 'none', a comma list of "
+        f"{','.join(INSTRUMENT_EFFECTS)}, or all but some (--instrument=-pixels,-psf)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a survey already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1347,6 +1546,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         split_fractions=tuple(args.split_fractions),
         shard_size=args.shard_size,
+        instrument=parse_instrument(args.instrument),
     ).validate()
     out, summary = _generate(cfg, Path(args.out), progress=not args.no_progress, overwrite=args.overwrite)
     _print_summary(out, summary)

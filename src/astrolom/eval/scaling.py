@@ -6,10 +6,12 @@ embed the fit and test splits with the final model, and probe them linearly. The
 - fit the saturating power law L(C) = L_inf + (C0 / C)^alpha to the validation loss against training compute C,
   on the compute-efficient frontier of all runs (the lowest loss reached at or below each C), by least squares on
   log L (`scipy.optimize.curve_fit`, parameters L_inf, alpha and log C0, bounds 0 <= L_inf < min L, 0 < alpha <= 5,
-  several starting points), with 1-sigma uncertainties from the covariance;
+  several starting points), with residual-bootstrap errors on every parameter and the fit's R² on log L;
 - Figure 2 (validation loss against FLOPs and tokens), Figure 4 (probe score against pretraining FLOPs per property)
   and a table of Spearman's rho (`scipy.stats.spearmanr`) between each model's total pretraining FLOPs and its probe
-  score, per property (the paper's sec. 3 test; with fewer than 3 models rho is reported but its p-value is not).
+  score, per property (the paper's sec. 3 test; with fewer than 3 models rho is reported but its p-value is not);
+- pass/fail checks (`checks`): the fit converged, R² >= 0.95, L_inf and alpha off their bounds, alpha measured
+  (bootstrap error < alpha / 2), and per property rho > 0 with p < 0.05.
 
 Outputs in DIR: runs/<preset>/ (the pretraining runs), embeddings/<preset>.parquet, scaling.json, scaling.md,
 fig2_loss.{png,pdf}, fig4_probe_vs_flops.{png,pdf}. Finished runs are reused when the sweep is re-run (`--retrain`
@@ -56,11 +58,54 @@ def scaling_law(c: np.ndarray, l_inf: float, c0: float, alpha: float) -> np.ndar
     return l_inf + (c0 / np.asarray(c, dtype=np.float64)) ** alpha
 
 
-def fit_scaling_law(flops, loss, n_starts: int = 6) -> dict:
-    """Fit L(C) = L_inf + (C0 / C)^alpha in log space; returns the parameters with 1-sigma errors.
+def _log_model(x, l_inf, alpha, ln_c0):
+    """log L(C) with x = ln(C / c_ref) and C0 = c_ref exp(ln_c0)."""
+    return np.log(l_inf + np.exp(np.clip(alpha * (ln_c0 - x), -700, 700)))
+
+
+def _bounds(y_min: float) -> tuple[list[float], list[float]]:
+    return [0.0, 1e-4, -1e3], [y_min * (1 - 1e-9), 5.0, 1e3]
+
+
+def _curve_fit(x: np.ndarray, ly: np.ndarray, p0, y_min: float):
+    """One bounded least-squares fit of log L; (ssr, popt, pcov) or None when it fails."""
+    lo, hi = _bounds(y_min)
+    p0 = list(np.clip(p0, np.array(lo) + 1e-12, np.array(hi) - 1e-12))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            popt, pcov = optimize.curve_fit(_log_model, x, ly, p0=p0, bounds=(lo, hi), maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    return float(np.sum((_log_model(x, *popt) - ly) ** 2)), popt, pcov
+
+
+def _best_fit(x: np.ndarray, y: np.ndarray, n_starts: int):
+    """Best of several starts (L_inf from 0 to 0.95 min L, alpha and C0 from a line through log(L - L_inf))."""
+    ly, y_min, best = np.log(y), float(y.min()), None
+    for frac in np.linspace(0.0, 0.95, n_starts):
+        l0 = frac * y_min
+        resid = y - l0
+        if np.any(resid <= 0):
+            continue
+        slope, intercept = np.polyfit(x, np.log(resid), 1)  # log(L - L_inf) = alpha ln C0 - alpha x
+        a0 = float(np.clip(-slope, 1e-3, 4.9))
+        got = _curve_fit(x, ly, [l0, a0, float(intercept / a0)], y_min)
+        if got is not None and (best is None or got[0] < best[0]):
+            best = got
+    return best
+
+
+def fit_scaling_law(flops, loss, n_starts: int = 6, n_boot: int = 300, seed: int = 0) -> dict:
+    """Fit L(C) = L_inf + (C0 / C)^alpha in log space; parameters with bootstrap errors and the fit's R².
 
     Parametrised as log L = log(L_inf + exp(alpha * (ln C0 - ln C))), with C scaled by the geometric mean of the data
     so the optimiser sees numbers of order one. Needs at least 4 points with distinct C.
+
+    Errors: a residual bootstrap (`n_boot` replicates; the fitted curve plus resampled log-space residuals, refitted),
+    whose standard deviations are `*_err` and 16th-84th percentiles `*_ci68`; a few points with a smooth curve
+    through them make the covariance errors (`*_err_cov`, kept for comparison) over-optimistic when a parameter
+    is close to its bound. `r2` is the coefficient of determination of the fit on log L (1 - SS_res / SS_tot).
     """
     c = np.asarray(flops, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
@@ -74,45 +119,36 @@ def fit_scaling_law(flops, loss, n_starts: int = 6) -> dict:
     x = np.log(c / c_ref)
     ly = np.log(y)
     y_min = float(y.min())
-
-    def model(x, l_inf, alpha, ln_c0):
-        return np.log(l_inf + np.exp(np.clip(alpha * (ln_c0 - x), -700, 700)))
-
-    best = None
-    for frac in np.linspace(0.0, 0.95, n_starts):
-        l0 = frac * y_min
-        resid = y - l0
-        if np.any(resid <= 0):
-            continue
-        slope, intercept = np.polyfit(x, np.log(resid), 1)  # log(L - L_inf) = alpha ln C0 - alpha x
-        a0 = float(np.clip(-slope, 1e-3, 4.9))
-        p0 = [l0, a0, float(intercept / a0)]
-        bounds = ([0.0, 1e-4, -1e3], [y_min * (1 - 1e-9), 5.0, 1e3])
-        p0 = list(np.clip(p0, np.array(bounds[0]) + 1e-12, np.array(bounds[1]) - 1e-12))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                popt, pcov = optimize.curve_fit(model, x, ly, p0=p0, bounds=bounds, maxfev=20000)
-        except (RuntimeError, ValueError):
-            continue
-        ssr = float(np.sum((model(x, *popt) - ly) ** 2))
-        if best is None or ssr < best[0]:
-            best = (ssr, popt, pcov)
+    best = _best_fit(x, y, n_starts)
     if best is None:
         out["reason"] = "curve_fit did not converge from any starting point"
         return out
-    ssr, (l_inf, alpha, ln_c0), pcov = best
+    ssr, popt, pcov = best
+    l_inf, alpha, ln_c0 = (float(v) for v in popt)
     err = np.sqrt(np.clip(np.diag(pcov), 0, None)) if np.all(np.isfinite(pcov)) else np.full(3, np.nan)
+    sst = float(np.sum((ly - ly.mean()) ** 2))
+    r2 = 1.0 - ssr / sst if sst > 0 else float("nan")
     log10_c0 = (ln_c0 + math.log(c_ref)) / math.log(10)
+    boot = bootstrap_scaling_law(x, ly, popt, n_boot=n_boot, seed=seed)
+    ln10 = math.log(10)
     out.update(
         ok=True,
-        L_inf=float(l_inf),
-        L_inf_err=float(err[0]),
-        alpha=float(alpha),
-        alpha_err=float(err[1]),
+        L_inf=l_inf,
+        alpha=alpha,
         log10_C0=float(log10_c0),
-        log10_C0_err=float(err[2] / math.log(10)),
         C0=float(10**log10_c0),
+        L_inf_err=boot["std"][0],
+        alpha_err=boot["std"][1],
+        log10_C0_err=boot["std"][2] / ln10,
+        L_inf_ci68=boot["ci68"][0],
+        alpha_ci68=boot["ci68"][1],
+        log10_C0_ci68=[(v + math.log(c_ref)) / ln10 for v in boot["ci68"][2]],
+        L_inf_err_cov=float(err[0]),
+        alpha_err_cov=float(err[1]),
+        log10_C0_err_cov=float(err[2] / ln10),
+        n_boot=boot["n"],
+        boot_failed=boot["failed"],
+        r2=float(r2),
         c_min=float(c.min()),
         c_max=float(c.max()),
         rms_log_residual=float(math.sqrt(ssr / len(c))),
@@ -125,6 +161,37 @@ def fit_scaling_law(flops, loss, n_starts: int = 6) -> dict:
         ],
     )
     return out
+
+
+def bootstrap_scaling_law(x: np.ndarray, ly: np.ndarray, popt, n_boot: int = 300, seed: int = 0) -> dict:
+    """Residual bootstrap of the log-space fit: refit `fitted + resampled residuals` `n_boot` times.
+
+    x = ln(C / c_ref), ly = log L, popt = (L_inf, alpha, ln C0 relative to c_ref) of the best fit. Residuals are
+    rescaled by sqrt(n / (n - 3)) (three fitted parameters), the usual correction for their shrinkage. Each replicate
+    starts from `popt`. Returns std and 16th/84th percentiles of each parameter over the converged replicates.
+    """
+    n = len(x)
+    fitted = _log_model(x, *popt)
+    resid = (ly - fitted) * math.sqrt(n / max(n - 3, 1))
+    rng = np.random.default_rng(seed)
+    draws, failed = [], 0
+    for _ in range(n_boot):
+        ly_b = fitted + rng.choice(resid, size=n, replace=True)
+        got = _curve_fit(x, ly_b, popt, float(np.exp(ly_b).min()))
+        if got is None:
+            failed += 1
+            continue
+        draws.append(got[1])
+    if len(draws) < 2:
+        nan = float("nan")
+        return {"std": [nan] * 3, "ci68": [[nan, nan]] * 3, "n": len(draws), "failed": failed}
+    d = np.array(draws)
+    return {
+        "std": [float(v) for v in d.std(axis=0, ddof=1)],
+        "ci68": [[float(a), float(b)] for a, b in np.percentile(d, [16, 84], axis=0).T],
+        "n": len(draws),
+        "failed": failed,
+    }
 
 
 def frontier(points) -> list[tuple[float, float]]:
@@ -301,7 +368,27 @@ def summarise(models: dict[str, dict], curves: dict[str, list[dict]]) -> dict:
         t: spearman([models[m]["flops"] for m in names], [models[m]["scores"].get(t, np.nan) for m in names])
         for t in targets
     }
-    return {"models": models, "fit": fit, "spearman": rho}
+    return {"models": models, "fit": fit, "spearman": rho, "checks": checks(fit, rho)}
+
+
+MIN_R2 = 0.95  # the fit must explain this much of the variance of log L to be quoted
+MAX_P = 0.05  # Spearman p-value for "probe score rises with compute"
+
+
+def checks(fit: dict, rho: dict) -> dict[str, bool]:
+    """Pass/fail flags for the sweep: is the L(C) fit worth quoting, and does each probe score rise with FLOPs?"""
+    out = {
+        "L(C) fitted": bool(fit.get("ok")),
+        f"fit R2 >= {MIN_R2}": bool(fit.get("ok") and fit.get("r2", float("nan")) >= MIN_R2),
+        "L_inf and alpha off their bounds": bool(fit.get("ok") and not fit.get("at_bound")),
+        "alpha measured (bootstrap error < alpha / 2)": bool(
+            fit.get("ok") and math.isfinite(fit.get("alpha_err", math.nan)) and fit["alpha_err"] < fit["alpha"] / 2
+        ),
+    }
+    for t, r in rho.items():
+        out[f"{t}: rho > 0 with p < {MAX_P}"] = bool(r["rho"] is not None and r["p"] is not None and r["rho"] > 0
+                                                    and r["p"] < MAX_P)  # fmt: skip
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -327,12 +414,15 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"L(C) = L_inf + (C0/C)^alpha on {fit['n_points']} frontier points: L_inf = {fit['L_inf']:.4f} "
             f"± {fit['L_inf_err']:.4f}, alpha = {fit['alpha']:.3f} ± {fit['alpha_err']:.3f}, "
-            f"log10 C0 = {fit['log10_C0']:.2f} ± {fit['log10_C0_err']:.2f} (rms log residual "
-            f"{fit['rms_log_residual']:.4f})"
+            f"log10 C0 = {fit['log10_C0']:.2f} ± {fit['log10_C0_err']:.2f} (± : bootstrap std over "
+            f"{fit['n_boot']} residual resamples); R² = {fit['r2']:.4f} on log L, rms log residual "
+            f"{fit['rms_log_residual']:.4f}"
             + (f"; on a bound, not constrained by the data: {', '.join(fit['at_bound'])}" if fit["at_bound"] else "")
         )
     else:
         lines.append(f"L(C) not fitted: {fit.get('reason')}")
+    flags = summary.get("checks") or checks(fit, rho)
+    lines += ["", "| check | pass |", "|---|---|"] + [f"| {k} | {'yes' if v else 'NO'} |" for k, v in flags.items()]
     return "\n".join(lines) + "\n"
 
 
