@@ -66,7 +66,7 @@ def test_vote_counts_are_rebuilt_exactly_and_the_loss_is_dirichlet_multinomial()
 
 
 def test_targets_know_their_kinds_and_share_a_question_block(labelled):
-    ft = Finetuner(_cfg(labelled, epochs=1))
+    ft = Finetuner(_cfg(labelled, epochs=1, mode="head"))
     kinds = {s.name: s.kind for s in ft.targets.specs}
     assert kinds == {"smooth": "votes", "disc": "votes", "spiral": "votes", "redshift": "regression",
                      "edge_on": "classification"}  # fmt: skip
@@ -193,3 +193,23 @@ def test_finetunes_a_converted_reference_checkpoint(labelled, tmp_path):
     result = ft.fit()
     assert result.best_val_loss < before
     assert (tmp_path / "ft" / "final" / "backbone" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_label_efficiency_curves_write_a_table_and_a_figure(labelled, tmp_path):
+    from astrolom.finetune.curves import LabelCurves, label_efficiency, parse_counts
+
+    assert parse_counts("20, all") == (20, None)
+    with pytest.raises(ValueError, match="integers or 'all'"):
+        parse_counts("20,lots")
+    curves = label_efficiency(str(labelled / "model"), str(labelled / "survey"), ["smooth", "redshift"],
+                              counts=(20, None), steps=6, out=tmp_path, progress=False, log=None)  # fmt: skip
+    n_all = curves.settings["n_train_available"]
+    assert curves.counts == [20, n_all] and len(curves.points) == 2 * 4 * 2
+    assert all(np.isfinite(p.score) for p in curves.points)
+    md = (tmp_path / "label_efficiency.md").read_text()
+    assert md.count("| 20 |") == 3 and "supervised CNN" in md and "*mean*" in md
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 10_000
+    again = LabelCurves.from_json(json.loads((tmp_path / "label_efficiency.json").read_text()))
+    assert again.mean_score("cnn", 20) == pytest.approx(curves.mean_score("cnn", 20))
+    assert set(again.goal()) == {"finetuned_ge_cnn_everywhere", "finetuned_ahead_at_50_200"}

@@ -15,9 +15,11 @@ sets are nested: the 200 contain the 50), and are scored on the same test split:
 - **cnn**: the supervised CNN baseline of `astrolom.eval.baselines.train_cnn`, trained from scratch on the N labels.
 
 Every approach sees only its N labels: those that early-stop (fine-tuning, CNN) hold out 15% of them. Training length
-is set in optimiser steps so that small label sets get many epochs: `steps` (capped at `max_epochs` epochs, at least
-one epoch). Scores: R2 for regression and vote fractions (the expected fraction of the Dirichlet-multinomial head
-for the fine-tuned models; a regression on the fractions for the probe and the CNN), accuracy for classes.
+is set in optimiser steps so that small label sets get many epochs: `steps` for the fine-tuned models (capped at
+`max_epochs` epochs), as many epochs as make `cnn_steps` (at least one) for the CNN. Scores: R2 for regression and
+vote fractions (the expected fraction of the Dirichlet-multinomial head for the fine-tuned models; a regression on
+the fractions for the probe and the CNN), accuracy for classes. On a shared CPU set OMP_NUM_THREADS=1: with more
+threads than free cores, torch's thread pool spins and a step can take 5x longer.
 
 Writes OUT/label_efficiency.{json,md,png}: the table and figure are self-contained for the README and the report.
 """
@@ -246,7 +248,7 @@ def label_efficiency(
         for method in methods:
             t0 = time.perf_counter()
             if method in ("finetuned", "random_init"):
-                cfg = dataclasses.replace(base, epochs=epochs, random_init=method == "random_init",
+                cfg = dataclasses.replace(base, epochs=epochs, max_steps=steps, random_init=method == "random_init",
                                           mode="full" if method == "random_init" else mode)  # fmt: skip
                 ft = Finetuner(cfg, train=subset, val=None, test=test, log=None)
                 kinds = {t: ft.targets.metric_kind(t) for t in targets}
