@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
             [t.strip() for t in args.targets.split(",") if t.strip()],
             counts=parse_counts(args.label_curve),
             mode=mode,
+            steps=args.max_steps or 300,  # --max-steps: optimiser steps per run
+            patience=args.patience,
             batch_size=args.batch_size,
             lr=args.lr,
             backbone_lr=args.backbone_lr,

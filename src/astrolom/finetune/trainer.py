@@ -626,8 +626,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--label-curve",
         default=None,
         metavar="N,N,...",
-        help="instead of one run: label-efficiency curves at these label counts (e.g. 50,200,1000,all), see "
-        "`astrolom label-efficiency --help` for its options",
+        help="instead of one run: label-efficiency curves at these label counts (e.g. 50,200,1000,all), with "
+        "--max-steps steps per run (default 300); `astrolom label-efficiency` has every option",
     )
 
 
