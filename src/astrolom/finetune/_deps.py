@@ -7,14 +7,13 @@ rename touches one file.
 from __future__ import annotations
 
 from astrolom.data import tokens as tok
-from astrolom.data.records import SPLITS, Record
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.data.survey import N_VOLUNTEERS
 from astrolom.eval.baselines import train_cnn
-from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS, load_model, prefix_crop, tokens_used
+from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS, load_model, prefix_crop
 from astrolom.eval.probes import CLASSIFICATION, REGRESSION, fit_probe, primary_metric, score, target_kind
-from astrolom.model.astropt import AstroPT, ModelConfig
+from astrolom.model.astropt import AstroPT
 from astrolom.train.checkpoint import (
     atomic_directory,
     capture_rng_state,
@@ -34,12 +33,9 @@ __all__ = [
     "CLASSIFICATION",
     "DEFAULT_LAYER",
     "DEFAULT_TOKENS",
-    "ModelConfig",
     "N_VOLUNTEERS",
     "REGRESSION",
-    "Record",
     "RecordStream",
-    "SPLITS",
     "atomic_directory",
     "autocast",
     "capture_rng_state",
@@ -60,7 +56,6 @@ __all__ = [
     "score",
     "target_kind",
     "tok",
-    "tokens_used",
     "train_cnn",
     "unflatten_state",
 ]

@@ -39,7 +39,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,6 @@ class FinetuneConfig:
     checkpoint_every: int | None = None  # steps; checkpoints are also written at every epoch end
     keep_checkpoints: int = 2
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes recorded in the output
 
     def __post_init__(self):
         if isinstance(self.targets, str):
