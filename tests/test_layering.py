@@ -15,7 +15,22 @@ import astrolom
 
 SRC = Path(astrolom.__file__).parent
 # lower layers never import higher ones; names are package-relative module prefixes
-LAYERS = ["layout", "log", "config", "data", "model", "train", "eval", "interop", "demo", "cli"]
+LAYERS = [
+    "layout",
+    "log",
+    "config",
+    "data",
+    "model",
+    "train",
+    "eval",
+    "interop",
+    "finetune",
+    "align",
+    "search",
+    "serve",
+    "demo",
+    "cli",
+]
 
 
 def _module_name(path: Path) -> str:

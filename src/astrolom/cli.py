@@ -32,6 +32,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "probe": ("astrolom.eval.probe_cli", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
     "scaling": ("astrolom.eval.scaling", "pretrain a sweep of presets, fit L(C), probe each model (Figs. 2, 4)"),
+    "finetune": (
+        "astrolom.finetune.cli",
+        "fine-tune a pretrained model on labelled data (LoRA / full / head-only), Zoobot-style",
+    ),
+    "label-efficiency": (
+        "astrolom.finetune.curves",
+        "label-efficiency curves: fine-tuned vs random init vs linear probe vs CNN at 50..all labels",
+    ),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),
     "demo": ("astrolom.demo", "mock survey -> pretrain -> embed -> probe -> report, on a laptop CPU"),
 }

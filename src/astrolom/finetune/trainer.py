@@ -1,0 +1,670 @@
+"""Fine-tune a pretrained AstroPT on labelled galaxies (Zoobot's workflow): `astrolom finetune` and `Finetuner`.
+
+    astrolom finetune --model RUN --data DIR --targets smooth,disc,spiral --out FT [--lora-r 8 | --full | --head-only]
+
+    from astrolom.finetune import FinetuneConfig, Finetuner
+    result = Finetuner(FinetuneConfig(model="RUN", data="DIR", targets=("smooth", "disc"), out="FT")).fit()
+
+Data. The labelled objects of the training split (optionally a seeded subset of `n_labels` of them) and of the
+validation split are read once with the project's readers and held in memory as centre crops covering the tokens the
+model embeds (a labelled set is thousands to a few hundred thousand stamps; pretraining-scale unlabelled data goes
+through `astrolom pretrain`'s stream instead). Each step tokenises its batch (`astrolom.data.tokens`) after a random
+90-degree rotation and flip per galaxy. Without a validation split (`val_split=None`) a seeded `val_fraction` of the
+labels is held out.
+
+Training. AdamW with linear warm-up and cosine decay, gradient clipping at 1, `epochs` passes (or `max_steps`),
+validation loss after every epoch, early stopping after `patience` epochs without improvement; the best weights are
+restored at the end. Targets and losses: `astrolom.finetune.targets`; modes (LoRA via peft, head-only, full):
+`astrolom.finetune.model`.
+
+Checkpoints and resume. Every `checkpoint_every` steps and at every epoch end `OUT/checkpoints/step-XXXXXX/` is
+written atomically (`astrolom.train.checkpoint.atomic_directory`): `model.safetensors` (every weight, adapters and
+head included), `optimizer.safetensors` + `trainer_state.json` (optimiser, best weights so far, augmentation generator,
+python/numpy/torch RNG states, step, epoch, position in the epoch, early-stopping counters, the loss history).
+`--resume` continues from the latest one exactly: the batches of an epoch are a permutation drawn from (seed,
+epoch), so the same steps see the same galaxies, augmentations and dropout masks and give the same losses.
+
+Output (`OUT/final/`, written atomically): `backbone/` (the adapted AstroPT with LoRA merged, in the pretrained
+layout: `astrolom embed --model OUT/final/backbone` works), `head.safetensors`, `finetune.json` (configuration,
+target encoding, best epoch, validation loss and test scores). `OUT/metrics.jsonl` has one row per step and per
+epoch. `load_finetuned(OUT)` returns a model ready for `predict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from astrolom import layout
+from astrolom.data import tokens as tok
+from astrolom.data.sources import open_source
+from astrolom.data.stream import RecordStream
+from astrolom.eval import probes
+from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
+from astrolom.finetune.model import MODES, FinetuneModel, flux_features
+from astrolom.finetune.targets import REGRESSION_LOSSES, Targets
+from astrolom.model import pretrained
+from astrolom.train import checkpoint as train_ckpt
+from astrolom.train import parallel
+
+FINAL_DIR = "final"
+BACKBONE_DIR = "backbone"
+HEAD_NAME = "head.safetensors"
+RESULT_NAME = "finetune.json"
+STATE_NAME = (
+    "optimizer.safetensors"  # optimiser + best weights + augmentation RNG (the name `latest_checkpoint` expects)
+)
+TRAINER_STATE_NAME = "trainer_state.json"
+MODEL_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+KILL_ENV = "ASTROLOM_FINETUNE_KILL_AFTER_STEP"  # fault injection for the resume test: SIGKILL after this step
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on (saved with its checkpoints and output)."""
+
+    model: str  # RUN or model directory of the pretrained AstroPT
+    data: str  # labelled data set (any format astrolom reads)
+    targets: tuple[str, ...]  # label columns to predict
+    out: str | None = None  # run directory; None: nothing written
+    mode: str = "lora"  # lora | full | head
+    lora_r: int = 8
+    lora_alpha: float | None = None  # default 2 * lora_r
+    lr: float = 1e-3  # head and adapters
+    backbone_lr: float = 1e-4  # backbone weights in full mode
+    weight_decay: float = 0.01
+    dropout: float = 0.1  # before the head's linear layer
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 32
+    patience: int = 5  # epochs without a better validation loss before stopping
+    warmup: float = 0.05  # fraction of the steps
+    regression_loss: str = "mse"  # mse | huber
+    vote_counts: bool = True  # Dirichlet-multinomial on vote counts where the data has them
+    classify: tuple[str, ...] = ()
+    n_labels: int | None = None  # train on a seeded subset of this many labelled training objects
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: hold out val_fraction of the training labels
+    val_fraction: float = 0.15
+    max_val: int | None = 2000  # validation objects used for early stopping
+    test_split: str | None = "test"  # scored at the end with the best weights (None: skip)
+    layer: int = DEFAULT_LAYER
+    n_tokens: int = DEFAULT_TOKENS
+    augment: bool = True
+    flux: bool = True  # the head also sees square-aperture fluxes (see astrolom.finetune.model)
+    random_init: bool = False  # the control: same architecture, freshly initialised backbone
+    seed: int = 0
+    device: str | None = None
+    precision: str = "auto"
+    checkpoint_every: int | None = None  # steps; checkpoints are also written at every epoch end
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets, self.classify = tuple(self.targets), tuple(self.classify)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}")
+        for name in ("epochs", "batch_size", "lora_r", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_labels is not None and self.n_labels < 2:
+            raise ValueError(f"n_labels must be at least 2, got {self.n_labels}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.backbone_lr <= 0:
+            raise ValueError("learning rates must be positive")
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class LabelledSet:
+    """Centre-cropped images (N, h, w, C) float32 with their labels and ids, in file order."""
+
+    images: np.ndarray
+    labels: dict[str, np.ndarray]
+    object_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx: np.ndarray) -> LabelledSet:
+        idx = np.asarray(idx)
+        return LabelledSet(self.images[idx], {k: v[idx] for k, v in self.labels.items()}, self.object_id[idx])
+
+
+def _label_array(values: list) -> np.ndarray:
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return np.asarray(values, dtype=bool)
+    try:
+        return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def crop_size(height: int, width: int, patch_size: int, n_tokens: int, block_size: int) -> tuple[int, int]:
+    """Centre crop of a stamp holding the spiral tokens the model embeds (as `astrolom embed` crops)."""
+    h, w = height - height % patch_size, width - width % patch_size
+    n = min(n_tokens, block_size, (h // patch_size) * (w // patch_size))
+    return tok.prefix_crop(h, w, patch_size, n)
+
+
+def load_labelled(
+    source, split: str, patch_size: int, n_tokens: int, block_size: int, *, limit: int | None = None, desc: str = ""
+) -> LabelledSet:
+    """Read one split of an open source into memory, images centre-cropped to the embedded tokens."""
+    from tqdm.auto import tqdm
+
+    images, ids, labels = [], [], []
+    crop = None
+    total = source.split_counts().get(split, 0) if limit is None else min(limit, source.split_counts().get(split, 0))
+    bar = tqdm(total=total, desc=desc or f"read {split}", unit="img", leave=False, disable=total < 2000)
+    for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
+        img = np.asarray(rec.image, np.float32)
+        if crop is None:
+            crop = crop_size(img.shape[0], img.shape[1], patch_size, n_tokens, block_size)
+        h, w = crop
+        if img.shape[0] < h or img.shape[1] < w:
+            raise ValueError(
+                f"record {rec.object_id}: image of {img.shape[0]}x{img.shape[1]} px is smaller than {h}x{w}"
+            )
+        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        images.append(img[top : top + h, left : left + w])
+        ids.append(str(rec.object_id))
+        labels.append(rec.labels)
+        bar.update(1)
+        if limit is not None and len(images) >= limit:
+            break
+    bar.close()
+    if not images:
+        raise ValueError(
+            f"{source.location if hasattr(source, 'location') else 'the data'}: no records in split {split!r}"
+        )
+    names = list(dict.fromkeys(k for lab in labels for k in lab))
+    cols = {k: _label_array([lab.get(k) for lab in labels]) for k in names}
+    return LabelledSet(np.stack(images), cols, np.asarray(ids, dtype=object))
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random one of the 8 rotations/flips per galaxy (B, H, W, C); galaxies have no preferred orientation."""
+    if images.shape[1] != images.shape[2]:
+        return images  # rotations only keep square stamps in shape
+    k = torch.randint(4, (len(images),), generator=gen)
+    flip = torch.randint(2, (len(images),), generator=gen).bool()
+    out = images.clone()
+    for kk in range(4):
+        for ff in (False, True):
+            m = (k == kk) & (flip == ff)
+            if m.any():
+                x = torch.rot90(images[m], kk, dims=(1, 2))
+                out[m] = torch.flip(x, dims=(2,)) if ff else x
+    return out
+
+
+def tokenize_images(images: np.ndarray | torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, T, D) spiral-ordered, per-patch standardised tokens."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    return tok.tokenize(x, patch_size).tokens
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class FinetuneResult:
+    """What `fit` returns (also written to OUT/final/finetune.json)."""
+
+    best_epoch: int
+    best_val_loss: float
+    steps: int
+    epochs_run: int
+    stopped_early: bool
+    test_scores: dict[str, dict[str, float]]
+    n_train: int
+    n_val: int
+    trainable_params: int
+    total_params: int
+    seconds: float
+    out: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Finetuner:
+    """Owns a fine-tuning run: model, optimiser, data, position, early stopping; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        *,
+        train: LabelledSet | None = None,
+        val: LabelledSet | None = None,
+        test: LabelledSet | None = None,
+        resume: bool = False,
+        log=print,
+    ):
+        self.cfg = cfg
+        self.log = log or (lambda *_: None)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = parallel.resolve_precision(cfg.precision, self.device)
+        parallel.configure_backends(self.device)
+        backbone, meta = pretrained.load_model(cfg.model, random_init=cfg.random_init, seed=cfg.seed)
+        self.model_meta = meta
+        mc = backbone.config
+        self.patch_size = mc.patch_size
+        self.train, self.val, self.test = self._data(train, val, test, meta, mc.block_size)
+        self.targets = Targets.build(
+            list(cfg.targets),
+            self.train.labels,
+            votes=cfg.vote_counts,
+            classify=cfg.classify,
+            regression_loss=cfg.regression_loss,
+            where=cfg.data,
+        )
+        self.y_train = self.targets.encode(self.train.labels)
+        self.y_val = self.targets.encode(self.val.labels)
+        torch.manual_seed(cfg.seed)  # the head's initialisation
+        n_flux = 0
+        if cfg.flux:
+            probe = torch.from_numpy(self.train.images[:1])
+            n_flux = flux_features(probe, mc.patch_size, cfg.n_tokens, torch.ones(mc.n_chan)).shape[1]
+        self.model = FinetuneModel(backbone, self.targets.n_outputs, layer=cfg.layer, n_tokens=cfg.n_tokens,
+                                   dropout=cfg.dropout, n_flux=n_flux)  # fmt: skip
+        self.model.set_flux_statistics(self.train.images)
+        self.model.configure(cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+        self.model.to(self.device)
+        lr_backbone = cfg.lr if cfg.random_init else cfg.backbone_lr  # nothing to preserve in a random backbone
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.lr, lr_backbone, cfg.weight_decay))
+        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        # the run's position and early-stopping state (all of it goes into checkpoints)
+        self.step = 0
+        self.epoch = 0
+        self.best_val = math.inf
+        self.best_epoch = -1
+        self.since_best = 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.history: list[dict] = []
+        self.stopped_early = False
+        self.out = Path(cfg.out) if cfg.out else None
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def _data(self, train, val, test, meta, block_size):
+        cfg = self.cfg
+        if train is None or (val is None and cfg.val_split) or (test is None and cfg.test_split):
+            settings = dict(meta.get("split_settings") or {})
+            if "split_fractions" in settings:
+                settings["split_fractions"] = tuple(settings["split_fractions"])
+            source = open_source(cfg.data, spectra=False, **settings)
+            try:
+                counts = source.split_counts()
+                read = lambda split, limit=None: load_labelled(  # noqa: E731
+                    source, split, self.patch_size, cfg.n_tokens, block_size, limit=limit, desc=f"read {split}"
+                )
+                if train is None:
+                    if counts.get(cfg.train_split, 0) == 0:
+                        raise ValueError(f"{cfg.data}: no objects in the training split {cfg.train_split!r}")
+                    train = read(cfg.train_split)
+                if val is None and cfg.val_split:
+                    if counts.get(cfg.val_split, 0) == 0:
+                        raise ValueError(f"{cfg.data}: no objects in the validation split {cfg.val_split!r}")
+                    val = read(cfg.val_split, cfg.max_val)
+                if test is None and cfg.test_split and counts.get(cfg.test_split, 0):
+                    test = read(cfg.test_split)
+            finally:
+                source.close()
+        rng = np.random.default_rng(cfg.seed)
+        if cfg.n_labels is not None:
+            if cfg.n_labels > len(train):
+                raise ValueError(f"n_labels={cfg.n_labels} but the training split has {len(train)} objects")
+            train = train.subset(np.sort(rng.permutation(len(train))[: cfg.n_labels]))
+        if val is None:
+            perm = rng.permutation(len(train))
+            n_val = max(1, int(round(cfg.val_fraction * len(train))))
+            val, train = train.subset(np.sort(perm[:n_val])), train.subset(np.sort(perm[n_val:]))
+        return train, val, test
+
+    def _batch_images(self, images: np.ndarray, augment: bool) -> torch.Tensor:
+        x = torch.from_numpy(images)
+        return _augment(x, self.aug_gen) if augment else x
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up then cosine decay to 10% of the base learning rate."""
+        warm = max(1, int(self.cfg.warmup * self.total_steps))
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, self.total_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def train_step(self, idx: torch.Tensor) -> float:
+        self.model.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * self.lr_factor(self.step)
+        images = self._batch_images(self.train.images[idx.numpy()], self.cfg.augment)
+        y = {k: v[idx].to(self.device) for k, v in self.y_train.items()}
+        with parallel.autocast(self.precision, self.device):
+            out = self.model.forward_images(images)
+        loss, _ = self.targets.loss(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def outputs(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Head outputs (N, n_outputs) for centre-cropped images, in eval mode, without augmentation."""
+        self.model.eval()
+        outs = []
+        for i in range(0, len(images), batch_size):
+            with parallel.autocast(self.precision, self.device):
+                outs.append(self.model.forward_images(torch.from_numpy(images[i : i + batch_size])).float().cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        out = self.outputs(self.val.images)
+        loss, _ = self.targets.loss(out, self.y_val)
+        return float(loss)
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """{target: predictions} for centre-cropped images (see `load_labelled`)."""
+        return self.targets.predict(self.outputs(images))
+
+    def score(self, data: LabelledSet) -> dict[str, dict[str, float]]:
+        """Metrics per target on a labelled set (R2/MAE for regression and vote fractions; accuracy/F1 for classes)."""
+        preds = self.predict(data.images)
+        out = {}
+        for name in self.targets.names:
+            kind = self.targets.metric_kind(name)
+            y = data.labels[name]
+            if kind == probes.CLASSIFICATION:
+                ok = np.asarray([str(v) != "" for v in y])
+                y_true = np.asarray([str(v) for v in y])
+            else:
+                y_true = np.asarray(y, np.float64)
+                ok = np.isfinite(y_true)
+            out[name] = probes.score(y_true[ok], preds[name][ok], kind)
+        return out
+
+    # ------------------------------------------------------------------------------------------------- fit
+
+    def fit(self) -> FinetuneResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        kill_at = os.environ.get(KILL_ENV)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        self.log(
+            f"fine-tuning ({cfg.mode}{', random init' if cfg.random_init else ''}) on {len(self.train)} labelled "
+            f"objects (val {len(self.val)}): {n_train:,} of {n_total:,} parameters train; targets "
+            + ", ".join(f"{s.name} [{s.kind}]" for s in self.targets.specs)
+        )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", disable=not cfg.progress)
+        try:
+            while self.step < self.total_steps and not self.stopped_early:
+                order = self._epoch_order(self.epoch)
+                first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+                for b in range(first, self.steps_per_epoch):
+                    if self.step >= self.total_steps:
+                        break
+                    idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                    loss = self.train_step(idx)
+                    self.history.append({"step": self.step, "epoch": self.epoch, "loss": loss})
+                    self._append_metrics(self.history[-1])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.best_val:.4f}")
+                    end_of_epoch = b == self.steps_per_epoch - 1 or self.step >= self.total_steps
+                    if end_of_epoch:
+                        self._end_epoch()
+                    if end_of_epoch or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                        self.save_checkpoint()
+                    if kill_at is not None and self.step == int(kill_at):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if end_of_epoch:
+                        break
+        finally:
+            bar.close()
+        if self.best_state:
+            self.model.load_state_dict(self.best_state, strict=False)
+        scores = self.score(self.test) if self.test is not None else {}
+        result = FinetuneResult(
+            best_epoch=self.best_epoch,
+            best_val_loss=self.best_val,
+            steps=self.step,
+            epochs_run=self.epoch,
+            stopped_early=self.stopped_early,
+            test_scores=scores,
+            n_train=len(self.train),
+            n_val=len(self.val),
+            trainable_params=n_train,
+            total_params=n_total,
+            seconds=time.perf_counter() - t0,
+            out=str(self.out) if self.out else None,
+        )
+        if self.out is not None:
+            self.save_final(result)
+        return result
+
+    def _end_epoch(self) -> None:
+        val = self.val_loss()
+        row = {"step": self.step, "epoch": self.epoch, "val_loss": val}
+        if val < self.best_val - 1e-6:
+            self.best_val, self.best_epoch, self.since_best = val, self.epoch, 0
+            self.best_state = self.model.trainable_state()
+            row["best"] = True
+        else:
+            self.since_best += 1
+            if self.since_best >= self.cfg.patience:
+                self.stopped_early = True
+        self.history.append(row)
+        self._append_metrics(row)
+        self.epoch += 1
+
+    # -------------------------------------------------------------------------------------- checkpointing
+
+    def config_json(self) -> dict:
+        return {
+            "model_type": "astrolom-finetune",
+            "finetune": self.cfg.to_json(),
+            "targets": self.targets.to_json(),
+            "backbone": dataclasses.asdict(self.model.backbone.config),
+            "backbone_source": self.model_meta.get("model"),
+        }
+
+    def _append_metrics(self, row: dict) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS_NAME, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint(self) -> Path | None:
+        if self.out is None:
+            return None
+        path = self.out / "checkpoints" / layout.checkpoint_name(self.step)
+        skeleton, tensors = train_ckpt.flatten_state(
+            {"optimizer": self.optimizer.state_dict(), "best": self.best_state, "aug_gen": self.aug_gen.get_state()}
+        )
+        trainer_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "rng": train_ckpt.capture_rng_state(),
+            "state": skeleton,
+        }
+        with layout.atomic_directory(path) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_json(), indent=2) + "\n")
+            model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(model_state, str(tmp / MODEL_NAME))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_NAME))
+            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state) + "\n")
+        train_ckpt.mark_latest(self.out, path)
+        train_ckpt.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protected=set())
+        return path
+
+    def _resume(self) -> None:
+        ckpt = layout.latest_checkpoint(self.out) if self.out is not None else None
+        if ckpt is None:
+            raise FileNotFoundError(f"nothing to resume: no complete checkpoint under {self.out}/checkpoints")
+        saved = json.loads((ckpt / CONFIG_NAME).read_text())["finetune"]
+        mine = self.cfg.to_json()
+        changed = [k for k in mine if k not in ("progress", "device", "out") and saved.get(k) != mine[k]]
+        if changed:
+            raise ValueError(f"{ckpt}: cannot resume with a different configuration ({', '.join(changed)} differ)")
+        self.model.load_state_dict(load_file(str(ckpt / MODEL_NAME), device=str(self.device)), strict=True)
+        ts = json.loads((ckpt / TRAINER_STATE_NAME).read_text())
+        state = train_ckpt.unflatten_state(ts.pop("state"), load_file(str(ckpt / STATE_NAME), device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best_state = state["best"]
+        self.aug_gen.set_state(state["aug_gen"].cpu())
+        for k in ("step", "epoch", "best_val", "best_epoch", "since_best", "stopped_early", "history"):
+            setattr(self, k, ts[k])
+        train_ckpt.restore_rng_state(ts["rng"])
+        if self.out is not None:  # drop metrics rows written after this checkpoint by the killed run
+            lines = "".join(json.dumps(r) + "\n" for r in self.history)
+            (self.out / METRICS_NAME).write_text(lines)
+        self.log(f"resumed from {ckpt} (step {self.step}, epoch {self.epoch})")
+
+    def save_final(self, result: FinetuneResult) -> Path:
+        target = self.out / FINAL_DIR
+        with layout.atomic_directory(target) as tmp:
+            backbone = self.model.merged_backbone()
+            pretrained.save_pretrained(backbone, tmp / BACKBONE_DIR)
+            head = {k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()}
+            save_file(head, str(tmp / HEAD_NAME))
+            (tmp / RESULT_NAME).write_text(json.dumps(dict(self.config_json(), result=result.to_json()), indent=2))
+        return target
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_finetuned(path: str | Path, device: str = "cpu") -> tuple[FinetuneModel, Targets, dict]:
+    """(model in eval mode, targets, finetune.json) from OUT or OUT/final; `Targets.predict(model(tokens))`."""
+    path = Path(path)
+    final = path / FINAL_DIR if (path / FINAL_DIR / RESULT_NAME).is_file() else path
+    if not (final / RESULT_NAME).is_file():
+        raise FileNotFoundError(f"{path}: no {RESULT_NAME} (not a finished astrolom finetune run)")
+    info = json.loads((final / RESULT_NAME).read_text())
+    backbone, _ = pretrained.load_model(str(final / BACKBONE_DIR))
+    targets = Targets.from_json(info["targets"])
+    cfg = info["finetune"]
+    head = load_file(str(final / HEAD_NAME), device=device)
+    model = FinetuneModel(backbone, targets.n_outputs, layer=cfg["layer"], n_tokens=cfg["n_tokens"],
+                          n_flux=int(head["flux_mean"].numel()))  # fmt: skip
+    model.head.load_state_dict(head)
+    return model.to(device).eval(), targets, info
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="pretrained RUN or model directory (e.g. from astrolom convert)")
+    parser.add_argument("--data", required=True, help="labelled data set")
+    parser.add_argument("--targets", required=True, help="comma-separated label columns, e.g. smooth,disc,spiral")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--lora-r", type=int, default=None, help="LoRA adapters of this rank (the default, r=8)")
+    mode.add_argument("--full", action="store_true", help="train every weight (backbone at --backbone-lr)")
+    mode.add_argument("--head-only", action="store_true", help="freeze the backbone; train the head only")
+    parser.add_argument("--lr", type=float, default=1e-3, help="head / adapter learning rate")
+    parser.add_argument("--backbone-lr", type=float, default=1e-4, help="backbone learning rate with --full")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--patience", type=int, default=5, help="epochs without a better val loss before stopping")
+    parser.add_argument("--n-labels", type=int, default=None, help="train on a seeded subset of N labelled objects")
+    parser.add_argument("--val-split", default="val", help="early-stopping split ('none': hold out --val-fraction)")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--regression-loss", choices=REGRESSION_LOSSES, default="mse")
+    parser.add_argument("--classify", default="", help="comma-separated targets to treat as classes")
+    parser.add_argument("--no-vote-counts", action="store_true", help="regress vote fractions (no Dirichlet-mult.)")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--no-flux", action="store_true", help="the head sees the backbone's features only")
+    parser.add_argument("--random-init", action="store_true", help="the control: a freshly initialised backbone")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps (checkpoints also at epoch ends)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--label-curve",
+        default=None,
+        metavar="N,N,...",
+        help="instead of one run: label-efficiency curves at these label counts (e.g. 50,200,1000,all), with "
+        "--max-steps steps per run (default 300); `astrolom label-efficiency` has every option",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    mode = "full" if args.full else "head" if args.head_only else "lora"
+    val_split = None if str(args.val_split).lower() in ("none", "") else args.val_split
+    return FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        targets=args.targets,
+        out=args.out,
+        mode=mode,
+        lora_r=args.lora_r or 8,
+        lr=args.lr,
+        backbone_lr=args.backbone_lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        n_labels=args.n_labels,
+        val_split=val_split,
+        val_fraction=args.val_fraction,
+        regression_loss=args.regression_loss,
+        vote_counts=not args.no_vote_counts,
+        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        augment=not args.no_augment,
+        flux=not args.no_flux,
+        random_init=args.random_init,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
