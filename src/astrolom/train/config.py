@@ -56,6 +56,7 @@ class DataConfig:
     split_seed: int = 0
     val_split: str = "val"  # the split validation is computed on; training reads only "train"
     prefetch: int = 2  # training batches prepared ahead by a background thread; 0: prepare in the training loop
+    augment: str = "none"  # "d4": a random rotation/mirror (astrolom.data.augment) per training sample
 
     def __post_init__(self):
         if self.patch_size <= 0:
@@ -64,6 +65,8 @@ class DataConfig:
             raise ValueError(f"data.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.augment not in ("none", "d4"):
+            raise ValueError(f"data.augment must be 'none' or 'd4', got {self.augment!r}")
         if self.val_split == "train":
             raise ValueError("data.val_split must not be 'train': validation uses data training never sees")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1.0) > 1e-6:

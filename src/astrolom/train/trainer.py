@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
+from astrolom.data.augment import random_d4_batch
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
 from astrolom.model.astropt import AstroPT
@@ -199,6 +200,9 @@ class _Data:
                 self._train_iter = iter(self.train)
             batch = next(self._train_iter)
             self._position = self.train.state_dict()
+        if self.cfg.augment == "d4":  # seeded by the batch position, so a resumed run draws the same transforms
+            gen = torch.Generator().manual_seed(hash((self.cfg.seed, self.env.rank, self._position["batches"])) % 2**63)
+            batch = random_d4_batch(batch, gen)
         return batch
 
     def next_train(self) -> torch.Tensor:
