@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from astrolom.eval.probes import EmbeddingTable
 from astrolom.search import index as si
@@ -130,18 +129,9 @@ def test_outliers_rank_planted_anomalies_far_above_chance(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_index(mock_survey, tmp_path_factory):
-    from astrolom.eval import embed as em
-    from astrolom.model.astropt import AstroPT, ModelConfig
-    from astrolom.train.checkpoint import save_pretrained
+    from search_helpers import make_model_index
 
-    tmp = tmp_path_factory.mktemp("search_model")
-    torch.manual_seed(0)
-    save_pretrained(AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, patch_size=8)), tmp / "model")
-    model, meta = em.load_model(str(tmp / "model"))
-    emb = em.embed_dataset(
-        model, str(mock_survey), tmp / "emb.parquet", metadata=meta, symmetrize=True, progress=False, log=None
-    )
-    return si.build_index(emb, tmp / "index", map_method="pca", progress=False, log=None)
+    return make_model_index(mock_survey, tmp_path_factory.mktemp("search_model"))
 
 
 def test_image_query_finds_the_object_itself(model_index, tmp_path, capsys):

@@ -98,6 +98,11 @@ class CutoutStore:
             raise KeyError(f"object id {object_id!r}: its record in {self.data} could not be read")
         return recs[0]
 
+    def wavelength(self) -> np.ndarray | None:
+        """The spectrum wavelength grid (Angstrom) recorded in the data set's metadata, if any."""
+        wl = (getattr(self.source, "metadata", None) or {}).get("wavelength")
+        return np.asarray(wl, dtype=np.float64) if wl is not None else None
+
     def rgb(self, object_id: str) -> np.ndarray:
         return rgb_image(self.get(object_id).image, self.bands)
 
