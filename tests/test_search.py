@@ -184,3 +184,17 @@ def test_outliers_cli_reports_precision_and_figure(model_index, tmp_path, capsys
     res = json.loads(capsys.readouterr().out)
     assert len(res["outliers"]) == 8 and 0 <= res["evaluation"]["top_1%"]["precision"] <= 1
     assert fig.stat().st_size > 5000
+
+
+def test_index_cli_embeds_with_symmetry_pooling_by_default(model_index, mock_survey, tmp_path, capsys):
+    from astrolom.cli import main
+
+    idx = si.load_index(model_index)
+    out = tmp_path / "idx"
+    args = ["index", "--model", idx.meta["model"], "--data", str(mock_survey), "--out", str(out), "--map", "none"]
+    assert main([*args, "--no-progress"]) == 0
+    new = si.load_index(out)
+    assert new.meta["symmetrize"] is True and len(new) == 64 and (out / "embeddings.parquet").is_file()
+    np.testing.assert_allclose(new.vectors([0, 7]), idx.vectors([0, 7]), atol=1e-5)  # the same pooled embeddings
+    assert main(["index", "--model", idx.meta["model"], "--out", str(tmp_path / "x")]) == 2
+    assert "--model needs --data" in capsys.readouterr().err

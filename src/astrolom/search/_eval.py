@@ -5,7 +5,7 @@ Kept in one file so that moving the embedding reader or the model loader changes
 
 from __future__ import annotations
 
-from astrolom.eval.embed import embed_records, load_model
+from astrolom.eval.embed import embed_dataset, embed_records, load_model
 from astrolom.eval.probes import EmbeddingTable, load_embeddings
 
-__all__ = ["EmbeddingTable", "embed_records", "load_embeddings", "load_model"]
+__all__ = ["EmbeddingTable", "embed_dataset", "embed_records", "load_embeddings", "load_model"]

@@ -20,7 +20,8 @@ An index is a directory:
                        tokens and symmetry pooling, the data set (cutouts for figures and the web explorer)
     IDX/map.npy        (optional) 2-D map of the embeddings (UMAP) for the web explorer
 
-    astrolom index --embeddings runs/demo/embeddings.parquet --out runs/demo/index
+    astrolom index --model runs/demo/run --data runs/demo/survey --out runs/demo/index   # embed (D4-pooled) + index
+    astrolom index --embeddings runs/demo/embeddings.parquet --out runs/demo/index       # from existing embeddings
 """
 
 from __future__ import annotations
@@ -239,6 +240,11 @@ def build_index(
     import faiss
 
     emb_meta = table.metadata or {}
+    if log and emb_meta.get("model") and not emb_meta.get("symmetrize"):
+        log(
+            "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
+            "its neighbour; `astrolom embed --symmetrize` (or `astrolom index --model`) makes them invariant"
+        )
     meta = {
         **settings,
         "faiss_version": faiss.__version__,
@@ -397,8 +403,16 @@ def load_index(path: str | Path, *, mmap: bool = True) -> SearchIndex:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embedding Parquet file or directory (`astrolom embed`)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--embeddings", help="embedding Parquet file or directory (`astrolom embed`)")
+    src.add_argument(
+        "--model", help="embed --data with this model first (symmetry-pooled unless --no-symmetrize), then index"
+    )
     parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument(
+        "--no-symmetrize", action="store_true", help="with --model: plain (orientation-aware) embeddings"
+    )
+    parser.add_argument("--splits", default="train,val,test", help="with --model: splits to embed")
     parser.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default: chosen by size)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default ~1.5%%)")
     parser.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth")
@@ -409,8 +423,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    embeddings = args.embeddings
+    if args.model:
+        # the default index: embeddings pooled over the 8 rotations/mirrors, so orientation costs nothing in search
+        from astrolom.search._eval import embed_dataset, load_model
+
+        if not args.data:
+            raise ValueError("--model needs --data (the data set to embed)")
+        model, meta = load_model(args.model)
+        embeddings = embed_dataset(
+            model,
+            args.data,
+            Path(args.out) / "embeddings.parquet",
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            metadata=meta,
+            symmetrize=not args.no_symmetrize,
+            progress=not args.no_progress,
+        )
     build_index(
-        args.embeddings,
+        embeddings,
         args.out,
         kind=args.kind,
         nprobe=args.nprobe,
