@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -50,7 +51,12 @@ def embed(model, images: list[np.ndarray], symmetrize: bool, batch: int = 64) ->
     return np.concatenate([e for _, e in embed_records(model, recs, batch_size=batch, symmetrize=symmetrize)])
 
 
-def top1(queries: np.ndarray, gallery: np.ndarray) -> float:
+def top1(queries: np.ndarray, gallery: np.ndarray, standardised: bool = False) -> float:
+    """Fraction of queries whose nearest gallery stamp (cosine) is their original; `standardised`: z-score every
+    dimension with the gallery's statistics first, as `astrolom index` does."""
+    if standardised:
+        mean, std = gallery.mean(0), gallery.std(0) + 1e-12
+        queries, gallery = (queries - mean) / std, (gallery - mean) / std
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     return float(np.mean(np.argmax(q @ g.T, axis=1) == np.arange(len(q))))
@@ -91,6 +97,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--probe-per-split", type=int, default=800, help="val/test objects for the probes")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--cache", default=None, help="npz of the retrieval embeddings: reused if present, else written")
     args = ap.parse_args()
 
     import torch
@@ -119,22 +126,31 @@ def main() -> None:
     }
     render_s = time.perf_counter() - t0
     results: dict = {"n": args.n, "gallery": 2 * args.n, "model": args.model, "retrieval": {}, "embed_s": {}}
+    cache = dict(np.load(args.cache)) if args.cache and os.path.exists(args.cache) else {}
     for sym in (False, True):
         key = "pooled (D4)" if sym else "plain"
         t0 = time.perf_counter()
-        gal = embed(model, gallery_imgs, sym)
-        results["retrieval"][key] = {name: top1(embed(model, q, sym), gal) for name, q in queries.items()}
+        for name, imgs in [("gallery", gallery_imgs), *queries.items()]:
+            if f"{key}/{name}" not in cache:
+                cache[f"{key}/{name}"] = embed(model, imgs, sym)
         results["embed_s"][key] = round(time.perf_counter() - t0, 1)
+        for std in (False, True):
+            results["retrieval"][f"{key}, {'standardised' if std else 'raw'} cosine"] = {
+                name: top1(cache[f"{key}/{name}"], cache[f"{key}/gallery"], std) for name in queries
+            }
+    if args.cache:
+        np.savez(args.cache, **cache)
     results["probe_r2"] = {
         ("pooled (D4)" if sym else "plain"): probe_r2(model, args.data, sym, args.probe_per_split)
         for sym in (False, True)
     }
     results["render_s"] = round(render_s, 1)
     print(f"model {args.model}; {args.n} test galaxies; gallery of {2 * args.n} stamps\n")
-    print("| embedding | " + " | ".join(queries) + " | embed time (5 x 600 stamps) |")
-    print("|---" * (len(queries) + 2) + "|")
+    print("| embedding, similarity | " + " | ".join(queries) + " |")
+    print("|---" * (len(queries) + 1) + "|")
     for key, r in results["retrieval"].items():
-        print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in r.values()) + f" | {results['embed_s'][key]} s |")
+        print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |")
+    print(f"\nembedding time of the 5 x {args.n} stamps + gallery (s): {results['embed_s']}")
     print(f"\nlinear probe R² (ridge; fit on {args.probe_per_split} val, scored on {args.probe_per_split} test)\n")
     print("| embedding | " + " | ".join(TARGETS) + " |")
     print("|---" * (len(TARGETS) + 1) + "|")

@@ -80,7 +80,8 @@ def test_index_is_memory_mapped(tmp_path):
     assert path in maps
     plain = si.load_index(out, mmap=False)
     np.testing.assert_array_equal(
-        idx.search_vectors(plain.vectors([3]), 4)[1], plain.search_vectors(plain.vectors([3]), 4)[1]
+        idx.search_vectors(plain.vectors([3]), 4, prepared=True)[1],
+        plain.search_vectors(plain.vectors([3]), 4, prepared=True)[1],
     )
 
 

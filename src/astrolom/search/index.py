@@ -1,7 +1,12 @@
 """A FAISS similarity-search index over embeddings: `astrolom index --embeddings EMB --out IDX`.
 
-Similarity is the cosine: vectors are L2-normalised and searched by inner product, so a score of 1 is the same
-direction and the distance `1 - score` lies in [0, 2]. The index kind follows the size (`--kind auto`):
+Similarity is the cosine of standardised embeddings: each dimension is centred and scaled by the mean and standard
+deviation of the indexed set (stored in meta.json and applied to every query), then vectors are L2-normalised and
+searched by inner product, so a score of 1 is the same direction and the distance `1 - score` lies in [0, 2].
+Standardising first stops a few high-variance directions (overall brightness, size) from deciding every
+neighbourhood, as the probes do: on the demo survey it lifts the outlier ranking's precision for stamps with a
+contaminating star from 0.15 to 0.71 at the top 1% (base rate 0.12; see README). The index kind follows the size
+(`--kind auto`):
 
 - `flat` (exact, `IndexFlatIP`) up to 50k vectors: brute force is fast enough and never misses;
 - `ivfflat` (`IVF{nlist},Flat`) up to 4 GiB of float32 vectors: k-means coarse quantiser with nlist ≈ sqrt(N)
@@ -174,6 +179,32 @@ def build_faiss(
     return index, settings
 
 
+def standardiser(X: np.ndarray) -> dict:
+    """Per-dimension mean and standard deviation of a set of embeddings (float64 accumulation, in chunks)."""
+    n = len(X)
+    mean = np.zeros(X.shape[1])
+    sq = np.zeros(X.shape[1])
+    for i in range(0, n, 65_536):
+        c = np.asarray(X[i : i + 65_536], dtype=np.float64)
+        mean += c.sum(0)
+        sq += (c * c).sum(0)
+    mean /= n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0))
+    std[std < 1e-12 * max(std.max(), 1e-30)] = 1.0  # constant dimensions: leave them unscaled
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+
+
+def standardise(X: np.ndarray, stats: dict | None) -> np.ndarray:
+    """Apply `standardiser` statistics (no-op for None)."""
+    if not stats:
+        return X
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    X = np.atleast_2d(np.asarray(X, dtype=np.float32))
+    if X.shape[1] != len(mean):
+        raise ValueError(f"query vectors have {X.shape[1]} dimensions but the index holds {len(mean)}")
+    return (X - mean) / std
+
+
 def compute_map(X: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT) -> np.ndarray:
     """(N, 2) float32 map of the embeddings for display: UMAP (cosine), or PCA (fast, for tests and huge sets).
 
@@ -218,6 +249,7 @@ def build_index(
     ef_search: int = 128,
     map_method: str = "umap",
     data: str | None = None,
+    standardize: bool = True,
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
@@ -225,6 +257,7 @@ def build_index(
     """Build an index directory at `out` from an embedding file (or table); returns `out`.
 
     `data` overrides the data set recorded in the embeddings' metadata (where cutouts are read from).
+    `standardize`: z-score each dimension before the cosine (see the module docstring); False: raw cosine.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -236,7 +269,9 @@ def build_index(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    index, settings = build_faiss(table.X, kind, nprobe=nprobe, ef_search=ef_search, seed=seed, progress=progress)
+    stats = standardiser(table.X) if standardize else None
+    X = standardise(table.X, stats)
+    index, settings = build_faiss(X, kind, nprobe=nprobe, ef_search=ef_search, seed=seed, progress=progress)
     import faiss
 
     emb_meta = table.metadata or {}
@@ -256,6 +291,7 @@ def build_index(
         "tokens": emb_meta.get("tokens"),
         "symmetrize": bool(emb_meta.get("symmetrize", False)),
         "labels": list(table.labels),
+        "standardize": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tmp = out / (INDEX_FILE + ".tmp")
@@ -265,7 +301,7 @@ def build_index(
     if map_method != "none":
         if log:
             log(f"computing the 2-D map ({map_method}) of {len(table)} embeddings ...")
-        np.save(out / MAP_FILE, compute_map(table.X, map_method, seed))
+        np.save(out / MAP_FILE, compute_map(X, map_method, seed))
         meta["map"] = map_method
     meta["build_s"] = round(time.perf_counter() - t0, 2)
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -336,7 +372,7 @@ class SearchIndex:
         return np.asarray(col.to_pylist(), dtype=object)
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        """The stored (normalised) vectors of `rows` (approximate for product-quantised indexes)."""
+        """The stored (standardised, normalised) vectors of `rows` (approximate for product-quantised indexes)."""
         import faiss
 
         if not self._direct_map and faiss.try_extract_index_ivf(self.index) is not None:
@@ -347,22 +383,32 @@ class SearchIndex:
             raise ValueError(f"rows out of range for an index of {len(self)} objects")
         return self.index.reconstruct_batch(rows) if len(rows) else np.zeros((0, self.dim), np.float32)
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities (Q, k), rows (Q, k)) of the k nearest stored vectors to each query (rows -1 where fewer)."""
+    def prepare(self, embeddings: np.ndarray) -> np.ndarray:
+        """Raw embeddings (as `astrolom embed` writes them) -> the standardised, normalised vectors the index holds."""
+        return normalise(standardise(np.atleast_2d(embeddings), self.meta.get("standardize")))
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 10, *, prepared: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities (Q, k), rows (Q, k)) of the k nearest stored vectors to each query (rows -1 where fewer).
+
+        queries: raw embeddings, or (prepared=True) vectors already in the index's space, e.g. from `vectors`.
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        q = normalise(np.atleast_2d(queries))
+        q = normalise(np.atleast_2d(queries)) if prepared else self.prepare(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have {q.shape[1]} dimensions but the index holds {self.dim}")
         sims, rows = self.index.search(q, min(k, len(self)))
         return sims, rows
 
     def neighbours(
-        self, queries: np.ndarray, k: int = 10, exclude: Sequence[int] | None = None
+        self, queries: np.ndarray, k: int = 10, exclude: Sequence[int] | None = None, *, prepared: bool = False
     ) -> list[list[Neighbour]]:
-        """Neighbours of each query vector; `exclude[i]` (a row) is left out of query i's results (the query itself)."""
+        """Neighbours of each query (raw embeddings unless prepared); `exclude[i]` (a row) is left out of query i's
+        results (the query itself)."""
         extra = 1 if exclude is not None else 0
-        sims, rows = self.search_vectors(queries, k + extra)
+        sims, rows = self.search_vectors(queries, k + extra, prepared=prepared)
         out = []
         for i in range(len(rows)):
             hits = []
@@ -376,7 +422,7 @@ class SearchIndex:
     def neighbours_of_id(self, object_id: str, k: int = 10) -> list[Neighbour]:
         """The k nearest other objects to a stored object."""
         row = self.row_of(object_id)
-        return self.neighbours(self.vectors([row]), k, exclude=[row])[0]
+        return self.neighbours(self.vectors([row]), k, exclude=[row], prepared=True)[0]
 
     def _hit(self, rank: int, row: int, sim: float) -> Neighbour:
         return Neighbour(rank, row, str(self.object_id[row]), sim, str(self.split[row]), self.labels_of(row))
@@ -418,6 +464,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth")
     parser.add_argument("--map", choices=("umap", "pca", "none"), default="umap", help="2-D map for the explorer")
     parser.add_argument("--data", default=None, help="data set with the cutouts (default: the one embedded)")
+    parser.add_argument(
+        "--raw-cosine", action="store_true", help="cosine of the raw embeddings (default: of standardised ones)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -448,6 +497,7 @@ def run(args: argparse.Namespace) -> int:
         ef_search=args.ef_search,
         map_method=args.map,
         data=args.data,
+        standardize=not args.raw_cosine,
         seed=args.seed,
         progress=not args.no_progress,
     )

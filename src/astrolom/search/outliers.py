@@ -1,10 +1,12 @@
-"""Anomaly ranking: `astrolom outliers --index IDX [-k 10] [--top 50] [--figure FILE]`.
+"""Anomaly ranking: `astrolom outliers --index IDX [-k 20] [--top 50] [--figure FILE]`.
 
 Score: the cosine distance (1 - cosine similarity) from an object to its k-th nearest other object in the index
-(the k-NN distance of Ramaswamy et al. 2000). Typical objects sit in dense regions of embedding space and have close
-k-th neighbours; rare ones (a contaminating star, an artefact, an unusual galaxy) do not. k = 10 smooths over small
-groups of near-duplicates. The neighbours come from the index itself, so the score costs one k-NN search per
-object (exact for flat indexes). Scores are cached in IDX/outliers-k{k}.npy when the directory is writable.
+(the k-NN distance of Ramaswamy et al. 2000), in the index's standardised embedding space. Typical objects sit in
+dense regions of embedding space and have close k-th neighbours; rare ones (a contaminating star, an artefact, an
+unusual galaxy) do not. k = 20 smooths over small groups of similar oddities (on the demo survey, precision at the
+top 1% for stamps with a star: k=5 0.64, k=10 0.71, k=20 0.75, k=50 0.78; base rate 0.12). The neighbours come
+from the index itself, so the score costs one k-NN search per object (exact for flat indexes). Scores are cached
+in IDX/outliers-k{k}.npy when the directory is writable.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from astrolom.search.index import SearchIndex, load_index
 BATCH = 4096
 
 
-def outlier_scores(index: SearchIndex, k: int = 10, *, progress: bool = True, cache: bool = True) -> np.ndarray:
+def outlier_scores(index: SearchIndex, k: int = 20, *, progress: bool = True, cache: bool = True) -> np.ndarray:
     """(N,) k-th-neighbour cosine distance of every indexed object (higher = more unusual)."""
     from tqdm.auto import tqdm
 
@@ -37,7 +39,7 @@ def outlier_scores(index: SearchIndex, k: int = 10, *, progress: bool = True, ca
     with tqdm(total=n, desc="outliers", unit="obj", disable=not progress) as bar:
         for i in range(0, n, BATCH):
             rows = np.arange(i, min(i + BATCH, n))
-            sims, nbr = index.search_vectors(index.vectors(rows), k + 1)
+            sims, nbr = index.search_vectors(index.vectors(rows), k + 1, prepared=True)
             # the object itself is normally its own first hit; drop it wherever it appears (ties, approximate search)
             own = nbr == rows[:, None]
             kth = np.where(own.any(1), np.sort(np.where(own, np.inf, -sims), axis=1)[:, k - 1], -sims[:, k - 1])
@@ -51,7 +53,7 @@ def outlier_scores(index: SearchIndex, k: int = 10, *, progress: bool = True, ca
     return scores
 
 
-def top_outliers(index: SearchIndex, n: int = 50, k: int = 10, **kw) -> list[dict]:
+def top_outliers(index: SearchIndex, n: int = 50, k: int = 20, **kw) -> list[dict]:
     """The `n` highest-scoring objects, most unusual first, with their labels."""
     scores = outlier_scores(index, k, **kw)
     order = np.argsort(-scores, kind="stable")[:n]
@@ -106,7 +108,7 @@ def outliers_figure(items: list[dict], store, out: str | Path, cols: int = 8) ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index directory (`astrolom index`)")
-    parser.add_argument("-k", type=int, default=10, help="score = cosine distance to the k-th neighbour (10)")
+    parser.add_argument("-k", type=int, default=20, help="score = cosine distance to the k-th neighbour (20)")
     parser.add_argument("--top", type=int, default=50, help="how many outliers to list (50)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--figure", default=None, help="write the top outliers' cutouts to this PNG/PDF")

@@ -293,7 +293,7 @@ def create_app(
         )
 
     @app.get("/api/outliers")
-    def outliers(n: int = Query(50, ge=1, le=1000), k: int = Query(10, ge=1, le=MAX_K)):
+    def outliers(n: int = Query(50, ge=1, le=1000), k: int = Query(20, ge=1, le=MAX_K)):
         """The n most unusual objects: cosine distance to their k-th nearest neighbour, highest first."""
         if k >= len(idx):
             raise HTTPException(422, f"k must be below the index size {len(idx)}")
