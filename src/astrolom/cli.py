@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "label-efficiency curves: fine-tuned vs random init vs linear probe vs CNN at 50..all labels",
     ),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),
+    "index": ("astrolom.search.index", "build a FAISS similarity-search index over embeddings"),
+    "search": ("astrolom.search.query", "nearest neighbours of an object id, a new cutout or a spectrum"),
+    "outliers": ("astrolom.search.outliers", "rank objects by how unusual they are (k-th neighbour distance)"),
+    "serve": ("astrolom.serve.app", "local web explorer of an index: map, neighbours, uploads, outliers"),
     "demo": ("astrolom.demo", "mock survey -> pretrain -> embed -> probe -> report, on a laptop CPU"),
 }
 

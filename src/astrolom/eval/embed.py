@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -76,8 +76,12 @@ def embed_records(
     n_tokens: int = DEFAULT_TOKENS,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    symmetrize: bool = False,
 ) -> Iterator[tuple[list[Record], np.ndarray]]:
-    """Yield (records, embeddings (B, C) float32) batch by batch; records of one batch share an image shape."""
+    """Yield (records, embeddings (B, C) float32) batch by batch; records of one batch share an image shape.
+
+    symmetrize: average each embedding over the 8 rotations/mirrors of the stamp (`astrolom.data.augment`).
+    """
     from astrolom.data.stream import tokenize_records
 
     device = torch.device(device)
@@ -97,8 +101,21 @@ def embed_records(
         crop = prefix_crop(h, w, p, n)
         tokens = tokenize_records(batch, p, image_size=crop)["tokens"].to(device, non_blocking=True)
         with parallel.autocast(precision, device):
-            emb = embed_tokens(model, tokens, layer, n)
+            if symmetrize:
+                emb = symmetrized(
+                    lambda t, n=n: embed_tokens(model, t, layer, n), tokens, (crop[0] // p, crop[1] // p), p
+                )
+            else:
+                emb = embed_tokens(model, tokens, layer, n)
         yield batch, emb.cpu().numpy().astype(np.float32)
+
+
+def symmetrized(embed: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, grid, patch_size: int):
+    """Mean of `embed` over the D4 transforms of a token batch (the 4 shape-keeping ones for non-square grids)."""
+    from astrolom.data.augment import d4_tokens, group_for
+
+    group = group_for(*grid)
+    return sum(embed(d4_tokens(tokens, grid, patch_size, t)) for t in group) / len(group)
 
 
 def _shape(record: Record) -> tuple[int, ...]:
@@ -120,6 +137,7 @@ def embed_dataset(
     world_size: int | None = None,
     metadata: dict | None = None,
     max_per_split: int | None = None,
+    symmetrize: bool = False,
     progress: bool = True,
 ) -> Path:
     """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the file written.
@@ -161,6 +179,7 @@ def embed_dataset(
         "tokens": n_tokens,
         "splits": splits,
         "max_per_split": max_per_split,
+        "symmetrize": symmetrize,
         "rank": rank,
         "world_size": world_size,
         "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(model.config).items()},
@@ -182,7 +201,7 @@ def embed_dataset(
     t0 = time.perf_counter()
     try:
         for recs, emb in embed_records(
-            model, stream(), batch_size=batch_size, layer=layer, n_tokens=n_tokens, device=device
+            model, stream(), batch_size=batch_size, layer=layer, n_tokens=n_tokens, device=device, symmetrize=symmetrize
         ):
             writer.write(recs, emb)
             bar.update(len(recs))
@@ -211,6 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--random-init", action="store_true", help="embed with a randomly initialised model of the same config"
     )
     parser.add_argument("--seed", type=int, default=0, help="init seed for --random-init")
+    parser.add_argument(
+        "--symmetrize", action="store_true", help="average over the 8 rotations/mirrors (orientation-invariant)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         metadata=meta,
         max_per_split=args.max_per_split,
+        symmetrize=args.symmetrize,
         progress=not args.no_progress,
     )
     return 0

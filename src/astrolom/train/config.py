@@ -73,6 +73,7 @@ class DataConfig:
     # training batches as float32 tokens (exact), bfloat16 tokens (half the bytes; needs train.precision=bf16) or
     # pixels: 8-bit JPEG/PNG patches standardised on the training device (the CPU only decodes; see data.batching)
     token_format: str = "float32"
+    augment: str = "none"  # "d4": a random rotation/mirror (astrolom.data.augment) per training sample
 
     def __post_init__(self):
         if self.patch_size <= 0:
@@ -83,6 +84,8 @@ class DataConfig:
             raise ValueError(f"data.token_format must be one of {OUTPUTS}, got {self.token_format!r}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.augment not in ("none", "d4"):
+            raise ValueError(f"data.augment must be 'none' or 'd4', got {self.augment!r}")
         if self.val_split == "train":
             raise ValueError("data.val_split must not be 'train': validation uses data training never sees")
         self.split_fractions = check_split_fractions(self.split_fractions, "data.split_fractions")

@@ -39,6 +39,7 @@ import torch
 
 from astrolom import layout
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
+from astrolom.data.augment import random_d4_batch
 from astrolom.data.batching import batch_tokens
 from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength, to_device
 from astrolom.data.sources import open_source
@@ -229,6 +230,9 @@ class _Data:
             self._position = self.train.state_dict()
         if "pixels" in batch:  # data.token_format=pixels: standardise on the training device
             batch["tokens"] = batch_tokens(batch, self.env.device)
+        if self.cfg.augment == "d4":  # seeded by the batch position, so a resumed run draws the same transforms
+            gen = torch.Generator().manual_seed(hash((self.cfg.seed, self.env.rank, self._position["batches"])) % 2**63)
+            batch = random_d4_batch(batch, gen)
         return batch
 
     def next_train(self) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -269,6 +273,8 @@ class Trainer:
             raise ValueError(
                 "data.token_format=bfloat16 needs train.precision=bf16 (the model would see rounded tokens)"
             )
+        if cfg.data.augment != "none" and tuple(cfg.model.modalities) != ("images",):
+            raise ValueError(f"data.augment={cfg.data.augment} is for images-only models (spectra have no rotations)")
         if cfg.data.token_format != "float32" and tuple(cfg.model.modalities) != ("images",):
             raise ValueError(
                 f"data.token_format={cfg.data.token_format} is for images-only models; "

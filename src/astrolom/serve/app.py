@@ -1,0 +1,363 @@
+"""Local web explorer of an index: `astrolom serve --index IDX [--data DIR] [--port 8000]`.
+
+A FastAPI app (JSON API described at /openapi.json) and one static page (vanilla JS + canvas, no CDN, works offline):
+a zoomable 2-D map of the embeddings coloured by a label, click → cutout, spectrum, labels and nearest neighbours;
+search by id; upload a cutout to search; the outlier list. The same functions as the `astrolom search` and
+`astrolom outliers` commands answer every request.
+
+Security model (each point has a test in tests/test_serve.py):
+- binds 127.0.0.1 unless --host is given, and then warns that the data is exposed to the network;
+- read-only: no endpoint writes the data or the index (the map and outlier scores are cached in memory);
+- objects are addressed by id only, looked up in the index; no endpoint takes a path;
+- uploads are limited in size (--max-upload-mb, 413 beyond) and type (PNG/JPEG/FITS/.npy recognised from the
+  content's magic bytes, never the file name: 415 otherwise), and image dimensions are capped before decoding;
+- malformed input gets a 4xx with a message; anything unexpected a 500 with a generic message, never a traceback.
+"""
+
+# no `from __future__ import annotations`: FastAPI resolves the endpoint annotations (UploadFile, imported inside
+# create_app so that the rest of the package does not need fastapi) when the functions are defined
+import argparse
+import io
+import logging
+import threading
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from astrolom.search.cutouts import png_bytes
+from astrolom.search.index import SearchIndex, compute_map, load_index
+from astrolom.search.outliers import outlier_scores
+from astrolom.search.query import embed_image, open_store, read_image_bytes, sniff_image
+
+log = logging.getLogger("astrolom.serve")
+MAX_UPLOAD_MB = 4.0
+MAX_PIXELS = 1024 * 1024  # per band: larger uploads are refused before decoding
+MAX_K = 100
+THUMB_SIZES = (32, 64, 128, 256)
+CATEGORICAL_MAX = 24  # a label with at most this many distinct values is coloured by category
+
+
+class LRU:
+    """A small thread-safe LRU cache of rendered thumbnails (bytes)."""
+
+    def __init__(self, size: int):
+        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                self.hits += 1
+                return self.data[key]
+        value = make()
+        with self.lock:
+            self.misses += 1
+            self.data[key] = value
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        return value
+
+
+class Explorer:
+    """What the web app serves: an index, its data set and lazily computed map and outlier scores."""
+
+    def __init__(self, index: SearchIndex, data: str | None = None, *, map_method: str = "umap", thumbs: int = 4096):
+        self.index = index
+        self.data = data or index.meta.get("data")
+        self._store = None
+        self._lock = threading.Lock()
+        self._map: np.ndarray | None = None
+        self._scores: dict[int, np.ndarray] = {}
+        self.map_method = map_method
+        self.thumbs = LRU(thumbs)
+
+    @property
+    def store(self):
+        with self._lock:
+            if self._store is None and self.data:
+                self._store = open_store(self.index, self.data)
+        return self._store
+
+    def map(self) -> np.ndarray:
+        with self._lock:
+            if self._map is None:
+                coords = self.index.map_coords()
+                if coords is None:  # not made at index time: compute once, keep in memory (the server writes nothing)
+                    coords = compute_map(self.index.vectors(np.arange(len(self.index))), self.map_method)
+                self._map = np.asarray(coords, dtype=np.float32)
+        return self._map
+
+    def scores(self, k: int) -> np.ndarray:
+        with self._lock:
+            if k not in self._scores:
+                f = self.index.path / f"outliers-k{k}.npy"
+                cached = np.load(f) if f.is_file() else None
+                if cached is not None and len(cached) == len(self.index):
+                    self._scores[k] = cached
+                else:
+                    self._scores[k] = outlier_scores(self.index, k, progress=False, cache=False)
+        return self._scores[k]
+
+    def can_embed_images(self) -> bool:
+        m = self.index.meta.get("model")
+        return bool(m) and not self.index.meta.get("random_init") and Path(m).exists()
+
+    def modalities(self) -> list[str]:
+        return list(self.index.meta.get("modalities") or ["images"])
+
+
+def create_app(
+    index: str | Path | SearchIndex,
+    data: str | None = None,
+    *,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    map_method: str = "umap",
+):
+    """The FastAPI app over an index directory (or loaded index) and its data set."""
+    from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    idx = index if isinstance(index, SearchIndex) else load_index(index)
+    ex = Explorer(idx, data, map_method=map_method)
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    # the interactive /docs page loads Swagger UI from a CDN, which cannot work offline: serve the schema only
+    app = FastAPI(title="astrolom explorer", version="1", docs_url=None, redoc_url=None)
+    app.state.explorer = ex
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # never leak a traceback to the client
+        log.exception("error serving %s", request.url.path)
+        return JSONResponse({"detail": "internal error (see the server log)"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"detail": msg or "invalid request"}, status_code=422)
+
+    def row_of(object_id: str) -> int:
+        try:
+            return idx.row_of(object_id)
+        except ValueError as err:
+            raise HTTPException(404, f"unknown object id {object_id!r}") from err
+
+    def obj(row: int) -> dict:
+        return {"object_id": str(idx.object_id[row]), "split": str(idx.split[row]), "labels": idx.labels_of(row)}
+
+    def read_upload(file: UploadFile) -> bytes:
+        data = file.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"upload larger than the {max_upload_mb:g} MiB limit")
+        if not data:
+            raise HTTPException(400, "empty upload")
+        return data
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("astrolom.serve").joinpath("static/index.html").read_text()
+
+    @app.get("/api/info")
+    def info():
+        """Index summary: size, kind, labels (numeric or categorical), what the page can offer."""
+        labels = []
+        for name in idx.label_names:
+            v = idx.label_values(name)
+            if v.dtype == object or len(np.unique(v[np.isfinite(v)] if v.dtype != object else v)) <= CATEGORICAL_MAX:
+                labels.append({"name": name, "kind": "categorical"})
+            else:
+                labels.append({"name": name, "kind": "numeric"})
+        return {
+            "n": len(idx),
+            "dim": idx.dim,
+            "kind": idx.meta.get("kind"),
+            "factory": idx.meta.get("factory"),
+            "model": idx.meta.get("model"),
+            "data": ex.data,
+            "symmetrize": bool(idx.meta.get("symmetrize")),
+            "labels": labels,
+            "upload_image": ex.can_embed_images(),
+            "upload_spectrum": "spectra" in ex.modalities(),
+            "cross_modal": bool(idx.meta.get("aligned")),
+            "max_upload_mb": max_upload_mb,
+        }
+
+    @app.get("/api/map")
+    def map_points():
+        """2-D map: x, y (rounded) and the object id of every point, in index row order."""
+        xy = ex.map()
+        return {
+            "x": np.round(xy[:, 0].astype(float), 4).tolist(),
+            "y": np.round(xy[:, 1].astype(float), 4).tolist(),
+            "ids": idx.object_id.tolist(),
+        }
+
+    @app.get("/api/labels/{name}")
+    def label(name: str):
+        """One label for every point: numbers (null where missing), or category codes with their names."""
+        if name not in idx.label_names:
+            raise HTTPException(404, f"unknown label {name!r}")
+        v = idx.label_values(name)
+        if v.dtype == object or len(np.unique(v[np.isfinite(v)])) <= CATEGORICAL_MAX:
+            names, codes = np.unique(np.asarray([str(x) for x in v]), return_inverse=True)
+            return {"kind": "categorical", "categories": names.tolist(), "values": codes.tolist()}
+        return {"kind": "numeric", "values": [None if not np.isfinite(x) else round(float(x), 5) for x in v]}
+
+    @app.get("/api/object/{object_id}")
+    def object_info(object_id: str):
+        row = row_of(object_id)
+        out = obj(row)
+        out["has_cutout"] = ex.store is not None
+        return out
+
+    @app.get("/api/object/{object_id}/cutout.png", responses={200: {"content": {"image/png": {}}}})
+    def cutout(object_id: str, size: int = Query(128)):
+        """The object's cutout rendered with the Legacy Survey colour stretch (cached)."""
+        oid = str(idx.object_id[row_of(object_id)])
+        if size not in THUMB_SIZES:
+            raise HTTPException(422, f"size must be one of {THUMB_SIZES}")
+        if ex.store is None:
+            raise HTTPException(404, "no data set to read cutouts from (start the server with --data)")
+
+        def render():
+            try:
+                return png_bytes(ex.store.rgb(oid), size)
+            except KeyError as err:
+                raise HTTPException(404, f"object {oid!r} is not in the data set") from err
+
+        return Response(
+            ex.thumbs.get((oid, size), render), media_type="image/png", headers={"Cache-Control": "max-age=3600"}
+        )
+
+    @app.get("/api/object/{object_id}/spectrum")
+    def spectrum(object_id: str):
+        """The object's spectrum (wavelength in Angstrom, flux), 404 where the data has none."""
+        oid = str(idx.object_id[row_of(object_id)])
+        if ex.store is None:
+            raise HTTPException(404, "no data set to read spectra from")
+        try:
+            rec = ex.store.get(oid)
+        except KeyError as err:
+            raise HTTPException(404, f"object {oid!r} is not in the data set") from err
+        if rec.spectrum is None:
+            raise HTTPException(404, f"object {oid!r} has no spectrum")
+        flux = np.asarray(rec.spectrum, dtype=np.float64).ravel()
+        wl = ex.store.wavelength()
+        wl = wl if wl is not None and len(wl) == len(flux) else np.arange(len(flux), dtype=float)
+        step = max(1, len(flux) // 1500)  # enough points for a plot
+        return {
+            "wavelength": np.round(wl[::step], 2).tolist(),
+            "flux": [None if not np.isfinite(f) else round(float(f), 5) for f in flux[::step]],
+        }
+
+    @app.get("/api/neighbours/{object_id}")
+    def neighbours(object_id: str, k: int = Query(10, ge=1, le=MAX_K)):
+        """The k nearest other objects (cosine similarity of the embeddings)."""
+        row_of(object_id)
+        hits = idx.neighbours_of_id(object_id, k)
+        return {"query": object_id, "neighbours": [h.as_dict() for h in hits]}
+
+    @app.post("/api/search/image")
+    def search_image(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K)):
+        """Embed an uploaded cutout (PNG, JPEG, FITS or .npy; content-sniffed) and return its neighbours."""
+        data = read_upload(file)
+        ext = sniff_image(data)
+        if ext is None:
+            raise HTTPException(415, "unsupported content: upload a PNG, JPEG, FITS or .npy image")
+        _check_dimensions(data, ext)
+        if not ex.can_embed_images():
+            raise HTTPException(409, "this index does not record a model that can embed new images")
+        try:
+            rec = read_image_bytes(data, name="upload")
+            vec = embed_image(idx, rec)
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as err:
+            raise HTTPException(400, f"cannot use the upload: {err}") from err
+        hits = idx.neighbours(vec[None], k)[0]
+        return {
+            "query": "upload",
+            "format": ext.lstrip("."),
+            "shape": list(rec.image.shape),
+            "neighbours": [h.as_dict() for h in hits],
+        }
+
+    @app.post("/api/search/spectrum")
+    def search_spectrum(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K)):
+        """Search by an uploaded spectrum: only for indexes made by a model with a spectrum modality."""
+        read_upload(file)
+        raise HTTPException(
+            409,
+            f"the model that made this index embeds {', '.join(ex.modalities())} only: spectrum search needs an "
+            "index built from a model pretrained with spectra",
+        )
+
+    @app.get("/api/outliers")
+    def outliers(n: int = Query(50, ge=1, le=1000), k: int = Query(20, ge=1, le=MAX_K)):
+        """The n most unusual objects: cosine distance to their k-th nearest neighbour, highest first."""
+        if k >= len(idx):
+            raise HTTPException(422, f"k must be below the index size {len(idx)}")
+        s = ex.scores(k)
+        order = np.argsort(-s, kind="stable")[:n]
+        return {
+            "k": k,
+            "outliers": [dict(obj(int(r)), rank=i + 1, score=round(float(s[r]), 6)) for i, r in enumerate(order)],
+        }
+
+    return app
+
+
+def _check_dimensions(data: bytes, ext: str) -> None:
+    """Refuse images whose header declares more than MAX_PIXELS per band, before decoding them (4xx)."""
+    from fastapi import HTTPException
+
+    h = w = None
+    try:
+        if ext in (".png", ".jpg"):
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        elif ext == ".npy":
+            from numpy.lib import format as npformat
+
+            f = io.BytesIO(data)
+            version = npformat.read_magic(f)
+            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, _, _ = read(f)
+            dims = [d for d in shape if d > 4] or [1]
+            h, w = dims[0], dims[1] if len(dims) > 1 else 1
+    except Exception as err:  # a header that cannot be parsed is a malformed upload
+        raise HTTPException(400, f"malformed {ext.lstrip('.')} upload: {err}") from err
+    if h is not None and h * w > MAX_PIXELS:
+        raise HTTPException(413, f"image of {w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit")
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index directory (`astrolom index`)")
+    parser.add_argument("--data", default=None, help="data set with the cutouts (default: recorded in the index)")
+    parser.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="upload size limit (4 MiB)")
+    parser.add_argument("--map", choices=("umap", "pca"), default="umap", help="map method if the index has none")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import uvicorn
+
+    host = args.host or "127.0.0.1"
+    if args.host is not None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"astrolom serve: WARNING: binding {host}: anyone who can reach this machine can browse the index "
+            "and its cutouts and run searches; there is no authentication",
+            file=sys.stderr,
+        )
+    app = create_app(args.index, args.data, max_upload_mb=args.max_upload_mb, map_method=args.map)
+    print(f"astrolom explorer on http://{host}:{args.port}/  (API schema: /openapi.json)", file=sys.stderr)
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    return 0
