@@ -17,7 +17,7 @@ def test_tiny_demo(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--tiny"])
     captured = capsys.readouterr()
     printed = captured.out
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in captured.err  # progress is logged (stderr)
     assert f"report: {tmp_path / 'report.html'}" in printed
     assert "pretrained" in printed and "random_init" in printed  # the key-number table
@@ -35,7 +35,11 @@ def test_tiny_demo(tmp_path, capsys):
             assert set(scores) == ({"accuracy", "f1"} if target == "telescope" else {"r2", "mae"})
         assert set(probes["results"]["cnn"][target]) == {"supervised"}
     demo = json.loads((tmp_path / "demo.json").read_text())
-    assert set(demo["timings_s"]) == {"survey", "pretrain", "embed", "probes", "report"}
+    assert set(demo["timings_s"]) == {"survey", "pretrain", "embed", "probes", "outliers", "report"}
+    top = demo["outliers"]["top_1%"]  # the index + outlier stage ran and scored its ranking against has_star
+    assert top["n"] >= 1 and 0.0 <= top["precision"] <= 1.0 and 0.0 < top["base_rate"] < 1.0
+    assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()
+    assert "<h2>Outliers</h2>" in report
     assert demo["settings"]["preset"] == "debug"
     assert any(k.startswith("redshift: pretrained >") for k in demo["checks"])
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

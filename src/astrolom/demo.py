@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from astrolom import layout
@@ -45,6 +46,9 @@ from astrolom.eval.probes import DEFAULT_TARGETS, HEADLINE_TARGETS, KEY_TARGETS,
 from astrolom.eval.report import build_report
 from astrolom.log import get_logger
 from astrolom.model.pretrained import load_model
+from astrolom.search.index import build_index, load_index
+from astrolom.search.outliers import outlier_scores, outliers_figure, precision_at, top_outliers
+from astrolom.search.query import open_store
 from astrolom.train.trainer import make_config, pretrain
 
 log = get_logger(__name__)
@@ -101,8 +105,29 @@ def _detail(text: str) -> None:
     log.info("      %s", text)
 
 
-def checks(probes: ProbeResult) -> dict[str, bool]:
-    """The science acceptance checks on a probe result (linear probes, test split)."""
+def find_outliers(out: Path, embeddings: Path, survey: Path, k: int = 20, label: str = "has_star") -> dict:
+    """Index the demo's embeddings, rank them by k-th-neighbour distance, and score the ranking against `label`.
+
+    Writes out/index/ and out/outliers/{outliers.json, outliers.png}; returns the JSON content.
+    """
+    index = load_index(build_index(embeddings, out / layout.INDEX_DIR, map_method="pca", data=str(survey),
+                                   progress=False, log=None))  # fmt: skip
+    scores = outlier_scores(index, k, progress=False)
+    positive = np.nan_to_num(index.label_values(label).astype(float)) > 0.5
+    evaluation = {}
+    for frac in (0.01, 0.05):
+        p, base, m = precision_at(scores, positive, frac)
+        evaluation[f"top_{frac:.0%}"] = {"n": m, "precision": p, "base_rate": base, "lift": p / base if base else None}
+    result = {"k": k, "label": label, "evaluation": evaluation}
+    folder = out / layout.OUTLIERS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / layout.OUTLIERS_JSON).write_text(json.dumps(result, indent=2))
+    outliers_figure(top_outliers(index, 24, k, progress=False), open_store(index, str(survey)), folder / "outliers.png")
+    return result
+
+
+def checks(probes: ProbeResult, outliers: dict | None = None) -> dict[str, bool]:
+    """The science acceptance checks on a probe result (linear probes, test split) and the outlier ranking."""
     out = {}
     for t in KEY_TARGETS:
         pre = probes.score(t, "pretrained", "linear")
@@ -115,6 +140,10 @@ def checks(probes: ProbeResult) -> dict[str, bool]:
     acc = probes.score("telescope", "pretrained", "linear")
     if acc is not None:
         out["telescope predictable (accuracy > majority class)"] = bool(acc > probes.majority_accuracy("telescope"))
+    top = outliers["evaluation"]["top_1%"] if outliers is not None else None
+    if top is not None and top["n"] >= 10:  # a precision over fewer ranked objects says little (the --tiny demo)
+        name = "outliers: has_star precision in the top 1% > 3x its base rate"
+        out[name] = bool(top["precision"] > 3 * top["base_rate"])
     return out
 
 
@@ -139,7 +168,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    n_stages = 5
+    n_stages = 6
     log.info("astrolom demo -> %s\nsettings: %s", out, json.dumps(asdict(cfg)))
 
     survey = out / layout.DEMO_SURVEY_DIR
@@ -215,12 +244,22 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     write_report(probes, probe_dir)
     _done(t0, timings, "probes")
 
-    t0 = _stage(5, n_stages, "report (UMAP, inpainting, figures)")
+    t0 = _stage(5, n_stages, "similarity index and outliers (FAISS; cosine distance to the 20th neighbour)")
+    outliers = find_outliers(out, emb_path, survey)
+    _detail(
+        "has_star precision in the top 1%: {precision:.3f} (base rate {base_rate:.3f})".format(
+            **outliers["evaluation"]["top_1%"]
+        )
+    )
+    _done(t0, timings, "outliers")
+
+    t0 = _stage(6, n_stages, "report (UMAP, inpainting, figures)")
     summary = {
         "settings": asdict(cfg),
         "timings_s": timings,
-        "checks": checks(probes),
+        "checks": checks(probes, outliers),
         "key_numbers": _key_numbers(probes),
+        "outliers": outliers["evaluation"],
     }
     (out / layout.DEMO_JSON).write_text(json.dumps(summary, indent=2))
     report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting)

@@ -43,6 +43,10 @@ PROBES_JSON = "probes.json"
 SCALING_JSON = "scaling.json"
 DEMO_JSON = "demo.json"
 REPORT_NAME = "report.html"
+INDEX_DIR = "index"  # `astrolom index` output inside a demo directory
+OUTLIERS_DIR = "outliers"  # outliers.json + outliers.png (demo); the report shows them
+OUTLIERS_JSON = "outliers.json"
+LABEL_EFFICIENCY_MD = "label_efficiency.md"  # `astrolom label-efficiency --out ROOT/label_efficiency`
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME)
 _TMP_MARK = ".tmp-"

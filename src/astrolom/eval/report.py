@@ -82,6 +82,8 @@ def find_artifacts(root: str | Path) -> dict[str, Path | None]:
         "probes": _first(root / L.PROBES_DIR / L.PROBES_JSON, root / L.PROBES_JSON),
         "scaling": _first(root / L.SCALING_JSON, root / "scaling" / L.SCALING_JSON),
         "demo": _first(root / L.DEMO_JSON),
+        "outliers": _first(root / L.OUTLIERS_DIR / L.OUTLIERS_JSON),
+        "label_efficiency": _first(root / L.LABEL_EFFICIENCY_MD, root / "label_efficiency" / L.LABEL_EFFICIENCY_MD),
     }
 
 
@@ -309,6 +311,31 @@ def build_report(
             if png.exists():
                 body += _img(png)
         sections.append("<h2>Scaling sweep</h2>" + body)
+
+    if art["outliers"]:
+        res = json.loads(art["outliers"].read_text())
+        rows = [
+            [f"top {key.removeprefix('top_')}", str(r["n"]), f"{r['precision']:.3f}", f"{r['base_rate']:.3f}",
+             f"{r['lift']:.1f}x" if r.get("lift") else "-"]
+            for key, r in res.get("evaluation", {}).items()
+        ]  # fmt: skip
+        body = (
+            f"<p>Objects ranked by the cosine distance to their {res['k']}-th neighbour in the similarity index "
+            f"(<code>astrolom outliers</code>); how many of the top-ranked have a <code>{html.escape(res['label'])}"
+            "</code> label, against its base rate:</p>"
+            + _table(["ranked", "objects", "precision", "base rate", "lift"], rows)
+        )
+        png = art["outliers"].parent / "outliers.png"
+        if png.exists():
+            body += _img(png, "the most unusual objects (★: a contaminating star)")
+        sections.append("<h2>Outliers</h2>" + body)
+
+    if art["label_efficiency"]:
+        body = f"<pre>{html.escape(art['label_efficiency'].read_text())}</pre>"
+        png = art["label_efficiency"].with_suffix(".png")
+        if png.exists():
+            body += _img(png)
+        sections.append("<h2>Fine-tuning: label efficiency</h2>" + body)
 
     cfg_text = ""
     if art["run"] and (art["run"] / layout.RUN_CONFIG_YAML).exists():

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrolom import layout
 from astrolom.data.sources import open_source
 from astrolom.eval import probes
 from astrolom.eval.baselines import train_cnn
@@ -49,7 +50,7 @@ METHODS = ("finetuned", "random_init", "linear_probe", "cnn")
 LABELS = {"finetuned": "fine-tuned (pretrained)", "random_init": "same arch., random init",
           "linear_probe": "linear probe (pretrained emb.)", "cnn": "supervised CNN"}  # fmt: skip
 DEFAULT_COUNTS = (50, 200, 1000, None)  # None: all training labels
-JSON_NAME, MD_NAME, PNG_NAME = "label_efficiency.json", "label_efficiency.md", "label_efficiency.png"
+JSON_NAME, MD_NAME, PNG_NAME = "label_efficiency.json", layout.LABEL_EFFICIENCY_MD, "label_efficiency.png"
 
 
 @dataclass
