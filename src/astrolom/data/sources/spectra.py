@@ -158,6 +158,7 @@ class SpectrumGrid:
         self.resample = bool(resample)
         self.resampled = 0  # spectra that were on another grid
         self._seen: set[tuple[str, int | None]] = set()
+        self._checked: np.ndarray | None = None
         self.grids: dict[str, int] = {}  # describe_grid of every foreign grid -> count
         self._lock = threading.Lock()
 
@@ -194,6 +195,8 @@ class SpectrumGrid:
                     f"({describe_grid(grid)}) has {grid.size}",
                     row,
                 )
+            if self._is_reference(grid):  # the common case (our Parquet, HDF5): no Spectrum object, no resampling
+                return self._fast(flux, ivar, mask, grid, file, row)
             spectrum = make_spectrum(grid, flux, ivar, mask, file, row)
         _require_usable(spectrum, file, row)
         if self.wavelength is None:
@@ -211,6 +214,31 @@ class SpectrumGrid:
                     self.grids[key] = self.grids.get(key, 0) + 1
             _require_usable(spectrum, file, row, " after resampling onto the reference grid")
         return self._good_only(spectrum, file, row)
+
+    def _is_reference(self, grid: np.ndarray) -> bool:
+        if self.wavelength is None:
+            return False
+        if grid is self.wavelength or grid is self._checked:
+            return True
+        if same_grid(grid, self.wavelength):
+            self._checked = grid  # a data set passes the same grid array for every row: compare it once
+            return True
+        return False
+
+    def _fast(self, flux, ivar, mask, grid, file, row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_good_only` for a flux array already on the reference grid."""
+        iv = np.ones(flux.size, np.float32) if ivar is None else np.asarray(ivar, dtype=np.float32).reshape(-1)
+        bad = ~np.isfinite(flux) | ~(iv > 0)  # NaN ivar counts as no information
+        if mask is not None:
+            m = np.asarray(mask).reshape(-1)
+            if m.size != flux.size:
+                raise BadRecordError(file, f"wrong length: mask has {m.size} pixels, wavelength {flux.size}", row)
+            bad |= m != 0
+        if iv.size != flux.size:
+            raise BadRecordError(file, f"wrong length: ivar has {iv.size} pixels, wavelength {flux.size}", row)
+        if bad.all():  # the slow path words the reason
+            return self._good_only(make_spectrum(grid, flux, ivar, mask, file, row), file, row)
+        return np.where(bad, np.float32(np.nan), flux), np.where(bad, np.float32(0), iv), bad
 
     @staticmethod
     def _good_only(spectrum: Spectrum, file: str, row: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
