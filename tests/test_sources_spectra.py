@@ -247,3 +247,27 @@ def test_pretrain_images_and_spectra_on_own_data(tmp_path, kind):
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["tokens"]["spectra"]["tokens"] == 4
     np.testing.assert_allclose(cfg["tokens"]["spectra"]["wavelength"], WAVE)
+
+
+def test_gzipped_fits_spectra_and_a_missing_spectra_folder(tmp_path):
+    import gzip
+
+    root = write_paired(tmp_path / "data", n=2)
+    plain = root / "spectra" / "obj1.fits"
+    (root / "spectra" / "obj1.fits.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    np.testing.assert_array_equal(by_id(open_source(root))["obj1"].spectrum, flux_of(1))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        open_source(root / "images", spectra_dir=tmp_path / "nowhere")
+
+
+def test_spectra_read_as_images_get_a_hint(tmp_path):
+    root = write_paired(tmp_path / "data", n=1)
+    with pytest.raises(BadRecordError, match=r"obj0\.fits: .*look like a spectrum: pair spectra with images"):
+        list(open_source(root / "spectra").records())
+
+
+def test_all_nan_spectrum_in_our_parquet_is_a_bad_record(tmp_path):
+    path = write_parquet(tmp_path / "s.parquet", [flux_of(0), np.full(128, np.nan, "f4")])
+    with pytest.raises(BadRecordError, match=r"s\.parquet row 1: unusable spectrum: its flux is NaN everywhere"):
+        list(open_source(path).records())
