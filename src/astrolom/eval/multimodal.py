@@ -162,6 +162,9 @@ def _records(data: str, cfg_json: dict, splits: Iterable[str], max_per_split: in
     settings = {}
     if "split_fractions" in d:
         settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
+    grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
+    if grid:  # spectra on another grid are resampled onto the model's (flux-conserving)
+        settings["wavelength"] = tuple(grid)
     source = open_source(data, spectra=True, **settings)
     counts = source.split_counts()
     try:

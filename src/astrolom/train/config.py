@@ -66,6 +66,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0  # data-order seed (independent of the model-init seed)
     skip_bad: bool = False  # skip unreadable records instead of failing
+    resample_spectra: bool = True  # spectra on another wavelength grid: resample (flux-conserving); false: bad record
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
     split_seed: int = 0
     val_split: str = "val"  # the split validation is computed on; training reads only "train"

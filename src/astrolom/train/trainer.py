@@ -154,6 +154,7 @@ class _Data:
             split_fractions=d.split_fractions,
             split_seed=d.split_seed,
             spectra="spectra" in self.modalities,
+            resample_spectra=d.resample_spectra,
         )
         self.spectra = None
         if "spectra" in self.modalities:

@@ -2,7 +2,8 @@
 
 Every command's `--data` goes through `open_source(path, format=None, options=None, **overrides)`, which detects (or is
 told) the layout; how to read it is one `SourceOptions` (skip_bad, manifest, split_fractions, split_seed, id_column,
-image_key, expect_shape, chunk_rows, threads, spectra), given whole or as keyword overrides:
+image_key, expect_shape, chunk_rows, threads, spectra, spectra_dir, wavelength, resample_spectra), given whole or as
+keyword overrides:
 
 ========== =================================================================================================
 format      what `path` may be
@@ -16,12 +17,19 @@ fits        a folder / glob / file of `.fits`, `.fit`, `.fts` (optionally `.gz`)
             transposed to (H, W, C). Array rows are kept as astropy gives them (no flip).
 npy         `.npy` of shape (N, H, W, C) (or (N, H, W)), read row by row from the file (memory-mapped when local).
 npz         `.npz` holding `images` (N, H, W[, C]) and optionally `object_id`, `split` and 1-D label arrays.
-hdf5        `.h5`/`.hdf5` with dataset `images` (or `image_key`) (N, H, W[, C]), optional `object_id`, `split`
-            and 1-D label datasets of length N.
+hdf5        `.h5`/`.hdf5` with dataset `images` (or `image`, or `image_key`) (N, H, W[, C]), optional `object_id`
+            (or `targetid`, ...), `split` and 1-D label datasets of length N. AstroCLIP layout: an aligned
+            `spectrum` (N, L[, 1]) with a `wavelength` dataset / attribute, optional `spectrum_ivar`/`ivar`,
+            `spectrum_mask` (N, L) and `has_spectrum` (rows where it is false get no spectrum).
 parquet     a file, folder of `*.parquet` or glob. Our layout (raw float32 `image` bytes + `image_shape`, see
             `astrolom.data.records`) and encoded layouts: an `image` column of raw JPEG/PNG bytes or a Hugging
             Face Image struct `{bytes, path}` (the Smith42/galaxies layout: `dr8_id` is used as object id and
-            the other scalar columns become labels).
+            the other scalar columns become labels). Our `spectrum`, `spectrum_ivar`, `spectrum_mask` columns
+            (grid in the metadata) go into the record.
+paired      images (a folder of JPEG/PNG or FITS cutouts, as above) paired by object id with one FITS spectrum
+            per object: `open_source(images, spectra_dir=spectra)`, or a folder holding `images/` and `spectra/`
+            (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs (DESI-coadd-like) or a table with
+            wavelength (or loglam)/flux/ivar/mask columns, see `astrolom.data.sources.spectra`.
 ========== =================================================================================================
 
 Paths may be local or any fsspec URL (`file://`, `memory://`, `s3://`, ...). Records without a split column get
@@ -49,20 +57,28 @@ own exception as its `__cause__`. With
 JSON line `{"file", "row", "object_id", "reason"}` to `manifest` (when given) and summarised in the log.
 Nothing is dropped silently.
 
+**Spectra.** Every spectrum ends up on one reference grid (`wavelength`, the model's; default: the data set's own or
+the first spectrum file's), published as `source.metadata["wavelength"]`: another grid is resampled flux-conserving
+(`resample_spectra=True`) or refused naming the file and both grids. All-NaN flux, all-zero ivar, wrong length and a
+non-increasing wavelength grid make a bad record (below). `record.spectrum` has NaN wherever a pixel carries no
+information; `record.spectrum_ivar` / `spectrum_mask` come with it.
+
 **Modules.** `errors` (BadRecordError, which exceptions mean damaged input) · `base` (SourceOptions, Source with the
 bad-record policy, PixelRecord, Chunk, file-name conventions) · `decode` (JPEG/PNG/FITS/raw-float32 payload ->
-pixels) · `files` (one record per file: images, fits) · `arrays` (npy, npz, HDF5) · `parquet` (ours, encoded,
-Smith42/HF) · `open` (format detection, the READERS registry, `open_source`) · `cli` (`astrolom inspect`).
-New readers (e.g. spectra) get a module beside these and an entry in `open.READERS`.
+pixels) · `files` (one record per file: images, fits, paired) · `arrays` (npy, npz, HDF5) · `parquet` (ours, encoded,
+Smith42/HF) · `spectra` (FITS spectra, the reference grid, bad spectra) · `open` (format detection, the READERS
+registry, `open_source`) · `cli` (`astrolom inspect`). New readers get a module beside these and an entry in
+`open.READERS`.
 """
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
 from astrolom.data.sources.base import DEFAULT_CHUNK_ROWS, Chunk, PixelRecord, Source, SourceOptions
 from astrolom.data.sources.cli import add_arguments, run
 from astrolom.data.sources.errors import BadRecordError
-from astrolom.data.sources.files import FitsDirSource, ImageDirSource
+from astrolom.data.sources.files import FitsDirSource, ImageDirSource, PairedSource
 from astrolom.data.sources.open import FORMATS, READERS, detect_format, open_source
 from astrolom.data.sources.parquet import ParquetSource
+from astrolom.data.sources.spectra import SpectrumGrid, read_fits_spectrum
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -75,12 +91,15 @@ __all__ = [
     "ImageDirSource",
     "NpySource",
     "NpzSource",
+    "PairedSource",
     "ParquetSource",
     "PixelRecord",
     "Source",
     "SourceOptions",
+    "SpectrumGrid",
     "add_arguments",
     "detect_format",
     "open_source",
+    "read_fits_spectrum",
     "run",
 ]

@@ -9,9 +9,21 @@ from typing import Any
 
 import numpy as np
 
-from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, is_local, norm_split, strip_ext, to_python
+from astrolom.data.sources.base import (
+    ID_COLUMNS,
+    Chunk,
+    Item,
+    Source,
+    SourceOptions,
+    is_local,
+    norm_split,
+    strip_ext,
+    to_python,
+)
 from astrolom.data.sources.decode import decode_array
 from astrolom.data.sources.errors import BadRecordError, decode_errors
+
+_HDF5_SPECTRAL = ("spectrum", "wavelength", "spectrum_ivar", "ivar", "spectrum_mask")  # never labels
 
 
 class _NpyRows:
@@ -206,6 +218,11 @@ class _Closing:
 
 
 class Hdf5Source(_ArraySource):
+    """HDF5 files: `images` (or `image`, the AstroCLIP layout) (N, H, W[, C]), optional `spectrum` (N, L[, 1]) with
+    its grid as a `wavelength` dataset (L,) or attribute (of the spectrum dataset or the file), optional
+    `spectrum_ivar`/`ivar` and `spectrum_mask` (N, L), a `has_spectrum` flag (rows without one get no spectrum),
+    object ids (`object_id`, `targetid`, ... or `id_column`), `split` and 1-D label datasets of length N."""
+
     format = "hdf5"
 
     def __init__(self, location, fs, files, options: SourceOptions | None = None):
@@ -213,14 +230,15 @@ class Hdf5Source(_ArraySource):
         import h5py
 
         self._h5 = []
-        key = self.options.image_key or "images"
-        id_key = self.options.id_column or "object_id"
+        self._spec: list[dict[str, Any] | None] = []  # per file: spectrum dataset names and grid
         metas = []
+        key = self.options.image_key
         for f in files:
             h = h5py.File(f if is_local(fs) else fs.open(f, "rb"), "r")
             self._h5.append(h)
-            if key not in h or not isinstance(h[key], h5py.Dataset):
-                names = [k for k in h if isinstance(h[k], h5py.Dataset)]
+            names = [k for k in h if isinstance(h[k], h5py.Dataset)]
+            key = key or ("images" if "images" in names or "image" not in names else "image")
+            if key not in names:
                 raise ValueError(f"{f}: no dataset {key!r} (datasets: {names}); pass image_key")
             ds = h[key]
             if ds.ndim not in (3, 4):
@@ -228,19 +246,87 @@ class Hdf5Source(_ArraySource):
             if "bands" in ds.attrs and self.bands is None:
                 self.bands = tuple(to_python(b) for b in np.atleast_1d(ds.attrs["bands"]))
             n = ds.shape[0]
-            names = [k for k in h if isinstance(h[k], h5py.Dataset)]
-            small = {k: h[k][()] for k in names if k != key and h[k].ndim == 1 and h[k].shape[0] == n}
+            spec = self._spectrum_layout(f, h, names, n) if self.options.spectra else None
+            self._spec.append(spec)
+            taken = {key} | (set(spec["names"]) if spec else set(_HDF5_SPECTRAL))
+            small = {k: h[k][()] for k in names if k not in taken and h[k].ndim == 1 and h[k].shape[0] == n}
+            id_key = self.options.id_column or next((c for c in ID_COLUMNS if c in small), "object_id")
             ids, splits, labels = self._side_arrays(small.get, list(small), n, key, id_key)
             metas.append({"n": n, "ids": ids, "splits": splits, "labels": labels})
         self._key = key
         self._setup(metas)
+        first = next((s for s in self._spec if s), None)
+        if first is not None:
+            self._set_spectrum_grid(first["wavelength"])
 
-    def _read_rows(self, fi, rows):
-        ds = self._h5[fi][self._key]
+    def _spectrum_layout(self, f: str, h, names: list[str], n: int) -> dict[str, Any] | None:
+        if "spectrum" not in names:
+            return None
+        ds = h["spectrum"]
+        if ds.ndim == 3 and ds.shape[2] == 1:
+            length = ds.shape[1]
+        elif ds.ndim == 2:
+            length = ds.shape[1]
+        else:
+            raise ValueError(f"{f}: dataset 'spectrum' has shape {ds.shape}; expected (N, L) or (N, L, 1)")
+        if ds.shape[0] != n:
+            raise ValueError(f"{f}: 'spectrum' has {ds.shape[0]} rows but the images {n}; they must be aligned")
+        if "wavelength" in names:
+            wave = h["wavelength"][()]
+        elif "wavelength" in ds.attrs:
+            wave = ds.attrs["wavelength"]
+        elif "wavelength" in h.attrs:
+            wave = h.attrs["wavelength"]
+        elif self.options.wavelength is not None:
+            wave = self.options.wavelength
+        else:
+            raise ValueError(
+                f"{f}: 'spectrum' has no wavelength grid: add a 'wavelength' dataset (L,) or attribute, or pass "
+                "wavelength= (the grid the spectra are on)"
+            )
+        wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+        if wave.size != length:
+            raise ValueError(
+                f"{f}: wrong length: 'spectrum' rows have {length} pixels but its wavelength grid {wave.size}"
+            )
+        out: dict[str, Any] = {"wavelength": wave, "names": ["spectrum", "wavelength"], "ivar": None, "mask": None}
+        for what, cands in (("ivar", ("spectrum_ivar", "ivar")), ("mask", ("spectrum_mask",))):
+            name = next((c for c in cands if c in names), None)
+            if name is not None:
+                if h[name].shape[:2] != ds.shape[:2]:
+                    raise ValueError(f"{f}: {name!r} has shape {h[name].shape}, 'spectrum' {ds.shape}")
+                out[what] = name
+                out["names"].append(name)
+        out["has"] = h["has_spectrum"][()].astype(bool) if "has_spectrum" in names else None
+        return out
+
+    def _items(self, i, rows):
+        items = super()._items(i, rows)
+        fi, _ = self._chunk_pos[i]
+        spec = self._spec[fi]
+        if spec is None:
+            return items
+        h = self._h5[fi]
+        want = [it.row for it in items]
+        flux = self._rows_of(h["spectrum"], want)
+        ivar = self._rows_of(h[spec["ivar"]], want) if spec["ivar"] else [None] * len(want)
+        mask = self._rows_of(h[spec["mask"]], want) if spec["mask"] else [None] * len(want)
+        for it, fl, iv, m in zip(items, flux, ivar, mask, strict=True):
+            if spec["has"] is not None and not spec["has"][it.row]:
+                continue
+            it.spectrum, it.spectrum_ivar, it.spectrum_mask = fl.reshape(-1), iv, m
+            it.spectrum_wavelength = spec["wavelength"]
+        return items
+
+    @staticmethod
+    def _rows_of(ds, rows: list[int]) -> list[np.ndarray]:
         uniq = sorted(set(rows))
         block = ds[uniq] if len(uniq) > 1 else ds[uniq[0] : uniq[0] + 1]  # h5py wants increasing indices
         pos = {j: k for k, j in enumerate(uniq)}
         return [np.array(block[pos[j]]) for j in rows]
+
+    def _read_rows(self, fi, rows):
+        return self._rows_of(self._h5[fi][self._key], rows)
 
     def close(self):
         super().close()

@@ -23,6 +23,8 @@ import numpy as np
 
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
 from astrolom.data.sources.errors import BadRecordError, decode_errors
+from astrolom.data.sources.spectra import SpectrumGrid
+from astrolom.data.spectra import Spectrum
 
 log = logging.getLogger("astrolom.data")
 
@@ -65,6 +67,9 @@ class SourceOptions:
     chunk_rows: int = DEFAULT_CHUNK_ROWS  # files or array rows per chunk (Parquet chunks are row groups)
     threads: int | None = None  # JPEG/PNG decode threads; None: min(4, cores)
     spectra: bool = True  # False: do not read spectra (image-only work reads less)
+    spectra_dir: str | Path | None = None  # folder of FITS spectra paired with the images by object id
+    wavelength: tuple[float, ...] | None = None  # reference grid (the model's); default: the data set's / first file's
+    resample_spectra: bool = True  # spectra on another grid: resample (flux-conserving); False: bad record
 
     def __post_init__(self):
         object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
@@ -74,6 +79,8 @@ class SourceOptions:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.expect_shape is not None:
             object.__setattr__(self, "expect_shape", tuple(self.expect_shape))
+        if self.wavelength is not None:
+            object.__setattr__(self, "wavelength", tuple(float(w) for w in self.wavelength))
 
     @classmethod
     def with_overrides(cls, options: SourceOptions | None = None, **overrides: Any) -> SourceOptions:
@@ -104,6 +111,8 @@ class PixelRecord(Record):
         split: str | None = None,
         labels: dict[str, Any] | None = None,
         spectrum: np.ndarray | None = None,
+        spectrum_ivar: np.ndarray | None = None,
+        spectrum_mask: np.ndarray | None = None,
         *,
         pixels: np.ndarray | None = None,
         max_value: int = 255,
@@ -111,7 +120,7 @@ class PixelRecord(Record):
         self.object_id = object_id
         self.split = split
         self.labels = {} if labels is None else labels
-        self.spectrum = spectrum
+        self.spectrum, self.spectrum_ivar, self.spectrum_mask = spectrum, spectrum_ivar, spectrum_mask
         self.pixels = pixels
         self.max_value = max_value
         self._image = image
@@ -159,7 +168,10 @@ class Item:
     split: str
     labels: dict[str, Any]
     payload: Any
-    spectrum: np.ndarray | None = None
+    spectrum: np.ndarray | Spectrum | str | None = None  # flux on the data set's grid, a Spectrum, or a FITS path
+    spectrum_ivar: np.ndarray | None = None
+    spectrum_mask: np.ndarray | None = None
+    spectrum_wavelength: np.ndarray | None = None  # the grid of a flux-array spectrum, when not the data set's
 
 
 def strip_ext(name: str) -> str:
@@ -239,6 +251,9 @@ class Source:
         self._lock = threading.Lock()
         self._keys_cache: collections.OrderedDict[int, tuple[list[str], list[str]]] = collections.OrderedDict()
         self.chunks: list[Chunk] = []
+        # every spectrum goes onto one reference grid (see astrolom.data.sources.spectra)
+        self.spectrum_grid = SpectrumGrid(opts.wavelength, opts.resample_spectra)
+        self._own_grid: np.ndarray | None = None  # the grid flux arrays of this data set are stored on
 
     # -- to implement ----------------------------------------------------------------------------------------
     def _chunk_keys(self, i: int) -> tuple[list[str], list[str]]:
@@ -381,14 +396,40 @@ class Source:
                     item.row,
                     item.object_id,
                 )
+        spec = self._spectrum(item)
         if max_value is not None and arr.dtype.kind == "u":
-            return PixelRecord(
-                item.object_id, None, item.split, item.labels, item.spectrum, pixels=arr, max_value=max_value
-            )
+            return PixelRecord(item.object_id, None, item.split, item.labels, *spec, pixels=arr, max_value=max_value)
         img = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(img).all():
             img = self._fill_masked(img, item)
-        return Record(item.object_id, img, item.split, item.labels, item.spectrum)
+        return Record(item.object_id, img, item.split, item.labels, *spec)
+
+    def _spectrum(self, item: Item) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(flux, ivar, mask) of the item's spectrum on the reference grid, or Nones (no spectrum / not read)."""
+        if item.spectrum is None or not self.options.spectra:
+            return None, None, None
+        try:
+            return self.spectrum_grid.flux_on_grid(
+                item.spectrum,
+                item.file,
+                item.row,
+                item.spectrum_ivar,
+                item.spectrum_mask,
+                grid=self._own_grid if item.spectrum_wavelength is None else item.spectrum_wavelength,
+            )
+        except BadRecordError as err:
+            if err.object_id is not None:
+                raise
+            raise BadRecordError(err.file, err.problem, err.row, item.object_id) from err.__cause__
+
+    def _set_spectrum_grid(self, own: Any = None) -> None:
+        """Fix the reference grid: the requested one, else `own` (the data set's); publish it as
+        `metadata["wavelength"]` (what a spectra model reads)."""
+        if own is not None:
+            self._own_grid = np.asarray(own, dtype=np.float64)
+        self.spectrum_grid.adopt(self._own_grid)
+        if self.spectrum_grid.wavelength is not None:
+            self.metadata["wavelength"] = self.spectrum_grid.wavelength.tolist()
 
     def _fill_masked(self, img: np.ndarray, item: Item) -> np.ndarray:
         img = np.array(img, dtype=np.float32, copy=True)

@@ -97,8 +97,16 @@ def decode_fits(data: bytes) -> Decoded:
         if len(shapes) > 1:
             raise BadRecordError("", f"image HDUs have different shapes {sorted(shapes)}")
         return np.stack([p[0] for p in planes], axis=-1), None, tuple(p[1] for p in planes)
+    hint = ""
+    if all(p[0].ndim == 1 for p in planes):
+        hint = (
+            "; 1-D HDUs look like a spectrum: pair spectra with images (a folder with images/ and spectra/, "
+            "or spectra_dir=)"
+        )
     raise BadRecordError(
-        "", f"unsupported FITS layout: image HDUs of {[p[0].shape for p in planes]} (want 2-D bands or one C,H,W cube)"
+        "",
+        f"unsupported FITS layout: image HDUs of {[p[0].shape for p in planes]} (want 2-D bands or one C,H,W cube)"
+        + hint,
     )
 
 

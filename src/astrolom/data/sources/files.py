@@ -1,10 +1,16 @@
-"""One file per record: folders / globs of JPEG/PNG cutouts (`images`) and of FITS files (`fits`)."""
+"""One file per record: folders / globs of JPEG/PNG cutouts (`images`), of FITS files (`fits`), and image files paired
+with a folder of FITS spectra by object id (`paired`)."""
 
 from __future__ import annotations
 
-from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, is_local, strip_ext
+import logging
+
+from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, is_local, kind_of, strip_ext
 from astrolom.data.sources.decode import decode_encoded, decode_fits, peek_encoded
-from astrolom.data.sources.errors import decode_errors
+from astrolom.data.sources.errors import BadRecordError, decode_errors
+from astrolom.data.sources.spectra import read_fits_spectrum, spectrum_files
+
+log = logging.getLogger("astrolom.data")
 
 
 class _FileSource(Source):
@@ -74,3 +80,70 @@ class ImageDirSource(_FileSource):
 class FitsDirSource(_FileSource):
     format = "fits"
     _decoder = staticmethod(decode_fits)
+
+
+class PairedSource(_FileSource):
+    """Image files (JPEG/PNG or FITS) paired with one FITS spectrum per object in another folder, by object id.
+
+    The object id is the file's path relative to its folder without the extension, in both folders
+    (`images/obj1.png` + `spectra/obj1.fits`). Objects without a spectrum file keep their image (no spectrum);
+    spectrum files without an image are counted in `unpaired_spectra` and logged.
+    """
+
+    format = "paired"
+    _parallel_decode = True
+
+    def __init__(self, location, fs, files, root: str | None, options: SourceOptions | None = None, *, spectra_root):
+        super().__init__(location, fs, files, root, options)
+        self.spectra_root = str(spectra_root).rstrip("/")
+        self.spectrum_paths = spectrum_files(fs, self.spectra_root) if self.options.spectra else {}
+        ids = set(self.ids)
+        self.unpaired_spectra = sorted(k for k in self.spectrum_paths if k not in ids)
+        if self.unpaired_spectra:
+            log.warning(
+                "%s: %d spectrum file(s) have no image (first: %s)",
+                self.spectra_root,
+                len(self.unpaired_spectra),
+                self.spectrum_paths[self.unpaired_spectra[0]],
+            )
+        self._set_first_grid()
+
+    def _set_first_grid(self) -> None:
+        """The reference grid, unless given: the grid of the first readable spectrum file (in object-id order)."""
+        if self.spectrum_grid.wavelength is not None:
+            self._set_spectrum_grid()
+            return
+        for oid in sorted(k for k in self.spectrum_paths if k not in set(self.unpaired_spectra))[:8]:
+            try:
+                spec = read_fits_spectrum(self._read(self.spectrum_paths[oid]), self.spectrum_paths[oid])
+            except decode_errors():  # a bad first file is reported when its record is read
+                continue
+            self._set_spectrum_grid(spec.wavelength)
+            return
+
+    def _items(self, i, rows):
+        items = super()._items(i, rows)
+        for it in items:
+            it.spectrum = self.spectrum_paths.get(it.object_id)  # a path: read with the image, in the pool
+        return items
+
+    def _decode_one(self, item: Item):
+        if isinstance(item.spectrum, str):
+            path = item.spectrum
+            try:
+                item.spectrum = read_fits_spectrum(self._read(path), path)
+            except decode_errors() as err:
+                if isinstance(err, BadRecordError):
+                    return BadRecordError(path, err.problem, None, item.object_id)
+                out = BadRecordError(path, f"cannot read spectrum: {type(err).__name__}: {err}", None, item.object_id)
+                out.__cause__ = err
+                return out
+        try:
+            data = self._read(item.file)
+        except OSError as err:
+            return bad_record(item, err, "cannot read")
+        decoder = decode_fits if kind_of(item.file) == "fits" else decode_encoded
+        try:
+            return decoder(data)
+        except decode_errors() as err:
+            return bad_record(item, err)

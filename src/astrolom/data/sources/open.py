@@ -2,6 +2,9 @@
 
 To add a format: write its `Source` subclass in a module of this package, map its file extensions to the format name
 in `base.EXTENSIONS`, and register the class in `READERS` below (and its name in `FORMATS`).
+
+`paired` has no extension of its own: it is chosen by `spectra_dir` (images at `path`, FITS spectra there), or by a
+folder holding `images/` and `spectra/` sub-folders (so that `--data FOLDER` works on the command line).
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from typing import Any
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
 from astrolom.data.sources.base import EXTENSIONS, Source, SourceOptions, kind_of
-from astrolom.data.sources.files import FitsDirSource, ImageDirSource
+from astrolom.data.sources.files import FitsDirSource, ImageDirSource, PairedSource
 from astrolom.data.sources.parquet import ParquetSource
 
-FORMATS = ("images", "fits", "npy", "npz", "hdf5", "parquet")
+FORMATS = ("images", "fits", "npy", "npz", "hdf5", "parquet", "paired")
 ALIASES = {
     "dir": "images",
     "image": "images",
@@ -35,7 +38,9 @@ READERS: dict[str, type[Source]] = {
     "npz": NpzSource,
     "hdf5": Hdf5Source,
     "parquet": ParquetSource,
+    "paired": PairedSource,
 }
+PAIRED_DIRS = ("images", "spectra")  # sub-folders of a paired data set
 _PER_FILE = ("images", "fits")  # one record per file: object ids are paths relative to the folder given
 
 
@@ -89,6 +94,11 @@ def open_source(
     opts = SourceOptions.with_overrides(options, **overrides)
     path = str(path)
     fs, root = fsspec.core.url_to_fs(path)
+    fmt_asked = None if format is None else ALIASES.get(format.lower(), format.lower())
+    if opts.spectra_dir is not None or fmt_asked == "paired":
+        return _open_paired(path, fs, root, opts)
+    if format is None and fs.isdir(root) and all(fs.isdir(f"{root.rstrip('/')}/{d}") for d in PAIRED_DIRS):
+        return _open_paired(path, fs, root, opts)
     files, root_dir = _list_files(fs, root)
     if format is None:
         fmt = _detect(files, path)
@@ -109,3 +119,32 @@ def open_source(
     src._infer_shape()
     src.chunk_reads = src.key_reads = 0  # count only what the caller reads
     return src
+
+
+def _open_paired(path: str, fs, root: str, opts: SourceOptions) -> Source:
+    """Images at `root` (or `root/images`) paired with FITS spectra in `opts.spectra_dir` (or `root/spectra`)."""
+    images, spectra = root, opts.spectra_dir
+    if spectra is None:
+        if not all(fs.isdir(f"{root.rstrip('/')}/{d}") for d in PAIRED_DIRS):
+            raise ValueError(f"{path}: format 'paired' needs spectra_dir= or sub-folders images/ and spectra/")
+        images, spectra = f"{root.rstrip('/')}/images", f"{root.rstrip('/')}/spectra"
+    else:
+        spectra = fsspec_path(str(spectra))
+        if not fs.isdir(spectra):
+            raise FileNotFoundError(f"spectra folder {opts.spectra_dir} does not exist")
+    files, root_dir = _list_files(fs, images)
+    kinds = collections.Counter(kind_of(f) for f in files)
+    chosen = [f for f in files if kind_of(f) in ("images", "fits")]
+    if not chosen:
+        raise ValueError(f"{path}: no JPEG/PNG/FITS images to pair with spectra (found {dict(kinds)})")
+    src = PairedSource(path, fs, chosen, root_dir, opts, spectra_root=spectra)
+    src._infer_shape()
+    src.chunk_reads = src.key_reads = 0
+    return src
+
+
+def fsspec_path(url: str) -> str:
+    """The file-system path part of a local path or fsspec URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)[1]

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM
+from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM, SPECTRUM_IVAR, SPECTRUM_MASK
 from astrolom.data.sources.base import (
     ID_COLUMNS,
     Chunk,
@@ -92,7 +92,7 @@ class ParquetSource(Source):
         else:
             self.id_col = next((c for c in ID_COLUMNS if c in names), None)
         self.split_col = "split" if "split" in names else None
-        skip = {self.image_col, IMAGE_SHAPE, SPECTRUM, self.id_col, self.split_col}
+        skip = {self.image_col, IMAGE_SHAPE, SPECTRUM, SPECTRUM_IVAR, SPECTRUM_MASK, self.id_col, self.split_col}
         self.label_columns = []
         for name in names:
             if name in skip or name.startswith("__"):
@@ -108,6 +108,8 @@ class ParquetSource(Source):
                 self.label_columns.append(name)
         self.other_columns = [n for n in names if n not in skip and n not in self.label_columns]
         self.has_spectrum = SPECTRUM in names
+        if self.has_spectrum:
+            self._set_spectrum_grid(self.metadata.get("wavelength") or None)
         if self.layout == "raw-float32" and isinstance(self.metadata.get("bands"), list):
             self.bands = tuple(self.metadata["bands"])
 
@@ -154,7 +156,7 @@ class ParquetSource(Source):
         cols = [self.image_col] + self.label_columns
         cols.append(IMAGE_SHAPE)
         if self.options.spectra:
-            cols.append(SPECTRUM)
+            cols += [SPECTRUM, SPECTRUM_IVAR, SPECTRUM_MASK]
         self.chunk_reads += 1
         t = self._columns(i, cols)
         self._cached_chunk = (i, t)
@@ -169,6 +171,8 @@ class ParquetSource(Source):
         img = t.column(self.image_col).to_pylist()
         shapes = t.column(IMAGE_SHAPE).to_pylist() if self.layout == "raw-float32" else None
         spectra = t.column(SPECTRUM).to_pylist() if self.has_spectrum and SPECTRUM in t.column_names else None
+        ivars = t.column(SPECTRUM_IVAR).to_pylist() if spectra is not None and SPECTRUM_IVAR in t.column_names else None
+        masks = t.column(SPECTRUM_MASK).to_pylist() if spectra is not None and SPECTRUM_MASK in t.column_names else None
         labels = {c: t.column(c).to_pylist() for c in self.label_columns if c in t.column_names}
         f = self.files[fi]
         out = []
@@ -179,12 +183,15 @@ class ParquetSource(Source):
                 payload = (img[k] or {}).get("bytes")
             else:
                 payload = img[k]
-            spec = None
+            spec = ivar = mask = None
             if spectra is not None and spectra[k] is not None:
                 spec = np.frombuffer(spectra[k], dtype="<f4").astype(np.float32)
-            out.append(
-                Item(f, start + r, ids[r], splits[r], {c: v[k] for c, v in labels.items()}, payload, spectrum=spec)
-            )
+                if ivars is not None and ivars[k] is not None:
+                    ivar = np.frombuffer(ivars[k], dtype="<f4")
+                if masks is not None and masks[k] is not None:
+                    mask = np.frombuffer(masks[k], dtype=np.uint8)
+            labels_k = {c: v[k] for c, v in labels.items()}
+            out.append(Item(f, start + r, ids[r], splits[r], labels_k, payload, spec, ivar, mask))
         return out
 
     @property
