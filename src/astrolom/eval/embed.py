@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrolom.data.batching import batch_tokens
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.tokens import prefix_crop
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingWriter, output_path  # noqa: F401  (EMBEDDING: old home)
@@ -95,7 +96,9 @@ def embed_records(
         h, w = shape[0] - shape[0] % p, shape[1] - shape[1] % p
         n = tokens_used(model, (h // p) * (w // p), n_tokens)
         crop = prefix_crop(h, w, p, n)
-        tokens = tokenize_records(batch, p, image_size=crop)["tokens"].to(device, non_blocking=True)
+        # the trainer's own token maker, so a flux-aware model sees the features it was trained with
+        flux = model.config.flux_softening if model.config.flux_features else None
+        tokens = batch_tokens(tokenize_records(batch, p, image_size=crop), device, flux_softening=flux)
         with parallel.autocast(precision, device):
             emb = embed_tokens(model, tokens, layer, n)
         yield batch, emb.cpu().numpy().astype(np.float32)
