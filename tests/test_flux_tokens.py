@@ -12,7 +12,7 @@ from sklearn.model_selection import cross_val_score
 from astrolom.data import tokens as tok
 from astrolom.data.batching import batch_tokens
 from astrolom.data.records import Record
-from astrolom.data.sources import open_source
+from astrolom.data.sources import PixelRecord, open_source
 from astrolom.data.stream import RecordStream, tokenize_records
 from astrolom.eval.embed import embed_records, embed_tokens
 from astrolom.model.astropt import AstroPT, ModelConfig
@@ -42,6 +42,15 @@ def test_batch_tokens_appends_features_only_when_asked():
     with_flux = batch_tokens(batch, flux_softening=0.01)
     assert with_flux.shape[-1] == P * P * C + 2 * C
     assert torch.equal(with_flux[..., : P * P * C], plain)  # the standardised values are untouched
+
+
+def test_features_are_the_same_for_every_token_format():
+    """8-bit records: tokens standardised on the CPU (float32) or where the model runs (pixels) agree exactly."""
+    pix = np.random.default_rng(2).integers(0, 256, (3, 16, 16, C), dtype=np.uint8)
+    recs = [PixelRecord(str(i), pixels=a) for i, a in enumerate(pix)]
+    as_float = batch_tokens(tokenize_records(recs, P), flux_softening=0.01)
+    as_pixels = batch_tokens(tokenize_records(recs, P, output="pixels"), flux_softening=0.01)
+    assert torch.equal(as_float, as_pixels)
 
 
 def test_flux_option_off_is_the_paper_model_and_on_only_adds_a_projection():

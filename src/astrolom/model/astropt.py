@@ -7,6 +7,9 @@ One file, plain PyTorch (no parallelism, precision or compile logic: those are a
       --> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))] --> ln_f --> decoder --> (B, T, D)
     loss = Huber(delta=1)(prediction at t, standardised patch t+1)
 
+With `flux_features` (beyond the paper) each image token also carries its patch's per-band asinh mean and std after
+the D standardised values; a Linear adds them to the token embedding, and the loss stays on the D values.
+
 Several modalities (`ModelConfig.modalities`, e.g. ("images", "spectra")) share the transformer; each has its own
 tokeniser and decoder. A multimodal model takes a dict of tensors (`forward(inputs)`, keys below) and lays every
 sample out as one sequence of segments, one per modality:
