@@ -48,6 +48,22 @@ def test_symmetrized_embeddings_are_invariant():
     np.testing.assert_allclose(pooled, np.broadcast_to(pooled[0], pooled.shape), atol=1e-5)
 
 
+def test_symmetrized_embeddings_of_a_flux_aware_model_are_invariant():
+    from astrolom.data.records import Record
+    from astrolom.eval.embed import embed_records
+    from astrolom.model.astropt import AstroPT, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, patch_size=8, flux_features=True)
+    m = AstroPT(cfg).eval()
+    img = np.random.default_rng(2).normal(size=(32, 32, 3)) * 0.05 + np.linspace(0, 1, 32)[:, None, None]
+    recs = [Record(str(t), d4(img.astype(np.float32), t)) for t in range(D4_SIZE)]
+    (_, plain), = embed_records(m, recs)  # fmt: skip
+    (_, pooled), = embed_records(m, recs, symmetrize=True)  # fmt: skip
+    assert np.abs(plain - plain[0]).max() > 1e-3
+    np.testing.assert_allclose(pooled, np.broadcast_to(pooled[0], pooled.shape), atol=1e-5)
+
+
 def test_random_batch_transform_is_seeded_and_per_sample():
     tb = tok.tokenize(torch.randn(16, 16, 16, 3), 8)
     batch = {"tokens": tb.tokens, "mean": tb.mean, "std": tb.std, "grid": tb.grid, "patch_size": 8}

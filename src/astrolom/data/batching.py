@@ -232,14 +232,32 @@ def standardise_pixels(
     return tokens, mean, std
 
 
-def batch_tokens(batch: dict[str, Any], device: torch.device | str | None = None) -> torch.Tensor:
-    """The float tokens of a batch of any output mode, on `device` (pixels are moved there, then standardised)."""
+def batch_tokens(
+    batch: dict[str, Any], device: torch.device | str | None = None, *, flux_softening: float | None = None
+) -> torch.Tensor:
+    """The float tokens of a batch of any output mode, on `device` (pixels are moved there, then standardised).
+
+    With `flux_softening` (a flux-aware model's `ModelConfig.flux_softening`) each token is followed by its
+    per-band flux features (`tokens.flux_features`): (B, T, D + 2 * C), what a model with `flux_features` reads.
+    The trainer and the embedder both call this, so training and embedding see the same features.
+    """
     if "tokens" in batch:
-        return batch["tokens"] if device is None else batch["tokens"].to(device, non_blocking=True)
-    pixels, scale = batch["pixels"], batch["scale"]
-    if device is not None:
-        pixels, scale = pixels.to(device, non_blocking=True), scale.to(device, non_blocking=True)
-    return standardise_pixels(pixels, scale)[0]
+        tokens = batch["tokens"] if device is None else batch["tokens"].to(device, non_blocking=True)
+        if flux_softening is None:
+            return tokens
+        mean, std = batch["mean"], batch["std"]
+        if device is not None:
+            mean, std = mean.to(device, non_blocking=True), std.to(device, non_blocking=True)
+    else:
+        pixels, scale = batch["pixels"], batch["scale"]
+        if device is not None:
+            pixels, scale = pixels.to(device, non_blocking=True), scale.to(device, non_blocking=True)
+        tokens, mean, std = standardise_pixels(pixels, scale)
+        if flux_softening is None:
+            return tokens
+    c = tokens.shape[-1] // (batch["patch_size"] ** 2)
+    feats = tok.flux_features(tokens, mean, std, c, flux_softening).to(tokens.dtype)
+    return torch.cat([tokens, feats], dim=-1)
 
 
 def tokenize_records(

@@ -137,6 +137,25 @@ def destandardise(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
     return tokens * std + mean
 
 
+def flux_features(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, n_chan: int, softening: float):
+    """What per-patch standardisation throws away, per band: (B, T, 2 * C) = [asinh(mean_b / s), asinh(std_b / s)].
+
+    mean_b and std_b are the mean and (biased) std of band b's P*P raw values in a patch, recovered exactly from the
+    standardised tokens (patch order (p1 p2 c)) and the whole-patch mean / std, so every output mode of the batched
+    tokeniser gives the same features. asinh with softening s (in the pixels' units) is the Lupton et al. (1999)
+    asinh magnitude up to sign and offset: linear through zero and noise, logarithmic for bright patches, defined
+    for negative sky-subtracted fluxes, and in calibrated flux units (nanomaggies for the Legacy Survey) rather than
+    in units of one image's noise, so a flux means the same thing in every image.
+    """
+    b, t, d = tokens.shape
+    if d % n_chan:
+        raise ValueError(f"tokens of {d} values do not split into {n_chan} bands")
+    per_band = tokens.float().view(b, t, d // n_chan, n_chan)
+    mean_b = mean + std * per_band.mean(dim=2)  # (B, T, C)
+    std_b = std * per_band.std(dim=2, unbiased=False)
+    return torch.cat([torch.asinh(mean_b / softening), torch.asinh(std_b / softening)], dim=-1)
+
+
 @dataclass
 class TokenBatch:
     """Spiral-ordered standardised tokens plus what is needed to map them back to pixels."""

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrolom.data.batching import batch_tokens
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.tokens import prefix_crop
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingWriter, output_path  # noqa: F401  (EMBEDDING: old home)
@@ -87,6 +88,8 @@ def embed_records(
     device = torch.device(device)
     p = model.config.patch_size
     precision = parallel.resolve_precision(precision, device)
+    # the trainer's own token maker (batch_tokens), so a flux-aware model sees the features it was trained with
+    flux = model.config.flux_softening if model.config.flux_features else None
     it = iter(records)
     pending: list[Record] = []
     while True:
@@ -99,23 +102,32 @@ def embed_records(
         h, w = shape[0] - shape[0] % p, shape[1] - shape[1] % p
         n = tokens_used(model, (h // p) * (w // p), n_tokens)
         crop = prefix_crop(h, w, p, n)
-        tokens = tokenize_records(batch, p, image_size=crop)["tokens"].to(device, non_blocking=True)
+        tb = tokenize_records(batch, p, image_size=crop)
+
+        def embed(b: dict, n: int = n) -> torch.Tensor:
+            return embed_tokens(model, batch_tokens(b, device, flux_softening=flux), layer, n)
+
         with parallel.autocast(precision, device):
-            if symmetrize:
-                emb = symmetrized(
-                    lambda t, n=n: embed_tokens(model, t, layer, n), tokens, (crop[0] // p, crop[1] // p), p
-                )
-            else:
-                emb = embed_tokens(model, tokens, layer, n)
+            emb = symmetrized(embed, tb) if symmetrize else embed(tb)
         yield batch, emb.cpu().numpy().astype(np.float32)
 
 
-def symmetrized(embed: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, grid, patch_size: int):
-    """Mean of `embed` over the D4 transforms of a token batch (the 4 shape-keeping ones for non-square grids)."""
+def symmetrized(embed: Callable[[dict], torch.Tensor], batch: dict) -> torch.Tensor:
+    """Mean of `embed` over the D4 transforms of a token batch (the 4 shape-keeping ones for non-square grids).
+
+    The tokens and their patch mean/std move together, so a flux-aware model's features follow the transform.
+    """
     from astrolom.data.augment import d4_tokens, group_for
 
+    grid, p = tuple(batch["grid"]), batch["patch_size"]
+    if "tokens" not in batch:
+        raise ValueError("symmetrized embeddings need float tokens (not the pixels output)")
     group = group_for(*grid)
-    return sum(embed(d4_tokens(tokens, grid, patch_size, t)) for t in group) / len(group)
+    total = 0
+    for t in group:
+        moved = dict(batch, **{k: d4_tokens(batch[k], grid, p, t) for k in ("tokens", "mean", "std")})
+        total = total + embed(moved)
+    return total / len(group)
 
 
 def _shape(record: Record) -> tuple[int, ...]:

@@ -245,6 +245,11 @@ def _check_exportable(cfg: ModelConfig) -> None:
             "spectrum tokens with the log-amplitude value (spectrum_amplitude=True) have no reference equivalent: "
             "its data pipeline feeds the W fluxes only"
         )
+    if cfg.flux_features:
+        raise ReferenceFormatError(
+            "flux-aware image tokens (flux_features=True) have no reference equivalent: the reference tokenises "
+            "standardised patches only"
+        )
 
 
 def _modalities_in(state: Mapping[str, torch.Tensor], prefix: str, position: int) -> tuple[str, ...]:

@@ -7,6 +7,9 @@ One file, plain PyTorch (no parallelism, precision or compile logic: those are a
       --> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))] --> ln_f --> decoder --> (B, T, D)
     loss = Huber(delta=1)(prediction at t, standardised patch t+1)
 
+With `flux_features` (beyond the paper) each image token also carries its patch's per-band asinh mean and std after
+the D standardised values; a Linear adds them to the token embedding, and the loss stays on the D values.
+
 Several modalities (`ModelConfig.modalities`, e.g. ("images", "spectra")) share the transformer; each has its own
 tokeniser and decoder. A multimodal model takes a dict of tensors (`forward(inputs)`, keys below) and lays every
 sample out as one sequence of segments, one per modality:
@@ -66,6 +69,12 @@ class ModelConfig:
     spectrum_patch: int = 32  # pixels per spectrum token (see astrolom.data.spectra for the choice)
     spectrum_amplitude: bool = True  # spectrum tokens carry log10 of the spectrum's scale as one extra value
     spectrum_wavelength_range: tuple[float, float] = (3000.0, 10000.0)  # Angstrom mapped to positions 0 and 1
+    # flux-aware image tokens (beyond the paper): each image token carries 2 * n_chan extra values after its
+    # D standardised ones, the per-band asinh(mean / s) and asinh(std / s) of the raw patch
+    # (`astrolom.data.tokens.flux_features`), added to the token embedding through one Linear; the loss stays on
+    # the standardised values. False is the paper's tokenisation (and the images-only modules exactly).
+    flux_features: bool = False
+    flux_softening: float = 0.01  # s, in the pixels' units (nanomaggies: about the Legacy Survey's sky sigma)
 
     def __post_init__(self):
         # JSON/YAML configs give lists; a tuple keeps configs comparable with the default
@@ -100,6 +109,10 @@ class ModelConfig:
             )
         if isinstance(self.spectrum_patch, bool) or not isinstance(self.spectrum_patch, int) or self.spectrum_patch < 1:
             raise ValueError(f"spectrum_patch must be a positive integer, got {self.spectrum_patch!r}")
+        if self.flux_features and self.multimodal:
+            raise ValueError("flux_features is implemented for images-only models (modalities=('images',))")
+        if not self.flux_softening > 0:
+            raise ValueError(f"flux_softening must be positive, got {self.flux_softening}")
         lo, hi = self.spectrum_wavelength_range
         if not hi > lo:
             raise ValueError(f"spectrum_wavelength_range must be (low, high) with high > low, got {(lo, hi)}")
@@ -107,6 +120,16 @@ class ModelConfig:
     @property
     def input_dim(self) -> int:
         return self.patch_size * self.patch_size * self.n_chan
+
+    @property
+    def n_flux(self) -> int:
+        """Flux values appended to each image token (0 for the paper's tokenisation)."""
+        return 2 * self.n_chan if self.flux_features else 0
+
+    @property
+    def token_dim(self) -> int:
+        """Values per image token the model reads: the standardised patch plus any flux features."""
+        return self.input_dim + self.n_flux
 
     @property
     def multimodal(self) -> bool:
@@ -222,6 +245,11 @@ class AstroPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.decoders = nn.ModuleDict({m: _decoder(config, config.modality_dim(m)) for m in mods})
         self.reset_parameters()
+        if config.flux_features:  # after the others' init: the paper's modules draw the same weights either way
+            self.flux_emb = nn.Linear(config.n_flux, config.n_embd, bias=config.bias)
+            nn.init.normal_(self.flux_emb.weight, mean=0.0, std=0.02)
+            if self.flux_emb.bias is not None:
+                nn.init.zeros_(self.flux_emb.bias)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -252,6 +280,15 @@ class AstroPT(nn.Module):
                 "crop the stamp or pass only the first block_size spiral tokens (they are the centre)"
             )
         pos = torch.arange(T, device=x.device)
+        if self.config.flux_features:
+            d = self.config.input_dim
+            if x.shape[-1] != d + self.config.n_flux:
+                raise ValueError(
+                    f"a flux-aware model reads tokens of {d} standardised + {self.config.n_flux} flux values, got "
+                    f"{x.shape[-1]}; make them with astrolom.data.batching.batch_tokens(batch, flux_softening=...)"
+                )
+            h = self.tokenisers[modality](x[..., :d]) + self.flux_emb(x[..., d:])  # (B, T, C)
+            return self.drop(h + self.pos_emb(pos))
         return self.drop(self.tokenisers[modality](x) + self.pos_emb(pos))  # (B, T, C)
 
     def forward_intermediates(
@@ -310,8 +347,8 @@ class AstroPT(nn.Module):
         """Predict token t+1 from tokens <= t.
 
         Args:
-            x: (B, T, D) standardised spiral-ordered patches.
-            targets: (B, T, D) the next patches (x shifted by one), or None.
+            x: (B, T, D) standardised spiral-ordered patches ((B, T, D + 2 * n_chan) with `flux_features`).
+            targets: the next patches (x shifted by one; flux values there are ignored), or None.
 
         Returns:
             (prediction (B, T, D), Huber loss averaged over all values or None)
@@ -334,6 +371,8 @@ class AstroPT(nn.Module):
         for block in self.blocks:
             h = block(h)
         pred = self.decoders[modality](self.ln_f(h))  # (B, T, D)
+        if targets is not None and self.config.flux_features:
+            targets = targets[..., : self.config.input_dim]  # the loss stays on the standardised patch
         loss = None if targets is None else F.huber_loss(pred, targets, delta=1.0)
         return pred, loss
 

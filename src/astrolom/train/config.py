@@ -39,6 +39,10 @@ class ModelSection:
     loss_weights: tuple[float, ...] = ()  # one per modality; () = all 1
     spectrum_patch: int = 32  # pixels per spectrum token
     spectrum_amplitude: bool = True  # spectrum tokens carry log10 of the spectrum's scale
+    # flux-aware image tokens: per-band asinh(mean / s), asinh(std / s) of each patch enter the embedding (the loss
+    # stays on standardised patches); false = the paper's tokenisation. s = flux_softening, in the pixels' units
+    flux_features: bool = False
+    flux_softening: float = 0.01
 
     def __post_init__(self):
         get_preset(self.preset)  # raises on an unknown name
@@ -46,7 +50,8 @@ class ModelSection:
         self.loss_weights = tuple(self.loss_weights)
         # the model's own checks (names, order, weights) with the section's values, so errors come early
         ModelConfig(modalities=self.modalities, modality_order=self.modality_order, loss_weights=self.loss_weights,
-                    spectrum_patch=self.spectrum_patch)  # fmt: skip
+                    spectrum_patch=self.spectrum_patch, flux_features=self.flux_features,
+                    flux_softening=self.flux_softening)  # fmt: skip
         if self.tokeniser not in TOKENISERS:
             raise ValueError(f"model.tokeniser must be one of {TOKENISERS}, got {self.tokeniser!r}")
         for name in ("n_layer", "n_head", "n_embd", "block_size"):

@@ -144,6 +144,8 @@ class _Data:
         self.cfg, self.env = d, env
         self.modalities = cfg.model.modalities
         self.multimodal = self.modalities != ("images",)
+        # flux-aware models read each token's per-band flux features after its standardised values
+        self.flux_softening = cfg.model.flux_softening if cfg.model.flux_features else None
         # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are read only for spectra models
         manifest = Path(cfg.train.out_dir) / "skipped.jsonl" if d.skip_bad and cfg.train.out_dir else None
         self.source = open_source(
@@ -210,7 +212,7 @@ class _Data:
                 if self.multimodal:
                     out.append(slice_inputs(batch["inputs"], share - have))
                 else:
-                    out.append(batch["tokens"][: share - have])
+                    out.append(batch_tokens(batch, flux_softening=self.flux_softening)[: share - have])
                 self.val_ids += batch["object_id"][: share - have]
                 have += len(batch["object_id"][: share - have])
         except ValueError as err:  # the stream's "no records in split"
@@ -229,11 +231,11 @@ class _Data:
                 self._train_iter = iter(self.train)
             batch = next(self._train_iter)
             self._position = self.train.state_dict()
-        if "pixels" in batch:  # data.token_format=pixels: standardise on the training device
-            batch["tokens"] = batch_tokens(batch, self.env.device)
         if self.cfg.augment == "d4":  # seeded by the batch position, so a resumed run draws the same transforms
             gen = torch.Generator().manual_seed(hash((self.cfg.seed, self.env.rank, self._position["batches"])) % 2**63)
-            batch = random_d4_batch(batch, gen)
+            batch = random_d4_batch(batch, gen)  # tokens and their mean/std, before flux features are read off them
+        if "pixels" in batch or self.flux_softening is not None:  # pixels: standardise on the training device
+            batch["tokens"] = batch_tokens(batch, self.env.device, flux_softening=self.flux_softening)
         return batch
 
     def next_train(self) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -274,6 +276,8 @@ class Trainer:
             raise ValueError(
                 "data.token_format=bfloat16 needs train.precision=bf16 (the model would see rounded tokens)"
             )
+        if cfg.data.augment != "none" and cfg.data.token_format == "pixels":
+            raise ValueError("data.augment=d4 transforms float tokens: use data.token_format=float32 or bfloat16")
         if cfg.data.augment != "none" and tuple(cfg.model.modalities) != ("images",):
             raise ValueError(f"data.augment={cfg.data.augment} is for images-only models (spectra have no rotations)")
         if cfg.data.token_format != "float32" and tuple(cfg.model.modalities) != ("images",):
@@ -523,7 +527,7 @@ class Trainer:
             elif self.data.multimodal:
                 raise ValueError("FSDP validation of a multimodal model needs validation objects on every rank")
             else:
-                tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.input_dim)
+                tokens = torch.zeros(1, self.data.tokens_per_stamp, self.model_config.token_dim)
             mm = isinstance(tokens, dict)
             with parallel.autocast(self.precision, self.env.device):
                 # multimodal: summed token losses and their weight, so the mean is over every validation token
