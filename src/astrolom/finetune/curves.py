@@ -44,7 +44,10 @@ from astrolom.eval.baselines import train_cnn
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.finetune.model import MODES
 from astrolom.finetune.trainer import FinetuneConfig, Finetuner, LabelledSet, load_labelled, tokenize_images
+from astrolom.log import get_logger
 from astrolom.model import pretrained
+
+_log = get_logger(__name__)
 
 METHODS = ("finetuned", "random_init", "linear_probe", "cnn")
 LABELS = {"finetuned": "fine-tuned (pretrained)", "random_init": "same arch., random init",
@@ -203,7 +206,7 @@ def label_efficiency(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
-    log=print,
+    log=_log.info,
 ) -> LabelCurves:
     """Train and score every method at every label count; see the module docstring. `None` in counts = all labels."""
     bad = [m for m in methods if m not in METHODS]

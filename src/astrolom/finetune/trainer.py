@@ -54,11 +54,14 @@ from astrolom.eval import probes
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.finetune.model import MODES, FinetuneModel, flux_features
 from astrolom.finetune.targets import REGRESSION_LOSSES, Targets
+from astrolom.log import get_logger
 from astrolom.model import pretrained
 from astrolom.train import checkpoint as train_ckpt
 from astrolom.train import parallel
 
-FINAL_DIR = "final"
+_log = get_logger(__name__)
+
+FINAL_DIR = layout.FINAL_DIR
 BACKBONE_DIR = "backbone"
 HEAD_NAME = "head.safetensors"
 RESULT_NAME = "finetune.json"
@@ -263,7 +266,7 @@ class Finetuner:
         val: LabelledSet | None = None,
         test: LabelledSet | None = None,
         resume: bool = False,
-        log=print,
+        log=_log.info,
     ):
         self.cfg = cfg
         self.log = log or (lambda *_: None)

@@ -44,6 +44,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings
+from astrolom.log import get_logger
+
+_log = get_logger(__name__)
 
 KINDS = ("auto", "flat", "ivfflat", "ivfpq", "hnsw")
 INDEX_FILE, OBJECTS_FILE, META_FILE, MAP_FILE = "index.faiss", "objects.parquet", "meta.json", "map.npy"
@@ -137,7 +140,7 @@ def build_faiss(
     ef_search: int = 128,
     seed: int = 0,
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> tuple[object, dict]:
     """A trained and filled FAISS index of the L2-normalised rows of X; returns (index, settings for meta.json)."""
     import faiss
@@ -252,7 +255,7 @@ def build_index(
     standardize: bool = True,
     seed: int = 0,
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> Path:
     """Build an index directory at `out` from an embedding file (or table); returns `out`.
 
