@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "probe": ("astrolom.eval.probes", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
     "scaling": ("astrolom.eval.scaling", "pretrain a sweep of presets, fit L(C), probe each model (Figs. 2, 4)"),
+    "align": (
+        "astrolom.align.train",
+        "align an image and a spectrum encoder into one embedding space (AstroCLIP-style contrastive heads)",
+    ),
+    "eval-align": (
+        "astrolom.align.evaluate",
+        "evaluate an aligned model: retrieval, zero-/few-shot properties, flow posteriors with TARP calibration",
+    ),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),
     "demo": ("astrolom.demo", "mock survey -> pretrain -> embed -> probe -> report, on a laptop CPU"),
 }
