@@ -248,7 +248,13 @@ def tarp_coverage(samples: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict
 
 
 def posterior_table(
-    cache: FeatureCache, emb: dict[str, np.ndarray], supervised: dict[str, np.ndarray], *, seed: int = 0, log=print
+    cache: FeatureCache,
+    emb: dict[str, np.ndarray],
+    supervised: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    epochs: int = 200,
+    log=print,
 ) -> dict:
     """{feature set: {"nll", "tarp", "samples"(corner subset)}} for the joint flow over FLOW_TARGETS."""
     fit, val, test = cache.rows("train"), cache.rows("val"), cache.rows("test")
@@ -264,7 +270,7 @@ def posterior_table(
     }
     out = {}
     for name, x in sets.items():
-        flow, tr, hist = fit_flow(x[fit], y[fit], x[val], y[val], seed=seed)
+        flow, tr, hist = fit_flow(x[fit], y[fit], x[val], y[val], epochs=epochs, seed=seed)
         samples = flow_samples(flow, tr, x[test], seed=seed)
         out[name] = {
             "nll": flow_nll(flow, tr, x[test], y[test]),
@@ -398,7 +404,16 @@ def corner_figure(post: dict, feature_set: str, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------- driver
 
 
-def evaluate_alignment(model_path: str, data: str | None, out: str | Path, *, seed: int = 0, log=print) -> dict:
+def evaluate_alignment(
+    model_path: str,
+    data: str | None,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    cnn_epochs: int = 40,
+    flow_epochs: int = 200,
+    log=print,
+) -> dict:
     """Run every evaluation (module docstring) and write the JSON, markdown and figures; returns the result dict."""
     t0 = time.time()
     out = Path(out)
@@ -434,8 +449,8 @@ def evaluate_alignment(model_path: str, data: str | None, out: str | Path, *, se
             "image→spectrum": neighbour_agreement(ei, es, z, False),
             "spectrum→image": neighbour_agreement(es, ei, z, False),
         }
-    properties, supervised = property_table(cache, emb, seed=seed, log=log)
-    post = posterior_table(cache, emb, supervised, seed=seed, log=log)
+    properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, log=log)
+    post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, log=log)
     figs = {
         "retrieval": retrieval_figure(cache, emb, out / "retrieval.png"),
         "tarp": tarp_figure(post, out / "tarp.png"),
