@@ -224,6 +224,10 @@ def test_eval_align_end_to_end(tmp_path):
     assert r["recall@1"] > 3 * r["chance@1"]  # the synthetic pairs share a latent: aligned far above chance
     assert set(res["posteriors"]) >= {"image aligned", "image unaligned", "spectrum aligned", "photometry"}
     assert "image CNN (supervised)" in res["properties_r2"] and "spectrum CNN (supervised)" in res["properties_r2"]
+    import pyarrow.parquet as pq
+
+    emb = pq.read_table(tmp_path / "eval" / "aligned_embeddings.parquet")
+    assert emb.num_rows == 160 and len(emb["embedding_spectra"][0]) == 16
     for name in ("align_eval.json", "align_eval.md", "retrieval.png", "tarp.png", "corner.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()

@@ -11,7 +11,8 @@
   (redshift, log_mstar, log_ssfr), the best epoch by validation loss kept; test NLL in the labels' units (nats),
   TARP expected coverage (`tarp`, bootstrap band) with a calibration figure, corner plots for a few test galaxies.
 
-Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png`.
+Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png` and
+`aligned_embeddings.parquet` (shared-space embeddings of every pair, per modality; `embedding` = image).
 """
 
 from __future__ import annotations
@@ -52,6 +53,31 @@ def aligned_embeddings(model: AlignModel, cache: FeatureCache, batch_size: int =
         img.append(model.encode("images", cache.image_tokens[sl, 0]))
         spec.append(model.encode("spectra", cache.spectrum_tokens[sl], cache.spectrum_mask[sl]))
     return {"images": torch.cat(img).numpy(), "spectra": torch.cat(spec).numpy()}
+
+
+def write_embeddings(cache: FeatureCache, emb: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Parquet of the shared-space embeddings: object_id, split, labels, `embedding` (= image), per-modality columns.
+
+    `embedding` holds the aligned image embedding so the tools that read that column (probe, search) use it as is.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def fixed(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1).astype(np.float32)), a.shape[1])
+
+    cols = {"object_id": pa.array(cache.object_ids), "split": pa.array(cache.splits)}
+    cols.update({n: pa.array(cache.label(n)) for n in cache.label_names})
+    cols.update(
+        {
+            "embedding": fixed(emb["images"]),
+            "embedding_images": fixed(emb["images"]),
+            "embedding_spectra": fixed(emb["spectra"]),
+        }
+    )
+    path = Path(path)
+    pq.write_table(pa.table(cols), path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- retrieval
@@ -434,6 +460,7 @@ def evaluate_alignment(
         ).save(cache_path)
     cache = FeatureCache.load(cache_path)
     emb = aligned_embeddings(model, cache)
+    write_embeddings(cache, emb, out / "aligned_embeddings.parquet")
     test = cache.rows("test")
     if len(test) < 2:
         raise ValueError(f"{cache_path}: fewer than 2 test pairs to evaluate")
