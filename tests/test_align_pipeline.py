@@ -16,6 +16,7 @@ from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import save_pretrained
 
 PATCH = 128
+pytestmark = pytest.mark.slow  # a GalSim survey and two encoders: ~50 s on the shared 2-core box
 
 
 @pytest.fixture(scope="module")
