@@ -40,6 +40,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "astrolom.finetune.curves",
         "label-efficiency curves: fine-tuned vs random init vs linear probe vs CNN at 50..all labels",
     ),
+    "align": (
+        "astrolom.align.train",
+        "align an image and a spectrum encoder into one embedding space (AstroCLIP-style contrastive heads)",
+    ),
+    "eval-align": (
+        "astrolom.align.evaluate",
+        "evaluate an aligned model: retrieval, zero-/few-shot properties, flow posteriors with TARP calibration",
+    ),
     "report": ("astrolom.eval.report", "one self-contained HTML report of a run (curves, probes, UMAP, inpainting)"),
     "index": ("astrolom.search.index", "build a FAISS similarity-search index over embeddings"),
     "search": ("astrolom.search.query", "nearest neighbours of an object id, a new cutout or a spectrum"),

@@ -1,0 +1,559 @@
+"""`astrolom eval-align`: what an aligned model is good for, on the test split (AstroCLIP sec. 5).
+
+- **Retrieval**: image->spectrum and spectrum->image recall@1/5/10 and median rank of the true partner among all
+  test pairs (chance: k/N and (N+1)/2), plus in-modal and cross-modal similarity search scored by how well the top
+  match's redshift follows the query's (R², like AstroCLIP Fig. 3). A figure like AstroCLIP Fig. 2.
+- **Properties** (AstroCLIP Table 2): zero-shot kNN (k=64, distance-weighted, standardised features) and few-shot
+  MLP from the aligned and the unaligned (encoders' own mean-token) embeddings of each modality, against supervised
+  baselines: the image CNN (`eval.baselines.train_cnn`), a spectrum CNN (`align.baselines`) and a photometry MLP.
+  Fit on train, scored (R²) on test.
+- **Posteriors** (AstroCLIP Table 3): one conditional neural spline flow (`zuko`) per feature set over the *joint*
+  (redshift, log_mstar, log_ssfr), the best epoch by validation loss kept; test NLL in the labels' units (nats),
+  TARP expected coverage (`tarp`, bootstrap band) with a calibration figure, corner plots for a few test galaxies.
+
+Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png` and
+`aligned_embeddings.parquet` (shared-space embeddings of every pair, per modality; `embedding` = image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import r2_score
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from astrolom.align.baselines import train_spectrum_cnn
+from astrolom.align.features import TARGETS, FeatureCache
+from astrolom.align.model import AlignModel
+from astrolom.align.train import FEATURES_NAME, load_aligned
+from astrolom.eval.baselines import photometry, train_cnn
+from astrolom.eval.probes import fit_probe
+
+KNN_K = 64
+RECALL_KS = (1, 5, 10)
+FLOW_TARGETS = ("redshift", "log_mstar", "log_ssfr")
+
+
+# ------------------------------------------------------------------------------------------------------- embeddings
+
+
+@torch.no_grad()
+def aligned_embeddings(model: AlignModel, cache: FeatureCache, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """{"images": (N, D), "spectra": (N, D)} L2-normalised shared-space embeddings of every pair (image view 0)."""
+    img, spec = [], []
+    for i in range(0, len(cache.object_ids), batch_size):
+        sl = slice(i, i + batch_size)
+        img.append(model.encode("images", cache.image_tokens[sl, 0]))
+        spec.append(model.encode("spectra", cache.spectrum_tokens[sl], cache.spectrum_mask[sl]))
+    return {"images": torch.cat(img).numpy(), "spectra": torch.cat(spec).numpy()}
+
+
+def write_embeddings(cache: FeatureCache, emb: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Parquet of the shared-space embeddings: object_id, split, labels, `embedding` (= image), per-modality columns.
+
+    `embedding` holds the aligned image embedding so the tools that read that column (probe, search) use it as is.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def fixed(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1).astype(np.float32)), a.shape[1])
+
+    cols = {"object_id": pa.array(cache.object_ids), "split": pa.array(cache.splits)}
+    cols.update({n: pa.array(cache.label(n)) for n in cache.label_names})
+    cols.update(
+        {
+            "embedding": fixed(emb["images"]),
+            "embedding_images": fixed(emb["images"]),
+            "embedding_spectra": fixed(emb["spectra"]),
+        }
+    )
+    path = Path(path)
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- retrieval
+
+
+def true_partner_ranks(queries: np.ndarray, keys: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """0-based rank of key i among all keys for query i (cosine similarity, ties counted in the query's favour).
+
+    Exact and O(N² D) in chunks of queries (memory O(chunk N)); row i of queries is paired with row i of keys.
+    """
+    q, k = torch.from_numpy(np.ascontiguousarray(queries)), torch.from_numpy(np.ascontiguousarray(keys))
+    ranks = []
+    for i in range(0, len(q), chunk):
+        sims = q[i : i + chunk] @ k.T  # (c, N)
+        own = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+        ranks.append((sims > own[:, None]).sum(1))
+    return torch.cat(ranks).numpy()
+
+
+def retrieval_metrics(queries: np.ndarray, keys: np.ndarray) -> dict[str, float]:
+    """recall@1/5/10, median rank (1-based) and their chance levels for paired rows."""
+    r = true_partner_ranks(queries, keys)
+    n = len(r)
+    out = {f"recall@{k}": float((r < k).mean()) for k in RECALL_KS}
+    out.update({f"chance@{k}": min(1.0, k / n) for k in RECALL_KS})
+    out.update({"median_rank": float(np.median(r) + 1), "chance_median_rank": (n + 1) / 2, "n": n})
+    return out
+
+
+def neighbour_agreement(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, exclude_self: bool) -> float:
+    """R² of the top match's `values` against the query's (AstroCLIP Fig. 3: similarity search follows redshift)."""
+    sims = queries @ keys.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    top = sims.argmax(1)
+    return float(r2_score(values, values[top]))
+
+
+# ------------------------------------------------------------------------------------------------------- properties
+
+
+def knn_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, k: int = KNN_K) -> np.ndarray:
+    """Zero-shot: distance-weighted kNN regression on standardised features."""
+    knn = make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=min(k, len(x_fit)), weights="distance"))
+    return knn.fit(x_fit, y_fit).predict(x_test)
+
+
+def property_table(
+    cache: FeatureCache, emb: dict[str, np.ndarray], *, seed: int = 0, cnn_epochs: int = 40, log=print
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """({row: {target: test R²}}, supervised predictions per baseline for the flows) — module docstring."""
+    fit, test = cache.rows("train"), cache.rows("test")
+    targets = [t for t in TARGETS if t in cache.label_names]
+    ys = {t: cache.label(t) for t in targets}
+    feats = {
+        "image aligned": emb["images"],
+        "image unaligned": cache.unaligned("images"),
+        "spectrum aligned": emb["spectra"],
+        "spectrum unaligned": cache.unaligned("spectra"),
+    }
+    table: dict[str, dict[str, float]] = {}
+    for name, x in feats.items():
+        for method in ("zero-shot kNN", "few-shot MLP"):
+            row = table.setdefault(f"{name} · {method}", {})
+            for t in targets:
+                ok_f, ok_t = fit[np.isfinite(ys[t][fit])], test[np.isfinite(ys[t][test])]
+                if method.startswith("zero"):
+                    pred = knn_predict(x[ok_f], ys[t][ok_f], x[ok_t])
+                else:
+                    pred = fit_probe(x[ok_f], ys[t][ok_f], x[ok_t], "regression", "mlp", seed=seed)
+                row[t] = float(r2_score(ys[t][ok_t], pred))
+        log(f"  properties: {name} done")
+    images = cache.images.numpy()
+    y_all = np.stack([ys[t] for t in targets], 1)
+    supervised: dict[str, np.ndarray] = {}
+    cnn_targets = {
+        t: ("regression", fit[np.isfinite(ys[t][fit])], ys[t][fit][np.isfinite(ys[t][fit])]) for t in targets
+    }
+    # train_cnn indexes its fit images by row number within fit_images
+    cnn_targets = {t: (k, np.searchsorted(fit, r), v) for t, (k, r, v) in cnn_targets.items()}
+    preds = train_cnn(images[fit], images, cnn_targets, epochs=cnn_epochs, seed=seed)
+    supervised["image CNN"] = np.stack([preds[t] for t in targets], 1)
+    log("  properties: image CNN done")
+    spectra = cache.spectra.numpy()
+    supervised["spectrum CNN"] = train_spectrum_cnn(spectra[fit], y_all[fit], spectra, seed=seed)
+    log("  properties: spectrum CNN done")
+    ph_fit, ph_all = photometry(images[fit], images)
+    phot = np.zeros((len(images), len(targets)))
+    for j, t in enumerate(targets):
+        ok = fit[np.isfinite(ys[t][fit])]
+        phot[:, j] = fit_probe(ph_all[ok], ys[t][ok], ph_all, "regression", "mlp", seed=seed)
+    supervised["photometry MLP"] = phot
+    for name, pred in supervised.items():
+        table[f"{name} (supervised)"] = {
+            t: float(r2_score(ys[t][test][np.isfinite(ys[t][test])], pred[test, j][np.isfinite(ys[t][test])]))
+            for j, t in enumerate(targets)
+        }
+    supervised["photometry"] = ph_all
+    return table, supervised
+
+
+# ------------------------------------------------------------------------------------------------------- posteriors
+
+
+def fit_flow(
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int = 200,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    patience: int = 20,
+    seed: int = 0,
+):
+    """A conditional neural spline flow p(y | x) (zuko NSF) over the joint targets; the best val epoch is kept.
+
+    Returns (flow in eval mode, transform dict with the standardisation, per-epoch val NLL history). Inputs and
+    targets are standardised with fit statistics; `flow_nll` undoes that for NLLs in the labels' units.
+    """
+    import zuko
+
+    torch.manual_seed(seed)
+    xm, xs = x_fit.mean(0), x_fit.std(0) + 1e-6
+    ym, ys = y_fit.mean(0), y_fit.std(0) + 1e-9
+    tr = {"xm": xm, "xs": xs, "ym": ym, "ys": ys}
+    X, Y = _t((x_fit - xm) / xs), _t((y_fit - ym) / ys)
+    Xv, Yv = _t((x_val - xm) / xs), _t((y_val - ym) / ys)
+    flow = zuko.flows.NSF(Y.shape[1], X.shape[1], transforms=3, hidden_features=(64, 64))
+    opt = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    for _ in range(epochs):
+        flow.train()
+        perm = torch.randperm(len(X), generator=gen)
+        for i in range(0, len(X), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = -flow(X[idx]).log_prob(Y[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        flow.eval()
+        with torch.no_grad():
+            val = float(-flow(Xv).log_prob(Yv).mean())  # the mean over every val object, not per batch
+        history.append(val)
+        if val < best:
+            best, best_state, bad = val, {k: v.clone() for k, v in flow.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    flow.load_state_dict(best_state)
+    return flow.eval(), tr, history
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+@torch.no_grad()
+def flow_nll(flow, tr: dict, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean test negative log-likelihood in the labels' own units (nats; the Jacobian of the standardisation added)."""
+    lp = flow(_t((x - tr["xm"]) / tr["xs"])).log_prob(_t((y - tr["ym"]) / tr["ys"]))
+    return float(-lp.mean() + np.log(tr["ys"]).sum())
+
+
+@torch.no_grad()
+def flow_samples(flow, tr: dict, x: np.ndarray, n: int = 500, seed: int = 0) -> np.ndarray:
+    """(n, N, D) posterior samples in label units."""
+    torch.manual_seed(seed)
+    s = flow(_t((x - tr["xm"]) / tr["xs"])).sample((n,)).numpy()
+    return s * tr["ys"] + tr["ym"]
+
+
+def tarp_coverage(samples: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict:
+    """TARP expected coverage (ECP) against credibility α, with the band a calibrated posterior stays in.
+
+    For n test objects a calibrated ECP(α) is a binomial fraction: its standard deviation is sqrt(α(1-α)/n), so the
+    band is α ± 2 sqrt(α(1-α)/n); `fraction_in_band` is the share of the α grid inside it.
+    """
+    from tarp import get_tarp_coverage
+
+    ecp, alpha = get_tarp_coverage(samples, truth, references="random", metric="euclidean", norm=True, seed=seed)
+    band = 2 * np.sqrt(alpha * (1 - alpha) / truth.shape[0])
+    inside = np.abs(ecp - alpha) <= band + 1e-12
+    return {
+        "alpha": alpha.tolist(),
+        "ecp": ecp.tolist(),
+        "band": band.tolist(),
+        "max_abs_deviation": float(np.max(np.abs(ecp - alpha))),
+        "fraction_in_band": float(inside.mean()),
+    }
+
+
+def posterior_table(
+    cache: FeatureCache,
+    emb: dict[str, np.ndarray],
+    supervised: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    epochs: int = 200,
+    log=print,
+) -> dict:
+    """{feature set: {"nll", "tarp", "samples"(corner subset)}} for the joint flow over FLOW_TARGETS."""
+    fit, val, test = cache.rows("train"), cache.rows("val"), cache.rows("test")
+    y = np.stack([cache.label(t) for t in FLOW_TARGETS], 1)
+    ok = np.isfinite(y).all(1)
+    fit, val, test = fit[ok[fit]], val[ok[val]], test[ok[test]]
+    sets = {
+        "image aligned": emb["images"],
+        "image unaligned": cache.unaligned("images"),
+        "spectrum aligned": emb["spectra"],
+        "photometry": supervised["photometry"],
+        "image CNN features": supervised["image CNN"],
+    }
+    out = {}
+    for name, x in sets.items():
+        flow, tr, hist = fit_flow(x[fit], y[fit], x[val], y[val], epochs=epochs, seed=seed)
+        samples = flow_samples(flow, tr, x[test], seed=seed)
+        out[name] = {
+            "nll": flow_nll(flow, tr, x[test], y[test]),
+            "epochs": len(hist),
+            "best_val": min(hist),
+            "tarp": tarp_coverage(samples, y[test], seed=seed),
+            "samples": samples[:, :4],
+            "truth": y[test][:4],
+        }
+        log(f"  posteriors: {name} NLL {out[name]['nll']:.3f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """(H, W, C>=3) g, r, z -> asinh-stretched RGB (z red, r green, g blue)."""
+    x = img[..., [2, 1, 0]] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, -1)
+    x = np.arcsinh(x / (np.percentile(np.abs(x), 50) + 1e-9) / 3)
+    return np.clip(x / (x.max() + 1e-9), 0, 1)
+
+
+def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path, n_query: int = 4, top: int = 3):
+    """Query galaxies (image) with their top spectrum matches (AstroCLIP Fig. 2): images and spectra of the matches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = cache.rows("test")
+    rng = np.random.default_rng(0)
+    queries = rng.choice(len(test), size=min(n_query, len(test)), replace=False)
+    sims = emb["images"][test] @ emb["spectra"][test].T
+    z = cache.label("redshift")[test] if "redshift" in cache.label_names else np.full(len(test), np.nan)
+    fig, axes = plt.subplots(
+        len(queries),
+        top + 2,
+        figsize=(2.2 * (top + 2) + 2.5, 2.2 * len(queries)),
+        gridspec_kw={"width_ratios": [1] * (top + 1) + [2.5]},
+    )
+    axes = np.atleast_2d(axes)
+    spectra = cache.spectra.numpy()[test]
+    for r, q in enumerate(queries):
+        order = np.argsort(-sims[q])[:top]
+        axes[r, 0].imshow(_rgb(cache.images[test[q]].numpy()))
+        axes[r, 0].set_title(f"query z={z[q]:.3f}", fontsize=8)
+        for c, m in enumerate(order, start=1):
+            axes[r, c].imshow(_rgb(cache.images[test[m]].numpy()))
+            hit = " ✓" if m == q else ""
+            axes[r, c].set_title(f"#{c} z={z[m]:.3f}{hit}", fontsize=8)
+        ax = axes[r, -1]
+        ax.plot(spectra[q] / np.nanmedian(np.abs(spectra[q])), color="k", lw=0.6, label="query spectrum")
+        for c, m in enumerate(order, start=1):
+            ax.plot(spectra[m] / np.nanmedian(np.abs(spectra[m])) + 1.5 * c, lw=0.5, label=f"match #{c}")
+        ax.set_yticks([])
+        if r == 0:
+            ax.legend(fontsize=6, loc="upper right")
+        for a in axes[r, :-1]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(
+        "image → spectrum retrieval on the test split: query, top matches (images of the objects whose "
+        "spectra matched) and their spectra",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tarp_figure(post: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="ideal")
+    for name, r in post.items():
+        a, e = np.asarray(r["tarp"]["alpha"]), np.asarray(r["tarp"]["ecp"])
+        ax.plot(a, e, lw=1, label=name)
+    a, band = np.asarray(r["tarp"]["alpha"]), np.asarray(r["tarp"]["band"])
+    ax.fill_between(a, a - band, a + band, color="grey", alpha=0.2, label="calibrated ±2σ")
+    ax.set_xlabel("credibility level α")
+    ax.set_ylabel("expected coverage")
+    ax.set_title("TARP coverage, joint (z, log M*, log sSFR) flows", fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def corner_figure(post: dict, feature_set: str, path: Path) -> Path:
+    """Corner-style plots (pairwise sample scatter + marginals, truth marked) for a few test galaxies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, truth = post[feature_set]["samples"], post[feature_set]["truth"]
+    n_gal, d = s.shape[1], s.shape[2]
+    fig, axes = plt.subplots(d, d * n_gal, figsize=(1.6 * d * n_gal, 1.6 * d))
+    for g in range(n_gal):
+        for i in range(d):
+            for j in range(d):
+                ax = axes[i, g * d + j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j > i:
+                    ax.axis("off")
+                elif i == j:
+                    ax.hist(s[:, g, i], bins=30, color="C0", histtype="step")
+                    ax.axvline(truth[g, i], color="C3", lw=0.8)
+                else:
+                    ax.scatter(s[:, g, j], s[:, g, i], s=0.5, alpha=0.3, color="C0")
+                    ax.plot(truth[g, j], truth[g, i], "x", color="C3")
+                if i == d - 1:
+                    ax.set_xlabel(FLOW_TARGETS[j], fontsize=6)
+                if j == 0 and g == 0:
+                    ax.set_ylabel(FLOW_TARGETS[i], fontsize=6)
+    fig.suptitle(f"posteriors from {feature_set} embeddings for {n_gal} test galaxies (red: truth)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+
+def evaluate_alignment(
+    model_path: str,
+    data: str | None,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    cnn_epochs: int = 40,
+    flow_epochs: int = 200,
+    log=print,
+) -> dict:
+    """Run every evaluation (module docstring) and write the JSON, markdown and figures; returns the result dict."""
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, cfg = load_aligned(model_path)
+    run_dir = Path(model_path)
+    cache_path = run_dir / FEATURES_NAME
+    trained_on = cfg.get("features", {}).get("data")
+    if not cache_path.is_file() or (data and str(Path(data)) != str(Path(trained_on or ""))):
+        from astrolom.align.features import extract_features
+
+        if not data:
+            raise ValueError(f"no {cache_path}: pass --data to extract features")
+        enc = cfg["features"]
+        cache_path = out / FEATURES_NAME
+        extract_features(
+            enc["image_model"], enc["spectrum_model"], data, views=1, n_tokens=int(enc["tokens"]), seed=seed
+        ).save(cache_path)
+    cache = FeatureCache.load(cache_path)
+    emb = aligned_embeddings(model, cache)
+    write_embeddings(cache, emb, out / "aligned_embeddings.parquet")
+    test = cache.rows("test")
+    if len(test) < 2:
+        raise ValueError(f"{cache_path}: fewer than 2 test pairs to evaluate")
+    log(f"eval-align: {len(test)} test pairs")
+    ei, es = emb["images"][test], emb["spectra"][test]
+    retrieval = {"image→spectrum": retrieval_metrics(ei, es), "spectrum→image": retrieval_metrics(es, ei)}
+    similarity = {}
+    if "redshift" in cache.label_names:
+        z = cache.label("redshift")[test]
+        similarity = {
+            "image→image": neighbour_agreement(ei, ei, z, True),
+            "spectrum→spectrum": neighbour_agreement(es, es, z, True),
+            "image→spectrum": neighbour_agreement(ei, es, z, False),
+            "spectrum→image": neighbour_agreement(es, ei, z, False),
+        }
+    properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, log=log)
+    post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, log=log)
+    figs = {
+        "retrieval": retrieval_figure(cache, emb, out / "retrieval.png"),
+        "tarp": tarp_figure(post, out / "tarp.png"),
+        "corner": corner_figure(post, "image aligned", out / "corner.png"),
+    }
+    result = {
+        "model": str(model_path),
+        "pairs": {s: int(len(cache.rows(s))) for s in ("train", "val", "test")},
+        "retrieval": retrieval,
+        "similarity_redshift_r2": similarity,
+        "properties_r2": properties,
+        "posteriors": {k: {kk: v[kk] for kk in ("nll", "epochs", "best_val", "tarp")} for k, v in post.items()},
+        "figures": {k: str(v) for k, v in figs.items()},
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "align_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "align_eval.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The three tables (retrieval, AstroCLIP Table 2-like properties, Table 3-like posteriors) as markdown."""
+    lines = [
+        f"# Alignment evaluation ({result['pairs']['test']} test pairs)",
+        "",
+        "## Retrieval",
+        "",
+        "| direction | R@1 | R@5 | R@10 | median rank | chance R@10 | chance median rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d, r in result["retrieval"].items():
+        lines.append(
+            f"| {d} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | "
+            f"{r['median_rank']:.0f} | {r['chance@10']:.3f} | {r['chance_median_rank']:.0f} |"
+        )
+    if result["similarity_redshift_r2"]:
+        lines += [
+            "",
+            "Similarity search, R² of the top match's redshift against the query's:",
+            "",
+            "| search | redshift R² |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in result["similarity_redshift_r2"].items()]
+    props = result["properties_r2"]
+    targets = list(next(iter(props.values())))
+    lines += [
+        "",
+        "## Property estimation (test R²)",
+        "",
+        "| source · method | " + " | ".join(targets) + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    lines += [f"| {row} | " + " | ".join(f"{v[t]:.3f}" for t in targets) + " |" for row, v in props.items()]
+    lines += [
+        "",
+        f"## Posteriors: joint flow over ({', '.join(FLOW_TARGETS)})",
+        "",
+        "| feature set | test NLL (nats) | TARP max abs deviation | TARP fraction in 2σ band |",
+        "|---|---|---|---|",
+    ]
+    for k, v in result["posteriors"].items():
+        t = v["tarp"]
+        lines.append(f"| {k} | {v['nll']:.3f} | {t['max_abs_deviation']:.3f} | {t['fraction_in_band']:.2f} |")
+    lines += ["", "![retrieval](retrieval.png) ![tarp](tarp.png) ![corner](corner.png)", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="alignment RUN (from `astrolom align`)")
+    parser.add_argument("--data", default=None, help="data set (default: the one the run's features came from)")
+    parser.add_argument("--out", required=True, help="output directory for JSON, markdown and figures")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    res = evaluate_alignment(args.model, args.data, args.out, seed=args.seed)
+    print(markdown(res))
+    return 0

@@ -1,0 +1,234 @@
+"""Alignment (issue 9): InfoNCE values, the learnable scale's gradient, heads, exact resume and DDP parity."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from pretrain_helpers import read_metrics, subprocess_env
+from safetensors.torch import load_file
+
+from astrolom.align.features import FeatureCache, augment, d4
+from astrolom.align.loss import ContrastiveLoss, clip_loss
+from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
+from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer, load_aligned
+from astrolom.train import checkpoint as ckpt
+
+
+def test_infonce_known_values():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    a = torch.stack([e1, e2])
+    # perfectly paired orthonormal rows: each direction is log(1 + e^{-s})
+    assert clip_loss(a, a, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    # b = [e1, e1]: a->b gives log 2 per row; b->a gives log(1+e^-1) and log(1+e)
+    b = torch.stack([e1, 3 * e1])  # scale of a row must not matter (L2-normalised inside)
+    want = 0.5 * (math.log(2) + 0.5 * (math.log(1 + math.exp(-1)) + math.log(1 + math.e)))
+    assert clip_loss(a, b, 1.0).item() == pytest.approx(want, abs=1e-6)
+    # the default fixed scale is 15.5
+    s = 15.5
+    want = 0.5 * (math.log(2) + 0.5 * (math.log(1 + math.exp(-s)) + math.log(1 + math.exp(s))))
+    assert ContrastiveLoss()(a, b).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_learnable_scale_enters_the_loss():
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    fixed = ContrastiveLoss(15.5)
+    assert not any(p.requires_grad for p in fixed.parameters())
+    learn = ContrastiveLoss(15.5, learnable=True)
+    loss = learn(a, b)
+    assert loss.item() == pytest.approx(fixed(a, b).item(), rel=1e-6)  # same scale at initialisation
+    loss.backward()
+    g = learn.log_scale.grad
+    assert g is not None and abs(g.item()) > 1e-4
+    # the gradient is the loss's derivative in log(scale): compare with a finite difference
+    eps = 1e-3
+    up = clip_loss(a, b, math.exp(math.log(15.5) + eps)).item()
+    down = clip_loss(a, b, math.exp(math.log(15.5) - eps)).item()
+    assert g.item() == pytest.approx((up - down) / (2 * eps), rel=1e-2)
+
+
+def test_attention_pool_ignores_padding():
+    torch.manual_seed(0)
+    pool = AttentionPool(8, 16, 4).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y = pool(x, mask)
+    x2 = x.clone()
+    x2[0, 3:] = 1e3  # padded tokens changed: row 0 must not move
+    assert torch.allclose(pool(x2, mask)[0], y[0], atol=1e-6)
+    with pytest.raises(ValueError, match="no real token"):
+        pool(x, torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_heads_shapes_and_gradients():
+    torch.manual_seed(0)
+    model = AlignModel(AlignConfig(image_dim=8, spectrum_dim=6, embed_dim=32, head_dim=16, n_heads=2))
+    loss = model(torch.randn(4, 5, 8), torch.randn(4, 7, 6), torch.ones(4, 7, dtype=torch.bool))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    z = model.encode("images", torch.randn(3, 5, 8))
+    assert z.shape == (3, 32) and torch.allclose(z.norm(dim=-1), torch.ones(3))
+
+
+def test_sky_respecting_augmentations():
+    img = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
+    views = {d4(img, e).tobytes() for e in range(8)}
+    assert len(views) == 8  # the eight D4 elements are distinct
+    for e in range(8):  # no element moves the centre: the central 2x2 block keeps its pixels
+        assert sorted(d4(img, e)[1:3, 1:3].ravel()) == sorted(img[1:3, 1:3].ravel())
+    rng = np.random.default_rng(0)
+    assert augment(img, 0, np.ones(2), 0.5, rng) is img  # view 0 is the stamp itself
+    noisy = augment(img, 8, np.array([1.0, 2.0]), 0.5, rng)  # element 0 (identity) + noise
+    resid = noisy - img
+    assert resid.std(axis=(0, 1))[1] > resid.std(axis=(0, 1))[0]  # noise scales with each band's sky sigma
+
+
+def _synthetic_cache(path: Path, n: int = 96, seed: int = 0, size: int = 4) -> Path:
+    """Pairs whose image and spectrum tokens share a latent vector: alignable, like real paired data."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, generator=g)
+    wi, ws = torch.randn(4, 8, generator=g), torch.randn(4, 6, generator=g)
+    img = (z @ wi)[:, None, None, :] + 0.3 * torch.randn(n, 2, 3, 8, generator=g)
+    spec = (z @ ws)[:, None, :] + 0.3 * torch.randn(n, 5, 6, generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[::3, 4] = False
+    splits = ["train"] * (n - 32) + ["val"] * 16 + ["test"] * 16
+    images = torch.randn(n, size, size, 3, generator=g) + z[:, :1, None, None]
+    spectra = torch.randn(n, 64, generator=g) + z[:, 1:2]
+    names = ["redshift", "log_mstar", "log_ssfr"]
+    ids = [f"o{i}" for i in range(n)]
+    cache = FeatureCache(
+        img, spec, mask, z[:, :3].clone(), images, spectra, ids, splits, names, {"sky_sigma": [1.0] * 3}
+    )
+    return cache.save(path / FEATURES_NAME)
+
+
+def _cfg(out: Path, **kw) -> AlignTrainConfig:
+    head = AlignConfig(embed_dim=16, head_dim=16, n_heads=2)
+    base = dict(
+        out=str(out),
+        steps=6,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=3,
+        checkpoint_interval=3,
+        progress=False,
+        head=head,
+    )
+    return AlignTrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_loss_and_keeps_best(tmp_path):
+    _synthetic_cache(tmp_path)
+    res = AlignTrainer(_cfg(tmp_path, steps=30, eval_interval=10)).fit()
+    rows = read_metrics(tmp_path)
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] and vals[0] < math.log(16)  # chance is log(batch)
+    assert res["best_val_loss"] == pytest.approx(min(vals))
+    model, cfg = load_aligned(tmp_path)
+    assert cfg["model_type"] == "astrolom-align" and model.config.embed_dim == 16
+
+
+def test_resume_is_exact(tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    for d in (straight, resumed):
+        d.mkdir()
+        _synthetic_cache(d)
+    AlignTrainer(_cfg(straight)).fit()
+    AlignTrainer(_cfg(resumed)).fit()
+    # throw away everything after step 3, then resume from the step-3 checkpoint
+    import shutil
+
+    shutil.rmtree(resumed / "checkpoints" / ckpt.checkpoint_name(6))
+    ckpt.mark_latest(resumed, ckpt.list_checkpoints(resumed)[-1])
+    assert ckpt.latest_checkpoint(resumed).name == ckpt.checkpoint_name(3)
+    shutil.rmtree(resumed / "final")
+    trainer = AlignTrainer(_cfg(resumed), resume=True)
+    assert trainer.step == 3
+    trainer.fit()
+    wa = load_file(str(straight / "final" / ckpt.WEIGHTS_NAME))
+    wb = load_file(str(resumed / "final" / ckpt.WEIGHTS_NAME))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        _synthetic_cache(out)
+        args = [
+            "--image-model",
+            "-",
+            "--spectrum-model",
+            "-",
+            "--data",
+            "-",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--embed-dim",
+            "16",
+            "--eval-interval",
+            "2",
+            "--checkpoint-interval",
+            "0",
+            "--no-progress",
+        ]
+        pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = (pre if nproc > 1 else [sys.executable]) + ["-m", "astrolom", "align", *args]
+        done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[nproc] = out
+    a, b = read_metrics(runs[1]), read_metrics(runs[2])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
+    assert json.loads((runs[2] / "config.json").read_text())["world_size"] == 2
+    wa, wb = (
+        load_file(str(runs[1] / "final" / "model.safetensors")),
+        load_file(str(runs[2] / "final" / "model.safetensors")),
+    )
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+
+@pytest.mark.slow
+def test_eval_align_end_to_end(tmp_path):
+    from astrolom.align.evaluate import evaluate_alignment
+
+    _synthetic_cache(tmp_path, n=160, size=16)
+    AlignTrainer(_cfg(tmp_path, steps=20, eval_interval=10)).fit()
+    res = evaluate_alignment(str(tmp_path), None, tmp_path / "eval", cnn_epochs=2, flow_epochs=3, log=lambda m: None)
+    r = res["retrieval"]["image→spectrum"]
+    assert r["n"] == 16 and r["chance@10"] == pytest.approx(10 / 16)
+    assert r["recall@1"] > 3 * r["chance@1"]  # the synthetic pairs share a latent: aligned far above chance
+    assert set(res["posteriors"]) >= {"image aligned", "image unaligned", "spectrum aligned", "photometry"}
+    assert "image CNN (supervised)" in res["properties_r2"] and "spectrum CNN (supervised)" in res["properties_r2"]
+    import pyarrow.parquet as pq
+
+    emb = pq.read_table(tmp_path / "eval" / "aligned_embeddings.parquet")
+    assert emb.num_rows == 160 and len(emb["embedding_spectra"][0]) == 16
+    for name in ("align_eval.json", "align_eval.md", "retrieval.png", "tarp.png", "corner.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    md = (tmp_path / "eval" / "align_eval.md").read_text()
+    assert "| image→spectrum |" in md and "test NLL" in md
