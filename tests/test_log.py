@@ -22,8 +22,9 @@ def _restore_logger():
 def test_progress_in_a_log_file_is_a_few_lines_not_one_per_step(capsys):
     log.configure(0)
     bar = log.progress(500, desc="steps", unit="step", interval_s=3600)
-    for _ in range(500):
+    for i in range(500):
         bar.update(1)
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}", refresh=False)  # as the training loops do, every step
     bar.close()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from astrolom.data.records import Record
 from astrolom.eval.baselines import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
+from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
 
 D4 = tuple((k, flip) for flip in (False, True) for k in range(4))  # (quarter turns, mirror) — the dihedral group
@@ -201,7 +202,6 @@ def extract_features(
     progress: bool = True,
 ) -> FeatureCache:
     """Run both frozen encoders over every pair of `data` once (module docstring); returns the cache."""
-    from tqdm.auto import tqdm
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
@@ -216,7 +216,7 @@ def extract_features(
     out: dict[str, list] = {k: [] for k in ("img", "spec", "mask", "labels", "images", "spectra")}
     ids, splits, sigma = [], [], None
     names = None
-    bar = tqdm(desc="encoder features", unit="pair", disable=not progress, total=max_objects)
+    bar = progress_bar(max_objects, desc="encoder features", unit="pair", enabled=progress)
     buf: list[Record] = []
 
     def flush() -> None:

@@ -41,6 +41,7 @@ from astrolom.align.features import (
 )
 from astrolom.align.model import AlignConfig, AlignModel
 from astrolom.data.records import Record
+from astrolom.log import progress as progress_bar
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
 
@@ -302,15 +303,13 @@ class AlignTrainer:
     # ---------------------------------------------------------------------------------------------- loop
 
     def fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         main = self.env.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ckpt.CONFIG_NAME).write_text(json.dumps(self.config_json(), indent=2) + "\n")
         log = (self.out / "metrics.jsonl").open("a") if main else None
-        bar = tqdm(
-            total=self.cfg.steps, initial=self.step, desc="align", unit="step", disable=not (main and self.cfg.progress)
+        bar = progress_bar(
+            self.cfg.steps, initial=self.step, desc="align", unit="step", enabled=main and self.cfg.progress
         )
         last: dict = {}
         try:
@@ -327,7 +326,8 @@ class AlignTrainer:
                 if main:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k in ("loss", "val_loss")})
+                    shown = {k: f"{v:.3f}" for k, v in last.items() if k in ("loss", "val_loss")}
+                    bar.set_postfix(shown, refresh=False)
                 bar.update(1)
                 if self.cfg.checkpoint_interval and self.step % self.cfg.checkpoint_interval == 0:
                     self.save_checkpoint()

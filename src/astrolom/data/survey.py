@@ -76,7 +76,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -100,6 +99,7 @@ from astrolom.data.records import (
     split_of,
 )
 from astrolom.data.spectra import Spectrum
+from astrolom.log import progress as progress_bar
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -1326,7 +1326,6 @@ def generate_survey(
 
 def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> tuple[Path, dict[str, Any]]:
     import pyarrow.parquet as pq
-    from tqdm import tqdm
 
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -1377,7 +1376,7 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
     else:
         pool = None
         results = map(_render_chunk, tasks)
-    bar = tqdm(total=cfg.n, desc="survey", unit="obj", file=sys.stderr, disable=not progress, smoothing=0.1)
+    bar = progress_bar(cfg.n, desc="survey", unit="obj", enabled=progress, smoothing=0.1)
     try:
         for res in results:
             m = len(res["object_id"])

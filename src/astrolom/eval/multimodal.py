@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
+from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
 
 DEFAULT_LAYER = -2
@@ -189,8 +190,6 @@ def embed_multimodal_dataset(
     progress: bool = True,
 ) -> Path:
     """Embed a data set with a multimodal model: one row per object, per-modality columns (module docstring)."""
-    from tqdm.auto import tqdm
-
     model, cfg_json, model_dir = _load(model_path)
     if not model.config.multimodal:
         raise ValueError(f"{model_dir} is an images-only model: use `astrolom embed`")
@@ -201,7 +200,7 @@ def embed_multimodal_dataset(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     writer = MultimodalEmbeddingWriter(out, meta)
     it = _records(data, cfg_json, splits, max_per_split)
-    bar = tqdm(desc="embed", unit="obj", disable=not progress)
+    bar = progress_bar(desc="embed", unit="obj", enabled=progress)
     try:
         while batch := list(islice(it, batch_size)):
             _, inputs = record_inputs(batch, model, cfg_json, spectra)

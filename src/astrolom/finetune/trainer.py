@@ -55,6 +55,7 @@ from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.finetune.model import MODES, FinetuneModel, flux_features
 from astrolom.finetune.targets import REGRESSION_LOSSES, Targets
 from astrolom.log import get_logger
+from astrolom.log import progress as progress_bar
 from astrolom.model import pretrained
 from astrolom.train import checkpoint as train_ckpt
 from astrolom.train import parallel
@@ -177,12 +178,10 @@ def load_labelled(
     source, split: str, patch_size: int, n_tokens: int, block_size: int, *, limit: int | None = None, desc: str = ""
 ) -> LabelledSet:
     """Read one split of an open source into memory, images centre-cropped to the embedded tokens."""
-    from tqdm.auto import tqdm
-
     images, ids, labels = [], [], []
     crop = None
     total = source.split_counts().get(split, 0) if limit is None else min(limit, source.split_counts().get(split, 0))
-    bar = tqdm(total=total, desc=desc or f"read {split}", unit="img", leave=False, disable=total < 2000)
+    bar = progress_bar(total, desc=desc or f"read {split}", unit="img", leave=False, enabled=total >= 2000)
     for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
         img = np.asarray(rec.image, np.float32)
         if crop is None:
@@ -427,7 +426,6 @@ class Finetuner:
     # ------------------------------------------------------------------------------------------------- fit
 
     def fit(self) -> FinetuneResult:
-        from tqdm.auto import tqdm
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -439,7 +437,7 @@ class Finetuner:
             f"objects (val {len(self.val)}): {n_train:,} of {n_total:,} parameters train; targets "
             + ", ".join(f"{s.name} [{s.kind}]" for s in self.targets.specs)
         )
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", disable=not cfg.progress)
+        bar = progress_bar(self.total_steps, initial=self.step, desc="finetune", unit="step", enabled=cfg.progress)
         try:
             while self.step < self.total_steps and not self.stopped_early:
                 order = self._epoch_order(self.epoch)
@@ -452,7 +450,7 @@ class Finetuner:
                     self.history.append({"step": self.step, "epoch": self.epoch, "loss": loss})
                     self._append_metrics(self.history[-1])
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.best_val:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.best_val:.4f}", refresh=False)
                     end_of_epoch = b == self.steps_per_epoch - 1 or self.step >= self.total_steps
                     if end_of_epoch:
                         self._end_epoch()

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings
 from astrolom.log import get_logger
+from astrolom.log import progress as progress_bar
 
 _log = get_logger(__name__)
 
@@ -144,7 +145,6 @@ def build_faiss(
 ) -> tuple[object, dict]:
     """A trained and filled FAISS index of the L2-normalised rows of X; returns (index, settings for meta.json)."""
     import faiss
-    from tqdm.auto import tqdm
 
     X = normalise(X)
     n, dim = X.shape
@@ -173,7 +173,7 @@ def build_faiss(
         faiss.downcast_index(index).hnsw.efConstruction = 200
         settings["ef_search"] = int(ef_search)
     t0 = time.perf_counter()
-    with tqdm(total=n, desc=f"index[{kind}]", unit="vec", disable=not progress) as bar:
+    with progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress) as bar:
         for i in range(0, n, ADD_BATCH):
             index.add(X[i : i + ADD_BATCH])
             bar.update(min(ADD_BATCH, n - i))

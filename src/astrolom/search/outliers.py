@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from astrolom.log import progress as progress_bar
 from astrolom.search.index import SearchIndex, load_index
 
 BATCH = 4096
@@ -25,8 +26,6 @@ BATCH = 4096
 
 def outlier_scores(index: SearchIndex, k: int = 20, *, progress: bool = True, cache: bool = True) -> np.ndarray:
     """(N,) k-th-neighbour cosine distance of every indexed object (higher = more unusual)."""
-    from tqdm.auto import tqdm
-
     n = len(index)
     if not 1 <= k < n:
         raise ValueError(f"k must be in 1..{n - 1} for an index of {n} objects, got {k}")
@@ -36,7 +35,7 @@ def outlier_scores(index: SearchIndex, k: int = 20, *, progress: bool = True, ca
         if len(scores) == n:
             return scores
     scores = np.empty(n, np.float32)
-    with tqdm(total=n, desc="outliers", unit="obj", disable=not progress) as bar:
+    with progress_bar(n, desc="outliers", unit="obj", enabled=progress) as bar:
         for i in range(0, n, BATCH):
             rows = np.arange(i, min(i + BATCH, n))
             sims, nbr = index.search_vectors(index.vectors(rows), k + 1, prepared=True)

@@ -590,7 +590,8 @@ class Trainer:
                     self.save_checkpoint()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{self.last_val_loss or float('nan'):.4f}")
+                    val = self.last_val_loss or float("nan")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}", refresh=False)
                 if main and kill_after is not None and self.step == int(kill_after):
                     os.kill(os.getpid(), signal.SIGKILL)
             finished = self.step >= t.max_steps
