@@ -47,6 +47,18 @@ INDEX_DIR = "index"  # `astrolom index` output inside a demo directory
 OUTLIERS_DIR = "outliers"  # outliers.json + outliers.png (demo); the report shows them
 OUTLIERS_JSON = "outliers.json"
 LABEL_EFFICIENCY_MD = "label_efficiency.md"  # `astrolom label-efficiency --out ROOT/label_efficiency`
+# `astrolom probe` on a file with several embedding columns: DIR/<column>/probes.json and, comparing them,
+COLUMNS_JSON = "columns.json"
+COLUMNS_MD = "columns.md"
+# the multimodal part of a demo (or any folder given to `astrolom report --multimodal`): a run, embeddings, per-column
+# probes in probes/, and `astrolom generate` outputs (GENERATION_JSON + GENERATED_SPECTRA_PNG) in generate*/
+MULTIMODAL_DIR = "multimodal"
+GENERATION_JSON = "metrics.json"
+GENERATED_SPECTRA_PNG = "generated_spectra.png"
+# `astrolom eval-align --out DIR`; the report looks in ROOT/align_eval/ (or `--align DIR`)
+ALIGN_EVAL_DIR = "align_eval"
+ALIGN_EVAL_JSON = "align_eval.json"
+ALIGN_EVAL_FIGURES = ("retrieval.png", "tarp.png", "corner.png")
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME)
 _TMP_MARK = ".tmp-"

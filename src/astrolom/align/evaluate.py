@@ -29,6 +29,7 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from astrolom import layout
 from astrolom.align.baselines import train_spectrum_cnn
 from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
@@ -478,10 +479,11 @@ def evaluate_alignment(
         }
     properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, log=log)
     post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, log=log)
+    retrieval_png, tarp_png, corner_png = (out / name for name in layout.ALIGN_EVAL_FIGURES)
     figs = {
-        "retrieval": retrieval_figure(cache, emb, out / "retrieval.png"),
-        "tarp": tarp_figure(post, out / "tarp.png"),
-        "corner": corner_figure(post, "image aligned", out / "corner.png"),
+        "retrieval": retrieval_figure(cache, emb, retrieval_png),
+        "tarp": tarp_figure(post, tarp_png),
+        "corner": corner_figure(post, "image aligned", corner_png),
     }
     result = {
         "model": str(model_path),
@@ -493,7 +495,7 @@ def evaluate_alignment(
         "figures": {k: str(v) for k, v in figs.items()},
         "seconds": round(time.time() - t0, 1),
     }
-    (out / "align_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / layout.ALIGN_EVAL_JSON).write_text(json.dumps(result, indent=1) + "\n")
     (out / "align_eval.md").write_text(markdown(result))
     return result
 

@@ -1,9 +1,12 @@
 """The embedding table on disk: `EmbeddingWriter` writes it, `load_embeddings` reads it, `split_rows` splits it.
 
 One Parquet row per object: `object_id`, `split`, every label column of the data, and `embedding`
-(fixed-size list<float32>). The file metadata key `astrolom` holds JSON describing how the embeddings were made
-(model, layer, token count, data, split settings). Under torchrun every rank writes its own part,
-`EMB.parquet/part-<rank>.parquet`; `load_embeddings` reads a file or such a directory alike.
+(fixed-size list<float32>). A multimodal model's file (`astrolom.eval.multimodal`) and an alignment's
+(`astrolom eval-align`) add one column per modality, `embedding_<name>`, null where the object lacks it;
+`load_embedding_columns` reads several of them on the objects that have every one. The file metadata key
+`astrolom` holds JSON describing how the embeddings were made (model, layer, token count, data, split settings).
+Under torchrun every rank writes its own part, `EMB.parquet/part-<rank>.parquet`; `load_embeddings` reads a file
+or such a directory alike.
 
 This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the record type.
 """
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 from astrolom.data.records import METADATA_KEY, Record
 
 EMBEDDING = "embedding"  # the column that holds the vectors
+EMBEDDING_PREFIX = "embedding_"  # further vector columns: embedding_images, embedding_spectra, embedding_joint
 _KEY_COLUMNS = ("object_id", "split")
 
 
@@ -56,35 +60,90 @@ class EmbeddingTable:
         return self.X[[index[oid] for oid in object_ids]]
 
 
-def load_embeddings(path: str | Path) -> EmbeddingTable:
-    """Read an embedding Parquet file, or a directory of per-rank parts (`astrolom embed` under torchrun)."""
-    path = Path(path)
+def is_embedding_column(name: str) -> bool:
+    """`embedding` and every `embedding_*` column hold vectors, never labels."""
+    return name == EMBEDDING or name.startswith(EMBEDDING_PREFIX)
+
+
+def _files(path: Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"no embeddings at {path}")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path} holds no .parquet files")
+    return files
+
+
+def embedding_columns(path: str | Path) -> list[str]:
+    """The vector columns of an embedding file, in file order (reads the schema only)."""
+    return [n for n in pq.read_schema(_files(Path(path))[0]).names if is_embedding_column(n)]
+
+
+def choose_columns(available: list[str], columns: str | list[str] = "auto") -> list[str]:
+    """The columns to probe: "auto" is every `embedding_*` column (or `embedding` when it is the only one);
+    otherwise a list (or comma-separated string) of names, each of which must be present."""
+    if columns == "auto":
+        chosen = [c for c in available if c.startswith(EMBEDDING_PREFIX)] or [c for c in available if c == EMBEDDING]
+        if not chosen:
+            raise ValueError(f"no embedding columns; the file has {available}")
+        return chosen
+    chosen = [c.strip() for c in columns.split(",")] if isinstance(columns, str) else list(columns)
+    chosen = [c for c in chosen if c]
+    missing = [c for c in chosen if c not in available]
+    if missing or not chosen:
+        raise ValueError(f"no embedding column(s) {missing or chosen}; the file has {available}")
+    return chosen
+
+
+def load_embeddings(path: str | Path, column: str = EMBEDDING) -> EmbeddingTable:
+    """Read an embedding Parquet file, or a directory of per-rank parts (`astrolom embed` under torchrun).
+
+    `column` picks the vectors (default `embedding`); rows where it is null are left out.
+    """
+    return load_embedding_columns(path, [column])[column]
+
+
+def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, EmbeddingTable]:
+    """{column: table} for several vector columns, all on the same rows: those where every column is present.
+
+    The tables share object ids, splits, labels and metadata; only `X` differs.
+    """
+    path = Path(path)
+    files = _files(path)
     tables = [pq.read_table(f) for f in files]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    for col in (EMBEDDING, *_KEY_COLUMNS):
+    for col in (*columns, *_KEY_COLUMNS):
         if col not in table.column_names:
             raise ValueError(f"{path} has no {col!r} column; was it written by `astrolom embed`?")
-    col = table.column(EMBEDDING).combine_chunks()
-    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[0].as_py())
-    X = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), dim)
+    vectors = {c: _vectors(table.column(c)) for c in columns}
+    keep = np.ones(len(table), dtype=bool)
+    for _, present in vectors.values():
+        keep &= present
     meta_raw = (tables[0].schema.metadata or {}).get(METADATA_KEY)
     labels = {
-        name: _column_to_numpy(table.column(name))
+        name: _column_to_numpy(table.column(name))[keep]
         for name in table.column_names
-        if name not in (EMBEDDING, *_KEY_COLUMNS)
+        if not is_embedding_column(name) and name not in _KEY_COLUMNS
     }
-    return EmbeddingTable(
-        object_id=np.asarray(table.column("object_id").to_pylist(), dtype=str),
-        split=np.asarray(table.column("split").to_pylist(), dtype=str),
-        X=X,
-        labels=labels,
-        metadata=json.loads(meta_raw) if meta_raw else {},
-    )
+    object_id = np.asarray(table.column("object_id").to_pylist(), dtype=str)[keep]
+    split = np.asarray(table.column("split").to_pylist(), dtype=str)[keep]
+    metadata = json.loads(meta_raw) if meta_raw else {}
+    return {c: EmbeddingTable(object_id, split, X[keep], labels, metadata) for c, (X, _) in vectors.items()}
+
+
+def _vectors(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """((N, D) float32 with NaN rows where null, (N,) bool present) of a list<float> column."""
+    col = col.combine_chunks()
+    present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+    else:
+        first = np.flatnonzero(present)
+        dim = len(col[int(first[0])].as_py()) if len(first) else 0
+    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # nulls are skipped
+    X = np.full((len(col), dim), np.nan, dtype=np.float32)
+    X[present] = flat.reshape(int(present.sum()), dim)
+    return X, present
 
 
 def _column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:

@@ -33,9 +33,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from astrolom import layout
 from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
+from astrolom.eval.embeddings import embedding_columns
+from astrolom.eval.probes import probe_columns
 from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
 
@@ -223,31 +226,18 @@ def probe_modalities(
     test_split: str = "test",
     method: str = "linear",
 ) -> dict[str, dict[str, float]]:
-    """Probe R² of each embedding column on the objects that have every modality (the same objects for all).
+    """Probe R² of each modality column on the objects that have every modality (the same objects for all).
 
-    Paper protocol: fit on `fit_split`, score on `test_split`. Returns {column: {target: R²}}.
+    A summary of `astrolom.eval.probes.probe_columns` (which returns full `ProbeResult`s): paper protocol, fit on
+    `fit_split`, scored on `test_split`. Returns {column: {target: R²}} plus "_objects": {"fit": n, "test": n}.
     """
-    from astrolom.eval.probes import REGRESSION, fit_probe, score
-
-    table = pq.read_table(path)
-    cols = [c for c in COLUMNS if c in table.column_names]
-    keep = np.ones(table.num_rows, dtype=bool)
-    for c in cols:
-        keep &= ~np.asarray(table.column(c).is_null().to_numpy(zero_copy_only=False))
-    split = np.asarray(table.column("split").to_pylist())
-    fit, test = keep & (split == fit_split), keep & (split == test_split)
-    if fit.sum() < 10 or test.sum() < 10:
-        raise ValueError(f"{path}: too few objects with every modality in {fit_split}/{test_split} to probe")
-    out: dict[str, dict[str, float]] = {}
-    for c in cols:
-        X = np.asarray(table.column(c).to_pylist(), dtype=object)
-        out[c] = {}
-        for t in targets:
-            y = np.asarray(table.column(t).to_pylist(), dtype=np.float64)
-            Xf, Xt = np.stack(X[fit]).astype(np.float32), np.stack(X[test]).astype(np.float32)
-            pred = fit_probe(Xf, y[fit], Xt, REGRESSION, method)
-            out[c][t] = score(y[test], pred, REGRESSION)["r2"]
-    out["_objects"] = {"fit": int(fit.sum()), "test": int(test.sum())}
+    cols = [c for c in COLUMNS if c in embedding_columns(path)]
+    results = probe_columns(path, cols, list(targets), (method,), fit_split, test_split)
+    out: dict[str, dict[str, float]] = {
+        c: {t: r.score(t, "pretrained", method, "r2") for t in r.targets} for c, r in results.items()
+    }
+    pr = next(iter(results.values())).protocol
+    out["_objects"] = {"fit": int(pr["n_fit"]), "test": int(pr["n_test"])}
     return out
 
 
@@ -330,8 +320,8 @@ def evaluate_generation(
         "fraction_better_than_baseline": float((model_loss < base_loss).float().mean()),
     }
     if shown:
-        metrics["figure"] = str(_spectra_figure(shown, spectra, out / "generated_spectra.png"))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        metrics["figure"] = str(_spectra_figure(shown, spectra, out / layout.GENERATED_SPECTRA_PNG))
+    (out / layout.GENERATION_JSON).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 

@@ -4,6 +4,11 @@
 
 writes DIR/probes.json (a `ProbeResult`), DIR/probes.md and the bar chart DIR/probes.{png,pdf}. The probes are
 `astrolom.eval.probes`, the control and baselines `astrolom.eval.baselines`, the figure `astrolom.eval.figures`.
+
+A file with several embedding columns (a multimodal model's `embedding_images`, `embedding_spectra`,
+`embedding_joint`; an alignment's `embedding_images`, `embedding_spectra`) is probed column by column
+(`--columns auto`, or a list) on the objects that have every chosen column: DIR/<column>/probes.{json,md,png,pdf}
+per column and DIR/columns.{json,md}, the target x column table with the best column per target marked.
 """
 
 from __future__ import annotations
@@ -12,10 +17,19 @@ import argparse
 from pathlib import Path
 
 from astrolom.eval import baselines as bl
-from astrolom.eval.embeddings import load_embeddings
+from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
 from astrolom.eval.figures import plot_probe_summary
-from astrolom.eval.probes import DEFAULT_TARGETS, METHODS, ProbeResult, evaluate, markdown_table
-from astrolom.layout import PROBES_JSON
+from astrolom.eval.probes import (
+    DEFAULT_TARGETS,
+    METHODS,
+    ProbeResult,
+    columns_markdown,
+    evaluate,
+    evaluate_columns,
+    markdown_table,
+    save_columns,
+)
+from astrolom.layout import COLUMNS_JSON, COLUMNS_MD, PROBES_JSON
 from astrolom.log import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +45,16 @@ def write_report(result: ProbeResult, out: str | Path) -> dict[str, Path]:
     return paths
 
 
+def write_column_reports(results: dict[str, ProbeResult], out: str | Path, method: str = "linear") -> dict[str, Path]:
+    """`write_report` for each column in out/<column>/, plus out/columns.json and out/columns.md (the comparison)."""
+    out = Path(out)
+    for column, result in results.items():
+        write_report(result, out / column)
+    paths = {"json": save_columns(results, out / COLUMNS_JSON), "markdown": out / COLUMNS_MD}
+    paths["markdown"].write_text(columns_markdown(results, method))
+    return paths
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", required=True, help="Parquet file (or directory of parts) from astrolom embed")
     parser.add_argument("--out", required=True, help="output directory for probes.json / probes.md / figure")
@@ -38,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets",
         default=",".join(DEFAULT_TARGETS),
         help="comma-separated label columns (missing ones are listed as skipped)",
+    )
+    parser.add_argument(
+        "--columns",
+        default="auto",
+        help="embedding columns to probe, each on the objects that have all of them: auto (every embedding_* "
+        "column, or embedding when it is the only one) or a comma-separated list",
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of linear,knn,mlp")
     parser.add_argument("--classify", default="", help="targets to treat as classes even if numeric")
@@ -65,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    emb = load_embeddings(args.embeddings)
+    columns = choose_columns(embedding_columns(args.embeddings), args.columns)
+    if len(columns) > 1:
+        return _run_columns(args, columns)
+    emb = load_embeddings(args.embeddings, columns[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = {b.strip() for b in args.baselines.split(",") if b.strip()}
@@ -117,4 +150,28 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(report, out)
     print(markdown_table(report))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_columns(args: argparse.Namespace, columns: list[str]) -> int:
+    if args.model or args.data or args.control_embeddings:
+        raise ValueError(
+            f"the control and pixel baselines run beside one embedding column; this file has {columns}: "
+            "pass --columns NAME with --model/--data/--control-embeddings"
+        )
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    results = evaluate_columns(
+        load_embedding_columns(args.embeddings, columns),
+        [t.strip() for t in args.targets.split(",") if t.strip()],
+        methods,
+        args.fit_split,
+        args.test_split,
+        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        seed=args.seed,
+        progress=log.info,
+    )
+    method = "linear" if "linear" in methods else methods[0]
+    paths = write_column_reports(results, args.out, method)
+    print(columns_markdown(results, method))
+    log.info("wrote %s and %s/<column>/probes.json", ", ".join(str(p) for p in paths.values()), args.out)
     return 0
