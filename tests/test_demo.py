@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from astrolom import demo as demo_mod
@@ -76,3 +77,44 @@ def test_checks_compare_scores_through_the_probe_result():
         "redshift: pretrained > pca_pixels": False,
         "telescope predictable (accuracy > majority class)": True,
     }
+
+
+def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
+    parser = argparse.ArgumentParser()
+    demo_mod.add_arguments(parser)
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).spectra_steps == 0  # off by default
+    cfg = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--tiny", "--spectra-steps", "5"]))
+    assert cfg.spectra_steps == 5 and cfg.spectra_preset == "debug"
+
+
+@pytest.mark.slow  # a 200-object survey, a few multimodal steps, three probed columns, generation: ~40 s
+def test_multimodal_stage_probes_each_column_and_generates_spectra(tmp_path):
+    from dataclasses import replace
+
+    from astrolom.data.survey import generate_survey
+    from astrolom.eval.embeddings import load_embeddings
+    from astrolom.eval.probes import load_columns
+    from astrolom.eval.report import build_report
+
+    survey = generate_survey(tmp_path / "survey", n=200, size=32, seed=3, workers=1, progress=False)
+    cfg = replace(demo_mod.TINY, spectra_steps=3, batch_size=8, methods=("linear",))
+    summary = demo_mod.multimodal_stage(tmp_path, survey, cfg)
+    folder = tmp_path / "multimodal"
+    run_cfg = json.loads((folder / "run" / "final" / "config.json").read_text())
+    assert run_cfg["model"]["modalities"] == ["images", "spectra"] and run_cfg["model"]["modality_order"] == "random"
+    # every column is probed on the val/test objects that have a spectrum (the spectra column is null elsewhere)
+    emb = load_embeddings(folder / "embeddings.parquet", "embedding_images")
+    with_spectrum = int(np.nansum(emb.labels["has_spectrum"]))
+    assert 0 < with_spectrum < len(emb)
+    results = load_columns(folder / "probes" / "columns.json")
+    assert list(results) == ["embedding_images", "embedding_spectra", "embedding_joint"]
+    assert {r.protocol["rows"] for r in results.values()} == {with_spectrum} == {summary["rows"]}
+    assert summary["linear"]["embedding_spectra"]["redshift"] == results["embedding_spectra"].score("redshift")
+    assert summary["best_column"]["redshift"] in results
+    assert (folder / "probes" / "embedding_joint" / "probes.json").is_file()
+    gen = json.loads((folder / "generate" / "metrics.json").read_text())
+    assert gen["from"] == "images" and gen["to"] == "spectra" and gen["objects"] == cfg.spectra_generate
+    assert summary["generation"]["huber_model"] == gen["huber_model"] > 0
+    assert (folder / "generate" / "generated_spectra.png").stat().st_size > 0
+    doc = build_report(tmp_path, umap=False, inpainting=False).read_text()
+    assert "<h2>Multimodal</h2>" in doc and "<td>images → spectra</td>" in doc

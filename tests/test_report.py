@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 
 import numpy as np
@@ -93,3 +94,107 @@ def test_loss_and_probe_vs_flops_figures(tmp_path):
     pts = {"redshift": [(1e14, 0.3, "1m"), (5e14, 0.4, "5m")]}
     p = fg.plot_probe_vs_flops(pts, {"redshift": {"rho": 1.0, "p": None, "n": 2}}, tmp_path / "fig4")
     assert p["png"].stat().st_size > 0
+
+
+def _png(path):
+    fig, ax = fg.plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(path)
+    fg.plt.close(fig)
+    return path
+
+
+def _fake_multimodal(folder):
+    """columns.json as `astrolom probe` writes it for three columns, and two `astrolom generate` outputs."""
+    from astrolom.eval.embeddings import EmbeddingTable
+    from astrolom.eval.probes import evaluate_columns, save_columns
+
+    rng = np.random.default_rng(0)
+    n = 200
+    z = rng.uniform(0, 0.5, n)
+    X = {"embedding_images": rng.normal(size=(n, 3)), "embedding_spectra": np.c_[z, rng.normal(size=n)],
+         "embedding_joint": np.c_[z + 0.05 * rng.normal(size=n), rng.normal(size=n)]}  # fmt: skip
+    split, ids = np.array(["val", "test"] * (n // 2)), np.array([f"o{i}" for i in range(n)])
+    tables = {c: EmbeddingTable(ids, split, x.astype(np.float32), {"redshift": z}) for c, x in X.items()}
+    results = evaluate_columns(tables, ["redshift"], ("linear",))
+    save_columns(results, folder / "probes" / "columns.json")
+    for sub, src, dst, model, base in (("generate", "images", "spectra", 0.1234, 0.2345),
+                                       ("generate_to_images", "spectra", "images", 0.4321, 0.3210)):  # fmt: skip
+        (folder / sub).mkdir(parents=True)
+        metrics = {"model": "m", "data": "d", "from": src, "to": dst, "split": "test", "objects": 7,
+                   "huber_model": model, "huber_mean_baseline": base, "fraction_better_than_baseline": 0.5}  # fmt: skip
+        if dst == "spectra":
+            metrics["figure"] = str(_png(folder / sub / "generated_spectra.png"))
+        (folder / sub / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return results
+
+
+def _fake_align_eval(folder):
+    """align_eval.json shaped as `astrolom eval-align` writes it (its markdown reads it), plus its figures."""
+    from astrolom.align.evaluate import markdown, retrieval_metrics
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20, 4)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)  # L2-normalised, as the shared space is: self is the top match
+    tarp = {"alpha": [0.0, 0.5, 1.0], "ecp": [0.0, 0.45, 1.0], "band": [0.0, 0.2, 0.0], "max_abs_deviation": 0.05,
+            "fraction_in_band": 0.9}  # fmt: skip
+    result = {
+        "model": "align",
+        "pairs": {"train": 60, "val": 20, "test": 20},
+        "retrieval": {"image→spectrum": retrieval_metrics(a, a), "spectrum→image": retrieval_metrics(a, a[::-1])},
+        "similarity_redshift_r2": {"image→image": 0.61, "image→spectrum": 0.52},
+        "properties_r2": {"image aligned · zero-shot kNN": {"redshift": 0.71, "log_mstar": 0.42},
+                          "spectrum aligned · zero-shot kNN": {"redshift": 0.93, "log_mstar": 0.38},
+                          "spectrum CNN (supervised)": {"redshift": 0.99, "log_mstar": 0.5}},
+        "posteriors": {"image aligned": {"nll": -1.234, "epochs": 5, "best_val": 1.0, "tarp": tarp},
+                       "photometry": {"nll": 0.567, "epochs": 5, "best_val": 1.2, "tarp": tarp}},
+        "figures": {},
+        "seconds": 1.0,
+    }  # fmt: skip
+    folder.mkdir(parents=True)
+    for name in ("retrieval.png", "tarp.png", "corner.png"):
+        _png(folder / name)
+    (folder / "align_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    assert "| image→spectrum | 1.000 |" in markdown(result)  # the writer's own reader accepts the shape
+    return result
+
+
+def test_report_multimodal_and_alignment_sections(tmp_path):
+    from astrolom.eval.report import build_report
+
+    results = _fake_multimodal(tmp_path / "run" / "multimodal")
+    _fake_align_eval(tmp_path / "run" / "align_eval")
+    doc = build_report(tmp_path / "run", umap=False, inpainting=False).read_text()
+    assert "<h2>Multimodal</h2>" in doc and "<h2>Alignment</h2>" in doc
+    mm = doc[doc.index("<h2>Multimodal") : doc.index("<h2>Alignment")]
+    # the column table: the spectra column reads redshift best and is marked
+    z = {c: f"{r.score('redshift'):.3f}" for c, r in results.items()}
+    assert float(z["embedding_spectra"]) > 0.99 > float(z["embedding_joint"]) > float(z["embedding_images"])
+    assert f'<td class="best">{z["embedding_spectra"]}</td>' in mm and f"<td>{z['embedding_images']}</td>" in mm
+    assert "<td>embedding_spectra</td></tr>" in mm and "same 200 objects" in mm
+    # generation, both directions, against the mean baseline; the spectra figure is embedded
+    assert "<td>images → spectra</td>" in mm and "<td>spectra → images</td>" in mm
+    assert '<td class="best">0.1234</td><td>0.2345</td>' in mm and '<td>0.4321</td><td class="best">0.3210</td>' in mm
+    assert mm.count('<img src="data:image/png;base64,') == 1
+    al = doc[doc.index("<h2>Alignment") :]
+    assert "20 test pairs" in al and "<td>image→spectrum</td><td>1.000</td>" in al
+    assert "<td>0.050</td>" in al and "<td>10</td>" in al  # chance R@1 = 1/20, chance median rank (N+1)/2
+    assert '<td class="best">0.93' in al and '<td class="best">0.99' not in al  # supervised rows are not "best"
+    assert '<td class="best">-1.234</td>' in al and "<td>0.567</td>" in al
+    assert al.count('<img src="data:image/png;base64,') == 3
+
+
+def test_report_flags_point_at_multimodal_and_alignment_folders(tmp_path):
+    from astrolom.cli import main
+
+    _fake_multimodal(tmp_path / "elsewhere" / "mm")
+    _fake_align_eval(tmp_path / "elsewhere" / "al")
+    (tmp_path / "run").mkdir()
+    rc = main(["report", str(tmp_path / "run"), "--no-umap", "--no-inpainting", "--multimodal",
+               str(tmp_path / "elsewhere" / "mm"), "--align", str(tmp_path / "elsewhere" / "al")])  # fmt: skip
+    assert rc == 0
+    doc = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Multimodal</h2>" in doc and "<h2>Alignment</h2>" in doc and "0.1234" in doc
+    assert main(["report", str(tmp_path / "run"), "--no-umap", "--no-inpainting"]) == 0
+    doc = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Multimodal" not in doc and "<h2>Alignment" not in doc and "<h2>Configuration" in doc

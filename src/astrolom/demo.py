@@ -7,6 +7,11 @@
    aperture photometry and a supervised CNN: fit on the validation split, score on the test split;
 5. write DIR/report.html (loss curves, probe table, UMAP, telescope islands, inpainting, config, environment).
 
+Optional (`--spectra-steps N`, off by default): before the report, pretrain a small images + spectra model
+(`model.modalities=images,spectra model.modality_order=random`) for N steps on the same survey, embed it per
+modality, probe each embedding column on the same objects and generate spectra from images against the mean
+spectrum (DIR/multimodal/; the report's Multimodal section).
+
 It logs progress for every stage (stderr) and prints, at the end, where the report is and a table of the key numbers,
 plus whether the science checks hold (pretrained beats the control and PCA on redshift, stellar mass and g - r; the
 telescope is predictable). `astrolom demo` exits with status 1 when a check fails. `--tiny` runs the same pipeline
@@ -14,7 +19,8 @@ at toy size for CI (a few minutes on a loaded 2-core machine; 20 steps need not 
 
 Layout of DIR: survey/ (data), run/ (pretraining RUN: metrics, checkpoints, final/), embeddings.parquet,
 probes/ (probes.json, probes.md, figure, control embeddings), figures/, report.html, demo.json (settings, timings,
-key numbers, checks).
+key numbers, checks); with `--spectra-steps`, multimodal/ (run/, embeddings.parquet, probes/ with columns.json,
+generate/ with metrics.json and the generated spectra).
 
 Defaults and why (measured on 2 CPU cores; see the report's timings): 64x64 stamps cut into 8x8-pixel patches give
 the paper's 64-token sequences (an 8x8 grid in the same centre-out spiral) at a cost a CPU can pay; 16x16 patches
@@ -37,12 +43,23 @@ import numpy as np
 import torch
 
 from astrolom import layout
+from astrolom.data.sources import open_source
 from astrolom.data.survey import generate_survey, parse_instrument
 from astrolom.eval import baselines as bl
 from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
-from astrolom.eval.probe_cli import write_report
-from astrolom.eval.probes import DEFAULT_TARGETS, HEADLINE_TARGETS, KEY_TARGETS, ProbeResult, evaluate, markdown_table
+from astrolom.eval.multimodal import embed_multimodal_dataset, evaluate_generation
+from astrolom.eval.probe_cli import write_column_reports, write_report
+from astrolom.eval.probes import (
+    DEFAULT_TARGETS,
+    HEADLINE_TARGETS,
+    KEY_TARGETS,
+    ProbeResult,
+    best_column,
+    evaluate,
+    markdown_table,
+    probe_columns,
+)
 from astrolom.eval.report import build_report
 from astrolom.log import get_logger
 from astrolom.model.pretrained import load_model
@@ -73,6 +90,11 @@ class DemoConfig:
     umap: bool = True
     inpainting: bool = True
     instrument: str = "all"  # north/south instrument differences of the mock survey (`astrolom survey --instrument`)
+    # the optional multimodal stage (0: off): an images + spectra model pretrained for this many steps
+    spectra_steps: int = 0
+    spectra_preset: str = "1m"
+    spectrum_patch: int = 32  # spectrum pixels per token (the model's default)
+    spectra_generate: int = 32  # test objects whose spectra are generated from their images
 
 
 TINY = DemoConfig(
@@ -88,6 +110,9 @@ TINY = DemoConfig(
     methods=("linear", "knn"),
     umap=True,
     inpainting=True,
+    spectra_preset="debug",
+    spectrum_patch=128,
+    spectra_generate=4,
 )
 
 
@@ -124,6 +149,66 @@ def find_outliers(out: Path, embeddings: Path, survey: Path, k: int = 20, label:
     (folder / layout.OUTLIERS_JSON).write_text(json.dumps(result, indent=2))
     outliers_figure(top_outliers(index, 24, k, progress=False), open_store(index, str(survey)), folder / "outliers.png")
     return result
+
+
+def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
+    """Pretrain an images + spectra model for `cfg.spectra_steps`, embed it per modality, probe each embedding column
+    on the same objects and generate spectra from images; everything in out/multimodal/. None without spectra."""
+    source = open_source(str(survey), spectra=True)
+    try:
+        has_spectra = bool(source.metadata.get("wavelength"))
+    finally:
+        source.close()
+    if not has_spectra:
+        _detail(f"{survey} has no spectra: multimodal stage skipped")
+        return None
+    folder = out / layout.MULTIMODAL_DIR
+    run_dir = folder / layout.DEMO_RUN_DIR
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train_cfg = make_config(
+        data=survey,
+        preset=cfg.spectra_preset,
+        out=run_dir,
+        max_steps=cfg.spectra_steps,
+        overrides=[
+            "model.modalities=images,spectra",
+            "model.modality_order=random",
+            f"model.spectrum_patch={cfg.spectrum_patch}",
+            f"data.patch_size={cfg.patch_size}",
+            f"train.batch_size={cfg.batch_size}",
+            f"optim.learning_rate={cfg.learning_rate}",
+            f"train.seed={cfg.seed}",
+            f"train.eval_interval={max(1, cfg.spectra_steps // 10)}",
+            "train.eval_samples=256",
+            "train.checkpoint_interval=0",
+            "train.tensorboard=false",
+        ],
+    )
+    if not pretrain(train_cfg)["finished"]:
+        raise RuntimeError(f"multimodal pretraining stopped before step {cfg.spectra_steps}; see {run_dir}")
+    emb_path = folder / layout.EMBEDDINGS_NAME
+    embed_multimodal_dataset(
+        str(run_dir), str(survey), emb_path, splits=("val", "test"), layer=cfg.embed_layer,
+        n_tokens=cfg.embed_tokens, progress=False,
+    )  # fmt: skip
+    results = probe_columns(emb_path, "auto", DEFAULT_TARGETS, cfg.methods, seed=cfg.seed, progress=_detail)
+    write_column_reports(results, folder / layout.PROBES_DIR)
+    gen = evaluate_generation(
+        str(run_dir), str(survey), "images", "spectra", folder / "generate", n=cfg.spectra_generate,
+        n_baseline=max(64, 8 * cfg.spectra_generate),
+    )  # fmt: skip
+    _detail(
+        f"images -> spectra on {gen['objects']} test objects: Huber {gen['huber_model']:.4f} "
+        f"(mean-spectrum baseline {gen['huber_mean_baseline']:.4f})"
+    )
+    first = next(iter(results.values()))
+    return {
+        "rows": first.protocol["rows"],
+        "linear": {c: {t: r.score(t, "pretrained", "linear") for t in KEY_TARGETS} for c, r in results.items()},
+        "best_column": {t: best_column(results, t) for t in KEY_TARGETS},
+        "generation": {k: gen[k] for k in ("objects", "huber_model", "huber_mean_baseline")},
+    }
 
 
 def checks(probes: ProbeResult, outliers: dict | None = None) -> dict[str, bool]:
@@ -168,7 +253,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    n_stages = 6
+    n_stages = 7 if cfg.spectra_steps > 0 else 6
     log.info("astrolom demo -> %s\nsettings: %s", out, json.dumps(asdict(cfg)))
 
     survey = out / layout.DEMO_SURVEY_DIR
@@ -253,7 +338,16 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     )
     _done(t0, timings, "outliers")
 
-    t0 = _stage(6, n_stages, "report (UMAP, inpainting, figures)")
+    multimodal = None
+    if cfg.spectra_steps > 0:
+        t0 = _stage(
+            6, n_stages, f"multimodal: AstroPT-{cfg.spectra_preset} on images + spectra for {cfg.spectra_steps} steps, "
+            "probes per embedding column, spectra generated from images",
+        )  # fmt: skip
+        multimodal = multimodal_stage(out, survey, cfg)
+        _done(t0, timings, "multimodal")
+
+    t0 = _stage(n_stages, n_stages, "report (UMAP, inpainting, figures)")
     summary = {
         "settings": asdict(cfg),
         "timings_s": timings,
@@ -261,8 +355,11 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         "key_numbers": _key_numbers(probes),
         "outliers": outliers["evaluation"],
     }
+    if multimodal is not None:
+        summary["multimodal"] = multimodal
     (out / layout.DEMO_JSON).write_text(json.dumps(summary, indent=2))
-    report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting)
+    mm_dir = str(out / layout.MULTIMODAL_DIR) if multimodal is not None else None
+    report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting, multimodal=mm_dir)
     _done(t0, timings, "report")
     summary["timings_s"] = timings
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -312,6 +409,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="north/south instrument differences of the mock survey (default all; see `astrolom survey --help`)",
     )
+    parser.add_argument(
+        "--spectra-steps",
+        type=int,
+        default=None,
+        help="also pretrain an images + spectra model for this many steps, probe each modality's embeddings and "
+        "generate spectra from images (default 0: off)",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --out first (the survey is reused otherwise)")
 
 
@@ -329,6 +433,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "cnn_epochs": args.cnn_epochs,
         "seed": args.seed,
         "instrument": args.instrument,
+        "spectra_steps": args.spectra_steps,
     }
     cfg = DemoConfig(**{**asdict(base), **{k: v for k, v in changes.items() if v is not None}})
     if args.no_umap:

@@ -8,9 +8,15 @@ scaling sweep (`astrolom scaling --out DIR`). The report shows whatever it finds
 - the UMAP of the embeddings coloured by properties (Fig. 3) and by telescope (the paper's islands);
 - inpainting: the model completes stamps from their central spiral tokens (needs the model and the data);
 - the scaling sweep (Figs. 2 and 4, L(C) fit, Spearman rho) when `scaling.json` is present;
+- multimodal: per-embedding-column probes (`astrolom probe` on a multimodal model's embeddings: columns.json) and
+  cross-modal generation against its mean baseline (`astrolom generate`: metrics.json and figure), found in
+  RUN/multimodal (the demo's `--spectra-steps` stage) or given with `--multimodal DIR`;
+- alignment: retrieval against chance, property and posterior tables and figures of `astrolom eval-align`, found
+  in RUN/align_eval or given with `--align DIR`;
 - the configuration and the environment (package versions, machine).
 
-Where things live is discovered in RUN (and RUN/run, RUN/probes, RUN/scaling); flags override each location.
+Where things live is discovered in RUN (and RUN/run, RUN/probes, RUN/scaling, RUN/multimodal, RUN/align_eval); flags
+override each location.
 Figures are written next to the report (RUN/figures/*.png|pdf) and embedded in it.
 """
 
@@ -34,7 +40,7 @@ from astrolom.data.stream import RecordStream
 from astrolom.eval import figures as fg
 from astrolom.eval.embeddings import load_embeddings
 from astrolom.eval.inpaint import inpaint
-from astrolom.eval.probes import KEY_TARGETS, ProbeResult
+from astrolom.eval.probes import KEY_TARGETS, ProbeResult, best_column, column_targets, load_columns
 from astrolom.eval.scaling import markdown as scaling_markdown
 from astrolom.eval.scaling import read_metrics
 from astrolom.log import get_logger
@@ -84,7 +90,18 @@ def find_artifacts(root: str | Path) -> dict[str, Path | None]:
         "demo": _first(root / L.DEMO_JSON),
         "outliers": _first(root / L.OUTLIERS_DIR / L.OUTLIERS_JSON),
         "label_efficiency": _first(root / L.LABEL_EFFICIENCY_MD, root / "label_efficiency" / L.LABEL_EFFICIENCY_MD),
+        "columns": _first(root / L.PROBES_DIR / L.COLUMNS_JSON, root / L.COLUMNS_JSON),
+        "multimodal": _first(root / L.MULTIMODAL_DIR),
+        "align": _first(root / L.ALIGN_EVAL_DIR / L.ALIGN_EVAL_JSON, root / L.ALIGN_EVAL_JSON),
     }
+
+
+def multimodal_artifacts(folder: str | Path) -> tuple[Path | None, list[Path]]:
+    """(per-column probe results, `astrolom generate` metrics files) in a multimodal folder and its subfolders."""
+    L, folder = layout, Path(folder)
+    columns = _first(folder / L.COLUMNS_JSON, folder / L.PROBES_DIR / L.COLUMNS_JSON)
+    candidates = [folder / L.GENERATION_JSON, *sorted(folder.glob(f"*/{L.GENERATION_JSON}"))]
+    return columns, [p for p in candidates if p.is_file() and "huber_model" in json.loads(p.read_text())]
 
 
 def _data_path(artifacts: dict, override: str | None) -> str | None:
@@ -181,6 +198,139 @@ def environment() -> dict:
     return env
 
 
+def column_table(results: dict[str, ProbeResult], method: str = "linear") -> str:
+    """HTML of `astrolom.eval.probes.columns_markdown`: targets x embedding columns, the best column in bold."""
+    cols = list(results)
+    rows, best = [], []
+    for t in column_targets(results):
+        ref = next(r for r in results.values() if t in r.targets)
+        majority = ref.majority_accuracy(t)
+        vals = [results[c].score(t, "pretrained", method) for c in cols]
+        top = best_column(results, t, method)
+        rows.append(
+            [t, ref.metric(t) + ("" if majority is None else f" (majority {majority:.2f})")]
+            + ["-" if v is None else f"{v:.3f}" for v in vals]
+            + [top or "-"]
+        )
+        best.append({cols.index(top) + 2} if top else set())
+    return _table(["target", "metric", *cols, "best"], rows, best)
+
+
+def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
+    body = ""
+    if columns:
+        results = load_columns(columns)
+        pr = next(iter(results.values())).protocol
+        method = "linear" if "linear" in pr.get("methods", ["linear"]) else pr["methods"][0]
+        body += (
+            "<h3>Probes of each embedding column</h3>"
+            f'<p class="note">{html.escape(method)} probes of every embedding column on the same '
+            f"{pr.get('rows', pr['n_fit'])} objects (those with every column): fit on <code>{pr['fit_split']}</code> "
+            f"({pr['n_fit']} objects), scored on <code>{pr['test_split']}</code> ({pr['n_test']}). R2 for "
+            "continuous targets, accuracy for classes. <b>embedding_images</b>: images only; "
+            "<b>embedding_spectra</b>: spectra only; <b>embedding_joint</b>: one pass over both. Bold: the best "
+            "column per target.</p>" + column_table(results, method)
+        )
+    if generations:
+        rows, figs = [], ""
+        for path in generations:
+            m = json.loads(path.read_text())
+            rows.append(
+                [f"{m['from']} → {m['to']}", m["split"], str(m["objects"]), f"{m['huber_model']:.4f}",
+                 f"{m['huber_mean_baseline']:.4f}", f"{100 * m['fraction_better_than_baseline']:.0f}%"]
+            )  # fmt: skip
+            png = path.parent / layout.GENERATED_SPECTRA_PNG
+            if m["to"] == "spectra" and png.exists():
+                figs += _img(png, "spectra generated from the images (red) against the true ones (grey); dotted: "
+                             "emission lines at the true redshift")  # fmt: skip
+        best = [{3} if float(r[3]) < float(r[4]) else {4} for r in rows]
+        body += (
+            "<h3>Cross-modal generation</h3>"
+            '<p class="note">The model is prompted with one modality and generates the other token by token '
+            "(<code>astrolom generate</code>). Mean Huber loss (δ = 1) over the true tokens in the model's normalised "
+            "units, against a trivial baseline: the training split's mean tokens. Lower is better; bold: the "
+            "lower of the two.</p>"
+            + _table(
+                [
+                    "direction",
+                    "split",
+                    "objects",
+                    "Huber (model)",
+                    "Huber (mean baseline)",
+                    "objects better than baseline",
+                ],
+                rows,
+                best,
+            )  # fmt: skip
+            + figs
+        )
+    return "<h2>Multimodal</h2>" + body
+
+
+def _alignment_section(path: Path) -> str:
+    res = json.loads(path.read_text())
+    rows = [
+        [d, f"{r['recall@1']:.3f}", f"{r['recall@5']:.3f}", f"{r['recall@10']:.3f}", f"{r['median_rank']:.0f}",
+         f"{r['chance@1']:.3f}", f"{r['chance@10']:.3f}", f"{r['chance_median_rank']:.0f}"]
+        for d, r in res["retrieval"].items()
+    ]  # fmt: skip
+    body = (
+        f'<p class="note">Image–spectrum alignment (<code>astrolom eval-align</code>) on {res["pairs"]["test"]} '
+        f"test pairs ({res['pairs']['train']} train). Retrieval: the rank of the true partner among all test "
+        "pairs, against chance.</p>"
+        + _table(
+            ["direction", "R@1", "R@5", "R@10", "median rank", "chance R@1", "chance R@10", "chance median rank"], rows
+        )  # fmt: skip
+    )
+    if res.get("similarity_redshift_r2"):
+        sim = [[k, f"{v:.3f}"] for k, v in res["similarity_redshift_r2"].items()]
+        body += "<p class=\"note\">Similarity search: R2 of the top match's redshift against the query's.</p>"
+        body += _table(["search", "redshift R2"], sim)
+    props = res.get("properties_r2") or {}
+    if props:
+        targets = list(next(iter(props.values())))
+        names = list(props)
+        best: list[set[int]] = [set() for _ in names]
+        for j, t in enumerate(targets):
+            unsup = [(props[n][t], i) for i, n in enumerate(names) if "(supervised)" not in n]
+            if unsup:
+                best[max(unsup)[1]].add(j + 1)
+        rows = [[n] + [f"{props[n][t]:.3f}" for t in targets] for n in names]
+        body += (
+            "<h3>Property estimation (test R2)</h3>"
+            '<p class="note">Zero-shot kNN and few-shot MLP from the aligned and unaligned embeddings of each '
+            "modality, against supervised baselines (AstroCLIP Table 2). Bold: the best embedding per target.</p>"
+            + _table(["source · method", *targets], rows, best)
+        )
+    post = res.get("posteriors") or {}
+    if post:
+        names = list(post)
+        low = min(range(len(names)), key=lambda i: post[names[i]]["nll"])
+        rows = [
+            [n, f"{v['nll']:.3f}", f"{v['tarp']['max_abs_deviation']:.3f}", f"{v['tarp']['fraction_in_band']:.2f}"]
+            for n, v in post.items()
+        ]
+        body += (
+            "<h3>Posteriors</h3>"
+            '<p class="note">One conditional normalising flow per feature set over the joint (redshift, log M*, '
+            "log sSFR); test negative log-likelihood (lower is better; bold: lowest) and TARP calibration.</p>"
+            + _table(
+                ["feature set", "test NLL (nats)", "TARP max abs deviation", "TARP fraction in 2σ band"],
+                rows,
+                [{1} if i == low else set() for i in range(len(rows))],
+            )  # fmt: skip
+        )
+    captions = {
+        "retrieval.png": "image → spectrum retrieval: queries, top matches and their spectra",
+        "tarp.png": "TARP expected coverage of the posteriors",
+        "corner.png": "posteriors from aligned image embeddings for a few test galaxies (red: truth)",
+    }
+    for name in layout.ALIGN_EVAL_FIGURES:
+        if (path.parent / name).exists():
+            body += _img(path.parent / name, captions.get(name, ""))
+    return "<h2>Alignment</h2>" + body
+
+
 # ------------------------------------------------------------------------------------------------- figures
 
 
@@ -208,6 +358,8 @@ def build_report(
     embeddings: str | None = None,
     probes: str | None = None,
     scaling: str | None = None,
+    multimodal: str | None = None,
+    align: str | None = None,
     umap: bool = True,
     inpainting: bool = True,
     inpaint_k: int | None = None,
@@ -215,9 +367,16 @@ def build_report(
 ) -> Path:
     """Write the HTML report of `root` to `out` (default root/report.html); returns its path."""
     art = find_artifacts(root)
-    for key, value in (("embeddings", embeddings), ("probes", probes), ("scaling", scaling)):
+    for key, value in (
+        ("embeddings", embeddings),
+        ("probes", probes),
+        ("scaling", scaling),
+        ("multimodal", multimodal),
+    ):
         if value:
             art[key] = Path(value)
+    if align:
+        art["align"] = Path(align) / layout.ALIGN_EVAL_JSON if Path(align).is_dir() else Path(align)
     root = Path(root)
     out = Path(out) if out else root / layout.REPORT_NAME
     figdir = out.parent / "figures"
@@ -312,6 +471,13 @@ def build_report(
                 body += _img(png)
         sections.append("<h2>Scaling sweep</h2>" + body)
 
+    columns, generations = multimodal_artifacts(art["multimodal"]) if art["multimodal"] else (None, [])
+    columns = columns or art["columns"]
+    if columns or generations:
+        sections.append(_multimodal_section(columns, generations))
+    if art["align"]:
+        sections.append(_alignment_section(art["align"]))
+
     if art["outliers"]:
         res = json.loads(art["outliers"].read_text())
         rows = [
@@ -369,6 +535,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", default=None, help="embeddings Parquet for the UMAP")
     parser.add_argument("--probes", default=None, help="probes.json")
     parser.add_argument("--scaling", default=None, help="scaling.json")
+    parser.add_argument(
+        "--multimodal",
+        default=None,
+        help="folder with per-column probes (columns.json, or probes/columns.json) and `astrolom generate` outputs "
+        "(metrics.json in it or its subfolders); default RUN/multimodal",
+    )
+    parser.add_argument("--align", default=None, help="`astrolom eval-align` output folder (default RUN/align_eval)")
     parser.add_argument("--no-umap", action="store_true")
     parser.add_argument("--no-inpainting", action="store_true")
     parser.add_argument("--inpaint-k", type=int, default=None, help="tokens the model is given (default T/4)")
@@ -384,6 +557,8 @@ def run(args: argparse.Namespace) -> int:
         embeddings=args.embeddings,
         probes=args.probes,
         scaling=args.scaling,
+        multimodal=args.multimodal,
+        align=args.align,
         umap=not args.no_umap,
         inpainting=not args.no_inpainting,
         inpaint_k=args.inpaint_k,
