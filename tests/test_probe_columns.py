@@ -82,6 +82,8 @@ def test_probe_columns_scores_each_column_on_the_same_objects(columns_file):
     assert res["embedding_good"].score("side") > 0.95 and res["embedding_noise"].score("side") < 0.65
     assert pr.best_column(res, "redshift") == "embedding_good" and pr.best_column(res, "side") == "embedding_good"
     assert pr.best_column(res, "redshift", "knn") is None  # not run
+    tie = {"embedding_b": res["embedding_noise"], "embedding_a": res["embedding_noise"]}
+    assert pr.best_column(tie, "redshift") == "embedding_b"  # a tie goes to the first column, not the name
     md = pr.columns_markdown(res)
     assert f"on the same {int(has.sum())} objects" in md
     assert "| target | metric | embedding_good | embedding_noise | embedding_sparse | best |" in md

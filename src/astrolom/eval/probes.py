@@ -549,10 +549,11 @@ def probe_columns(
 
 
 def best_column(results: dict[str, ProbeResult], target: str, method: str = "linear") -> str | None:
-    """The column with the highest headline score (R2 or accuracy) for `target`; None where none scored it."""
+    """The column with the highest headline score (R2 or accuracy) for `target` (on a tie the first in order); None
+    where none scored it."""
     scored = [(r.score(target, "pretrained", method), c) for c, r in results.items()]
     scored = [(v, c) for v, c in scored if v is not None]
-    return max(scored)[1] if scored else None
+    return max(scored, key=lambda vc: vc[0])[1] if scored else None
 
 
 def column_targets(results: dict[str, ProbeResult]) -> list[str]:

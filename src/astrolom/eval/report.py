@@ -224,7 +224,7 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
         method = "linear" if "linear" in pr.get("methods", ["linear"]) else pr["methods"][0]
         body += (
             "<h3>Probes of each embedding column</h3>"
-            f'<p class="note">{html.escape(method)} probes of every embedding column on the same '
+            f'<p class="note">{html.escape(method.capitalize())} probes of every embedding column on the same '
             f"{pr.get('rows', pr['n_fit'])} objects (those with every column): fit on <code>{pr['fit_split']}</code> "
             f"({pr['n_fit']} objects), scored on <code>{pr['test_split']}</code> ({pr['n_test']}). R2 for "
             "continuous targets, accuracy for classes. <b>embedding_images</b>: images only; "
