@@ -44,7 +44,10 @@ def test_features_of_real_encoders(encoders, tmp_path):
     # views 1, 2 are rotations with noise: different features from the stamp itself
     assert (cache.image_tokens[:, 1] - cache.image_tokens[:, 0]).abs().mean() > 1e-3
     assert set(cache.label_names) >= {"redshift", "log_mstar", "log_ssfr", "log_zstar", "age_mw_gyr"}
+    wave = cache.meta["wavelength"]  # Å grid of the cached spectra: the figures' x axis
+    assert len(wave) == cache.spectra.shape[1] and wave[0] == pytest.approx(3600) and wave[-1] == pytest.approx(9800)
     back = FeatureCache.load(cache.save(tmp_path / "f.safetensors"))
+    assert back.meta["wavelength"] == wave
     assert back.object_ids == cache.object_ids and torch.equal(back.image_tokens, cache.image_tokens)
     with pytest.raises(ValueError, match="pretrained on spectra alone"):
         extract_features(str(img), str(img), str(survey), progress=False)

@@ -341,6 +341,9 @@ def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path
     )
     axes = np.atleast_2d(axes)
     spectra = cache.spectra.numpy()[test]
+    # observed-frame wavelength in Å (caches written before the grid was recorded fall back to pixel index)
+    wave = np.asarray(cache.meta.get("wavelength") or np.arange(spectra.shape[1]), dtype=np.float64)
+    x_label = "observed wavelength [Å]" if cache.meta.get("wavelength") else "spectrum pixel"
     for r, q in enumerate(queries):
         order = np.argsort(-sims[q])[:top]
         axes[r, 0].imshow(_rgb(cache.images[test[q]].numpy()))
@@ -350,10 +353,12 @@ def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path
             hit = " ✓" if m == q else ""
             axes[r, c].set_title(f"#{c} z={z[m]:.3f}{hit}", fontsize=8)
         ax = axes[r, -1]
-        ax.plot(spectra[q] / np.nanmedian(np.abs(spectra[q])), color="k", lw=0.6, label="query spectrum")
+        ax.plot(wave, spectra[q] / np.nanmedian(np.abs(spectra[q])), color="k", lw=0.6, label="query spectrum")
         for c, m in enumerate(order, start=1):
-            ax.plot(spectra[m] / np.nanmedian(np.abs(spectra[m])) + 1.5 * c, lw=0.5, label=f"match #{c}")
+            ax.plot(wave, spectra[m] / np.nanmedian(np.abs(spectra[m])) + 1.5 * c, lw=0.5, label=f"match #{c}")
         ax.set_yticks([])
+        ax.set_xlabel(x_label, fontsize=7)
+        ax.tick_params(labelsize=6)
         if r == 0:
             ax.legend(fontsize=6, loc="upper right")
         for a in axes[r, :-1]:

@@ -263,6 +263,7 @@ def extract_features(
         "tokens": n_tokens,
         "seed": seed,
         "sky_sigma": [float(s) for s in sigma],
+        "wavelength": [float(w) for w in tokeniser.wavelength],  # Å, the grid of `spectra` (figures' x axis)
     }
     cat = {k: torch.cat(v) for k, v in out.items()}
     return FeatureCache(
