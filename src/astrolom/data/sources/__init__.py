@@ -54,8 +54,10 @@ whose shape does not match the data set (the most common shape among the first r
 `BadRecordError` (a ValueError) naming the file, the row (Parquet/HDF5/arrays) and the problem, with the library's
 own exception as its `__cause__`. With
 `skip_bad=True` the record is skipped instead: counted in `source.skipped`, listed in `source.bad`, appended as one
-JSON line `{"file", "row", "object_id", "reason"}` to `manifest` (when given) and summarised in the log.
-Nothing is dropped silently.
+JSON line `{"file", "row", "object_id", "reason", "dropped": "record"}` to `manifest` (when given) and summarised in
+the log. A bad *spectrum* with a good image drops only the spectrum: the record goes on image-only (`spectrum` None,
+like an object without one), counted in `source.spectra_dropped`, listed in `source.bad_spectra` and in the manifest
+with `"dropped": "spectrum"`. Nothing is dropped silently.
 
 **Spectra.** Every spectrum ends up on one reference grid (`wavelength`, the model's; default: the data set's own or
 the first spectrum file's), published as `source.metadata["wavelength"]`: another grid is resampled flux-conserving

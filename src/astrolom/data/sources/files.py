@@ -132,12 +132,13 @@ class PairedSource(_FileSource):
             path = item.spectrum
             try:
                 item.spectrum = read_fits_spectrum(self._read(path), path)
-            except decode_errors() as err:
+            except decode_errors() as err:  # the record's spectrum is bad, not (yet) the record: see Source._spectrum
                 if isinstance(err, BadRecordError):
-                    return BadRecordError(path, err.problem, None, item.object_id)
-                out = BadRecordError(path, f"cannot read spectrum: {type(err).__name__}: {err}", None, item.object_id)
-                out.__cause__ = err
-                return out
+                    item.spectrum = BadRecordError(path, err.problem, None, item.object_id)
+                else:
+                    problem = f"cannot read spectrum: {type(err).__name__}: {err}"
+                    item.spectrum = BadRecordError(path, problem, None, item.object_id)
+                item.spectrum.__cause__ = err
         try:
             data = self._read(item.file)
         except OSError as err:

@@ -13,12 +13,12 @@ Units come from the header (`BUNIT`, `TUNITn`) when present and go to `Spectrum.
 model's, passed as `SourceOptions.wavelength`, else the data set's own: its metadata, or the first readable spectrum).
 A spectrum on another grid is resampled onto it with the flux-conserving `astrolom.data.spectra.resample`
 (`SourceOptions.resample_spectra=True`, the default) or refused (False) with a `BadRecordError` that names the file and
-both grids. A spectrum that cannot be used is a bad record too (raised, or skipped and listed with `skip_bad`): flux
-NaN everywhere, ivar 0 everywhere, every pixel masked, a flux/ivar/mask length that differs from its wavelength grid
-(or from the data set's grid, for formats that store one grid for all rows), a wavelength grid that is not strictly
-increasing. On the record, `spectrum` is the flux on the reference grid with NaN at every pixel that carries no
-information (masked, ivar 0, outside the original coverage), so that no later stage can train on it;
-`spectrum_ivar` (0 there) and `spectrum_mask` (True there) come with it.
+both grids. A spectrum that cannot be used is a bad record too (raised, or with `skip_bad` dropped and listed while
+its record goes on image-only, see `Source._spectrum`): flux NaN everywhere, ivar 0 everywhere, every pixel masked, a
+flux/ivar/mask length that differs from its wavelength grid (or from the data set's grid, for formats that store one
+grid for all rows), a wavelength grid that is not strictly increasing. On the record, `spectrum` is the flux on the
+reference grid with NaN at every pixel that carries no information (masked, ivar 0, outside the original coverage), so
+that no later stage can train on it; `spectrum_ivar` (0 there) and `spectrum_mask` (True there) come with it.
 """
 
 from __future__ import annotations
