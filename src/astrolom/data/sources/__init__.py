@@ -28,8 +28,10 @@ parquet     a file, folder of `*.parquet` or glob. Our layout (raw float32 `imag
             (grid in the metadata) go into the record.
 paired      images (a folder of JPEG/PNG or FITS cutouts, as above) paired by object id with one FITS spectrum
             per object: `open_source(images, spectra_dir=spectra)`, or a folder holding `images/` and `spectra/`
-            (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs (DESI-coadd-like) or a table with
-            wavelength (or loglam)/flux/ivar/mask columns, see `astrolom.data.sources.spectra`.
+            (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs, a table with wavelength (or
+            loglam)/flux/ivar/mask columns, or DESI per-camera coadds (B_/R_/Z_ WAVELENGTH/FLUX/IVAR/MASK, arms
+            merged inverse-variance-weighted); a `coadd-*.fits` holding many targets pairs each FIBERMAP
+            TARGETID with the image of that name. See `astrolom.data.sources.spectra` and `.desi`.
 ========== =================================================================================================
 
 Paths may be local or any fsspec URL (`file://`, `memory://`, `s3://`, ...). Records without a split column get
@@ -68,9 +70,9 @@ information; `record.spectrum_ivar` / `spectrum_mask` come with it.
 **Modules.** `errors` (BadRecordError, which exceptions mean damaged input) · `base` (SourceOptions, Source with the
 bad-record policy, PixelRecord, Chunk, file-name conventions) · `decode` (JPEG/PNG/FITS/raw-float32 payload ->
 pixels) · `files` (one record per file: images, fits, paired) · `arrays` (npy, npz, HDF5) · `parquet` (ours, encoded,
-Smith42/HF) · `spectra` (FITS spectra, the reference grid, bad spectra) · `open` (format detection, the READERS
-registry, `open_source`) · `cli` (`astrolom inspect`). New readers get a module beside these and an entry in
-`open.READERS`.
+Smith42/HF) · `spectra` (FITS spectra, the reference grid, bad spectra) · `desi` (DESI per-camera coadds: arms
+merged, targets by TARGETID) · `open` (format detection, the READERS registry, `open_source`) · `cli`
+(`astrolom inspect`). New readers get a module beside these and an entry in `open.READERS`.
 """
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource

@@ -23,7 +23,7 @@ import numpy as np
 
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
 from astrolom.data.sources.errors import BadRecordError, decode_errors
-from astrolom.data.sources.spectra import SpectrumGrid
+from astrolom.data.sources.spectra import SpectrumGrid, SpectrumRef
 from astrolom.data.spectra import Spectrum
 
 log = logging.getLogger("astrolom.data")
@@ -168,8 +168,8 @@ class Item:
     split: str
     labels: dict[str, Any]
     payload: Any
-    # flux on the data set's grid, a Spectrum, where to read one (a FITS path), or why it could not be read
-    spectrum: np.ndarray | Spectrum | str | BadRecordError | None = None
+    # flux on the data set's grid, a Spectrum, where to read one (a FITS file), or why it could not be read
+    spectrum: np.ndarray | Spectrum | SpectrumRef | BadRecordError | None = None
     spectrum_ivar: np.ndarray | None = None
     spectrum_mask: np.ndarray | None = None
     spectrum_wavelength: np.ndarray | None = None  # the grid of a flux-array spectrum, when not the data set's
