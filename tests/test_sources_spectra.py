@@ -116,8 +116,9 @@ def test_other_grid_is_refused_naming_the_file_and_both_grids(tmp_path):
         list(src.records())
     # the model's grid, when given, is the reference: now the 128 px files are the foreign ones
     src = open_source(root, wavelength=coarse.tolist(), skip_bad=True, resample_spectra=False)
-    recs = list(src.records())
-    assert [r.object_id for r in recs] == ["obj3", "obj5"] and src.skipped == 4
+    recs = by_id(src)
+    assert len(recs) == 6 and src.skipped == 0 and src.spectra_dropped == 4  # the images stay, image-only
+    assert [k for k, r in recs.items() if r.spectrum is not None] == ["obj3"]
 
 
 BAD = {
@@ -144,10 +145,43 @@ def test_bad_spectrum_raises_naming_the_file_or_is_skipped_and_listed(tmp_path, 
     assert err.value.file == str(bad_file) and err.value.object_id == "obj2"
     manifest = tmp_path / "skipped.jsonl"
     src = open_source(root, skip_bad=True, manifest=manifest)
-    assert sorted(r.object_id for r in src.records()) == ["obj0", "obj1", "obj3", "obj4", "obj5"]
-    assert src.skipped == 1
+    recs = by_id(src)  # skip_bad drops only the bad spectrum: obj2 goes on image-only, like obj5 (no spectrum)
+    assert sorted(recs) == [f"obj{i}" for i in range(6)] and recs["obj2"].spectrum is None
+    assert recs["obj2"].image.shape == (16, 16, 3) and recs["obj2"].spectrum_ivar is None
+    assert src.skipped == 0 and src.spectra_dropped == 1
     entry = json.loads(manifest.read_text())
     assert entry["file"] == str(bad_file) and entry["object_id"] == "obj2" and reason in entry["reason"]
+    assert entry["dropped"] == "spectrum"
+
+
+def test_skip_bad_drops_a_bad_spectrum_but_skips_a_bad_image(tmp_path, caplog):
+    root = write_paired(tmp_path / "data")
+    (root / "images" / "obj1.png").write_bytes(b"")  # bad image, good spectrum: the whole record goes
+    write_fits_spectrum(root / "spectra" / "obj3.fits", WAVE, flux_of(3), np.zeros(128, "f4"))  # bad spectrum
+    manifest = tmp_path / "skipped.jsonl"
+    src = open_source(root, skip_bad=True, manifest=manifest)
+    for _ in range(2):  # a second epoch lists nothing again
+        recs = by_id(src)
+    assert sorted(recs) == ["obj0", "obj2", "obj3", "obj4", "obj5"] and recs["obj3"].spectrum is None
+    assert recs["obj3"].image.shape == (16, 16, 3) and recs["obj2"].spectrum is not None
+    assert (src.skipped, src.spectra_dropped) == (1, 1)
+    entries = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert [(e["object_id"], e["dropped"]) for e in entries] == [("obj1", "record"), ("obj3", "spectrum")]
+    assert "ivar is 0 everywhere" in entries[1]["reason"] and entries[1]["file"].endswith("obj3.fits")
+    line = src.log_summary()
+    assert "skipped 1 bad record(s)" in line and "dropped 1 bad spectrum(s), keeping their records image-only" in line
+
+
+def test_hdf5_bad_spectrum_row_is_dropped_alone(tmp_path):
+    path = write_astroclip_h5(tmp_path / "a.h5")
+    with h5py.File(path, "a") as h:
+        h["spectrum"][5] = np.nan
+    with pytest.raises(BadRecordError, match=r"a\.h5 row 5: unusable spectrum: its flux is NaN everywhere"):
+        list(open_source(path).records())
+    src = open_source(path, skip_bad=True)
+    recs = by_id(src)
+    assert len(recs) == 24 and recs["1005"].spectrum is None and recs["1005"].image.shape == (32, 32, 3)
+    assert src.skipped == 0 and src.spectra_dropped == 1 and src.bad_spectra[0]["row"] == 5
 
 
 def write_astroclip_h5(path, n=24, size=32, wavelength="dataset"):
@@ -215,7 +249,9 @@ def test_our_parquet_reads_ivar_and_mask_and_checks_spectra(tmp_path):
     with pytest.raises(BadRecordError, match=r"bad\.parquet row 1: wrong length: spectrum has 100 pixels.*has 128"):
         list(open_source(bad).records())
     src = open_source(bad, skip_bad=True)
-    assert [r.object_id for r in src.records()] == ["p0"] and src.bad[0]["row"] == 1
+    p0, p1 = src.records()  # only the bad spectrum is dropped: p1 stays, image-only
+    assert p0.spectrum is not None and p1.spectrum is None and p1.image.shape == (8, 8, 1)
+    assert src.skipped == 0 and src.bad_spectra[0]["row"] == 1 and src.bad_spectra[0]["object_id"] == "p1"
 
 
 def test_inspect_reports_spectra(tmp_path, capsys):

@@ -164,8 +164,9 @@ class RecordStream:
             )
 
     def _end_of_epoch(self) -> None:
-        if self.source.skipped > self._reported_skips:
-            self._reported_skips = self.source.skipped
+        listed = self.source.skipped + self.source.spectra_dropped
+        if listed > self._reported_skips:
+            self._reported_skips = listed
             self.source.log_summary()
 
     # -- position -------------------------------------------------------------------------------------------------

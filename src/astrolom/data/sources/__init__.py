@@ -28,8 +28,10 @@ parquet     a file, folder of `*.parquet` or glob. Our layout (raw float32 `imag
             (grid in the metadata) go into the record.
 paired      images (a folder of JPEG/PNG or FITS cutouts, as above) paired by object id with one FITS spectrum
             per object: `open_source(images, spectra_dir=spectra)`, or a folder holding `images/` and `spectra/`
-            (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs (DESI-coadd-like) or a table with
-            wavelength (or loglam)/flux/ivar/mask columns, see `astrolom.data.sources.spectra`.
+            (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs, a table with wavelength (or
+            loglam)/flux/ivar/mask columns, or DESI per-camera coadds (B_/R_/Z_ WAVELENGTH/FLUX/IVAR/MASK, arms
+            merged inverse-variance-weighted); a `coadd-*.fits` holding many targets pairs each FIBERMAP
+            TARGETID with the image of that name. See `astrolom.data.sources.spectra` and `.desi`.
 ========== =================================================================================================
 
 Paths may be local or any fsspec URL (`file://`, `memory://`, `s3://`, ...). Records without a split column get
@@ -54,8 +56,10 @@ whose shape does not match the data set (the most common shape among the first r
 `BadRecordError` (a ValueError) naming the file, the row (Parquet/HDF5/arrays) and the problem, with the library's
 own exception as its `__cause__`. With
 `skip_bad=True` the record is skipped instead: counted in `source.skipped`, listed in `source.bad`, appended as one
-JSON line `{"file", "row", "object_id", "reason"}` to `manifest` (when given) and summarised in the log.
-Nothing is dropped silently.
+JSON line `{"file", "row", "object_id", "reason", "dropped": "record"}` to `manifest` (when given) and summarised in
+the log. A bad *spectrum* with a good image drops only the spectrum: the record goes on image-only (`spectrum` None,
+like an object without one), counted in `source.spectra_dropped`, listed in `source.bad_spectra` and in the manifest
+with `"dropped": "spectrum"`. Nothing is dropped silently.
 
 **Spectra.** Every spectrum ends up on one reference grid (`wavelength`, the model's; default: the data set's own or
 the first spectrum file's), published as `source.metadata["wavelength"]`: another grid is resampled flux-conserving
@@ -66,9 +70,9 @@ information; `record.spectrum_ivar` / `spectrum_mask` come with it.
 **Modules.** `errors` (BadRecordError, which exceptions mean damaged input) · `base` (SourceOptions, Source with the
 bad-record policy, PixelRecord, Chunk, file-name conventions) · `decode` (JPEG/PNG/FITS/raw-float32 payload ->
 pixels) · `files` (one record per file: images, fits, paired) · `arrays` (npy, npz, HDF5) · `parquet` (ours, encoded,
-Smith42/HF) · `spectra` (FITS spectra, the reference grid, bad spectra) · `open` (format detection, the READERS
-registry, `open_source`) · `cli` (`astrolom inspect`). New readers get a module beside these and an entry in
-`open.READERS`.
+Smith42/HF) · `spectra` (FITS spectra, the reference grid, bad spectra) · `desi` (DESI per-camera coadds: arms
+merged, targets by TARGETID) · `open` (format detection, the READERS registry, `open_source`) · `cli`
+(`astrolom inspect`). New readers get a module beside these and an entry in `open.READERS`.
 """
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource

@@ -23,7 +23,7 @@ import numpy as np
 
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
 from astrolom.data.sources.errors import BadRecordError, decode_errors
-from astrolom.data.sources.spectra import SpectrumGrid
+from astrolom.data.sources.spectra import SpectrumGrid, SpectrumRef
 from astrolom.data.spectra import Spectrum
 
 log = logging.getLogger("astrolom.data")
@@ -57,8 +57,8 @@ DEFAULT_CHUNK_ROWS = 256
 class SourceOptions:
     """How to read a data set; every reader takes one (`open_source(path, options)` or its keyword overrides)."""
 
-    skip_bad: bool = False  # skip (and list) records that cannot be used instead of raising BadRecordError
-    manifest: str | Path | None = None  # JSONL file to which skipped records are appended
+    skip_bad: bool = False  # skip (and list) records that cannot be used, or only their bad spectrum, not raise
+    manifest: str | Path | None = None  # JSONL file to which skipped records and dropped spectra are appended
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
     split_seed: int = 0
     id_column: str | None = None  # object id column / dataset (default: detected)
@@ -168,7 +168,8 @@ class Item:
     split: str
     labels: dict[str, Any]
     payload: Any
-    spectrum: np.ndarray | Spectrum | str | None = None  # flux on the data set's grid, a Spectrum, or a FITS path
+    # flux on the data set's grid, a Spectrum, where to read one (a FITS file), or why it could not be read
+    spectrum: np.ndarray | Spectrum | SpectrumRef | BadRecordError | None = None
     spectrum_ivar: np.ndarray | None = None
     spectrum_mask: np.ndarray | None = None
     spectrum_wavelength: np.ndarray | None = None  # the grid of a flux-array spectrum, when not the data set's
@@ -241,8 +242,10 @@ class Source:
         self._shape_given = opts.expect_shape is not None
         self.label_columns: list[str] = []
         self.metadata: dict[str, Any] = {}
-        self.bad: list[dict[str, Any]] = []
+        self.bad: list[dict[str, Any]] = []  # records skipped whole (skip_bad)
         self._bad_keys: set = set()
+        self.bad_spectra: list[dict[str, Any]] = []  # records kept without their bad spectrum (skip_bad)
+        self._bad_spectrum_keys: set = set()
         self.masked_pixels = 0
         self.masked_records = 0
         self.chunk_reads = 0  # number of chunk payload reads (for tests / diagnostics)
@@ -279,7 +282,13 @@ class Source:
 
     @property
     def skipped(self) -> int:
+        """Records skipped whole as bad (skip_bad)."""
         return len(self.bad)
+
+    @property
+    def spectra_dropped(self) -> int:
+        """Records kept image-only because their spectrum was bad (skip_bad)."""
+        return len(self.bad_spectra)
 
     def chunk_keys(self, i: int) -> tuple[list[str], list[str]]:
         """(object ids, splits) of chunk i, in row order, without decoding any image."""
@@ -333,6 +342,12 @@ class Source:
         if self.bad:
             where = f" (listed in {self.manifest})" if self.manifest else ""
             parts.append(f"skipped {len(self.bad)} bad record(s){where}; first: {self.bad[0]['reason']}")
+        if self.bad_spectra:
+            where = f" (listed in {self.manifest})" if self.manifest else ""
+            parts.append(
+                f"dropped {len(self.bad_spectra)} bad spectrum(s), keeping their records image-only{where}; "
+                f"first: {self.bad_spectra[0]['reason']}"
+            )
         if self.masked_pixels:
             parts.append(
                 f"replaced {self.masked_pixels} masked/NaN pixel(s) in {self.masked_records} record(s) "
@@ -396,19 +411,27 @@ class Source:
                     item.row,
                     item.object_id,
                 )
-        spec = self._spectrum(item)
         if max_value is not None and arr.dtype.kind == "u":
+            spec = self._spectrum(item)
             return PixelRecord(item.object_id, None, item.split, item.labels, *spec, pixels=arr, max_value=max_value)
         img = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(img).all():
             img = self._fill_masked(img, item)
+        spec = self._spectrum(item)  # after the image checks: a record skipped whole drops no spectrum separately
         return Record(item.object_id, img, item.split, item.labels, *spec)
 
     def _spectrum(self, item: Item) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """(flux, ivar, mask) of the item's spectrum on the reference grid, or Nones (no spectrum / not read)."""
+        """(flux, ivar, mask) of the item's spectrum on the reference grid, or Nones (no spectrum / not read).
+
+        Every format's spectra pass here, so this is where a bad spectrum is handled: without skip_bad it raises its
+        BadRecordError (the record is bad); with skip_bad only the spectrum is dropped (listed in `bad_spectra` and
+        the manifest) and the record goes on image-only, like an object that has no spectrum.
+        """
         if item.spectrum is None or not self.options.spectra:
             return None, None, None
         try:
+            if isinstance(item.spectrum, BadRecordError):  # the spectrum could not be read (e.g. a paired file)
+                raise item.spectrum
             return self.spectrum_grid.flux_on_grid(
                 item.spectrum,
                 item.file,
@@ -418,9 +441,14 @@ class Source:
                 grid=self._own_grid if item.spectrum_wavelength is None else item.spectrum_wavelength,
             )
         except BadRecordError as err:
-            if err.object_id is not None:
-                raise
-            raise BadRecordError(err.file, err.problem, err.row, item.object_id) from err.__cause__
+            if err.object_id is None:
+                cause = err.__cause__
+                err = BadRecordError(err.file, err.problem, err.row, item.object_id)
+                err.__cause__ = cause
+            if not self.options.skip_bad:
+                raise err
+            self._list_bad(err, "spectrum")
+            return None, None, None
 
     def _set_spectrum_grid(self, own: Any = None) -> None:
         """Fix the reference grid: the requested one, else `own` (the data set's); publish it as
@@ -455,21 +483,32 @@ class Source:
     def _bad_record(self, err: BadRecordError) -> None:
         if not self.options.skip_bad:
             raise err
-        key = (err.file, err.row)
+        self._list_bad(err, "record")
+
+    def _list_bad(self, err: BadRecordError, dropped: str) -> None:
+        """Count and list (in `bad` or `bad_spectra`, and the manifest) a skipped record or a dropped spectrum, once
+        however many epochs meet it. Manifest lines are {"file", "row", "object_id", "reason", "dropped"}."""
+        if dropped == "record":
+            listed, keys, key = self.bad, self._bad_keys, (err.file, err.row)
+        else:  # a coadd's spectrum file serves many objects: the object is part of the key
+            listed, keys, key = self.bad_spectra, self._bad_spectrum_keys, (err.file, err.row, err.object_id)
         with self._lock:
-            if key in self._bad_keys:
+            if key in keys:
                 return  # seen in an earlier epoch: skipped again, counted once
-            self._bad_keys.add(key)
+            keys.add(key)
             entry = {"file": err.file, "row": err.row, "object_id": err.object_id, "reason": str(err)}
-            self.bad.append(entry)
+            entry["dropped"] = dropped
+            listed.append(entry)
             if self.manifest is not None:
                 self.manifest.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.manifest, "a") as f:
                     f.write(json.dumps(entry) + "\n")
-        if len(self.bad) == 1:
-            log.warning("skipping bad record: %s (further ones are counted in source.skipped)", err)
+        what = "skipping bad record" if dropped == "record" else "dropping bad spectrum (record kept image-only)"
+        if len(listed) == 1:
+            counter = "source.skipped" if dropped == "record" else "source.spectra_dropped"
+            log.warning("%s: %s (further ones are counted in %s)", what, err, counter)
         else:
-            log.debug("skipping bad record: %s", err)
+            log.debug("%s: %s", what, err)
 
     def _peek_one(self, item: Item):
         """((H, W, C), bands) of an item, as cheaply as the format allows (default: decode it)."""

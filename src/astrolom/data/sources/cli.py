@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="data set: folder, file, glob or fsspec URL")
     parser.add_argument("--format", default=None, choices=sorted(set(FORMATS) | set(ALIASES)), help="default: detect")
     parser.add_argument("--skip-bad", action="store_true", help="skip undecodable / mismatched records (listed)")
-    parser.add_argument("--manifest", default=None, help="JSONL file to which skipped records are appended")
+    parser.add_argument("--manifest", default=None, help="JSONL file listing skipped records and dropped spectra")
     parser.add_argument("--image-key", default=None, help="image column / dataset / array name (default: image(s))")
     parser.add_argument("--id-column", default=None, help="object id column / dataset (default: detected)")
     parser.add_argument("--show", type=int, default=4, help="number of records whose value ranges are printed")

@@ -1,5 +1,5 @@
 """One file per record: folders / globs of JPEG/PNG cutouts (`images`), of FITS files (`fits`), and image files paired
-with a folder of FITS spectra by object id (`paired`)."""
+with a folder of FITS spectra (one per object, or DESI coadds holding many) by object id (`paired`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, is_local, kind_of, strip_ext
 from astrolom.data.sources.decode import decode_encoded, decode_fits, peek_encoded
 from astrolom.data.sources.errors import BadRecordError, decode_errors
-from astrolom.data.sources.spectra import read_fits_spectrum, spectrum_files
+from astrolom.data.sources.spectra import SpectrumRef, read_fits_spectrum, spectrum_refs
+from astrolom.data.spectra import Spectrum
 
 log = logging.getLogger("astrolom.data")
 
@@ -83,11 +84,13 @@ class FitsDirSource(_FileSource):
 
 
 class PairedSource(_FileSource):
-    """Image files (JPEG/PNG or FITS) paired with one FITS spectrum per object in another folder, by object id.
+    """Image files (JPEG/PNG or FITS) paired with FITS spectra in another folder, by object id.
 
     The object id is the file's path relative to its folder without the extension, in both folders
-    (`images/obj1.png` + `spectra/obj1.fits`). Objects without a spectrum file keep their image (no spectrum);
-    spectrum files without an image are counted in `unpaired_spectra` and logged.
+    (`images/obj1.png` + `spectra/obj1.fits`), except for multi-target DESI coadds in the spectra folder
+    (`coadd-*.fits`): each of their targets pairs with the image named by its TARGETID (`images/39627...png`).
+    Objects without a spectrum keep their image (no spectrum); spectra without an image are counted in
+    `unpaired_spectra`, and ids found twice in `duplicate_spectra` (the first file in path order is used); both logged.
     """
 
     format = "paired"
@@ -96,26 +99,47 @@ class PairedSource(_FileSource):
     def __init__(self, location, fs, files, root: str | None, options: SourceOptions | None = None, *, spectra_root):
         super().__init__(location, fs, files, root, options)
         self.spectra_root = str(spectra_root).rstrip("/")
-        self.spectrum_paths = spectrum_files(fs, self.spectra_root) if self.options.spectra else {}
+        self.spectrum_refs: dict[str, SpectrumRef] = {}
+        self.duplicate_spectra: list[str] = []
+        if self.options.spectra:
+            self.spectrum_refs, self.duplicate_spectra = spectrum_refs(
+                fs, self.spectra_root, self._open, self._bad_record
+            )
         ids = set(self.ids)
-        self.unpaired_spectra = sorted(k for k in self.spectrum_paths if k not in ids)
+        self.unpaired_spectra = sorted(k for k in self.spectrum_refs if k not in ids)
         if self.unpaired_spectra:
             log.warning(
-                "%s: %d spectrum file(s) have no image (first: %s)",
+                "%s: %d spectrum(s) have no image (first: %s)",
                 self.spectra_root,
                 len(self.unpaired_spectra),
-                self.spectrum_paths[self.unpaired_spectra[0]],
+                self.spectrum_refs[self.unpaired_spectra[0]],
+            )
+        if self.duplicate_spectra:
+            log.warning(
+                "%s: %d object id(s) have more than one spectrum; the first file in path order is used (first: %s)",
+                self.spectra_root,
+                len(self.duplicate_spectra),
+                self.duplicate_spectra[0],
             )
         self._set_first_grid()
 
+    def _open(self, path: str):
+        return open(path, "rb") if self._local else self.fs.open(path, "rb")
+
+    def _read_spectrum(self, ref: SpectrumRef) -> Spectrum:
+        if ref.row is None:
+            return read_fits_spectrum(self._read(ref.file), ref.file)
+        with self._open(ref.file) as fh:  # one target of a coadd: read only its rows
+            return read_fits_spectrum(fh, ref.file, ref.row)
+
     def _set_first_grid(self) -> None:
-        """The reference grid, unless given: the grid of the first readable spectrum file (in object-id order)."""
+        """The reference grid, unless given: the grid of the first readable spectrum (in object-id order)."""
         if self.spectrum_grid.wavelength is not None:
             self._set_spectrum_grid()
             return
-        for oid in sorted(k for k in self.spectrum_paths if k not in set(self.unpaired_spectra))[:8]:
+        for oid in sorted(k for k in self.spectrum_refs if k not in set(self.unpaired_spectra))[:8]:
             try:
-                spec = read_fits_spectrum(self._read(self.spectrum_paths[oid]), self.spectrum_paths[oid])
+                spec = self._read_spectrum(self.spectrum_refs[oid])
             except decode_errors():  # a bad first file is reported when its record is read
                 continue
             self._set_spectrum_grid(spec.wavelength)
@@ -124,20 +148,21 @@ class PairedSource(_FileSource):
     def _items(self, i, rows):
         items = super()._items(i, rows)
         for it in items:
-            it.spectrum = self.spectrum_paths.get(it.object_id)  # a path: read with the image, in the pool
+            it.spectrum = self.spectrum_refs.get(it.object_id)  # read with the image, in the pool
         return items
 
     def _decode_one(self, item: Item):
-        if isinstance(item.spectrum, str):
-            path = item.spectrum
+        if isinstance(item.spectrum, SpectrumRef):
+            ref = item.spectrum
             try:
-                item.spectrum = read_fits_spectrum(self._read(path), path)
-            except decode_errors() as err:
+                item.spectrum = self._read_spectrum(ref)
+            except decode_errors() as err:  # the record's spectrum is bad, not (yet) the record: see Source._spectrum
                 if isinstance(err, BadRecordError):
-                    return BadRecordError(path, err.problem, None, item.object_id)
-                out = BadRecordError(path, f"cannot read spectrum: {type(err).__name__}: {err}", None, item.object_id)
-                out.__cause__ = err
-                return out
+                    item.spectrum = BadRecordError(ref.file, err.problem, ref.row, item.object_id)
+                else:
+                    problem = f"cannot read spectrum: {type(err).__name__}: {err}"
+                    item.spectrum = BadRecordError(ref.file, problem, ref.row, item.object_id)
+                item.spectrum.__cause__ = err
         try:
             data = self._read(item.file)
         except OSError as err:

@@ -1,9 +1,13 @@
 """Spectra in the readers: one FITS file per spectrum (DESI-coadd-like), and putting every spectrum on one grid.
 
-**FITS spectra** (`read_fits_spectrum`), one object per file, in either layout:
+**FITS spectra** (`read_fits_spectrum`), one object per file, in any of these layouts:
 
-- image HDUs named `WAVELENGTH` (or `WAVE`, `LAMBDA`), `FLUX`, optional `IVAR` and `MASK` (DESI coadds; MASK != 0
-  marks a bad pixel), each a 1-D array (a (1, L) array is flattened);
+- image HDUs named `WAVELENGTH` (or `WAVE`, `LAMBDA`), `FLUX`, optional `IVAR` and `MASK` (MASK != 0 marks a bad
+  pixel), each a 1-D array (a (1, L) array is flattened);
+- DESI per-camera coadds: `B_WAVELENGTH`, `B_FLUX`, `B_IVAR`, optional `B_MASK`, the same for `R_` and `Z_`, the arms
+  merged onto one grid (inverse-variance-weighted where they overlap, see `astrolom.data.sources.desi`). A file named
+  `coadd-*.fits` may hold many targets: a paired spectra folder matches its rows to images by the TARGETID of its
+  FIBERMAP (`spectrum_refs`), and the reader then reads one row;
 - a binary table (the first one that has a flux column) with columns `wavelength`/`wave`/`lambda`/`loglam`
   (log10 Å), `flux`, optional `ivar`/`inverse_variance` and `mask`/`and_mask` (case-insensitive).
 
@@ -13,12 +17,12 @@ Units come from the header (`BUNIT`, `TUNITn`) when present and go to `Spectrum.
 model's, passed as `SourceOptions.wavelength`, else the data set's own: its metadata, or the first readable spectrum).
 A spectrum on another grid is resampled onto it with the flux-conserving `astrolom.data.spectra.resample`
 (`SourceOptions.resample_spectra=True`, the default) or refused (False) with a `BadRecordError` that names the file and
-both grids. A spectrum that cannot be used is a bad record too (raised, or skipped and listed with `skip_bad`): flux
-NaN everywhere, ivar 0 everywhere, every pixel masked, a flux/ivar/mask length that differs from its wavelength grid
-(or from the data set's grid, for formats that store one grid for all rows), a wavelength grid that is not strictly
-increasing. On the record, `spectrum` is the flux on the reference grid with NaN at every pixel that carries no
-information (masked, ivar 0, outside the original coverage), so that no later stage can train on it;
-`spectrum_ivar` (0 there) and `spectrum_mask` (True there) come with it.
+both grids. A spectrum that cannot be used is a bad record too (raised, or with `skip_bad` dropped and listed while
+its record goes on image-only, see `Source._spectrum`): flux NaN everywhere, ivar 0 everywhere, every pixel masked, a
+flux/ivar/mask length that differs from its wavelength grid (or from the data set's grid, for formats that store one
+grid for all rows), a wavelength grid that is not strictly increasing. On the record, `spectrum` is the flux on the
+reference grid with NaN at every pixel that carries no information (masked, ivar 0, outside the original coverage), so
+that no later stage can train on it; `spectrum_ivar` (0 there) and `spectrum_mask` (True there) come with it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from __future__ import annotations
 import gzip
 import io
 import threading
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from astrolom.data.sources.errors import BadRecordError
+from astrolom.data.sources.desi import arm_names, coadd_target_ids, is_coadd_name, merge_arms, read_arms
+from astrolom.data.sources.errors import BadRecordError, decode_errors
 from astrolom.data.spectra import Spectrum, describe_grid, same_grid, to_grid
 
 SPECTRUM_EXTENSIONS = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -54,8 +61,12 @@ def _flat(a: Any, what: str, file: str) -> np.ndarray:
     return arr
 
 
-def read_fits_spectrum(data: bytes, file: str) -> Spectrum:
+def read_fits_spectrum(data: bytes | BinaryIO, file: str, row: int | None = None) -> Spectrum:
     """Parse one FITS spectrum (see the module docstring for the layouts) -> `Spectrum` with `meta["source"]=file`.
+
+    Args:
+        data: the file's bytes (optionally gzipped), or an open binary file (then a coadd reads only `row`).
+        row: the target's row in a multi-target DESI per-camera coadd (`coadd_target_ids` gives the rows' ids).
 
     Raises:
         BadRecordError: naming `file`, for a file with no spectrum, mismatched lengths or a non-increasing grid.
@@ -63,12 +74,18 @@ def read_fits_spectrum(data: bytes, file: str) -> Spectrum:
     """
     from astropy.io import fits
 
-    if not data:
-        raise BadRecordError(file, "spectrum file is empty (0 bytes)")
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
+    if isinstance(data, bytes | bytearray):
+        if not data:
+            raise BadRecordError(file, "spectrum file is empty (0 bytes)")
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        data = io.BytesIO(data)
+    with fits.open(data, memmap=False, lazy_load_hdus=False) as hdul:
         ext = {(h.name or "").strip().lower(): h for h in hdul}
+        if arm_names(ext):  # DESI per-camera coadd: B_/R_/Z_ extensions
+            return merge_arms(read_arms(ext, file, row))
+        if row is not None:
+            raise BadRecordError(file, f"target row {row} asked for, but this is not a per-camera coadd")
         arrays: dict[str, np.ndarray] = {}
         units: dict[str, str] = {}
         if "flux" in ext and ext["flux"].is_image and ext["flux"].data is not None:
@@ -183,6 +200,7 @@ class SpectrumGrid:
         """
         if isinstance(spectrum, Spectrum):
             file = spectrum.meta.get("source", file)  # e.g. the spectrum's own FITS file, not the image's
+            row = spectrum.meta.get("row", row)  # and its row there (a target of a DESI coadd)
         else:
             grid = self.wavelength if grid is None else grid
             flux = np.asarray(spectrum, dtype=np.float32).reshape(-1)
@@ -255,8 +273,19 @@ def _require_usable(spectrum: Spectrum, file: str, row: int | None, when: str = 
         raise BadRecordError(file, str(err).split(": ", 1)[-1] + when, row) from err
 
 
+@dataclass(frozen=True)
+class SpectrumRef:
+    """Where an object's spectrum is: a FITS file, and the target's row when the file is a multi-target coadd."""
+
+    file: str
+    row: int | None = None
+
+    def __str__(self) -> str:
+        return self.file if self.row is None else f"{self.file} row {self.row}"
+
+
 def spectrum_files(fs, root: str) -> dict[str, str]:
-    """Object id (path relative to `root` without the FITS extension) -> spectrum file, for a folder of spectra."""
+    """File stem (path relative to `root` without the FITS extension) -> spectrum file, for a folder of spectra."""
     root = root.rstrip("/")
     out = {}
     for f in sorted(fs.find(root)):
@@ -268,3 +297,47 @@ def spectrum_files(fs, root: str) -> dict[str, str]:
         rel = f[len(root) + 1 :] if f.startswith(root + "/") else name
         out[rel[: -len(ext)]] = f
     return out
+
+
+def spectrum_refs(
+    fs,
+    root: str,
+    open_file: Callable[[str], BinaryIO],
+    on_bad: Callable[[BadRecordError], None],
+) -> tuple[dict[str, SpectrumRef], list[str]]:
+    """Object id -> `SpectrumRef` for a folder of spectra, and the ids met again (the first file in path order wins).
+
+    A file's object id is its stem (`spectrum_files`), except for multi-target DESI coadds (`coadd-*.fits`): each of
+    their rows is the object named by its FIBERMAP TARGETID. A coadd whose index cannot be read goes to `on_bad`
+    (which raises, or lists it under skip_bad).
+    """
+    refs: dict[str, SpectrumRef] = {}
+    again: list[str] = []
+    for stem, path in spectrum_files(fs, root).items():
+        if is_coadd_name(path):
+            try:
+                with open_file(path) as fh:
+                    ids = coadd_ids(fh, path)
+            except decode_errors() as err:
+                problem = err.problem if isinstance(err, BadRecordError) else f"{type(err).__name__}: {err}"
+                out = BadRecordError(path, f"cannot index the coadd's targets: {problem}")
+                out.__cause__ = err
+                on_bad(out)
+                continue
+            pairs = [(oid, SpectrumRef(path, r)) for r, oid in enumerate(ids)]
+        else:
+            pairs = [(stem, SpectrumRef(path))]
+        for oid, ref in pairs:
+            if oid in refs:
+                again.append(oid)
+            else:
+                refs[oid] = ref
+    return refs, again
+
+
+def coadd_ids(data: BinaryIO, file: str) -> list[str]:
+    """The TARGETID (as an object id) of every row of a DESI per-camera coadd, read from its FIBERMAP."""
+    from astropy.io import fits
+
+    with fits.open(data, memmap=False, lazy_load_hdus=True) as hdul:
+        return coadd_target_ids({(h.name or "").strip().lower(): h for h in hdul}, file)
