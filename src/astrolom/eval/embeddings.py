@@ -1,7 +1,10 @@
 """The embedding table on disk: `EmbeddingWriter` writes it, `load_embeddings` reads it, `split_rows` splits it.
 
 One Parquet row per object: `object_id`, `split`, every label column of the data, and `embedding`
-(fixed-size list<float32>). The file metadata key `astrolom` holds JSON describing how the embeddings were made
+(fixed-size list<float32>). Files of multimodal and aligned models also hold per-modality vectors in
+`embedding_<modality>` columns (`embedding_images`, `embedding_spectra`, ...; null where an object lacks the modality);
+they are read into `EmbeddingTable.modalities`, not taken for labels. The file metadata key `astrolom` holds JSON
+describing how the embeddings were made
 (model, layer, token count, data, split settings). Under torchrun every rank writes its own part,
 `EMB.parquet/part-<rank>.parquet`; `load_embeddings` reads a file or such a directory alike.
 
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 from astrolom.data.records import METADATA_KEY, Record
 
 EMBEDDING = "embedding"  # the column that holds the vectors
+MODALITY_PREFIX = "embedding_"  # per-modality vectors: embedding_images, embedding_spectra, embedding_joint
 _KEY_COLUMNS = ("object_id", "split")
 
 
@@ -33,6 +37,7 @@ class EmbeddingTable:
     X: np.ndarray  # (N, D) float32
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    modalities: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, D_m), NaN rows where absent
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -45,6 +50,7 @@ class EmbeddingTable:
             self.X[mask],
             {k: v[mask] for k, v in self.labels.items()},
             self.metadata,
+            {k: v[mask] for k, v in self.modalities.items()},
         )
 
     def rows_of(self, object_ids: np.ndarray) -> np.ndarray:
@@ -69,14 +75,20 @@ def load_embeddings(path: str | Path) -> EmbeddingTable:
     for col in (EMBEDDING, *_KEY_COLUMNS):
         if col not in table.column_names:
             raise ValueError(f"{path} has no {col!r} column; was it written by `astrolom embed`?")
-    col = table.column(EMBEDDING).combine_chunks()
-    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[0].as_py())
-    X = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(table), dim)
+    X = _vectors(table.column(EMBEDDING))
+    if np.isnan(X).all(axis=1).any():
+        raise ValueError(f"{path}: the {EMBEDDING!r} column is null for some objects")
     meta_raw = (tables[0].schema.metadata or {}).get(METADATA_KEY)
+    types = {f.name: f.type for f in table.schema}
+    modal = [
+        n
+        for n in table.column_names
+        if n.startswith(MODALITY_PREFIX) and (pa.types.is_list(types[n]) or pa.types.is_fixed_size_list(types[n]))
+    ]
     labels = {
         name: _column_to_numpy(table.column(name))
         for name in table.column_names
-        if name not in (EMBEDDING, *_KEY_COLUMNS)
+        if name not in (EMBEDDING, *_KEY_COLUMNS, *modal)
     }
     return EmbeddingTable(
         object_id=np.asarray(table.column("object_id").to_pylist(), dtype=str),
@@ -84,7 +96,20 @@ def load_embeddings(path: str | Path) -> EmbeddingTable:
         X=X,
         labels=labels,
         metadata=json.loads(meta_raw) if meta_raw else {},
+        modalities={n.removeprefix(MODALITY_PREFIX): _vectors(table.column(n)) for n in modal},
     )
+
+
+def _vectors(col: pa.ChunkedArray) -> np.ndarray:
+    """(N, D) float32 of a list column; NaN rows where the value is null."""
+    col = col.combine_chunks()
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        raise ValueError(f"embedding column of type {col.type} holds no vectors")
+    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[int(np.argmax(valid))].as_py())
+    out = np.full((len(col), dim), np.nan, dtype=np.float32)
+    out[valid] = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    return out
 
 
 def _column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
