@@ -145,6 +145,23 @@ def test_embed_of_an_alignment_run_matches_eval_align(aligned):
     np.testing.assert_allclose(t.modalities["spectra"][rows], ref["spectra"], atol=1e-5)
 
 
+def test_embed_and_index_commands_take_an_alignment_run(aligned, tmp_path, capsys):
+    from astrolom.cli import main
+
+    survey, idx_dir, run = aligned
+    out = tmp_path / "e.parquet"
+    assert main(["embed", "--model", str(run), "--data", str(survey), "--out", str(out), "--no-progress"]) == 0
+    assert "aligned space" in capsys.readouterr().out
+    ref = load_embeddings(run.parent / "aligned.parquet")
+    np.testing.assert_allclose(load_embeddings(out).modalities["spectra"], ref.modalities["spectra"], atol=1e-6)
+    args = ["index", "--model", str(run), "--data", str(survey), "--out", str(tmp_path / "i"), "--map", "none"]
+    assert main([*args, "--no-progress"]) == 0
+    idx = si.load_index(tmp_path / "i")
+    assert idx.aligned and set(idx.modalities) == {"images", "spectra"} and len(idx) == 64
+    assert main(["embed", "--model", str(run), "--data", str(survey), "--out", str(out), "--symmetrize"]) == 2
+    assert "do not apply to an alignment run" in capsys.readouterr().err
+
+
 def test_queries_by_spectrum_and_image_file(aligned, tmp_path, capsys):
     from search_helpers import write_fits_spectrum
 

@@ -588,7 +588,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="embedding Parquet file or directory (`astrolom embed`)")
     src.add_argument(
-        "--model", help="embed --data with this model first (symmetry-pooled unless --no-symmetrize), then index"
+        "--model",
+        help="embed --data with this model (symmetry-pooled unless --no-symmetrize) or alignment run first, then index",
     )
     parser.add_argument("--out", required=True, help="index directory to write")
     parser.add_argument(
@@ -609,13 +610,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     embeddings = args.embeddings
-    if args.model:
+    if args.model and not args.data:
+        raise ValueError("--model needs --data (the data set to embed)")
+    from astrolom.align.train import is_aligned
+
+    if args.model and is_aligned(args.model):  # an alignment run: its shared space, one index per modality
+        from astrolom.align.embed import embed_aligned_dataset
+
+        embeddings = embed_aligned_dataset(
+            args.model,
+            args.data,
+            Path(args.out) / "embeddings.parquet",
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            progress=not args.no_progress,
+        )
+    elif args.model:
         # the default index: embeddings pooled over the 8 rotations/mirrors, so orientation costs nothing in search
         from astrolom.eval.embed import embed_dataset
         from astrolom.model.pretrained import load_model
 
-        if not args.data:
-            raise ValueError("--model needs --data (the data set to embed)")
         model, meta = load_model(args.model)
         embeddings = embed_dataset(
             model,
