@@ -21,3 +21,52 @@ def make_model_index(survey: Path, tmp: Path, *, symmetrize: bool = True) -> Pat
         model, str(survey), tmp / "emb.parquet", metadata=meta, symmetrize=symmetrize, progress=False
     )
     return build_index(emb, tmp / "index", map_method="pca", progress=False, log=None)
+
+
+def make_aligned_index(survey: Path, tmp: Path) -> tuple[Path, Path]:
+    """Two random encoders (images-only, spectra-only), a 12-step alignment run on `survey`, its shared-space
+    embeddings (`astrolom embed` of the run) and their per-modality index; returns (IDX, RUN)."""
+    from astrolom.align.embed import embed_aligned_dataset
+    from astrolom.align.model import AlignConfig
+    from astrolom.align.train import AlignTrainConfig, AlignTrainer
+    from astrolom.data.multimodal import SpectrumTokeniser
+    from astrolom.data.survey import spectrum_wavelength
+    from astrolom.model.astropt import AstroPT, ModelConfig
+    from astrolom.search.index import build_index
+    from astrolom.train.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    small = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, patch_size=8)
+    img = save_pretrained(AstroPT(ModelConfig(**small)), tmp / "img", tokens={"patch_size": 8}, data={"image_size": 32})
+    tok = SpectrumTokeniser(spectrum_wavelength(), patch=128)
+    spec_cfg = ModelConfig(**small, modalities=("spectra",), spectrum_patch=128)
+    spec = save_pretrained(AstroPT(spec_cfg), tmp / "spec", tokens={"spectra": tok.describe()})
+    cfg = AlignTrainConfig(
+        image_model=str(img),
+        spectrum_model=str(spec),
+        data=str(survey),
+        out=str(tmp / "run"),
+        steps=12,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        views=1,
+        eval_interval=6,
+        checkpoint_interval=0,
+        progress=False,
+        head=AlignConfig(embed_dim=16, head_dim=16, n_heads=2),
+    )
+    AlignTrainer(cfg).fit()
+    emb = embed_aligned_dataset(tmp / "run", str(survey), tmp / "aligned.parquet", progress=False)
+    return build_index(emb, tmp / "aligned_index", map_method="pca", progress=False, log=None), tmp / "run"
+
+
+def write_fits_spectrum(path: Path, wavelength, flux) -> Path:
+    """A DESI-coadd-like FITS spectrum file (WAVELENGTH and FLUX image HDUs)."""
+    import numpy as np
+    from astropy.io import fits
+
+    hdus = [fits.PrimaryHDU(), fits.ImageHDU(np.asarray(wavelength, np.float64), name="WAVELENGTH")]
+    hdus.append(fits.ImageHDU(np.asarray(flux, np.float32), name="FLUX"))
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path

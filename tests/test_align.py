@@ -228,6 +228,8 @@ def test_eval_align_end_to_end(tmp_path):
 
     emb = pq.read_table(tmp_path / "eval" / "aligned_embeddings.parquet")
     assert emb.num_rows == 160 and len(emb["embedding_spectra"][0]) == 16
+    meta = json.loads(emb.schema.metadata[b"astrolom"])  # the run, so that an index of it embeds new queries
+    assert meta["aligned"] == meta["model"] == str(tmp_path.resolve()) and meta["columns"]["embedding"] == "images"
     for name in ("align_eval.json", "align_eval.md", "retrieval.png", "tarp.png", "corner.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()

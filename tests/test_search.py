@@ -99,7 +99,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["search", "--index", str(out), "--id", "missing-id"]) == 2
     assert "object id 'missing-id' is not in the index" in capsys.readouterr().err
     assert main(["search", "--index", str(out), "--spectrum", str(tmp_path / "s.npy")]) == 2
-    assert "embeds images only" in capsys.readouterr().err
+    assert "has no spectra index (it holds images embeddings" in capsys.readouterr().err
     assert main(["search", "--index", str(out), "--image", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "does not record the model" in err or "no image file" in err
@@ -146,7 +146,9 @@ def test_image_query_finds_the_object_itself(model_index, tmp_path, capsys):
     img = store.get(oid).image
     f = tmp_path / "q.npy"
     np.save(f, d4(img, 5))  # a mirrored + rotated copy: symmetry pooling makes it the same embedding
-    hits = sq.search_image(idx, f, k=3)
+    res = sq.search_image(idx, f, k=3)
+    assert (res.query_modality, res.target_modality, res.cross_modal) == ("images", "images", False)
+    hits = res.neighbours
     assert hits[0].object_id == oid and hits[0].similarity > 0.999
     fig = tmp_path / "fig.png"
     assert (
@@ -154,6 +156,7 @@ def test_image_query_finds_the_object_itself(model_index, tmp_path, capsys):
     )
     res = json.loads(capsys.readouterr().out)
     assert res["neighbours"][0]["object_id"] == oid and len(res["neighbours"]) == 4
+    assert res["query"] == "q.npy" and res["query_modality"] == res["target_modality"] == "images"
     assert fig.stat().st_size > 5000
     assert main(["search", "--index", str(model_index), "--id", oid, "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -142,6 +142,12 @@ def test_bad_parameters_and_spectrum_without_a_spectrum_model(client):
     assert client.get(f"/api/object/{client.get('/api/map').json()['ids'][0]}/cutout.png?size=7").status_code == 422
     r = client.post("/api/search/spectrum", files={"file": ("s.npy", _npy(np.ones(100)), "x")})
     assert r.status_code == 409 and "spectra" in r.json()["detail"]
+    oid = client.get("/api/map").json()["ids"][0]
+    r = client.get(f"/api/neighbours/{oid}?target=spectra")  # an image-only index has no spectra to search
+    assert r.status_code == 409 and "no spectra index" in r.json()["detail"]
+    r = client.post("/api/search/image?target=spectra", files={"file": ("c.png", _png(), "image/png")})
+    assert r.status_code == 409
+    assert client.get(f"/api/neighbours/{oid}?target=sound").status_code == 422
     r = client.post("/api/search/image")  # no file at all
     assert r.status_code == 422
 
@@ -159,3 +165,79 @@ def test_binds_localhost_unless_told_and_warns(monkeypatch, index_dir, capsys):
     assert main(["serve", "--index", str(index_dir), "--host", "0.0.0.0", "--port", "8123"]) == 0
     assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 8123
     assert "WARNING: binding 0.0.0.0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- an aligned (cross-modal) index
+
+
+@pytest.fixture(scope="module")
+def aligned(mock_survey, tmp_path_factory):
+    from search_helpers import make_aligned_index
+
+    from astrolom.search.index import load_index
+
+    idx_dir, _ = make_aligned_index(mock_survey, tmp_path_factory.mktemp("serve_aligned"))
+    client = TestClient(sa.create_app(idx_dir, max_upload_mb=0.5), raise_server_exceptions=False)
+    return client, load_index(idx_dir)
+
+
+def _fits_spectrum(idx, oid: str) -> bytes:
+    from astropy.io import fits
+
+    from astrolom.search.query import open_store
+
+    store = open_store(idx)
+    buf = io.BytesIO()
+    hdus = [fits.PrimaryHDU(), fits.ImageHDU(store.wavelength(), name="WAVELENGTH")]
+    fits.HDUList([*hdus, fits.ImageHDU(store.get(oid).spectrum.astype(np.float32), name="FLUX")]).writeto(buf)
+    return buf.getvalue()
+
+
+def test_cross_modal_api(aligned):
+    client, idx = aligned
+    info = client.get("/api/info").json()
+    assert info["cross_modal"] is True and info["upload_spectrum"] is True
+    assert set(info["modalities"]) == {"images", "spectra"}
+    oid = str(idx.object_id[idx.space("spectra").rows[4]])
+    r = client.get(f"/api/neighbours/{oid}?k=3&target=spectra").json()
+    assert (r["query_modality"], r["target_modality"]) == ("images", "spectra") and len(r["neighbours"]) == 3
+    plain = client.get(f"/api/neighbours/{oid}?k=3").json()
+    assert plain["target_modality"] == "images" and oid not in [h["object_id"] for h in plain["neighbours"]]
+    # a spectrum upload finds its own object among the spectra, and searches the images across
+    spec = _fits_spectrum(idx, oid)
+    r = client.post("/api/search/spectrum?k=3", files={"file": ("anything.bin", spec, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["neighbours"][0]["object_id"] == oid and body["format"] == "fits"
+    assert body["query_modality"] == body["target_modality"] == "spectra"
+    r = client.post("/api/search/spectrum?k=5&target=images", files={"file": ("s.fits", spec, "x")}).json()
+    assert (r["query_modality"], r["target_modality"]) == ("spectra", "images") and len(r["neighbours"]) == 5
+    # an image upload searched across to the spectra
+    from astrolom.search.query import open_store
+
+    img = open_store(idx).get(oid).image
+    r = client.post("/api/search/image?k=4&target=spectra", files={"file": ("q.npy", _npy(img), "x")}).json()
+    assert r["target_modality"] == "spectra" and len(r["neighbours"]) == 4
+
+
+@pytest.mark.parametrize(
+    "payload, status",
+    [
+        (b"wavelength,flux\n4000,1.0\n", 415),  # CSV: not a sniffed spectrum format
+        (b"<script>alert(1)</script>", 415),
+        (b"", 400),
+        (b"SIMPLE  =                    T" + b" " * 50, 400),  # FITS magic, truncated header
+        (b"\x1f\x8b" + b"\x00" * 40, 400),  # gzip magic, not gzip
+        (b"\x93NUMPY\x01\x00garbage", 400),  # npy magic, broken header
+        (_npy(np.array(["a", "b"])), 400),  # npy of strings
+        (_npy(np.ones(100)), 400),  # a flux array not on the model's wavelength grid
+        (_npy(np.ones((3, 4, 5))), 400),  # not a spectrum's shape
+        (_npy(np.full(3101, np.nan)), 400),  # nothing usable
+        (b"SIMPLE  =" + bytes(600_000), 413),  # over the size limit
+    ],
+)
+def test_malformed_spectrum_uploads_get_4xx(aligned, payload, status):
+    client, _ = aligned
+    r = client.post("/api/search/spectrum", files={"file": ("s.fits", payload, "application/octet-stream")})
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.json()["detail"] and "Traceback" not in r.text

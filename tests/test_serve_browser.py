@@ -6,6 +6,7 @@ reason, only where no Chromium binary or no Playwright is installed (.ci/run ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -37,14 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(mock_survey, tmp_path_factory):
+@contextlib.contextmanager
+def _serve(idx):
     import uvicorn
-    from search_helpers import make_model_index
 
     from astrolom.serve.app import create_app
 
-    idx = make_model_index(mock_survey, tmp_path_factory.mktemp("browser_model"))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(idx), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -54,9 +53,20 @@ def server(mock_survey, tmp_path_factory):
             break
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", idx
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(mock_survey, tmp_path_factory):
+    from search_helpers import make_model_index
+
+    idx = make_model_index(mock_survey, tmp_path_factory.mktemp("browser_model"))
+    with _serve(idx) as url:
+        yield url, idx
 
 
 def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
@@ -78,6 +88,7 @@ def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             page.wait_for_selector("canvas#map[data-ready='1']", timeout=30_000)
+            assert page.locator("#xmodal").is_hidden() and page.locator("#specwrap").is_hidden()  # images only
             # the map is drawn: count painted pixels on the canvas
             painted = page.evaluate(
                 """() => { const c = document.getElementById('map');
@@ -103,5 +114,49 @@ def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
             page.wait_for_selector("#outliers .thumb", timeout=30_000)
             assert errors == []
             assert all(r.startswith(url) for r in requests), [r for r in requests if not r.startswith(url)]
+        finally:
+            browser.close()
+
+
+def test_cross_modal_toggle_and_spectrum_upload(mock_survey, tmp_path_factory, tmp_path):
+    """An aligned index: the page offers the spectrum upload and the cross-modal toggle, and both reach the API."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+    from search_helpers import make_aligned_index, write_fits_spectrum
+
+    from astrolom.search.index import load_index
+    from astrolom.search.query import open_store
+
+    idx_dir, _ = make_aligned_index(mock_survey, tmp_path_factory.mktemp("browser_aligned"))
+    idx = load_index(idx_dir)
+    row = int(idx.space("spectra").rows[1])
+    oid, store = str(idx.object_id[row]), open_store(idx)
+    spec = write_fits_spectrum(tmp_path / "s.fits", store.wavelength(), store.get(oid).spectrum)
+    with _serve(idx_dir) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("canvas#map[data-ready='1']", timeout=30_000)
+            assert page.locator("#xmodal").is_visible() and page.locator("#specwrap").is_visible()
+            # a spectrum upload, in-modal: the object whose spectrum it is comes first
+            page.set_input_files("#specupload", str(spec))
+            page.wait_for_selector("#results .thumb", timeout=60_000)
+            assert page.locator("#results .thumb").first.get_attribute("data-id") == oid
+            # cross-modal: the same upload searches the images; a clicked object's neighbours are spectra
+            page.check("#crossmodal")
+            page.set_input_files("#specupload", [])
+            page.set_input_files("#specupload", str(spec))
+            page.wait_for_function(
+                "() => document.getElementById('restitle').textContent.includes('spectra → images')", timeout=60_000
+            )
+            x, y = page.evaluate(f"() => explorer.screenOf({row})")
+            page.mouse.click(x, y)
+            page.wait_for_function(
+                "() => document.getElementById('nbtitle').textContent.includes('images → spectra')", timeout=30_000
+            )
+            assert page.locator("#neighbours .thumb").count() > 0
+            assert errors == []
         finally:
             browser.close()

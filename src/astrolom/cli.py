@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "pretrain": ("astrolom.train.trainer", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
     "convert": ("astrolom.interop.reference", "import/export reference AstroPT (astropt 2.x) checkpoints"),
-    "embed": ("astrolom.eval.embed", "embed a data set: penultimate layer, mean of the central 64 spiral tokens"),
+    "embed": (
+        "astrolom.align.embed",  # an alignment run embeds into its shared space; any other model: astrolom.eval.embed
+        "embed a data set: penultimate layer, mean of the central 64 spiral tokens (or an alignment run's space)",
+    ),
     "generate": (
         "astrolom.eval.multimodal",
         "cross-modal generation with a multimodal model (image -> spectrum, spectrum -> image) vs a mean baseline",

@@ -31,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from astrolom import layout
 from astrolom.align.baselines import train_spectrum_cnn
+from astrolom.align.embed import aligned_metadata
 from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME, load_aligned
@@ -56,10 +57,13 @@ def aligned_embeddings(model: AlignModel, cache: FeatureCache, batch_size: int =
     return {"images": torch.cat(img).numpy(), "spectra": torch.cat(spec).numpy()}
 
 
-def write_embeddings(cache: FeatureCache, emb: dict[str, np.ndarray], path: str | Path) -> Path:
+def write_embeddings(
+    cache: FeatureCache, emb: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None
+) -> Path:
     """Parquet of the shared-space embeddings: object_id, split, labels, `embedding` (= image), per-modality columns.
 
-    `embedding` holds the aligned image embedding so the tools that read that column (probe, search) use it as is.
+    `embedding` holds the aligned image embedding so the tools that read that column (probe, search) use it as is;
+    `metadata` (`embed.aligned_metadata`: the run) lets `astrolom index` / `search` embed new queries with the run.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -77,7 +81,10 @@ def write_embeddings(cache: FeatureCache, emb: dict[str, np.ndarray], path: str 
         }
     )
     path = Path(path)
-    pq.write_table(pa.table(cols), path)
+    table = pa.table(cols)
+    if metadata:
+        table = table.replace_schema_metadata({b"astrolom": json.dumps(metadata).encode()})
+    pq.write_table(table, path)
     return path
 
 
@@ -466,7 +473,8 @@ def evaluate_alignment(
         ).save(cache_path)
     cache = FeatureCache.load(cache_path)
     emb = aligned_embeddings(model, cache)
-    write_embeddings(cache, emb, out / "aligned_embeddings.parquet")
+    meta = dict(aligned_metadata(model_path, cfg), data=str(data or trained_on or ""))
+    write_embeddings(cache, emb, out / "aligned_embeddings.parquet", meta)
     test = cache.rows("test")
     if len(test) < 2:
         raise ValueError(f"{cache_path}: fewer than 2 test pairs to evaluate")

@@ -370,14 +370,27 @@ def train_align(cfg: AlignTrainConfig, *, resume: bool = False) -> dict:
         parallel.destroy_distributed()
 
 
-def load_aligned(path: str | Path) -> tuple[AlignModel, dict]:
-    """(heads in eval mode, config.json) from RUN/best, RUN/final, RUN itself or a checkpoint directory."""
+def aligned_dir(path: str | Path) -> Path:
+    """The aligned model directory of RUN (RUN/best, else RUN/final), or RUN itself / a checkpoint directory."""
     path = Path(path)
     for d in (path / BEST_DIR, path / ckpt.FINAL_DIR, path):
         if (d / ckpt.WEIGHTS_NAME).is_file():
-            break
-    else:
-        raise FileNotFoundError(f"no aligned model in {path} (expected {BEST_DIR}/ or final/ with model.safetensors)")
+            return d
+    raise FileNotFoundError(f"no aligned model in {path} (expected {BEST_DIR}/ or final/ with model.safetensors)")
+
+
+def is_aligned(path: str | Path) -> bool:
+    """Whether `path` holds an alignment run or aligned model (its config.json says model_type astrolom-align)."""
+    try:
+        cfg = json.loads((aligned_dir(path) / ckpt.CONFIG_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return cfg.get("model_type") == MODEL_TYPE
+
+
+def load_aligned(path: str | Path) -> tuple[AlignModel, dict]:
+    """(heads in eval mode, config.json) from RUN/best, RUN/final, RUN itself or a checkpoint directory."""
+    d = aligned_dir(path)
     cfg = json.loads((d / ckpt.CONFIG_NAME).read_text())
     if cfg.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{d / ckpt.CONFIG_NAME} is not an aligned model (model_type={cfg.get('model_type')!r})")

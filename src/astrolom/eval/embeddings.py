@@ -2,7 +2,8 @@
 
 One Parquet row per object: `object_id`, `split`, every label column of the data, and `embedding`
 (fixed-size list<float32>). A multimodal model's file (`astrolom.eval.multimodal`) and an alignment's
-(`astrolom eval-align`) add one column per modality, `embedding_<name>`, null where the object lacks it;
+(`astrolom embed --model ALIGN`, `astrolom eval-align`) add one column per modality, `embedding_<name>`, null where
+the object lacks it; they are read into `EmbeddingTable.modalities` (NaN rows where absent), never taken for labels.
 `load_embedding_columns` reads several of them on the objects that have every one. The file metadata key
 `astrolom` holds JSON describing how the embeddings were made (model, layer, token count, data, split settings).
 Under torchrun every rank writes its own part, `EMB.parquet/part-<rank>.parquet`; `load_embeddings` reads a file
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from astrolom.data.records import METADATA_KEY, Record
 
 EMBEDDING = "embedding"  # the column that holds the vectors
-EMBEDDING_PREFIX = "embedding_"  # further vector columns: embedding_images, embedding_spectra, embedding_joint
+EMBEDDING_PREFIX = "embedding_"  # per-modality vectors: embedding_images, embedding_spectra, embedding_joint
 _KEY_COLUMNS = ("object_id", "split")
 
 
@@ -37,6 +38,7 @@ class EmbeddingTable:
     X: np.ndarray  # (N, D) float32
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    modalities: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, D_m), NaN rows where absent
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -49,6 +51,7 @@ class EmbeddingTable:
             self.X[mask],
             {k: v[mask] for k, v in self.labels.items()},
             self.metadata,
+            {k: v[mask] for k, v in self.modalities.items()},
         )
 
     def rows_of(self, object_ids: np.ndarray) -> np.ndarray:
@@ -116,10 +119,18 @@ def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, Em
         if col not in table.column_names:
             raise ValueError(f"{path} has no {col!r} column; was it written by `astrolom embed`?")
     vectors = {c: _vectors(table.column(c)) for c in columns}
+    if EMBEDDING in vectors and not vectors[EMBEDDING][1].all():  # the main column is never legitimately null
+        raise ValueError(f"{path}: the {EMBEDDING!r} column is null for some objects")
     keep = np.ones(len(table), dtype=bool)
     for _, present in vectors.values():
         keep &= present
     meta_raw = (tables[0].schema.metadata or {}).get(METADATA_KEY)
+    types = {f.name: f.type for f in table.schema}
+    modal = [
+        n
+        for n in table.column_names
+        if n.startswith(EMBEDDING_PREFIX) and (pa.types.is_list(types[n]) or pa.types.is_fixed_size_list(types[n]))
+    ]
     labels = {
         name: _column_to_numpy(table.column(name))[keep]
         for name in table.column_names
@@ -128,21 +139,22 @@ def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, Em
     object_id = np.asarray(table.column("object_id").to_pylist(), dtype=str)[keep]
     split = np.asarray(table.column("split").to_pylist(), dtype=str)[keep]
     metadata = json.loads(meta_raw) if meta_raw else {}
-    return {c: EmbeddingTable(object_id, split, X[keep], labels, metadata) for c, (X, _) in vectors.items()}
+    modalities = {
+        n.removeprefix(EMBEDDING_PREFIX): (vectors[n][0] if n in vectors else _vectors(table.column(n))[0])[keep]
+        for n in modal
+    }
+    return {c: EmbeddingTable(object_id, split, X[keep], labels, metadata, modalities) for c, (X, _) in vectors.items()}
 
 
 def _vectors(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """((N, D) float32 with NaN rows where null, (N,) bool present) of a list<float> column."""
     col = col.combine_chunks()
-    present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    if pa.types.is_fixed_size_list(col.type):
-        dim = col.type.list_size
-    else:
-        first = np.flatnonzero(present)
-        dim = len(col[int(first[0])].as_py()) if len(first) else 0
-    flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # nulls are skipped
+    present = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if not present.any():
+        raise ValueError(f"embedding column of type {col.type} holds no vectors")
+    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(col[int(np.argmax(present))].as_py())
     X = np.full((len(col), dim), np.nan, dtype=np.float32)
-    X[present] = flat.reshape(int(present.sum()), dim)
+    X[present] = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
     return X, present
 
 

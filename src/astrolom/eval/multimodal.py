@@ -110,10 +110,11 @@ def embed_multimodal(
 
 
 class MultimodalEmbeddingWriter:
-    """Parquet rows: object_id, split, labels, `embedding` (= joint) and one column per modality (null if absent)."""
+    """Parquet rows: object_id, split, labels, `embedding` (= `embedding_column`, the joint one by default) and one
+    column per modality (null where absent)."""
 
-    def __init__(self, path: str | Path, metadata: dict):
-        self.path, self.metadata = Path(path), metadata
+    def __init__(self, path: str | Path, metadata: dict, embedding_column: str = "embedding_joint"):
+        self.path, self.metadata, self.embedding_column = Path(path), metadata, embedding_column
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self.rows = 0
@@ -127,7 +128,7 @@ class MultimodalEmbeddingWriter:
         for name in labels:
             cols[name] = pa.array([_py(r.labels.get(name)) for r in records])
         for name in ("embedding", *COLUMNS):
-            key = "embedding_joint" if name == "embedding" else name
+            key = self.embedding_column if name == "embedding" else name
             if key not in embs:
                 continue
             values, present = embs[key]
@@ -158,7 +159,10 @@ def _load(model_path: str) -> tuple[AstroPT, dict, Path]:
     return from_pretrained(model_dir), read_config(model_dir), model_dir
 
 
-def _records(data: str, cfg_json: dict, splits: Iterable[str], max_per_split: int | None) -> Iterator[Record]:
+def model_records(
+    data: str, cfg_json: dict, splits: Iterable[str], max_per_split: int | None = None
+) -> Iterator[Record]:
+    """The records of `splits` of `data`, split as the model's run split them and with spectra on its grid."""
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
 
@@ -202,7 +206,7 @@ def embed_multimodal_dataset(
             "columns": {"embedding": "joint", **{c: c.split("_", 1)[1] for c in COLUMNS}},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     writer = MultimodalEmbeddingWriter(out, meta)
-    it = _records(data, cfg_json, splits, max_per_split)
+    it = model_records(data, cfg_json, splits, max_per_split)
     bar = progress_bar(desc="embed", unit="obj", enabled=progress)
     try:
         while batch := list(islice(it, batch_size)):
@@ -250,7 +254,7 @@ def _huber_per_object(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor
 def _mean_tokens(model, cfg_json, spectra, data, target, n, batch_size) -> torch.Tensor:
     """The training split's mean target tokens (per position and value, good values only): the baseline."""
     total = count = None
-    it = _records(data, cfg_json, ["train"], n)
+    it = model_records(data, cfg_json, ["train"], n)
     while batch := list(islice(it, batch_size)):
         _, inputs = record_inputs(batch, model, cfg_json, spectra)
         x = inputs[target]
@@ -288,7 +292,7 @@ def evaluate_generation(
     if target == "images":
         baseline = baseline[:image_tokens]
     losses, base_losses, shown = [], [], []
-    it = (r for r in _records(data, cfg_json, [split], None) if r.spectrum is not None)
+    it = (r for r in model_records(data, cfg_json, [split], None) if r.spectrum is not None)
     done = 0
     while done < n and (batch := list(islice(it, min(batch_size, n - done)))):
         _, inputs = record_inputs(batch, model, cfg_json, spectra)

@@ -24,6 +24,13 @@ An index is a directory:
                        the model directory that made them (queries by new image are embedded with it), its layer,
                        tokens and symmetry pooling, the data set (cutouts for figures and the web explorer)
     IDX/map.npy        (optional) 2-D map of the embeddings (UMAP) for the web explorer
+    IDX/index-<m>.faiss, IDX/rows-<m>.npy
+                       (embeddings with per-modality columns, `embedding_<m>`) one index per modality m over the
+                       objects that have it (rows-<m>.npy: their rows of objects.parquet, absent when all do); a
+                       modality whose vectors are the `embedding` column reuses index.faiss. meta.json `modalities`
+                       lists them, `aligned` says whether they share one space (an alignment run: cross-modal
+                       search). Aligned spaces are searched by the raw cosine, the similarity their heads were
+                       trained for: z-scoring each modality on its own would move the two apart.
 
     astrolom index --model runs/demo/run --data runs/demo/survey --out runs/demo/index   # embed (D4-pooled) + index
     astrolom index --embeddings runs/demo/embeddings.parquet --out runs/demo/index       # from existing embeddings
@@ -272,12 +279,18 @@ def build_index(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    emb_meta = table.metadata or {}
+    aligned = bool(emb_meta.get("aligned")) and {"images", "spectra"} <= set(table.modalities)
+    if aligned and standardize:
+        standardize = False
+        if log:
+            log("aligned embeddings: searched by the raw cosine of the shared space (not standardised)")
     stats = standardiser(table.X) if standardize else None
     X = standardise(table.X, stats)
-    index, settings = build_faiss(X, kind, nprobe=nprobe, ef_search=ef_search, seed=seed, progress=progress)
+    build = dict(nprobe=nprobe, ef_search=ef_search, seed=seed, progress=progress)
+    index, settings = build_faiss(X, kind, **build)
     import faiss
 
-    emb_meta = table.metadata or {}
     if log and emb_meta.get("model") and not emb_meta.get("symmetrize"):
         log(
             "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
@@ -295,11 +308,16 @@ def build_index(
         "symmetrize": bool(emb_meta.get("symmetrize", False)),
         "labels": list(table.labels),
         "standardize": stats,
+        "embedding_modality": (emb_meta.get("columns") or {}).get("embedding") or "images",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = out / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(out / INDEX_FILE)
+    if table.modalities:
+        meta["aligned"] = aligned
+        meta["modalities"] = {
+            name: _build_modality(out, name, V, table.X, settings, stats, kind, standardize, build, log)
+            for name, V in table.modalities.items()
+        }
+    _write_faiss(index, out / INDEX_FILE)
     pq.write_table(_objects_table(table), out / OBJECTS_FILE)
     if map_method != "none":
         if log:
@@ -314,6 +332,55 @@ def build_index(
             f"in {meta['build_s']} s -> {out}"
         )
     return out
+
+
+def _write_faiss(index, path: Path) -> None:
+    import faiss
+
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
+def _build_modality(
+    out: Path, name: str, V: np.ndarray, X: np.ndarray, main: dict, main_stats, kind, standardize, build, log
+) -> dict:
+    """The index of one modality column over the objects that have it; its meta.json entry."""
+    rows = np.flatnonzero(~np.isnan(V).any(axis=1))
+    if len(rows) == len(V) and np.array_equal(V, X):  # the `embedding` column itself: share its index
+        return {"file": INDEX_FILE, "rows": None, "n": main["n"], "dim": main["dim"], "kind": main["kind"],
+                "standardize": main_stats}  # fmt: skip
+    if len(rows) == 0:
+        raise ValueError(f"the embedding_{name} column is null for every object: nothing to index")
+    stats = standardiser(V[rows]) if standardize else None
+    index, settings = build_faiss(standardise(V[rows], stats), kind, log=log, **build)
+    entry = {**settings, "file": f"index-{name}.faiss", "rows": None, "standardize": stats}
+    _write_faiss(index, out / entry["file"])
+    if len(rows) < len(V):
+        entry["rows"] = f"rows-{name}.npy"
+        np.save(out / entry["rows"], rows.astype(np.int64))
+    if log:
+        log(f"indexed {len(rows)} {name} vectors ({settings['factory']}, {settings['dim']}-d)")
+    return entry
+
+
+@dataclass
+class _Space:
+    """One searchable set of vectors: a FAISS index, the object row of each of its vectors, its standardisation."""
+
+    index: object
+    rows: np.ndarray | None  # FAISS id -> object row; None: the same (every object)
+    stats: dict | None
+    direct_map: bool = False  # IVF indexes: made on first `vectors` call
+
+    def ids_of(self, rows: np.ndarray, what: str) -> np.ndarray:
+        """FAISS ids of object rows, or a ValueError when an object has no vector here."""
+        if self.rows is None:
+            return rows
+        pos = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        if len(rows) and not np.array_equal(self.rows[pos], rows):
+            raise ValueError(f"object row {int(rows[self.rows[pos] != rows][0])} has no {what} embedding")
+        return pos
 
 
 class SearchIndex:
@@ -331,7 +398,9 @@ class SearchIndex:
         self.meta: dict = json.loads((self.path / META_FILE).read_text())
         # IO_FLAG_MMAP maps only inverted lists; the _IFC variant (faiss >= 1.10) maps flat and HNSW storage too
         flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
+        self._flags = flags
         self.index = faiss.read_index(str(self.path / INDEX_FILE), flags)
+        self._spaces: dict[str | None, _Space] = {None: _Space(self.index, None, self.meta.get("standardize"))}
         _apply_search_params(self.index, self.meta)
         self.objects = pq.read_table(self.path / OBJECTS_FILE)
         if self.objects.num_rows != self.index.ntotal:
@@ -343,7 +412,6 @@ class SearchIndex:
         self.label_names = [c for c in self.objects.column_names if c not in ("object_id", "split")]
         self._row = {oid: i for i, oid in enumerate(self.object_id)}
         self._labels: dict[str, list] | None = None
-        self._direct_map = False
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -351,6 +419,53 @@ class SearchIndex:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities with their own index (empty for an index of one embedding column)."""
+        return list(self.meta.get("modalities") or {})
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
+        return bool(self.meta.get("aligned"))
+
+    @property
+    def main_modality(self) -> str:
+        """What the `embedding` column (index.faiss) holds: images, or the joint embedding of a multimodal model."""
+        return str(self.meta.get("embedding_modality") or "images")
+
+    def space(self, modality: str | None = None) -> _Space:
+        """The searchable vectors of a modality (None: the `embedding` column), loaded on first use."""
+        if modality in self._spaces:
+            return self._spaces[modality]
+        entries = self.meta.get("modalities") or {}
+        if modality not in entries:
+            have = f"modalities {', '.join(entries)}" if entries else "one embedding column, no per-modality indexes"
+            raise ValueError(
+                f"{self.path} has no {modality} index ({have}); build it with `astrolom index --embeddings` from "
+                f"embeddings with an embedding_{modality} column (`astrolom embed` of a multimodal model or of an "
+                "alignment run)"
+            )
+        import faiss
+
+        e = entries[modality]
+        index = self.index if e["file"] == INDEX_FILE else faiss.read_index(str(self.path / e["file"]), self._flags)
+        if index is not self.index:
+            _apply_search_params(index, e)
+        rows = np.load(self.path / e["rows"]) if e.get("rows") else None
+        self._spaces[modality] = _Space(index, rows, e.get("standardize"))
+        return self._spaces[modality]
+
+    def check_query(self, query: str, target: str) -> None:
+        """A ValueError naming what is missing when this index cannot search `target` vectors with a `query` one."""
+        self.space(target)
+        if query != target and not self.aligned:
+            raise ValueError(
+                f"cross-modal search ({query} -> {target}) needs aligned embeddings, and {self.path} is not aligned "
+                f"(its {', '.join(self.modalities) or self.main_modality} embeddings are separate spaces); index the "
+                "output of `astrolom embed --model ALIGN_RUN` (an `astrolom align` run)"
+            )
 
     def row_of(self, object_id: str) -> int:
         """Row of an object id; a ValueError naming the index if it is not there."""
@@ -374,44 +489,57 @@ class SearchIndex:
             return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         return np.asarray(col.to_pylist(), dtype=object)
 
-    def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        """The stored (standardised, normalised) vectors of `rows` (approximate for product-quantised indexes)."""
+    def vectors(self, rows: Sequence[int], modality: str | None = None) -> np.ndarray:
+        """The stored (standardised, normalised) vectors of object `rows` in `modality` (None: the `embedding`
+        column); approximate for product-quantised indexes."""
         import faiss
 
-        if not self._direct_map and faiss.try_extract_index_ivf(self.index) is not None:
-            faiss.extract_index_ivf(self.index).make_direct_map()
-            self._direct_map = True
+        space = self.space(modality)
+        if not space.direct_map and faiss.try_extract_index_ivf(space.index) is not None:
+            faiss.extract_index_ivf(space.index).make_direct_map()
+            space.direct_map = True
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"rows out of range for an index of {len(self)} objects")
-        return self.index.reconstruct_batch(rows) if len(rows) else np.zeros((0, self.dim), np.float32)
+        ids = np.ascontiguousarray(space.ids_of(rows, modality or self.main_modality), dtype=np.int64)
+        return space.index.reconstruct_batch(ids) if len(ids) else np.zeros((0, space.index.d), np.float32)
 
-    def prepare(self, embeddings: np.ndarray) -> np.ndarray:
+    def prepare(self, embeddings: np.ndarray, modality: str | None = None) -> np.ndarray:
         """Raw embeddings (as `astrolom embed` writes them) -> the standardised, normalised vectors the index holds."""
-        return normalise(standardise(np.atleast_2d(embeddings), self.meta.get("standardize")))
+        return normalise(standardise(np.atleast_2d(embeddings), self.space(modality).stats))
 
     def search_vectors(
-        self, queries: np.ndarray, k: int = 10, *, prepared: bool = False
+        self, queries: np.ndarray, k: int = 10, *, prepared: bool = False, target: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities (Q, k), rows (Q, k)) of the k nearest stored vectors to each query (rows -1 where fewer).
+        """(similarities (Q, k), object rows (Q, k)) of the k nearest stored vectors to each query (rows -1 where
+        fewer), among the `target` modality's vectors (None: the `embedding` column).
 
         queries: raw embeddings, or (prepared=True) vectors already in the index's space, e.g. from `vectors`.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        q = normalise(np.atleast_2d(queries)) if prepared else self.prepare(queries)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query vectors have {q.shape[1]} dimensions but the index holds {self.dim}")
-        sims, rows = self.index.search(q, min(k, len(self)))
-        return sims, rows
+        space = self.space(target)
+        q = normalise(np.atleast_2d(queries)) if prepared else self.prepare(queries, target)
+        if q.shape[1] != space.index.d:
+            raise ValueError(f"query vectors have {q.shape[1]} dimensions but the index holds {space.index.d}")
+        sims, ids = space.index.search(q, min(k, int(space.index.ntotal)))
+        if space.rows is not None:
+            ids = np.where(ids >= 0, space.rows[np.maximum(ids, 0)], -1)
+        return sims, ids
 
     def neighbours(
-        self, queries: np.ndarray, k: int = 10, exclude: Sequence[int] | None = None, *, prepared: bool = False
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        exclude: Sequence[int] | None = None,
+        *,
+        prepared: bool = False,
+        target: str | None = None,
     ) -> list[list[Neighbour]]:
-        """Neighbours of each query (raw embeddings unless prepared); `exclude[i]` (a row) is left out of query i's
-        results (the query itself)."""
+        """Neighbours of each query (raw embeddings unless prepared) among the `target` modality's vectors;
+        `exclude[i]` (a row) is left out of query i's results (the query itself)."""
         extra = 1 if exclude is not None else 0
-        sims, rows = self.search_vectors(queries, k + extra, prepared=prepared)
+        sims, rows = self.search_vectors(queries, k + extra, prepared=prepared, target=target)
         out = []
         for i in range(len(rows)):
             hits = []
@@ -422,10 +550,15 @@ class SearchIndex:
             out.append(hits[:k])
         return out
 
-    def neighbours_of_id(self, object_id: str, k: int = 10) -> list[Neighbour]:
-        """The k nearest other objects to a stored object."""
+    def neighbours_of_id(
+        self, object_id: str, k: int = 10, *, query: str | None = None, target: str | None = None
+    ) -> list[Neighbour]:
+        """The k nearest other objects to a stored object: its `query` vector among the `target` vectors (None: the
+        `embedding` column). Across modalities the object itself stays in the results (its own partner)."""
         row = self.row_of(object_id)
-        return self.neighbours(self.vectors([row]), k, exclude=[row], prepared=True)[0]
+        q = self.vectors([row], query)
+        exclude = [row] if query == target else None
+        return self.neighbours(q, k, exclude=exclude, prepared=True, target=target)[0]
 
     def _hit(self, rank: int, row: int, sim: float) -> Neighbour:
         return Neighbour(rank, row, str(self.object_id[row]), sim, str(self.split[row]), self.labels_of(row))
@@ -455,7 +588,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="embedding Parquet file or directory (`astrolom embed`)")
     src.add_argument(
-        "--model", help="embed --data with this model first (symmetry-pooled unless --no-symmetrize), then index"
+        "--model",
+        help="embed --data with this model (symmetry-pooled unless --no-symmetrize) or alignment run first, then index",
     )
     parser.add_argument("--out", required=True, help="index directory to write")
     parser.add_argument(
@@ -476,13 +610,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     embeddings = args.embeddings
-    if args.model:
+    if args.model and not args.data:
+        raise ValueError("--model needs --data (the data set to embed)")
+    from astrolom.align.train import is_aligned
+
+    if args.model and is_aligned(args.model):  # an alignment run: its shared space, one index per modality
+        from astrolom.align.embed import embed_aligned_dataset
+
+        embeddings = embed_aligned_dataset(
+            args.model,
+            args.data,
+            Path(args.out) / "embeddings.parquet",
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            progress=not args.no_progress,
+        )
+    elif args.model:
         # the default index: embeddings pooled over the 8 rotations/mirrors, so orientation costs nothing in search
         from astrolom.eval.embed import embed_dataset
         from astrolom.model.pretrained import load_model
 
-        if not args.data:
-            raise ValueError("--model needs --data (the data set to embed)")
         model, meta = load_model(args.model)
         embeddings = embed_dataset(
             model,

@@ -1,13 +1,21 @@
-"""Query an index: `astrolom search --index IDX (--id ID | --image FILE | --spectrum FILE) -k 10`.
+"""Query an index: `astrolom search --index IDX (--id ID | --image FILE | --spectrum FILE) [--target M] -k 10`.
 
 - `--id`: the neighbours of an indexed object (the object itself left out);
 - `--image`: a new cutout (any file `astrolom.data.sources` reads: FITS, PNG/JPEG, .npy, ...) is read, tokenised and
   embedded by the model recorded in the index metadata, with the same layer, token count and symmetry pooling as
-  the indexed embeddings;
-- `--spectrum`: only for an index made by a model with a spectrum modality (a clear error otherwise).
+  the indexed embeddings (for an alignment run: its image encoder and head);
+- `--spectrum`: a spectrum file (FITS as the spectrum readers of `astrolom.data.sources` take it, or a .npy of the
+  flux on the model's grid, or of (wavelength, flux) rows) is put on the model's wavelength grid (flux-conserving),
+  tokenised and embedded: by the spectrum part of a multimodal AstroPT, or an alignment run's spectrum encoder and
+  head. Only for an index with a spectra modality (a clear error otherwise).
 
-Output: a table (default), `--json`, and `--figure FILE` (query + neighbours as cutouts, read from the data set
-recorded in the index or given with `--data`).
+`--target images|spectra` picks the vectors searched; the default is the query's own modality (`--id`: the
+`embedding` column, or the object's vector in the target modality). With aligned embeddings (an alignment run) an
+image query can search the spectra and a spectrum query the images (cross-modal); `--id ID --target spectra` then
+starts from the object's image, and its own spectrum is a result like any other.
+
+Output: a table (default), `--json` (with the query and target modality), and `--figure FILE` (query + neighbours
+as cutouts, read from the data set recorded in the index or given with `--data`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +32,8 @@ import numpy as np
 
 from astrolom.data.records import Record
 from astrolom.search.index import Neighbour, SearchIndex, load_index
+
+MODALITIES = ("images", "spectra")
 
 # magic bytes of the cutout formats a query (or an upload to the web explorer) may be; content decides, not the name
 MAGIC = {
@@ -33,9 +44,41 @@ MAGIC = {
 }
 
 
+# a spectrum query: FITS (also gzipped) or .npy, again by content
+SPECTRUM_MAGIC = {b"SIMPLE  =": ".fits", b"\x1f\x8b": ".fits.gz", b"\x93NUMPY": ".npy"}
+
+
 def sniff_image(data: bytes) -> str | None:
     """File extension for the image format of `data` from its leading bytes, or None if not a known format."""
     return next((ext for magic, ext in MAGIC.items() if data.startswith(magic)), None)
+
+
+def sniff_spectrum(data: bytes) -> str | None:
+    """File extension for the spectrum format of `data` from its leading bytes, or None if not a known format."""
+    return next((ext for magic, ext in SPECTRUM_MAGIC.items() if data.startswith(magic)), None)
+
+
+@dataclass
+class SearchResult:
+    """The neighbours of one query, and which vectors were compared: the query's modality and the target's."""
+
+    query: str
+    query_modality: str
+    target_modality: str
+    neighbours: list[Neighbour]
+
+    @property
+    def cross_modal(self) -> bool:
+        return self.query_modality != self.target_modality
+
+    def as_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "query_modality": self.query_modality,
+            "target_modality": self.target_modality,
+            "k": len(self.neighbours),
+            "neighbours": [h.as_dict() for h in self.neighbours],
+        }
 
 
 @lru_cache(maxsize=2)
@@ -44,6 +87,22 @@ def _model(model_dir: str):
 
     model, _ = load_model(model_dir)
     return model
+
+
+@lru_cache(maxsize=2)
+def _aligned(run: str):
+    from astrolom.align.embed import load_aligned_encoder
+
+    return load_aligned_encoder(run)
+
+
+@lru_cache(maxsize=2)
+def _spectrum_model(model_dir: str):
+    """(multimodal AstroPT, its spectrum tokeniser) of a model directory."""
+    from astrolom.eval.multimodal import spectrum_tokeniser_from_config
+    from astrolom.model.pretrained import read_config
+
+    return _model(model_dir), spectrum_tokeniser_from_config(read_config(model_dir))
 
 
 def read_image_file(path: str | Path) -> Record:
@@ -113,11 +172,12 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
     """(D,) embedding of a new cutout, made exactly as the indexed embeddings were (model, layer, tokens, pooling)."""
     from astrolom.eval.embed import embed_records
 
+    if index.aligned:
+        enc = _aligned(model_dir_of(index))
+        _check_size(record, enc.patch_size)
+        return enc.embed_images([record])[0]
     model = _model(model_dir_of(index))
-    p = model.config.patch_size
-    h, w = record.image.shape[:2]
-    if h < p or w < p:
-        raise ValueError(f"{record.object_id}: a {h}x{w} image is smaller than one {p}x{p} patch of the model")
+    _check_size(record, model.config.patch_size)
     kw = {}
     if index.meta.get("layer") is not None:
         kw["layer"] = int(index.meta["layer"])
@@ -131,24 +191,135 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
     return emb[0]
 
 
-def embed_spectrum(index: SearchIndex, path: str | Path) -> np.ndarray:
-    """(D,) embedding of a spectrum file; only where the index's model has a spectrum modality."""
-    modalities = index.meta.get("modalities") or ["images"]
-    if "spectra" not in modalities and "spectrum" not in modalities:
+def _check_size(record: Record, p: int) -> None:
+    h, w = record.image.shape[:2]
+    if h < p or w < p:
+        raise ValueError(f"{record.object_id}: a {h}x{w} image is smaller than one {p}x{p} patch of the model")
+
+
+def read_spectrum_bytes(data: bytes, name: str = "spectrum"):
+    """A `Spectrum` (FITS, plain or gzipped) or a flux array (.npy: (L,) flux, or (2, L) wavelength and flux) from
+    the bytes of a spectrum file, its format sniffed from the content; a ValueError naming `name` otherwise."""
+    import io
+
+    from astrolom.data.sources import read_fits_spectrum
+    from astrolom.data.sources.spectra import make_spectrum
+
+    ext = sniff_spectrum(data)
+    if ext is None:
+        raise ValueError(f"{name}: not a FITS or .npy spectrum (unrecognised content)")
+    try:
+        if ext != ".npy":
+            return read_fits_spectrum(data, name)
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, KeyError, IndexError, TypeError, EOFError) as err:
+        why = str(err).split(": ", 1)[-1]
+        raise ValueError(f"{name}: cannot read as a {ext.lstrip('.')} spectrum ({why})") from err
+    if not np.issubdtype(arr.dtype, np.number) or arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 2):
         raise ValueError(
-            f"{index.path}: the model that made this index ({index.meta.get('model')}) embeds images only, so it "
-            "cannot search by spectrum; build the index from a model pretrained with spectra"
+            f"{name}: want a numeric (L,) flux or (2, L) wavelength/flux array, got {arr.dtype} {arr.shape}"
         )
-    raise ValueError(f"{path}: spectrum queries need the spectrum embedding of the multimodal model (not available)")
+    return make_spectrum(arr[0], arr[1], file=name) if arr.ndim == 2 else arr.astype(np.float32)
 
 
-def search_id(index: SearchIndex, object_id: str, k: int = 10) -> list[Neighbour]:
-    return index.neighbours_of_id(object_id, k)
+def read_spectrum_file(path: str | Path):
+    """`read_spectrum_bytes` of a file (its content decides the format, not its name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no spectrum file at {path}")
+    return read_spectrum_bytes(path.read_bytes(), str(path))
 
 
-def search_image(index: SearchIndex, image: str | Path | Record, k: int = 10) -> list[Neighbour]:
+def spectrum_on_grid(spectrum, wavelength: np.ndarray, name: str = "spectrum") -> np.ndarray:
+    """(L,) flux on `wavelength` (flux-conserving resampling when the spectrum has its own grid), NaN at bad pixels.
+
+    A bare flux array must already be on the grid.
+    """
+    from astrolom.data.sources.spectra import SpectrumGrid
+
+    flux, _, _ = SpectrumGrid(wavelength).flux_on_grid(spectrum, name)
+    return flux
+
+
+def can_embed_spectra(index: SearchIndex) -> bool:
+    """Whether new spectra can be embedded for this index (a spectra index and the model that made it)."""
+    try:
+        _spectrum_embedder(index)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _spectrum_embedder(index: SearchIndex) -> str:
+    """The model directory or alignment run that embeds spectra for this index, or a ValueError saying what lacks."""
+    if "spectra" not in index.modalities:
+        raise ValueError(
+            f"{index.path} has no spectra index (it holds {', '.join(index.modalities) or index.main_modality} "
+            f"embeddings of {index.meta.get('model')}); build it from embeddings with an embedding_spectra column: "
+            "`astrolom embed` of a model pretrained with spectra or of an alignment run"
+        )
+    return model_dir_of(index)
+
+
+def embed_spectrum(index: SearchIndex, spectrum, name: str = "spectrum") -> np.ndarray:
+    """(D,) spectra-space embedding of a spectrum (a file path, `Spectrum` or flux array), made as the indexed
+    spectra were: an alignment run's spectrum encoder and head, or a multimodal AstroPT's spectrum pass."""
+    from astrolom.eval.multimodal import embed_multimodal
+
+    model_dir = _spectrum_embedder(index)
+    if isinstance(spectrum, str | Path):
+        name, spectrum = str(spectrum), read_spectrum_file(spectrum)
+    if index.aligned:
+        enc = _aligned(model_dir)
+        return enc.embed_spectra([spectrum_on_grid(spectrum, enc.wavelength, name)], [name])[0]
+    model, tokeniser = _spectrum_model(model_dir)
+    inputs = tokeniser([spectrum_on_grid(spectrum, tokeniser.wavelength, name)], [name])
+    layer = int(index.meta["layer"]) if index.meta.get("layer") is not None else -2
+    emb, _ = embed_multimodal(model, inputs, layer=layer)["embedding_spectra"]
+    return emb[0].numpy()
+
+
+def _target(index: SearchIndex, query: str, target: str | None) -> str:
+    target = target or query
+    if target not in MODALITIES:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(MODALITIES)}")
+    index.check_query(query, target)
+    return target
+
+
+def search_id(index: SearchIndex, object_id: str, k: int = 10, target: str | None = None) -> SearchResult:
+    """Neighbours of an indexed object: by its `embedding` vector, or (target) among the target modality's vectors,
+    starting from its image vector when the index is aligned, from its own target vector otherwise."""
+    if target is None:
+        return SearchResult(object_id, index.main_modality, index.main_modality, index.neighbours_of_id(object_id, k))
+    query = "images" if index.aligned else target
+    target = _target(index, query, target)
+    return SearchResult(object_id, query, target, index.neighbours_of_id(object_id, k, query=query, target=target))
+
+
+def search_image(
+    index: SearchIndex, image: str | Path | Record, k: int = 10, target: str | None = None
+) -> SearchResult:
+    """Neighbours of a new cutout among the target modality's vectors (default: images, or the `embedding` column
+    of an index without per-modality ones)."""
     rec = image if isinstance(image, Record) else read_image_file(image)
-    return index.neighbours(embed_image(index, rec)[None], k)[0]
+    name = str(rec.object_id)
+    if target is None and "images" not in index.modalities:  # an index of one image embedding column
+        hits = index.neighbours(embed_image(index, rec)[None], k)[0]
+        return SearchResult(name, "images", index.main_modality, hits)
+    target = _target(index, "images", target)
+    return SearchResult(name, "images", target, index.neighbours(embed_image(index, rec)[None], k, target=target)[0])
+
+
+def search_spectrum(
+    index: SearchIndex, spectrum, k: int = 10, target: str | None = None, name: str = ""
+) -> SearchResult:
+    """Neighbours of a spectrum (file path, `Spectrum` or flux array) among the target modality's vectors."""
+    name = name or (Path(spectrum).name if isinstance(spectrum, str | Path) else "spectrum")
+    _spectrum_embedder(index)  # says what is missing for any spectrum query, before the target's own checks
+    target = _target(index, "spectra", target)
+    vec = embed_spectrum(index, spectrum, name)
+    return SearchResult(name, "spectra", target, index.neighbours(vec[None], k, target=target)[0])
 
 
 def format_table(hits: list[Neighbour], labels: list[str] | None = None) -> str:
@@ -230,7 +401,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q = parser.add_mutually_exclusive_group(required=True)
     q.add_argument("--id", help="object id of an indexed object")
     q.add_argument("--image", help="a cutout file (FITS, PNG/JPEG, .npy) to embed and search with")
-    q.add_argument("--spectrum", help="a spectrum file (only for indexes made by a model with spectra)")
+    q.add_argument("--spectrum", help="a spectrum file (FITS or .npy) to embed and search with (index with spectra)")
+    parser.add_argument(
+        "--target",
+        choices=MODALITIES,
+        default=None,
+        help="modality searched (default: the query's); across modalities needs aligned embeddings",
+    )
     parser.add_argument("-k", type=int, default=10, help="neighbours to return (10)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--figure", default=None, help="write query + neighbour cutouts to this PNG/PDF")
@@ -244,22 +421,26 @@ def run(args: argparse.Namespace) -> int:
     index = load_index(args.index, mmap=not args.no_mmap)
     query_rgb, title = None, ""
     if args.id is not None:
-        hits = search_id(index, args.id, args.k)
+        res = search_id(index, args.id, args.k, args.target)
         title = args.id
     elif args.image is not None:
         rec = read_image_file(args.image)
-        hits = search_image(index, rec, args.k)
+        rec.object_id = Path(args.image).name
+        res = search_image(index, rec, args.k, args.target)
         query_rgb, title = (
             rgb_image(rec.image, ("g", "r", "z") if rec.image.shape[-1] == 3 else None),
             Path(args.image).name,
         )
     else:
-        embed_spectrum(index, args.spectrum)
-        return 2
+        res = search_spectrum(index, args.spectrum, args.k, args.target)
+        title = Path(args.spectrum).name
+    hits = res.neighbours
     if args.json:
-        json.dump({"query": title, "k": args.k, "neighbours": [h.as_dict() for h in hits]}, sys.stdout, indent=2)
+        json.dump(res.as_dict(), sys.stdout, indent=2)
         print()
     else:
+        if res.cross_modal:
+            print(f"# {res.query_modality} -> {res.target_modality} (cross-modal)")
         print(format_table(hits))
     if args.figure:
         store = open_store(index, args.data)

@@ -2,15 +2,18 @@
 
 A FastAPI app (JSON API described at /openapi.json) and one static page (vanilla JS + canvas, no CDN, works offline):
 a zoomable 2-D map of the embeddings coloured by a label, click → cutout, spectrum, labels and nearest neighbours;
-search by id; upload a cutout to search; the outlier list. The same functions as the `astrolom search` and
-`astrolom outliers` commands answer every request.
+search by id; upload a cutout or (index with spectra) a spectrum to search; the outlier list. Where the index holds
+aligned image and spectrum embeddings (an alignment run) every search takes `target=spectra|images`, and the page
+offers a cross-modal toggle: an image query searches the spectra, a spectrum query the images. The same functions
+as the `astrolom search` and `astrolom outliers` commands answer every request.
 
 Security model (each point has a test in tests/test_serve.py):
 - binds 127.0.0.1 unless --host is given, and then warns that the data is exposed to the network;
 - read-only: no endpoint writes the data or the index (the map and outlier scores are cached in memory);
 - objects are addressed by id only, looked up in the index; no endpoint takes a path;
-- uploads are limited in size (--max-upload-mb, 413 beyond) and type (PNG/JPEG/FITS/.npy recognised from the
-  content's magic bytes, never the file name: 415 otherwise), and image dimensions are capped before decoding;
+- uploads are limited in size (--max-upload-mb, 413 beyond) and type (images PNG/JPEG/FITS/.npy, spectra FITS/.npy,
+  recognised from the content's magic bytes, never the file name: 415 otherwise), and image dimensions are capped
+  before decoding;
 - malformed input gets a 4xx with a message; anything unexpected a 500 with a generic message, never a traceback.
 """
 
@@ -23,13 +26,25 @@ import threading
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 
 from astrolom.search.cutouts import png_bytes
 from astrolom.search.index import SearchIndex, compute_map, load_index
 from astrolom.search.outliers import outlier_scores
-from astrolom.search.query import embed_image, open_store, read_image_bytes, sniff_image
+from astrolom.search.query import (
+    MODALITIES,
+    can_embed_spectra,
+    open_store,
+    read_image_bytes,
+    read_spectrum_bytes,
+    search_id,
+    search_image,
+    search_spectrum,
+    sniff_image,
+    sniff_spectrum,
+)
 
 log = logging.getLogger("astrolom.serve")
 MAX_UPLOAD_MB = 4.0
@@ -106,7 +121,10 @@ class Explorer:
         return bool(m) and not self.index.meta.get("random_init") and Path(m).exists()
 
     def modalities(self) -> list[str]:
-        return list(self.index.meta.get("modalities") or ["images"])
+        return self.index.modalities or [self.index.main_modality]
+
+    def cross_modal(self) -> bool:
+        return self.index.aligned and set(MODALITIES) <= set(self.index.modalities)
 
 
 def create_app(
@@ -121,6 +139,8 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+    # which modality's vectors to search; None: the query's own
+    Target = Annotated[Literal["images", "spectra"] | None, Query()]
     idx = index if isinstance(index, SearchIndex) else load_index(index)
     ex = Explorer(idx, data, map_method=map_method)
     max_bytes = int(max_upload_mb * 1024 * 1024)
@@ -146,6 +166,15 @@ def create_app(
 
     def obj(row: int) -> dict:
         return {"object_id": str(idx.object_id[row]), "split": str(idx.split[row]), "labels": idx.labels_of(row)}
+
+    def capable(target: str | None, query: str) -> None:
+        """409 before any decoding when the index cannot search `target` with a `query` vector."""
+        if target is None:
+            return
+        try:
+            idx.check_query(query, target)
+        except ValueError as err:
+            raise HTTPException(409, str(err)) from err
 
     def read_upload(file: UploadFile) -> bytes:
         data = file.file.read(max_bytes + 1)
@@ -179,8 +208,9 @@ def create_app(
             "symmetrize": bool(idx.meta.get("symmetrize")),
             "labels": labels,
             "upload_image": ex.can_embed_images(),
-            "upload_spectrum": "spectra" in ex.modalities(),
-            "cross_modal": bool(idx.meta.get("aligned")),
+            "upload_spectrum": can_embed_spectra(idx),
+            "modalities": ex.modalities(),
+            "cross_modal": ex.cross_modal(),
             "max_upload_mb": max_upload_mb,
         }
 
@@ -252,15 +282,21 @@ def create_app(
             "flux": [None if not np.isfinite(f) else round(float(f), 5) for f in flux[::step]],
         }
 
+    def searched(run, *args):
+        """A search's JSON; the index unable to search the target (no such index, not aligned) is a 409."""
+        try:
+            return run(*args).as_dict()
+        except ValueError as err:
+            raise HTTPException(409, str(err)) from err
+
     @app.get("/api/neighbours/{object_id}")
-    def neighbours(object_id: str, k: int = Query(10, ge=1, le=MAX_K)):
-        """The k nearest other objects (cosine similarity of the embeddings)."""
+    def neighbours(object_id: str, k: int = Query(10, ge=1, le=MAX_K), target: Target = None):
+        """The k nearest other objects (cosine similarity of the embeddings), in the `target` modality's vectors."""
         row_of(object_id)
-        hits = idx.neighbours_of_id(object_id, k)
-        return {"query": object_id, "neighbours": [h.as_dict() for h in hits]}
+        return searched(search_id, idx, object_id, k, target)
 
     @app.post("/api/search/image")
-    def search_image(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K)):
+    def search_by_image(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K), target: Target = None):
         """Embed an uploaded cutout (PNG, JPEG, FITS or .npy; content-sniffed) and return its neighbours."""
         data = read_upload(file)
         ext = sniff_image(data)
@@ -269,28 +305,34 @@ def create_app(
         _check_dimensions(data, ext)
         if not ex.can_embed_images():
             raise HTTPException(409, "this index does not record a model that can embed new images")
+        capable(target or ("images" if idx.modalities else None), "images")
         try:
             rec = read_image_bytes(data, name="upload")
-            vec = embed_image(idx, rec)
+            res = search_image(idx, rec, k, target)
         except (ValueError, OSError, KeyError, IndexError, TypeError) as err:
             raise HTTPException(400, f"cannot use the upload: {err}") from err
-        hits = idx.neighbours(vec[None], k)[0]
-        return {
-            "query": "upload",
-            "format": ext.lstrip("."),
-            "shape": list(rec.image.shape),
-            "neighbours": [h.as_dict() for h in hits],
-        }
+        return {**res.as_dict(), "format": ext.lstrip("."), "shape": list(rec.image.shape)}
 
     @app.post("/api/search/spectrum")
-    def search_spectrum(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K)):
-        """Search by an uploaded spectrum: only for indexes made by a model with a spectrum modality."""
-        read_upload(file)
-        raise HTTPException(
-            409,
-            f"the model that made this index embeds {', '.join(ex.modalities())} only: spectrum search needs an "
-            "index built from a model pretrained with spectra",
-        )
+    def search_by_spectrum(file: UploadFile, k: int = Query(10, ge=1, le=MAX_K), target: Target = None):
+        """Embed an uploaded spectrum (FITS or .npy; content-sniffed) and return its neighbours (index with spectra)."""
+        data = read_upload(file)
+        ext = sniff_spectrum(data)
+        if ext is None:
+            raise HTTPException(415, "unsupported content: upload a FITS (or gzipped FITS) or .npy spectrum")
+        if not can_embed_spectra(idx):
+            raise HTTPException(
+                409,
+                f"this index holds {', '.join(ex.modalities())} embeddings only: spectrum search needs an index "
+                "with spectra, built from a model pretrained with spectra or an alignment run",
+            )
+        capable(target or "spectra", "spectra")
+        try:
+            spectrum = read_spectrum_bytes(data, name="upload")
+            res = search_spectrum(idx, spectrum, k, target, name="upload")
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as err:
+            raise HTTPException(400, f"cannot use the upload: {err}") from err
+        return {**res.as_dict(), "format": ext.lstrip(".")}
 
     @app.get("/api/outliers")
     def outliers(n: int = Query(50, ge=1, le=1000), k: int = Query(20, ge=1, le=MAX_K)):
