@@ -79,3 +79,23 @@ def test_finetune_backbones_moves_encoders_at_their_own_rate(encoders, tmp_path)
     before = load_file(str(img / "model.safetensors"))
     key = next(k for k in before if k.endswith("weight") and before[k].ndim == 2)
     assert (final["backbones.image." + key] - before[key]).abs().max() > 0  # the image encoder was trained
+    # eval-align scores a fine-tuned run with its own encoders, not with the frozen features of the cache
+    from astrolom.align.embed import has_tuned_backbones, load_aligned_encoder
+    from astrolom.align.evaluate import aligned_embeddings, tuned_embeddings
+    from astrolom.align.features import FeatureCache
+    from astrolom.align.train import load_aligned
+
+    encoder = load_aligned_encoder(tmp_path / "final")
+    assert encoder.tuned and has_tuned_backbones(tmp_path / "final")
+    cache = FeatureCache.load(next(tmp_path.glob("*.safetensors")))
+    tuned = tuned_embeddings(encoder, cache)
+    frozen = aligned_embeddings(load_aligned(tmp_path / "final")[0], cache)
+    assert tuned["images"].shape == frozen["images"].shape
+    assert np.abs(tuned["images"] - frozen["images"]).max() > 1e-6  # the tuned encoder moved the embeddings
+    # the same frozen encoders would reproduce the cached-feature path exactly
+    encoder.tuned = False
+    for m, frozen_m in zip((img, spec), (encoder.image, encoder.spectrum), strict=True):
+        frozen_m.load_state_dict(load_file(str(m / "model.safetensors")))
+    again = tuned_embeddings(encoder, cache)
+    np.testing.assert_allclose(again["images"], frozen["images"], atol=1e-5)
+    np.testing.assert_allclose(again["spectra"], frozen["spectra"], atol=1e-5)

@@ -52,6 +52,7 @@ class AlignedEncoder:
     tokens: int
     run: Path
     config: dict
+    tuned: bool = False  # the run fine-tuned its encoders (--finetune-backbones): their weights are the run's
 
     @property
     def wavelength(self) -> np.ndarray:
@@ -90,6 +91,14 @@ def aligned_metadata(run: str | Path, cfg: dict) -> dict:
     }
 
 
+def has_tuned_backbones(run: str | Path) -> bool:
+    """Whether an alignment run trained its encoders (`--finetune-backbones`): its weights include theirs."""
+    from safetensors import safe_open
+
+    with safe_open(str(aligned_dir(run) / "model.safetensors"), framework="pt") as f:
+        return any(k.startswith("backbones.") for k in f.keys())  # noqa: SIM118 (safe_open is not a mapping)
+
+
 def load_aligned_encoder(run: str | Path) -> AlignedEncoder:
     """An alignment run (RUN, RUN/best or RUN/final) with its two encoders, ready to embed."""
     heads, cfg = load_aligned(run)
@@ -99,10 +108,12 @@ def load_aligned_encoder(run: str | Path) -> AlignedEncoder:
     image, image_cfg, _ = _load_encoder(enc["image_model"], "images")
     spectrum, spectrum_cfg, _ = _load_encoder(enc["spectrum_model"], "spectra")
     state = load_file(str(aligned_dir(run) / "model.safetensors"))
+    tuned_any = False
     for prefix, model in (("backbones.image.", image), ("backbones.spectrum.", spectrum)):
         tuned = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if tuned:  # --finetune-backbones: the run's own encoder weights, not the frozen starting point
             model.load_state_dict(tuned, strict=True)
+            tuned_any = True
     return AlignedEncoder(
         heads,
         image.eval(),
@@ -113,6 +124,7 @@ def load_aligned_encoder(run: str | Path) -> AlignedEncoder:
         int(enc.get("tokens") or 64),
         Path(run).resolve(),
         cfg,
+        tuned_any,
     )
 
 

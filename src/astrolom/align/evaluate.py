@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from astrolom import layout
 from astrolom.align.baselines import train_spectrum_cnn
-from astrolom.align.embed import aligned_metadata
+from astrolom.align.embed import aligned_metadata, has_tuned_backbones, load_aligned_encoder
 from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME, load_aligned
@@ -55,6 +55,20 @@ def aligned_embeddings(model: AlignModel, cache: FeatureCache, batch_size: int =
         img.append(model.encode("images", cache.image_tokens[sl, 0]))
         spec.append(model.encode("spectra", cache.spectrum_tokens[sl], cache.spectrum_mask[sl]))
     return {"images": torch.cat(img).numpy(), "spectra": torch.cat(spec).numpy()}
+
+
+def tuned_embeddings(encoder, cache: FeatureCache, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Like `aligned_embeddings`, for a run that fine-tuned its encoders: the cached features come from the frozen
+    starting encoders, so the cached stamps (view 0) and spectra are embedded again by the run's own encoders."""
+    from astrolom.data.records import Record
+
+    img, spec = [], []
+    for i in range(0, len(cache.object_ids), batch_size):
+        ids = cache.object_ids[i : i + batch_size]
+        records = [Record(str(o), cache.images[i + j].numpy()) for j, o in enumerate(ids)]
+        img.append(encoder.embed_images(records))
+        spec.append(encoder.embed_spectra(list(cache.spectra[i : i + len(ids)].numpy()), [str(o) for o in ids]))
+    return {"images": np.concatenate(img), "spectra": np.concatenate(spec)}
 
 
 def write_embeddings(
@@ -472,7 +486,11 @@ def evaluate_alignment(
             enc["image_model"], enc["spectrum_model"], data, views=1, n_tokens=int(enc["tokens"]), seed=seed
         ).save(cache_path)
     cache = FeatureCache.load(cache_path)
-    emb = aligned_embeddings(model, cache)
+    # a run that fine-tuned its encoders is scored with them, not with the frozen features of the cache
+    if has_tuned_backbones(model_path):
+        emb = tuned_embeddings(load_aligned_encoder(model_path), cache)
+    else:
+        emb = aligned_embeddings(model, cache)
     meta = dict(aligned_metadata(model_path, cfg), data=str(data or trained_on or ""))
     write_embeddings(cache, emb, out / "aligned_embeddings.parquet", meta)
     test = cache.rows("test")
