@@ -18,7 +18,7 @@ def test_tiny_demo(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--tiny"])
     captured = capsys.readouterr()
     printed = captured.out
-    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
+    for stage in ("[1/7]", "[2/7]", "[3/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
         assert stage in captured.err  # progress is logged (stderr)
     assert f"report: {tmp_path / 'report.html'}" in printed
     assert "pretrained" in printed and "random_init" in printed  # the key-number table
@@ -36,7 +36,11 @@ def test_tiny_demo(tmp_path, capsys):
             assert set(scores) == ({"accuracy", "f1"} if target == "telescope" else {"r2", "mae"})
         assert set(probes["results"]["cnn"][target]) == {"supervised"}
     demo = json.loads((tmp_path / "demo.json").read_text())
-    assert set(demo["timings_s"]) == {"survey", "pretrain", "embed", "probes", "outliers", "report"}
+    assert set(demo["timings_s"]) == {"survey", "pretrain", "embed", "probes", "outliers", "multimodal", "report"}
+    # the multimodal stage: an images + spectra model, every embedding column probed, spectra generated
+    assert set(demo["multimodal"]["linear"]) == {"embedding_images", "embedding_spectra", "embedding_joint"}
+    assert demo["multimodal"]["generation"]["objects"] >= 1
+    assert "Multimodal" in report
     top = demo["outliers"]["top_1%"]  # the index + outlier stage ran and scored its ranking against has_star
     assert top["n"] >= 1 and 0.0 <= top["precision"] <= 1.0 and 0.0 < top["base_rate"] < 1.0
     assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()
@@ -82,7 +86,9 @@ def test_checks_compare_scores_through_the_probe_result():
 def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
     parser = argparse.ArgumentParser()
     demo_mod.add_arguments(parser)
-    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).spectra_steps == 0  # off by default
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).spectra_steps == 600  # on by default
+    off = parser.parse_args(["--out", str(tmp_path), "--spectra-steps", "0"])
+    assert demo_mod.config_from_args(off).spectra_steps == 0
     cfg = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--tiny", "--spectra-steps", "5"]))
     assert cfg.spectra_steps == 5 and cfg.spectra_preset == "debug"
 

@@ -7,7 +7,7 @@
    aperture photometry and a supervised CNN: fit on the validation split, score on the test split;
 5. write DIR/report.html (loss curves, probe table, UMAP, telescope islands, inpainting, config, environment).
 
-Optional (`--spectra-steps N`, off by default): before the report, pretrain a small images + spectra model
+Then (`--spectra-steps N`, 0 turns it off): before the report, pretrain a small images + spectra model
 (`model.modalities=images,spectra model.modality_order=random`) for N steps on the same survey, embed it per
 modality, probe each embedding column on the same objects and generate spectra from images against the mean
 spectrum (DIR/multimodal/; the report's Multimodal section).
@@ -91,9 +91,12 @@ class DemoConfig:
     inpainting: bool = True
     instrument: str = "all"  # north/south instrument differences of the mock survey (`astrolom survey --instrument`)
     # the optional multimodal stage (0: off): an images + spectra model pretrained for this many steps
-    spectra_steps: int = 0
+    # (on by default at a size that fits the demo's budget: the central 32x32 px in 16 image tokens and 49
+    # spectrum tokens of 64 px, about as many tokens per sample as the main model; README has the longer run)
+    spectra_steps: int = 600
     spectra_preset: str = "1m"
-    spectrum_patch: int = 32  # spectrum pixels per token (the model's default)
+    spectrum_patch: int = 64  # spectrum pixels per token (the model's default is 32)
+    spectra_image_size: int | None = 32  # centre crop of the stamps for the multimodal model (None: whole stamp)
     spectra_generate: int = 32  # test objects whose spectra are generated from their images
 
 
@@ -110,8 +113,10 @@ TINY = DemoConfig(
     methods=("linear", "knn"),
     umap=True,
     inpainting=True,
+    spectra_steps=4,
     spectra_preset="debug",
     spectrum_patch=128,
+    spectra_image_size=None,
     spectra_generate=4,
 )
 
@@ -176,6 +181,7 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
             "model.modality_order=random",
             f"model.spectrum_patch={cfg.spectrum_patch}",
             f"data.patch_size={cfg.patch_size}",
+            *([f"data.image_size={cfg.spectra_image_size}"] if cfg.spectra_image_size else []),
             f"train.batch_size={cfg.batch_size}",
             f"optim.learning_rate={cfg.learning_rate}",
             f"train.seed={cfg.seed}",
@@ -413,8 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spectra-steps",
         type=int,
         default=None,
-        help="also pretrain an images + spectra model for this many steps, probe each modality's embeddings and "
-        "generate spectra from images (default 0: off)",
+        help="pretrain an images + spectra model for this many steps, probe each modality's embeddings and "
+        f"generate spectra from images (default {d.spectra_steps}; 0: skip the stage)",
     )
     parser.add_argument("--fresh", action="store_true", help="delete --out first (the survey is reused otherwise)")
 
