@@ -198,3 +198,32 @@ def test_report_flags_point_at_multimodal_and_alignment_folders(tmp_path):
     assert main(["report", str(tmp_path / "run"), "--no-umap", "--no-inpainting"]) == 0
     doc = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Multimodal" not in doc and "<h2>Alignment" not in doc and "<h2>Configuration" in doc
+
+
+def test_inpainting_with_a_flux_aware_model_matches_step_by_step_prediction():
+    import torch
+
+    from astrolom.data import tokens as tok
+    from astrolom.model.astropt import AstroPT, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, patch_size=8, flux_features=True)
+    model = AstroPT(cfg).eval()
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32) + 5.0
+    res = inpaint(model, images, k=4)
+    assert res["k"] == 4 and res["generated"] == 12 and np.isfinite(res["mse"])
+    np.testing.assert_allclose(res["inpainted"][:, 8:24, 8:24], images[:, 8:24, 8:24], atol=1e-4)  # given tokens
+    # token 4 is the model's prediction from the 4 given tokens with their flux features, nothing else
+    batch = tok.tokenize(tok.center_crop(torch.as_tensor(images), 8), 8)
+    feats = tok.flux_features(batch.tokens, batch.mean, batch.std, 3, cfg.flux_softening)
+    with torch.no_grad():
+        pred, _ = model(torch.cat([batch.tokens[:, :4], feats[:, :4]], -1))
+    full = batch.tokens.clone()
+    full[:, 4:5] = pred[:, -1:]
+    first = tok.detokenize(batch, full).numpy()
+    # the pixels of spiral patch 4: where a token that is nonzero only at position 4 changes the image
+    only4 = torch.zeros_like(full)
+    only4[:, 4] = 1.0
+    sel = (tok.detokenize(batch, only4).numpy() != tok.detokenize(batch, torch.zeros_like(full)).numpy()).any(-1)
+    assert sel.sum() == 2 * 8 * 8  # one 8x8 patch per image
+    np.testing.assert_allclose(res["inpainted"][sel], first[sel], atol=1e-4)

@@ -406,7 +406,8 @@ def build_report(
             f"<code>{pr['test_split']}</code> ({pr['n_test']}). R2 for continuous targets, accuracy for classes. "
             "<b>random_init</b>: the same architecture with untrained weights (the control); <b>pca_pixels</b>: PCA "
             "of arcsinh-stretched pixels; <b>photometry</b>: aperture magnitudes and colours (it sees absolute "
-            "flux, which per-patch standardisation hides from AstroPT); <b>cnn</b>: a small CNN trained "
+            "flux, which per-patch standardisation hides from AstroPT unless it reads flux-aware tokens); "
+            "<b>cnn</b>: a small CNN trained "
             "end-to-end on the fit split. Bold: best column other than the supervised CNN.</p>"
             + _img(stem.with_suffix(".png"))
             + probe_tables(probe_report)
@@ -457,7 +458,14 @@ def build_report(
                 f'<p class="note">The model sees the central {res["k"]} spiral tokens and generates the next '
                 f"{res['generated']} autoregressively (point predictions). Generated patches are standardised; they "
                 "are shown in pixel units with the <b>true</b> per-patch mean and standard deviation, so the figure "
-                "shows predicted structure and colour, not predicted brightness. Mean squared error on standardised "
+                "shows predicted structure and colour, not predicted brightness. "
+                + (
+                    "This model reads flux-aware tokens: each hidden patch's true per-band brightness and contrast "
+                    "features are given to it, only the standardised patch is predicted. "
+                    if model.config.flux_features
+                    else ""
+                )
+                + "Mean squared error on standardised "
                 f"tokens: {res['mse']:.3f} (always predicting a flat patch: {res['mse_zero']:.3f}).</p>"
                 + _img(pi["png"])
             )
