@@ -46,7 +46,7 @@ def test_tiny_demo(tmp_path, capsys):
     assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()
     assert "<h2>Outliers</h2>" in report
     assert demo["settings"]["preset"] == "debug" and demo["settings"]["flux_features"] is True
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["flux_features"] is True
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]["flux_features"] is True
     assert any(k.startswith("redshift: pretrained >") for k in demo["checks"])
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     # the exit status says whether the science checks passed (20 tiny steps may not beat the baselines)
