@@ -51,11 +51,15 @@ def test_embeddings_per_modality(setup):
     # without a spectrum the joint pass holds only the image tokens: the joint embedding is the image one
     torch.testing.assert_close(joint[~torch.from_numpy(has)], img[~torch.from_numpy(has)])
     assert (joint[torch.from_numpy(has)] - img[torch.from_numpy(has)]).abs().max() > 1e-4
-    # a spectrum embedding depends on the spectrum only
-    feats = model.forward_features({k: v for k, v in inputs.items() if k.startswith("spectra")})["spectra"]
+    # a spectrum embedding depends on the spectrum only (default: the final block)
+    feats = model.forward_features({k: v for k, v in inputs.items() if k.startswith("spectra")}, layer=-1)["spectra"]
     k = int(np.flatnonzero(has)[0])
     m = inputs["spectra_mask"][k]
     torch.testing.assert_close(spec[k], feats[k][m].mean(0))
+    # the joint one averages the spectrum tokens of the images-then-spectra pass (they have seen the image)
+    joint_feats = model.forward_features(inputs, layer=-1)["spectra"]
+    torch.testing.assert_close(joint[k], joint_feats[k][m].mean(0))
+    assert (joint[k] - spec[k]).abs().max() > 1e-5  # the image changed them
 
 
 def test_embed_cli_writes_modality_columns(setup, tmp_path):

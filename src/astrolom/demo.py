@@ -197,8 +197,7 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
         raise RuntimeError(f"multimodal pretraining stopped before step {cfg.spectra_steps}; see {run_dir}")
     emb_path = folder / layout.EMBEDDINGS_NAME
     embed_multimodal_dataset(
-        str(run_dir), str(survey), emb_path, splits=("val", "test"), layer=cfg.embed_layer,
-        n_tokens=cfg.embed_tokens, progress=False,
+        str(run_dir), str(survey), emb_path, splits=("val", "test"), n_tokens=cfg.embed_tokens, progress=False,
     )  # fmt: skip
     results = probe_columns(emb_path, "auto", DEFAULT_TARGETS, cfg.methods, seed=cfg.seed, progress=_detail)
     write_column_reports(results, folder / layout.PROBES_DIR)

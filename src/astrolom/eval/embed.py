@@ -233,7 +233,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="data set to embed (any format astrolom reads)")
     parser.add_argument("--out", required=True, help="EMB.parquet (a directory of per-rank parts under torchrun)")
     parser.add_argument("--splits", default="train,val,test", help="comma-separated splits to embed")
-    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="block whose outputs are averaged (-2)")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="block whose outputs are averaged (default -2, the paper's penultimate block; -1, the final block, for "
+        "multimodal models: README 'Spectra')",
+    )
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="central spiral tokens averaged (64)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"stamps per forward ({DEFAULT_BATCH})")
     parser.add_argument("--max-per-split", type=int, default=None, help="embed only the first N objects per split")
@@ -261,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             splits=[s.strip() for s in args.splits.split(",") if s.strip()],
             batch_size=args.batch_size,
-            layer=args.layer,
+            **({} if args.layer is None else {"layer": args.layer}),
             n_tokens=args.tokens,
             max_per_split=args.max_per_split,
             progress=not args.no_progress,
@@ -274,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()],
         batch_size=args.batch_size,
-        layer=args.layer,
+        layer=DEFAULT_LAYER if args.layer is None else args.layer,
         n_tokens=args.tokens,
         device=args.device,
         metadata=meta,

@@ -1,12 +1,19 @@
 """Using a multimodal (images + spectra) AstroPT: per-modality embeddings and cross-modal generation.
 
-Embeddings (`embed_multimodal`), each the penultimate block's output averaged over a modality's real tokens:
+Embeddings (`embed_multimodal`), each a block's output (default: the final block, after the final LayerNorm)
+averaged over a modality's real tokens:
 
 - `embedding_images`: an images-only pass over the first `n_tokens` spiral tokens (the central patches);
 - `embedding_spectra`: a spectra-only pass over the spectrum's present tokens (null without a spectrum);
-- `embedding_joint`: one pass over both (images first, so the spectrum tokens see the image), averaged over every
-  present token of both; objects without a spectrum get their image embedding here. The file's `embedding`
-  column holds the joint one, so every tool that reads `embedding` (probes, search) uses it unchanged.
+- `embedding_joint`: one pass over both in the order images, spectra, averaged over the spectrum's tokens: in a
+  causal model those are the only tokens that have seen both modalities (the image tokens of that pass are exactly
+  the images-only pass). Objects without a spectrum get their image embedding here. The file's `embedding` column
+  holds the joint one, so every tool that reads `embedding` (probes, search) uses it unchanged.
+
+Why the final block and the spectrum tokens (README "Spectra", measured on the demo survey with a `1m` images +
+spectra model, 3,000 steps; linear probes, redshift R²): spectrum embedding 0.952 from the final block vs 0.917
+from the penultimate (the images-only convention of the paper); joint 0.942 from the spectrum tokens vs 0.929 when
+the image tokens are averaged in.
 
 Cross-modal generation (`astrolom generate --from images --to spectra`): the model is prompted with the image tokens
 and the spectrum's begin-of-modality token and continues the spectrum token by token (`AstroPT.generate_modality`).
@@ -42,7 +49,7 @@ from astrolom.eval.probes import probe_columns
 from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
 
-DEFAULT_LAYER = -2
+DEFAULT_LAYER = -1  # the final block (after ln_f); images-only `astrolom embed` keeps the paper's -2
 DEFAULT_TOKENS = 64
 COLUMNS = ("embedding_images", "embedding_spectra", "embedding_joint")
 
@@ -101,11 +108,14 @@ def embed_multimodal(
         present = spec["spectra_present"].to(torch.bool)
         out["embedding_spectra"] = (_masked_mean(f, spec["spectra_mask"] & present[:, None]), present)
     if len(joint) > 1 and "images" in joint:
-        feats = model.forward_features(joint, layer=layer)
-        fi, fs = feats["images"].float(), feats["spectra"].float()
-        m_s = (spec["spectra_mask"] & spec["spectra_present"].to(torch.bool)[:, None]).to(fi.dtype)
-        total = fi.sum(1) + (fs * m_s[..., None]).sum(1)
-        out["embedding_joint"] = (total / (fi.shape[1] + m_s.sum(1))[:, None], out["embedding_images"][1])
+        fs = model.forward_features(joint, layer=layer)["spectra"].float()
+        present = spec["spectra_present"].to(torch.bool)
+        pooled = _masked_mean(fs, spec["spectra_mask"] & present[:, None])
+        # spectrum tokens that saw the image; objects without a spectrum keep their image embedding
+        out["embedding_joint"] = (
+            torch.where(present[:, None], pooled, out["embedding_images"][0]),
+            out["embedding_images"][1],
+        )
     return out
 
 
