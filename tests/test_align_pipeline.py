@@ -99,3 +99,19 @@ def test_finetune_backbones_moves_encoders_at_their_own_rate(encoders, tmp_path)
     again = tuned_embeddings(encoder, cache)
     np.testing.assert_allclose(again["images"], frozen["images"], atol=1e-5)
     np.testing.assert_allclose(again["spectra"], frozen["spectra"], atol=1e-5)
+
+
+def test_flux_aware_image_encoder_reads_its_flux_features():
+    """An encoder pretrained with flux-aware tokens (the demo's) gets them in alignment features too."""
+    from astrolom.align.features import image_token_features
+    from astrolom.data.batching import batch_tokens
+    from astrolom.data.stream import tokenize_records
+    from astrolom.data.survey import generate_objects
+
+    torch.manual_seed(0)
+    model = AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, patch_size=8, flux_features=True))
+    recs = generate_objects(3, size=32, seed=1)
+    feats = image_token_features(model.eval(), {"data": {"image_size": 32}}, recs, n_tokens=16)
+    tokens = batch_tokens(tokenize_records(recs, 8, image_size=32), flux_softening=model.config.flux_softening)
+    assert tokens.shape[-1] == 8 * 8 * 3 + 6  # standardised patch + per-band asinh mean and std
+    torch.testing.assert_close(feats, model.forward_features(tokens).float())

@@ -157,13 +157,16 @@ def image_token_features(
     model: AstroPT, cfg_json: dict, records: list[Record], n_tokens: int = DEFAULT_TOKENS, layer: int = -2
 ) -> torch.Tensor:
     """(B, T, C) penultimate-block features of the first `n_tokens` spiral tokens of each record's image."""
+    from astrolom.data.batching import batch_tokens
     from astrolom.data.stream import tokenize_records
 
     size = (cfg_json.get("data") or {}).get("image_size")
     batch = tokenize_records(
         records, model.config.patch_size, image_size=tuple(size) if isinstance(size, list) else size
     )
-    tokens = batch["tokens"][:, :n_tokens]
+    # the trainer's token maker, so a flux-aware encoder reads the flux features it was trained with
+    flux = model.config.flux_softening if model.config.flux_features else None
+    tokens = batch_tokens(batch, flux_softening=flux)[:, :n_tokens]
     return model.forward_features(tokens, layer=layer).float()
 
 
