@@ -213,3 +213,22 @@ def test_label_efficiency_curves_write_a_table_and_a_figure(labelled, tmp_path):
     again = LabelCurves.from_json(json.loads((tmp_path / "label_efficiency.json").read_text()))
     assert again.mean_score("cnn", 20) == pytest.approx(curves.mean_score("cnn", 20))
     assert set(again.goal()) == {"finetuned_ge_cnn_everywhere", "finetuned_ahead_at_50_200"}
+
+
+def test_a_flux_aware_backbone_is_fed_its_flux_features(labelled, tmp_path):
+    """The demo pretrains with flux-aware tokens: fine-tuning and the curves' probes must give the backbone them."""
+    from astrolom.data import tokens as tok
+    from astrolom.finetune.model import backbone_tokens
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, patch_size=8, flux_features=True)
+    save_pretrained(AstroPT(cfg), tmp_path / "flux")
+    images = torch.randn(2, 32, 32, 3) + 3.0
+    tokens = backbone_tokens(images, cfg)
+    batch = tok.tokenize(images, 8)
+    assert tokens.shape == (2, 16, 8 * 8 * 3 + 6)
+    torch.testing.assert_close(tokens[..., :192], batch.tokens)
+    torch.testing.assert_close(tokens[..., 192:], tok.flux_features(batch.tokens, batch.mean, batch.std, 3, 0.01))
+    ft = Finetuner(_cfg(labelled, model=str(tmp_path / "flux"), mode="head", epochs=1))
+    result = ft.fit()
+    assert np.isfinite(result.best_val_loss)

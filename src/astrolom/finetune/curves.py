@@ -42,8 +42,8 @@ from astrolom.data.sources import open_source
 from astrolom.eval import probes
 from astrolom.eval.baselines import train_cnn
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
-from astrolom.finetune.model import MODES
-from astrolom.finetune.trainer import FinetuneConfig, Finetuner, LabelledSet, load_labelled, tokenize_images
+from astrolom.finetune.model import MODES, backbone_tokens
+from astrolom.finetune.trainer import FinetuneConfig, Finetuner, LabelledSet, load_labelled
 from astrolom.log import get_logger
 from astrolom.model import pretrained
 
@@ -170,7 +170,7 @@ def _embeddings(backbone, images: np.ndarray, patch_size: int, layer: int, n_tok
     backbone.eval()
     out = []
     for i in range(0, len(images), 256):
-        tokens = tokenize_images(images[i : i + 256], patch_size)
+        tokens = backbone_tokens(images[i : i + 256], backbone.config)
         n = min(n_tokens, backbone.config.block_size, tokens.shape[1])
         out.append(backbone.forward_features(tokens[:, :n], layer=layer).float().mean(1).numpy())
     return np.concatenate(out)

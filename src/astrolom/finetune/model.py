@@ -35,6 +35,16 @@ MODES = ("lora", "full", "head")
 LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
+def backbone_tokens(images: torch.Tensor | np.ndarray, config) -> torch.Tensor:
+    """(B, H, W, C) images -> the (B, T, D) spiral tokens the backbone reads: per-patch standardised, followed by the
+    per-band flux features when it was pretrained with flux-aware tokens (`ModelConfig.flux_features`)."""
+    batch = tok.tokenize(torch.as_tensor(images, dtype=torch.float32), config.patch_size)
+    if not config.flux_features:
+        return batch.tokens
+    feats = tok.flux_features(batch.tokens, batch.mean, batch.std, config.n_chan, config.flux_softening)
+    return torch.cat([batch.tokens, feats], dim=-1)
+
+
 def flux_features(images: torch.Tensor, patch_size: int, n_tokens: int, sigma: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) images -> (B, rings * C) asinh(mean flux / sigma_band) in the nested central squares of patches
     (1x1 or 2x2, then 3x3 or 4x4, ...) that the first `n_tokens` spiral tokens cover: square-aperture photometry."""
@@ -115,8 +125,8 @@ class FinetuneModel(nn.Module):
 
     def inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, H, W, C) centre-cropped images -> (spiral tokens, flux features or None)."""
+        tokens = backbone_tokens(images, self.backbone.config)
         p = self.backbone.config.patch_size
-        tokens = tok.tokenize(images.float(), p).tokens
         flux = flux_features(images, p, self.n_tokens, self.head.sigma) if self.head.n_flux else None
         return tokens, flux
 

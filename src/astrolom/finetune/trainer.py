@@ -224,12 +224,6 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def tokenize_images(images: np.ndarray | torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B, T, D) spiral-ordered, per-patch standardised tokens."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    return tok.tokenize(x, patch_size).tokens
-
-
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
