@@ -158,6 +158,29 @@ def find_outliers(out: Path, embeddings: Path, survey: Path, k: int = 20, label:
     return result
 
 
+def _train_config(survey: Path, run_dir: Path, preset: str, steps: int, cfg: DemoConfig, extra: list[str]):
+    """The demo's pretraining config for one model (a fresh `run_dir`): its shared settings plus `extra` overrides."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return make_config(
+        data=survey,
+        preset=preset,
+        out=run_dir,
+        max_steps=steps,
+        overrides=[
+            f"data.patch_size={cfg.patch_size}",
+            *extra,
+            f"train.batch_size={cfg.batch_size}",
+            f"optim.learning_rate={cfg.learning_rate}",
+            f"train.seed={cfg.seed}",
+            f"train.eval_interval={max(1, steps // 10)}",
+            "train.eval_samples=256",
+            "train.checkpoint_interval=0",
+            "train.tensorboard=false",
+        ],
+    )
+
+
 def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
     """Pretrain an images + spectra model for `cfg.spectra_steps`, embed it per modality, probe each embedding column
     on the same objects and generate spectra from images; everything in out/multimodal/. None without spectra."""
@@ -171,28 +194,13 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
         return None
     folder = out / layout.MULTIMODAL_DIR
     run_dir = folder / layout.DEMO_RUN_DIR
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    train_cfg = make_config(
-        data=survey,
-        preset=cfg.spectra_preset,
-        out=run_dir,
-        max_steps=cfg.spectra_steps,
-        overrides=[
-            "model.modalities=images,spectra",
-            "model.modality_order=random",
-            f"model.spectrum_patch={cfg.spectrum_patch}",
-            f"data.patch_size={cfg.patch_size}",
-            *([f"data.image_size={cfg.spectra_image_size}"] if cfg.spectra_image_size else []),
-            f"train.batch_size={cfg.batch_size}",
-            f"optim.learning_rate={cfg.learning_rate}",
-            f"train.seed={cfg.seed}",
-            f"train.eval_interval={max(1, cfg.spectra_steps // 10)}",
-            "train.eval_samples=256",
-            "train.checkpoint_interval=0",
-            "train.tensorboard=false",
-        ],
-    )
+    spectra_overrides = [
+        "model.modalities=images,spectra",
+        "model.modality_order=random",
+        f"model.spectrum_patch={cfg.spectrum_patch}",
+        *([f"data.image_size={cfg.spectra_image_size}"] if cfg.spectra_image_size else []),
+    ]
+    train_cfg = _train_config(survey, run_dir, cfg.spectra_preset, cfg.spectra_steps, cfg, spectra_overrides)
     if not pretrain(train_cfg)["finished"]:
         raise RuntimeError(f"multimodal pretraining stopped before step {cfg.spectra_steps}; see {run_dir}")
     emb_path = folder / layout.EMBEDDINGS_NAME
@@ -279,25 +287,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     t0 = _stage(
         2, n_stages, f"pretraining AstroPT-{cfg.preset} for {cfg.max_steps} steps (batch {cfg.batch_size}, CPU)"
     )
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    train_cfg = make_config(
-        data=survey,
-        preset=cfg.preset,
-        out=run_dir,
-        max_steps=cfg.max_steps,
-        overrides=[
-            f"data.patch_size={cfg.patch_size}",
-            f"model.flux_features={str(cfg.flux_features).lower()}",
-            f"train.batch_size={cfg.batch_size}",
-            f"optim.learning_rate={cfg.learning_rate}",
-            f"train.seed={cfg.seed}",
-            f"train.eval_interval={max(1, cfg.max_steps // 10)}",
-            "train.eval_samples=256",
-            "train.checkpoint_interval=0",
-            "train.tensorboard=false",
-        ],
-    )
+    flux = [f"model.flux_features={str(cfg.flux_features).lower()}"]
+    train_cfg = _train_config(survey, run_dir, cfg.preset, cfg.max_steps, cfg, flux)
     if not pretrain(train_cfg)["finished"]:
         raise RuntimeError(f"pretraining stopped before step {cfg.max_steps}; see {run_dir}")
     _done(t0, timings, "pretrain")

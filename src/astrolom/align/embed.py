@@ -20,7 +20,6 @@ import argparse
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,12 @@ from astrolom.align.model import AlignModel
 from astrolom.align.train import aligned_dir, is_aligned, load_aligned
 from astrolom.data.multimodal import SpectrumTokeniser
 from astrolom.data.records import SPLITS, Record
-from astrolom.eval.multimodal import MultimodalEmbeddingWriter, model_records, spectrum_tokeniser_from_config
-from astrolom.log import progress as progress_bar
+from astrolom.eval.multimodal import (
+    MultimodalEmbeddingWriter,
+    model_records,
+    spectrum_tokeniser_from_config,
+    write_embedding_columns,
+)
 from astrolom.model.astropt import AstroPT
 
 COLUMNS = {"embedding": "images", "embedding_images": "images", "embedding_spectra": "spectra"}
@@ -147,26 +150,20 @@ def embed_aligned_dataset(
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     writer = MultimodalEmbeddingWriter(out, meta, embedding_column="embedding_images")
     it = model_records(data, cfg, splits, max_per_split)
-    bar = progress_bar(desc="embed[aligned]", unit="obj", enabled=progress)
     dim = enc.heads.config.embed_dim
-    try:
-        while batch := list(islice(it, batch_size)):
-            img = enc.embed_images(batch)
-            flux = [_flux(r) if r.spectrum is not None else None for r in batch]
-            has = np.array([f is not None and bool(np.isfinite(f).any()) for f in flux])
-            spec = np.zeros((len(batch), dim), np.float32)
-            if has.any():
-                rows = np.flatnonzero(has)
-                spec[rows] = enc.embed_spectra([flux[i] for i in rows], [str(batch[i].object_id) for i in rows])
-            every = np.ones(len(batch), bool)
-            writer.write(batch, {"embedding_images": (img, every), "embedding_spectra": (spec, has)})
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        writer.close()
-    if writer.rows == 0:
-        raise ValueError(f"{data}: no records in split(s) {splits}")
-    return Path(out)
+
+    def embed(batch: list[Record]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        img = enc.embed_images(batch)
+        flux = [_flux(r) if r.spectrum is not None else None for r in batch]
+        has = np.array([f is not None and bool(np.isfinite(f).any()) for f in flux])
+        spec = np.zeros((len(batch), dim), np.float32)
+        if has.any():
+            rows = np.flatnonzero(has)
+            spec[rows] = enc.embed_spectra([flux[i] for i in rows], [str(batch[i].object_id) for i in rows])
+        return {"embedding_images": (img, np.ones(len(batch), bool)), "embedding_spectra": (spec, has)}
+
+    return write_embedding_columns(writer, it, embed, batch_size, "embed[aligned]", progress,
+                                   f"{data}: no records in split(s) {splits}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -215,21 +215,38 @@ def embed_multimodal_dataset(
     meta = {"model": str(model_dir), "data": str(data), "layer": layer, "tokens": n_tokens, "splits": splits,
             "columns": {"embedding": "joint", **{c: c.split("_", 1)[1] for c in COLUMNS}},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    writer = MultimodalEmbeddingWriter(out, meta)
+
+    def embed(batch: list[Record]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        _, inputs = record_inputs(batch, model, cfg_json, spectra)
+        return {k: (v.numpy(), p.numpy()) for k, (v, p) in embed_multimodal(model, inputs, layer, n_tokens).items()}
+
     it = model_records(data, cfg_json, splits, max_per_split)
-    bar = progress_bar(desc="embed", unit="obj", enabled=progress)
+    return write_embedding_columns(MultimodalEmbeddingWriter(out, meta), it, embed, batch_size, "embed", progress,
+                                   f"{data}: no records in split(s) {splits}")  # fmt: skip
+
+
+def write_embedding_columns(
+    writer: MultimodalEmbeddingWriter,
+    records: Iterator[Record],
+    embed: Callable[[list[Record]], dict[str, tuple[np.ndarray, np.ndarray]]],
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    empty_error: str,
+) -> Path:
+    """Embed `records` batch by batch with `embed` ({column: (vectors, present)}) into `writer`, with a progress bar;
+    a ValueError `empty_error` when there were no records. Shared by the multimodal and the aligned embedders."""
+    bar = progress_bar(desc=desc, unit="obj", enabled=progress)
     try:
-        while batch := list(islice(it, batch_size)):
-            _, inputs = record_inputs(batch, model, cfg_json, spectra)
-            embs = embed_multimodal(model, inputs, layer, n_tokens)
-            writer.write(batch, {k: (v.numpy(), p.numpy()) for k, (v, p) in embs.items()})
+        while batch := list(islice(records, batch_size)):
+            writer.write(batch, embed(batch))
             bar.update(len(batch))
     finally:
         bar.close()
         writer.close()
     if writer.rows == 0:
-        raise ValueError(f"{data}: no records in split(s) {splits}")
-    return Path(out)
+        raise ValueError(empty_error)
+    return writer.path
 
 
 def probe_modalities(
