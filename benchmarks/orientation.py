@@ -3,8 +3,10 @@
 For `--n` test galaxies of the mock survey, a transformed copy is embedded and searched among 2n stamps (the n
 originals plus n other test galaxies); the score is how often the copy's nearest stamp (cosine) is its original.
 Transforms: fresh noise only (the same galaxy re-observed: identical structure, a new noise draw), a 90° turn, a
-left-right mirror, and a 90° turn of a fresh-noise copy. Each is measured for plain embeddings and for embeddings
-pooled over the 8 symmetries of the square (`astrolom embed --symmetrize`). Then linear-probe R² (ridge, fit on
+left-right mirror, and a 90° turn of a fresh-noise copy (`--split val --noise-seed N` repeats it on other galaxies
+and another noise draw). Each is measured for plain embeddings, for embeddings pooled over the 8 symmetries of the
+square (`astrolom embed --symmetrize`) and for pooled multi-scale ones (`--scales 4,16,64`, what `astrolom index
+--model` uses by default). Then linear-probe R² (ridge, fit on
 val, scored on test) of the demo's targets with and without pooling, so that invariance is not bought with physics.
 
     python benchmarks/orientation.py --model /work/runs/demo/run --data /work/runs/demo/survey --n 300
@@ -43,12 +45,22 @@ def render(row: dict, size: int, noise_seed: int | None) -> np.ndarray:
     return render_image(row, size, noise=True, rng=rng)
 
 
-def embed(model, images: list[np.ndarray], symmetrize: bool, batch: int = 64) -> np.ndarray:
+VARIANTS = {  # name: (symmetrize, scales)
+    "plain": (False, None),
+    "pooled (D4)": (True, None),
+    "pooled (D4), multi-scale 4,16,64": (True, (4, 16, 64)),
+}
+
+
+def embed(model, images: list[np.ndarray], variant: str, batch: int = 64) -> np.ndarray:
     from astrolom.data.records import Record
     from astrolom.eval.embed import embed_records
 
+    sym, scales = VARIANTS[variant]
     recs = [Record(str(i), im) for i, im in enumerate(images)]
-    return np.concatenate([e for _, e in embed_records(model, recs, batch_size=batch, symmetrize=symmetrize)])
+    return np.concatenate(
+        [e for _, e in embed_records(model, recs, batch_size=batch, symmetrize=sym, scales=scales)]
+    )  # fmt: skip
 
 
 def top1(queries: np.ndarray, gallery: np.ndarray, standardised: bool = False) -> float:
@@ -62,7 +74,7 @@ def top1(queries: np.ndarray, gallery: np.ndarray, standardised: bool = False) -
     return float(np.mean(np.argmax(q @ g.T, axis=1) == np.arange(len(q))))
 
 
-def probe_r2(model, data: str, symmetrize: bool, max_per_split: int) -> dict[str, float]:
+def probe_r2(model, data: str, variant: str, max_per_split: int) -> dict[str, float]:
     from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
     from sklearn.preprocessing import StandardScaler
@@ -78,7 +90,7 @@ def probe_r2(model, data: str, symmetrize: bool, max_per_split: int) -> dict[str
             recs.append(r)
             if len(recs) == max_per_split:
                 break
-        feats[split] = embed(model, [r.image for r in recs], symmetrize)
+        feats[split] = embed(model, [r.image for r in recs], variant)
         labels[split] = {t: np.array([r.labels[t] for r in recs], float) for t in TARGETS}
     src.close()
     out = {}
@@ -98,6 +110,8 @@ def main() -> None:
     ap.add_argument("--probe-per-split", type=int, default=800, help="val/test objects for the probes")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--cache", default=None, help="npz of the retrieval embeddings: reused if present, else written")
+    ap.add_argument("--split", default="test", help="split whose galaxies are searched for (default test)")
+    ap.add_argument("--noise-seed", type=int, default=12345, help="seed of the fresh noise draw")
     args = ap.parse_args()
 
     import torch
@@ -110,14 +124,14 @@ def main() -> None:
     meta = json.load(open(f"{args.data}/_survey.json"))["config"]
     size, seed, n_all = int(meta["size"]), int(meta["seed"]), int(meta["n"])
     cat = sample_catalogue(n_all, seed=seed, split_fractions=tuple(meta["split_fractions"]))
-    test = np.flatnonzero(cat["split"] == "test")[: 2 * args.n]
+    test = np.flatnonzero(cat["split"] == args.split)[: 2 * args.n]
     if len(test) < 2 * args.n:
-        raise SystemExit(f"{args.data} has only {len(test)} test objects; need {2 * args.n}")
+        raise SystemExit(f"{args.data} has only {len(test)} {args.split} objects; need {2 * args.n}")
     model, _ = load_model(args.model)
     t0 = time.perf_counter()
     rows = [catalogue_row(cat, int(j)) for j in test]
     gallery_imgs = [render(r, size, None) for r in rows]  # identical to the survey's stamps
-    fresh = [render(r, size, 12345) for r in rows[: args.n]]
+    fresh = [render(r, size, args.noise_seed) for r in rows[: args.n]]
     queries = {
         "fresh noise": fresh,
         "rotated 90°": [d4(im, 1) for im in gallery_imgs[: args.n]],
@@ -125,14 +139,21 @@ def main() -> None:
         "rotated + fresh noise": [d4(im, 1) for im in fresh],
     }
     render_s = time.perf_counter() - t0
-    results: dict = {"n": args.n, "gallery": 2 * args.n, "model": args.model, "retrieval": {}, "embed_s": {}}
+    results: dict = {
+        "n": args.n,
+        "gallery": 2 * args.n,
+        "split": args.split,
+        "noise_seed": args.noise_seed,
+        "model": args.model,
+        "retrieval": {},
+        "embed_s": {},
+    }
     cache = dict(np.load(args.cache)) if args.cache and os.path.exists(args.cache) else {}
-    for sym in (False, True):
-        key = "pooled (D4)" if sym else "plain"
+    for key in VARIANTS:
         t0 = time.perf_counter()
         for name, imgs in [("gallery", gallery_imgs), *queries.items()]:
             if f"{key}/{name}" not in cache:
-                cache[f"{key}/{name}"] = embed(model, imgs, sym)
+                cache[f"{key}/{name}"] = embed(model, imgs, key)
         results["embed_s"][key] = round(time.perf_counter() - t0, 1)
         for std in (False, True):
             results["retrieval"][f"{key}, {'standardised' if std else 'raw'} cosine"] = {
@@ -140,12 +161,9 @@ def main() -> None:
             }
     if args.cache:
         np.savez(args.cache, **cache)
-    results["probe_r2"] = {
-        ("pooled (D4)" if sym else "plain"): probe_r2(model, args.data, sym, args.probe_per_split)
-        for sym in (False, True)
-    }
+    results["probe_r2"] = {key: probe_r2(model, args.data, key, args.probe_per_split) for key in VARIANTS}
     results["render_s"] = round(render_s, 1)
-    print(f"model {args.model}; {args.n} test galaxies; gallery of {2 * args.n} stamps\n")
+    print(f"model {args.model}; {args.n} {args.split} galaxies; gallery of {2 * args.n} stamps\n")
     print("| embedding, similarity | " + " | ".join(queries) + " |")
     print("|---" * (len(queries) + 1) + "|")
     for key, r in results["retrieval"].items():

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 
-def make_model_index(survey: Path, tmp: Path, *, symmetrize: bool = True) -> Path:
-    """Embed `survey` with a random 2-layer AstroPT (8 px patches) and index it (flat, PCA map); returns IDX."""
+def make_model_index(survey: Path, tmp: Path, *, symmetrize: bool = True, scales=(4, 16, 64)) -> Path:
+    """Embed `survey` with a random 2-layer AstroPT (8 px patches) and index it (flat, PCA map); returns IDX.
+
+    The defaults are `astrolom index --model`'s: multi-scale, symmetry-pooled embeddings."""
     from astrolom.eval import embed as em
     from astrolom.model.astropt import AstroPT, ModelConfig
     from astrolom.model.pretrained import load_model, save_pretrained
@@ -18,7 +20,7 @@ def make_model_index(survey: Path, tmp: Path, *, symmetrize: bool = True) -> Pat
     save_pretrained(AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, patch_size=8)), tmp / "model")
     model, meta = load_model(str(tmp / "model"))
     emb = em.embed_dataset(
-        model, str(survey), tmp / "emb.parquet", metadata=meta, symmetrize=symmetrize, progress=False
+        model, str(survey), tmp / "emb.parquet", metadata=meta, symmetrize=symmetrize, scales=scales, progress=False
     )
     return build_index(emb, tmp / "index", map_method="pca", progress=False, log=None)
 

@@ -64,6 +64,34 @@ def test_symmetrized_embeddings_of_a_flux_aware_model_are_invariant():
     np.testing.assert_allclose(pooled, np.broadcast_to(pooled[0], pooled.shape), atol=1e-5)
 
 
+def test_multiscale_embeddings_concatenate_normalised_central_means():
+    from astrolom.data.batching import batch_tokens
+    from astrolom.data.records import Record
+    from astrolom.data.stream import tokenize_records
+    from astrolom.eval.embed import embed_records, parse_scales
+    from astrolom.model.astropt import AstroPT, ModelConfig
+
+    torch.manual_seed(0)
+    m = AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, patch_size=8)).eval()
+    img = np.random.default_rng(3).normal(size=(64, 64, 3)).astype(np.float32)
+    (_, ms), = embed_records(m, [Record("a", img)], scales=(4, 16, 64))  # fmt: skip
+    assert ms.shape == (1, 96)
+    with torch.no_grad():
+        feats = m.forward_features(batch_tokens(tokenize_records([Record("a", img)], 8)), layer=-2)[0]  # (64, 32)
+    for j, s in enumerate((4, 16, 64)):
+        mean = feats[:s].mean(0).numpy()
+        np.testing.assert_allclose(ms[0, 32 * j : 32 * (j + 1)], mean / np.linalg.norm(mean), atol=1e-5)
+    # symmetry pooling averages first, then normalises each scale: invariant and unit-norm per block
+    recs = [Record(str(t), d4(img, t)) for t in range(D4_SIZE)]
+    (_, pooled), = embed_records(m, recs, symmetrize=True, scales=(4, 16, 64))  # fmt: skip
+    np.testing.assert_allclose(pooled, np.broadcast_to(pooled[0], pooled.shape), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(pooled.reshape(8, 3, 32), axis=-1), 1.0, atol=1e-5)
+    assert parse_scales("4,16,64") == (4, 16, 64) and parse_scales("none") is None and parse_scales(None) is None
+    for bad in ("16,4", "0,4", "4,4", "a,b"):
+        with pytest.raises(ValueError, match="scales"):
+            parse_scales(bad)
+
+
 def test_random_batch_transform_is_seeded_and_per_sample():
     tb = tok.tokenize(torch.randn(16, 16, 16, 3), 8)
     batch = {"tokens": tb.tokens, "mean": tb.mean, "std": tb.std, "grid": tb.grid, "patch_size": 8}

@@ -180,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
         from astrolom.eval import embed
 
         return embed.run(args)
-    if args.random_init or args.symmetrize:
-        raise ValueError("--random-init and --symmetrize do not apply to an alignment run")
+    if args.random_init or args.symmetrize or args.scales:
+        raise ValueError("--random-init, --symmetrize and --scales do not apply to an alignment run")
     path = embed_aligned_dataset(
         args.model,
         args.data,

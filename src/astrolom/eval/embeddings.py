@@ -24,6 +24,10 @@ import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY, Record
 
+# multi-scale embeddings (`astrolom.eval.embed`): means over the central 2x2, 4x4 and 8x8 patches; what `astrolom
+# index --model` embeds with by default (here, beside the table format, so the index need not import torch)
+MULTISCALE = (4, 16, 64)
+
 EMBEDDING = "embedding"  # the column that holds the vectors
 EMBEDDING_PREFIX = "embedding_"  # per-modality vectors: embedding_images, embedding_spectra, embedding_joint
 _KEY_COLUMNS = ("object_id", "split")

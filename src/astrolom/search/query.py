@@ -185,6 +185,8 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
         kw["n_tokens"] = int(index.meta["tokens"])
     if index.meta.get("symmetrize"):
         kw["symmetrize"] = True
+    if index.meta.get("scales"):
+        kw["scales"] = tuple(int(s) for s in index.meta["scales"])
     (_, emb), *_ = embed_records(model, [record], batch_size=1, **kw)
     if emb.shape[1] != index.dim:
         raise ValueError(f"the model embeds to {emb.shape[1]} dimensions but the index holds {index.dim}")
