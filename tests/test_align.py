@@ -234,3 +234,40 @@ def test_eval_align_end_to_end(tmp_path):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()
     assert "| image→spectrum |" in md and "test NLL" in md
+
+
+@pytest.mark.slow
+def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(tmp_path):
+    from astrolom.align.evaluate import evaluate_alignment, markdown
+
+    _synthetic_cache(tmp_path, n=160, size=16)
+    AlignTrainer(_cfg(tmp_path, steps=20, eval_interval=10)).fit()
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "tarp.png").write_bytes(b"stale")  # a full run's figure from before must not survive a quick one
+    res = evaluate_alignment(str(tmp_path), None, out, quick=True, log=lambda m: None)
+    assert res["quick"] is True and res["posteriors"] == {}
+    r = res["retrieval"]["image→spectrum"]
+    assert r["recall@1"] > 3 * r["chance@1"]
+    assert set(res["properties_r2"]) == {
+        f"{m} {k} · zero-shot kNN" for m in ("image", "spectrum") for k in ("aligned", "unaligned")
+    }
+    assert all(-1.0 < v <= 1.0 for row in res["properties_r2"].values() for v in row.values())
+    assert (out / "retrieval.png").stat().st_size > 0
+    assert not (out / "tarp.png").exists() and not (out / "corner.png").exists()
+    assert "test NLL" not in markdown(res) and "| image→spectrum |" in markdown(res)
+
+
+def test_spectrum_encoder_may_be_a_multimodal_model_that_saw_spectra_first():
+    from astrolom.align.features import reads_alone
+    from astrolom.model.astropt import ModelConfig
+
+    def cfg(mods, order="fixed"):
+        return ModelConfig(n_layer=1, n_head=1, n_embd=8, modalities=mods, modality_order=order)
+
+    assert reads_alone(cfg(("spectra",)), "spectra") and reads_alone(cfg(("images",)), "images")
+    assert reads_alone(cfg(("images", "spectra"), "random"), "spectra")  # half its samples began with the spectrum
+    assert reads_alone(cfg(("spectra", "images")), "spectra")  # fixed order, spectra first
+    assert not reads_alone(cfg(("images", "spectra")), "spectra")  # spectra always came after the image
+    assert not reads_alone(cfg(("images", "spectra"), "random"), "images")  # image encoders stay images-only
+    assert not reads_alone(cfg(("images",)), "spectra")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from astrolom.align.evaluate import fit_flow, flow_nll, flow_samples, knn_predict, retrieval_metrics, tarp_coverage
+from astrolom.align.evaluate import (
+    ensemble_nll,
+    ensemble_samples,
+    fit_flow,
+    fit_flow_ensemble,
+    flow_nll,
+    flow_samples,
+    knn_predict,
+    retrieval_metrics,
+    tarp_coverage,
+)
 
 
 def test_retrieval_on_a_constructed_aligned_set():
@@ -58,3 +68,36 @@ def test_tarp_separates_calibrated_from_overconfident():
     bad = tarp_coverage(mu[None] + 0.2 * rng.normal(size=(400, 300, 2)), truth)
     assert good["max_abs_deviation"] < 0.1 and good["fraction_in_band"] > 0.8
     assert bad["max_abs_deviation"] > 0.2 and bad["fraction_in_band"] < 0.5
+
+
+def test_flow_ensemble_is_the_mixture_of_its_members():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 3))
+    y = np.stack([x[:, 0] + 0.2 * rng.normal(size=500), x[:, 1] - x[:, 2] + 0.2 * rng.normal(size=500)], 1)
+    ens = fit_flow_ensemble(x[:300], y[:300], x[300:400], y[300:400], members=3, epochs=8, patience=8)
+    assert len(ens.members) == 3 and [len(h) for h in ens.histories] == [8, 8, 8]
+    xt, yt = x[400:], y[400:]
+    # members differ (seeds 0, 1, 2), and the mixture's NLL is -mean log of the mean of their densities
+    nlls = [flow_nll(f, tr, xt, yt) for f, tr in ens.members]
+    assert len({round(v, 6) for v in nlls}) == 3
+    lps = np.stack([
+        -np.asarray([flow_nll(f, tr, xt[i : i + 1], yt[i : i + 1]) for i in range(len(xt))]) for f, tr in ens.members
+    ])  # fmt: skip
+    mix = np.log(np.exp(lps).mean(0))
+    assert ensemble_nll(ens, xt, yt) == pytest.approx(-mix.mean(), abs=1e-4)
+    assert ensemble_nll(ens, xt, yt) <= np.mean(nlls) + 1e-6  # Jensen: the mixture is never worse than the mean
+    s = ensemble_samples(ens, xt[:5], n=100)
+    assert s.shape == (100, 5, 2)  # 34 + 33 + 33 samples
+    with pytest.raises(ValueError, match="at least one member"):
+        fit_flow_ensemble(x[:300], y[:300], x[300:400], y[300:400], members=0)
+
+
+def test_tarp_averages_over_reference_draws():
+    rng = np.random.default_rng(2)
+    mu = rng.normal(size=(200, 2))
+    truth = mu + rng.normal(size=mu.shape)
+    samples = mu[None] + rng.normal(size=(300, 200, 2))
+    one = [np.asarray(tarp_coverage(samples, truth, seed=s, draws=1)["ecp"]) for s in range(3)]
+    avg = tarp_coverage(samples, truth, seed=0, draws=3)
+    np.testing.assert_allclose(avg["ecp"], np.mean(one, 0))
+    assert not np.allclose(one[0], one[1])  # the draws differ: that noise is what the average removes

@@ -18,7 +18,7 @@ def test_tiny_demo(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--tiny"])
     captured = capsys.readouterr()
     printed = captured.out
-    for stage in ("[1/7]", "[2/7]", "[3/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
+    for stage in ("[1/8]", "[2/8]", "[3/8]", "[4/8]", "[5/8]", "[6/8]", "[7/8]", "[8/8]"):
         assert stage in captured.err  # progress is logged (stderr)
     assert f"report: {tmp_path / 'report.html'}" in printed
     assert "pretrained" in printed and "random_init" in printed  # the key-number table
@@ -36,11 +36,19 @@ def test_tiny_demo(tmp_path, capsys):
             assert set(scores) == ({"accuracy", "f1"} if target == "telescope" else {"r2", "mae"})
         assert set(probes["results"]["cnn"][target]) == {"supervised"}
     demo = json.loads((tmp_path / "demo.json").read_text())
-    assert set(demo["timings_s"]) == {"survey", "pretrain", "embed", "probes", "outliers", "multimodal", "report"}
+    stages = {"survey", "pretrain", "embed", "probes", "outliers", "multimodal", "alignment", "report"}
+    assert set(demo["timings_s"]) == stages
     # the multimodal stage: an images + spectra model, every embedding column probed, spectra generated
     assert set(demo["multimodal"]["linear"]) == {"embedding_images", "embedding_spectra", "embedding_joint"}
     assert demo["multimodal"]["generation"]["objects"] >= 1
     assert "Multimodal" in report
+    # the alignment stage: heads on the main image model + the multimodal model's spectrum half, quick evaluation
+    align = json.loads((tmp_path / "align_eval" / "align_eval.json").read_text())
+    assert align["quick"] is True and demo["alignment"]["retrieval"] == align["retrieval"]
+    assert align["pairs"]["test"] >= 2 and 0.0 <= align["retrieval"]["image→spectrum"]["recall@10"] <= 1.0
+    run_cfg = json.loads((tmp_path / "align" / "config.json").read_text())["train"]
+    assert run_cfg["spectrum_model"].endswith("multimodal/run") and run_cfg["steps"] == 6
+    assert "<h2>Alignment</h2>" in report
     top = demo["outliers"]["top_1%"]  # the index + outlier stage ran and scored its ranking against has_star
     assert top["n"] >= 1 and 0.0 <= top["precision"] <= 1.0 and 0.0 < top["base_rate"] < 1.0
     assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()
@@ -92,6 +100,19 @@ def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
     assert demo_mod.config_from_args(off).spectra_steps == 0
     cfg = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--tiny", "--spectra-steps", "5"]))
     assert cfg.spectra_steps == 5 and cfg.spectra_preset == "debug"
+
+
+def test_align_steps_flag_follows_the_multimodal_stage(tmp_path):
+    parser = argparse.ArgumentParser()
+    demo_mod.add_arguments(parser)
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).align_steps == 200  # on by default
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--align-steps", "0"])).align_steps == 0
+    # without the multimodal stage there is no spectrum encoder: the default stage is skipped, an explicit one refused
+    off = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--spectra-steps", "0"]))
+    assert off.spectra_steps == 0
+    argv = ["--out", str(tmp_path), "--spectra-steps", "0", "--align-steps", "9"]
+    with pytest.raises(ValueError, match="--spectra-steps"):
+        demo_mod.config_from_args(parser.parse_args(argv))
 
 
 @pytest.mark.slow  # a 200-object survey, a few multimodal steps, three probed columns, generation: ~40 s

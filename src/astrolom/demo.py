@@ -10,7 +10,11 @@
 Then (`--spectra-steps N`, 0 turns it off): before the report, pretrain a small images + spectra model
 (`model.modalities=images,spectra model.modality_order=random`) for N steps on the same survey, embed it per
 modality, probe each embedding column on the same objects and generate spectra from images against the mean
-spectrum (DIR/multimodal/; the report's Multimodal section).
+spectrum (DIR/multimodal/; the report's Multimodal section). Then (`--align-steps N`, 0 turns it off; needs the
+multimodal stage): align the main image model with the multimodal model read on spectra alone (its spectrum-first
+samples trained it as a spectra-only next-token model) by training AstroCLIP-style cross-attention heads for N steps
+on cached features (DIR/align/), and score retrieval and zero-shot kNN properties on the test pairs
+(`eval-align --quick`, DIR/align_eval/; the report's Alignment section).
 
 It logs progress for every stage (stderr) and prints, at the end, where the report is and a table of the key numbers,
 plus whether the science checks hold (pretrained beats the control and PCA on redshift, stellar mass and g - r; the
@@ -20,7 +24,8 @@ at toy size for CI (a few minutes on a loaded 2-core machine; 20 steps need not 
 Layout of DIR: survey/ (data), run/ (pretraining RUN: metrics, checkpoints, final/), embeddings.parquet,
 probes/ (probes.json, probes.md, figure, control embeddings), figures/, report.html, demo.json (settings, timings,
 key numbers, checks); with `--spectra-steps`, multimodal/ (run/, embeddings.parquet, probes/ with columns.json,
-generate/ with metrics.json and the generated spectra).
+generate/ with metrics.json and the generated spectra); with `--align-steps`, align/ (the alignment RUN) and
+align_eval/ (align_eval.json, retrieval figure).
 
 Defaults and why (measured on 2 CPU cores; see the report's timings): 64x64 stamps cut into 8x8-pixel patches give
 the paper's 64-token sequences (an 8x8 grid in the same centre-out spiral) at a cost a CPU can pay; 16x16 patches
@@ -70,6 +75,8 @@ from astrolom.train.trainer import make_config, pretrain
 
 log = get_logger(__name__)
 
+ALIGN_RUN_DIR = "align"  # the demo's alignment RUN (its evaluation goes to layout.ALIGN_EVAL_DIR)
+
 
 @dataclass
 class DemoConfig:
@@ -100,6 +107,11 @@ class DemoConfig:
     spectrum_patch: int = 64  # spectrum pixels per token (the model's default is 32)
     spectra_image_size: int | None = 32  # centre crop of the stamps for the multimodal model (None: whole stamp)
     spectra_generate: int = 32  # test objects whose spectra are generated from their images
+    # the optional alignment stage (0: off; needs spectra_steps > 0): heads trained this many steps on cached features
+    # of 2 image views (the stamp and one rotation/mirror with fresh noise); README "Alignment" has the full-size run
+    align_steps: int = 200
+    align_views: int = 2
+    align_batch: int = 128
 
 
 TINY = DemoConfig(
@@ -120,6 +132,9 @@ TINY = DemoConfig(
     spectrum_patch=128,
     spectra_image_size=None,
     spectra_generate=4,
+    align_steps=6,
+    align_views=1,
+    align_batch=16,
 )
 
 
@@ -226,7 +241,45 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
     }
 
 
-def checks(probes: ProbeResult, outliers: dict | None = None) -> dict[str, bool]:
+def alignment_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict:
+    """Align the main image model with the multimodal model's spectrum half (module docstring): out/align/ holds the
+    run, out/align_eval/ the quick evaluation (retrieval, similarity, zero-shot kNN) the report reads."""
+    from astrolom.align.evaluate import evaluate_alignment
+    from astrolom.align.train import AlignTrainConfig, train_align
+
+    run_dir = out / ALIGN_RUN_DIR
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    train_align(
+        AlignTrainConfig(
+            image_model=str(out / layout.DEMO_RUN_DIR),
+            spectrum_model=str(out / layout.MULTIMODAL_DIR / layout.DEMO_RUN_DIR),
+            data=str(survey),
+            out=str(run_dir),
+            steps=cfg.align_steps,
+            batch_size=cfg.align_batch,
+            views=cfg.align_views,
+            eval_interval=max(1, cfg.align_steps // 4),
+            checkpoint_interval=0,
+            seed=cfg.seed,
+        )
+    )
+    res = evaluate_alignment(str(run_dir), None, out / layout.ALIGN_EVAL_DIR, seed=cfg.seed, quick=True, log=_detail)
+    i2s = res["retrieval"]["image→spectrum"]
+    props = res["properties_r2"]
+    knn = {
+        f"image {kind}": {t: props[f"image {kind} · zero-shot kNN"].get(t) for t in ("redshift", "log_ssfr")}
+        for kind in ("aligned", "unaligned")
+    }
+    _detail(
+        f"image -> spectrum on {res['pairs']['test']} test pairs: R@10 {i2s['recall@10']:.3f} "
+        f"(chance {i2s['chance@10']:.3f}), median rank {i2s['median_rank']:.0f}; image kNN redshift R2 "
+        f"{knn['image unaligned']['redshift']:.3f} unaligned -> {knn['image aligned']['redshift']:.3f} aligned"
+    )
+    return {"pairs": res["pairs"], "retrieval": res["retrieval"], "image_knn_r2": knn}
+
+
+def checks(probes: ProbeResult, outliers: dict | None = None, alignment: dict | None = None) -> dict[str, bool]:
     """The science acceptance checks on a probe result (linear probes, test split) and the outlier ranking."""
     out = {}
     for t in KEY_TARGETS:
@@ -244,6 +297,9 @@ def checks(probes: ProbeResult, outliers: dict | None = None) -> dict[str, bool]
     if top is not None and top["n"] >= 10:  # a precision over fewer ranked objects says little (the --tiny demo)
         name = "outliers: has_star precision in the top 1% > 3x its base rate"
         out[name] = bool(top["precision"] > 3 * top["base_rate"])
+    if alignment is not None and alignment["pairs"]["test"] >= 100:  # the --tiny demo's few pairs say little
+        r = alignment["retrieval"]["image→spectrum"]
+        out["alignment: image -> spectrum recall@10 > 5x chance"] = bool(r["recall@10"] > 5 * r["chance@10"])
     return out
 
 
@@ -268,7 +324,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    n_stages = 7 if cfg.spectra_steps > 0 else 6
+    n_stages = 6 + (cfg.spectra_steps > 0) + (cfg.spectra_steps > 0 and cfg.align_steps > 0)
     log.info("astrolom demo -> %s\nsettings: %s", out, json.dumps(asdict(cfg)))
 
     survey = out / layout.DEMO_SURVEY_DIR
@@ -346,16 +402,27 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         multimodal = multimodal_stage(out, survey, cfg)
         _done(t0, timings, "multimodal")
 
+    alignment = None
+    if multimodal is not None and cfg.align_steps > 0:
+        t0 = _stage(
+            7, n_stages, f"alignment: image and spectrum heads for {cfg.align_steps} steps (InfoNCE), retrieval and "
+            "zero-shot properties on the test pairs",
+        )  # fmt: skip
+        alignment = alignment_stage(out, survey, cfg)
+        _done(t0, timings, "alignment")
+
     t0 = _stage(n_stages, n_stages, "report (UMAP, inpainting, figures)")
     summary = {
         "settings": asdict(cfg),
         "timings_s": timings,
-        "checks": checks(probes, outliers),
+        "checks": checks(probes, outliers, alignment),
         "key_numbers": _key_numbers(probes),
         "outliers": outliers["evaluation"],
     }
     if multimodal is not None:
         summary["multimodal"] = multimodal
+    if alignment is not None:
+        summary["alignment"] = alignment
     (out / layout.DEMO_JSON).write_text(json.dumps(summary, indent=2))
     mm_dir = str(out / layout.MULTIMODAL_DIR) if multimodal is not None else None
     report = build_report(out, umap=cfg.umap, inpainting=cfg.inpainting, multimodal=mm_dir)
@@ -422,6 +489,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pretrain an images + spectra model for this many steps, probe each modality's embeddings and "
         f"generate spectra from images (default {d.spectra_steps}; 0: skip the stage)",
     )
+    parser.add_argument(
+        "--align-steps",
+        type=int,
+        default=None,
+        help="align the image model with the multimodal model's spectrum half for this many head steps and score "
+        f"retrieval and zero-shot properties (default {d.align_steps}; 0: skip; needs --spectra-steps > 0)",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --out first (the survey is reused otherwise)")
 
 
@@ -440,11 +514,16 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "seed": args.seed,
         "instrument": args.instrument,
         "spectra_steps": args.spectra_steps,
+        "align_steps": args.align_steps,
         "flux_features": args.flux_features,
     }
     cfg = DemoConfig(**{**asdict(base), **{k: v for k, v in changes.items() if v is not None}})
     if args.no_umap:
         cfg.umap = False
+    if cfg.spectra_steps <= 0 and args.align_steps:  # the default alignment simply follows the multimodal stage off
+        raise ValueError(
+            "--align-steps needs the multimodal stage, whose model is the spectrum encoder (--spectra-steps)"
+        )
     if cfg.size % cfg.patch_size:
         raise ValueError(f"--size {cfg.size} is not a multiple of --patch-size {cfg.patch_size}")
     return cfg

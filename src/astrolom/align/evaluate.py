@@ -7,9 +7,16 @@
   MLP from the aligned and the unaligned (encoders' own mean-token) embeddings of each modality, against supervised
   baselines: the image CNN (`eval.baselines.train_cnn`), a spectrum CNN (`align.baselines`) and a photometry MLP.
   Fit on train, scored (R²) on test.
-- **Posteriors** (AstroCLIP Table 3): one conditional neural spline flow (`zuko`) per feature set over the *joint*
-  (redshift, log_mstar, log_ssfr), the best epoch by validation loss kept; test NLL in the labels' units (nats),
-  TARP expected coverage (`tarp`, bootstrap band) with a calibration figure, corner plots for a few test galaxies.
+- **Posteriors** (AstroCLIP Table 3): per feature set, an equal-weight ensemble of conditional neural spline flows
+  (`zuko`; `--flow-members`, default 4, seeds 0..M-1) over the *joint* (redshift, log_mstar, log_ssfr), each member
+  kept at its best epoch by validation loss; test NLL of the mixture in the labels' units (nats), TARP expected
+  coverage (`tarp`; the ECP averaged over 5 draws of the random references) against the band a calibrated posterior
+  stays in, with a calibration figure, corner plots for a few test galaxies. Why an ensemble: a single flow on the
+  512-d aligned embeddings is over-confident (TARP in band on 0.59 of the α grid for spectra, 0.56 for images), an
+  ensemble of 4 is both calibrated and sharper (README "Alignment", measured).
+
+`--quick` (what the demo runs) keeps retrieval, similarity search and the zero-shot kNN rows of the property table:
+no MLPs, supervised baselines or flows; the JSON says `"quick": true` and its posteriors are empty.
 
 Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png` and
 `aligned_embeddings.parquet` (shared-space embeddings of every pair, per modality; `embedding` = image).
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,9 +156,18 @@ def knn_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, k: int
 
 
 def property_table(
-    cache: FeatureCache, emb: dict[str, np.ndarray], *, seed: int = 0, cnn_epochs: int = 40, log=print
+    cache: FeatureCache,
+    emb: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    cnn_epochs: int = 40,
+    quick: bool = False,
+    log=print,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """({row: {target: test R²}}, supervised predictions per baseline for the flows) — module docstring."""
+    """({row: {target: test R²}}, supervised predictions per baseline for the flows) — module docstring.
+
+    `quick`: the zero-shot kNN rows only (no MLPs, no supervised baselines; the second dict is empty).
+    """
     fit, test = cache.rows("train"), cache.rows("test")
     targets = [t for t in TARGETS if t in cache.label_names]
     ys = {t: cache.label(t) for t in targets}
@@ -162,7 +179,7 @@ def property_table(
     }
     table: dict[str, dict[str, float]] = {}
     for name, x in feats.items():
-        for method in ("zero-shot kNN", "few-shot MLP"):
+        for method in ("zero-shot kNN",) if quick else ("zero-shot kNN", "few-shot MLP"):
             row = table.setdefault(f"{name} · {method}", {})
             for t in targets:
                 ok_f, ok_t = fit[np.isfinite(ys[t][fit])], test[np.isfinite(ys[t][test])]
@@ -172,6 +189,8 @@ def property_table(
                     pred = fit_probe(x[ok_f], ys[t][ok_f], x[ok_t], "regression", "mlp", seed=seed)
                 row[t] = float(r2_score(ys[t][ok_t], pred))
         log(f"  properties: {name} done")
+    if quick:
+        return table, {}
     images = cache.images.numpy()
     y_all = np.stack([ys[t] for t in targets], 1)
     supervised: dict[str, np.ndarray] = {}
@@ -256,6 +275,51 @@ def fit_flow(
     return flow.eval(), tr, history
 
 
+@dataclass
+class FlowEnsemble:
+    """An equal-weight mixture of conditional flows (a deep ensemble): `members` = [(flow, transform)]."""
+
+    members: list
+    histories: list[list[float]]
+
+
+def fit_flow_ensemble(
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    members: int = 4,
+    seed: int = 0,
+    **kwargs,
+) -> FlowEnsemble:
+    """`members` flows from seeds seed..seed+members-1 (initialisation and batch order), each at its best val epoch."""
+    if members < 1:
+        raise ValueError(f"a flow ensemble needs at least one member, got {members}")
+    fitted = [fit_flow(x_fit, y_fit, x_val, y_val, seed=seed + i, **kwargs) for i in range(members)]
+    return FlowEnsemble([(f, tr) for f, tr, _ in fitted], [h for _, _, h in fitted])
+
+
+@torch.no_grad()
+def ensemble_nll(ens: FlowEnsemble, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean test NLL (nats, labels' units) of the mixture: -mean log (1/M) sum_m p_m(y | x)."""
+    lps = []
+    for flow, tr in ens.members:
+        lp = flow(_t((x - tr["xm"]) / tr["xs"])).log_prob(_t((y - tr["ym"]) / tr["ys"]))
+        lps.append(lp - float(np.log(tr["ys"]).sum()))
+    mix = torch.logsumexp(torch.stack(lps), 0) - np.log(len(lps))
+    return float(-mix.mean())
+
+
+def ensemble_samples(ens: FlowEnsemble, x: np.ndarray, n: int = 500, seed: int = 0) -> np.ndarray:
+    """(n, N, D) samples of the mixture: n split as evenly as possible over the members."""
+    m = len(ens.members)
+    counts = [n // m + (i < n % m) for i in range(m)]
+    members = zip(ens.members, counts, strict=True)
+    parts = [flow_samples(f, tr, x, n=c, seed=seed + i) for i, ((f, tr), c) in enumerate(members) if c]
+    return np.concatenate(parts, 0)
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
@@ -275,15 +339,24 @@ def flow_samples(flow, tr: dict, x: np.ndarray, n: int = 500, seed: int = 0) -> 
     return s * tr["ys"] + tr["ym"]
 
 
-def tarp_coverage(samples: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict:
+def tarp_coverage(samples: np.ndarray, truth: np.ndarray, seed: int = 0, draws: int = 5) -> dict:
     """TARP expected coverage (ECP) against credibility α, with the band a calibrated posterior stays in.
 
     For n test objects a calibrated ECP(α) is a binomial fraction: its standard deviation is sqrt(α(1-α)/n), so the
-    band is α ± 2 sqrt(α(1-α)/n); `fraction_in_band` is the share of the α grid inside it.
+    band is α ± 2 sqrt(α(1-α)/n); `fraction_in_band` is the share of the α grid inside it. TARP's random reference
+    points are themselves a random choice (one draw moved the fraction in band of the same samples from 0.43 to
+    0.71), so the ECP is averaged over `draws` reference draws (seeds seed..seed+draws-1); the mean of calibrated
+    curves is calibrated and varies less, so the binomial band stays a conservative test.
     """
     from tarp import get_tarp_coverage
 
-    ecp, alpha = get_tarp_coverage(samples, truth, references="random", metric="euclidean", norm=True, seed=seed)
+    curves = []
+    for i in range(draws):
+        ecp, alpha = get_tarp_coverage(
+            samples, truth, references="random", metric="euclidean", norm=True, seed=seed + i
+        )  # fmt: skip
+        curves.append(ecp)
+    ecp = np.mean(curves, 0)
     band = 2 * np.sqrt(alpha * (1 - alpha) / truth.shape[0])
     inside = np.abs(ecp - alpha) <= band + 1e-12
     return {
@@ -302,9 +375,10 @@ def posterior_table(
     *,
     seed: int = 0,
     epochs: int = 200,
+    members: int = 4,
     log=print,
 ) -> dict:
-    """{feature set: {"nll", "tarp", "samples"(corner subset)}} for the joint flow over FLOW_TARGETS."""
+    """{feature set: {"nll", "tarp", "samples"(corner subset)}} for the joint flow ensemble over FLOW_TARGETS."""
     fit, val, test = cache.rows("train"), cache.rows("val"), cache.rows("test")
     y = np.stack([cache.label(t) for t in FLOW_TARGETS], 1)
     ok = np.isfinite(y).all(1)
@@ -318,12 +392,13 @@ def posterior_table(
     }
     out = {}
     for name, x in sets.items():
-        flow, tr, hist = fit_flow(x[fit], y[fit], x[val], y[val], epochs=epochs, seed=seed)
-        samples = flow_samples(flow, tr, x[test], seed=seed)
+        ens = fit_flow_ensemble(x[fit], y[fit], x[val], y[val], members=members, epochs=epochs, seed=seed)
+        samples = ensemble_samples(ens, x[test], seed=seed)
         out[name] = {
-            "nll": flow_nll(flow, tr, x[test], y[test]),
-            "epochs": len(hist),
-            "best_val": min(hist),
+            "nll": ensemble_nll(ens, x[test], y[test]),
+            "members": members,
+            "epochs": [len(h) for h in ens.histories],  # per member, early-stopped on val
+            "best_val": [min(h) for h in ens.histories],
             "tarp": tarp_coverage(samples, y[test], seed=seed),
             "samples": samples[:, :4],
             "truth": y[test][:4],
@@ -465,6 +540,8 @@ def evaluate_alignment(
     seed: int = 0,
     cnn_epochs: int = 40,
     flow_epochs: int = 200,
+    flow_members: int = 4,
+    quick: bool = False,
     log=print,
 ) -> dict:
     """Run every evaluation (module docstring) and write the JSON, markdown and figures; returns the result dict."""
@@ -508,21 +585,27 @@ def evaluate_alignment(
             "image→spectrum": neighbour_agreement(ei, es, z, False),
             "spectrum→image": neighbour_agreement(es, ei, z, False),
         }
-    properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, log=log)
-    post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, log=log)
+    properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, quick=quick, log=log)
+    post = {}
+    if not quick:
+        post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, members=flow_members, log=log)
     retrieval_png, tarp_png, corner_png = (out / name for name in layout.ALIGN_EVAL_FIGURES)
-    figs = {
-        "retrieval": retrieval_figure(cache, emb, retrieval_png),
-        "tarp": tarp_figure(post, tarp_png),
-        "corner": corner_figure(post, "image aligned", corner_png),
-    }
+    for stale in (tarp_png, corner_png):  # a quick re-run must not leave an older run's posterior figures behind
+        stale.unlink(missing_ok=True)
+    figs = {"retrieval": retrieval_figure(cache, emb, retrieval_png)}
+    if post:
+        figs["tarp"] = tarp_figure(post, tarp_png)
+        figs["corner"] = corner_figure(post, "image aligned", corner_png)
     result = {
         "model": str(model_path),
+        "quick": quick,
         "pairs": {s: int(len(cache.rows(s))) for s in ("train", "val", "test")},
         "retrieval": retrieval,
         "similarity_redshift_r2": similarity,
         "properties_r2": properties,
-        "posteriors": {k: {kk: v[kk] for kk in ("nll", "epochs", "best_val", "tarp")} for k, v in post.items()},
+        "posteriors": {
+            k: {kk: v[kk] for kk in ("nll", "members", "epochs", "best_val", "tarp")} for k, v in post.items()
+        },
         "figures": {k: str(v) for k, v in figs.items()},
         "seconds": round(time.time() - t0, 1),
     }
@@ -565,6 +648,8 @@ def markdown(result: dict) -> str:
         "|---|" + "---|" * len(targets),
     ]
     lines += [f"| {row} | " + " | ".join(f"{v[t]:.3f}" for t in targets) + " |" for row, v in props.items()]
+    if not result["posteriors"]:
+        return "\n".join([*lines, "", "![retrieval](retrieval.png)", ""])
     lines += [
         "",
         f"## Posteriors: joint flow over ({', '.join(FLOW_TARGETS)})",
@@ -584,9 +669,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data set (default: the one the run's features came from)")
     parser.add_argument("--out", required=True, help="output directory for JSON, markdown and figures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="retrieval, similarity search and zero-shot kNN only: no MLPs, supervised baselines or flows (the demo)",
+    )
+    parser.add_argument(
+        "--flow-members", type=int, default=4, help="conditional flows per feature set, mixed equally (default 4)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    res = evaluate_alignment(args.model, args.data, args.out, seed=args.seed)
+    res = evaluate_alignment(
+        args.model, args.data, args.out, seed=args.seed, flow_members=args.flow_members, quick=args.quick
+    )
     print(markdown(res))
     return 0

@@ -1,7 +1,8 @@
 """Per-token features of the frozen encoders, computed once and cached (fast head training on a CPU).
 
 The image encoder is an images-only AstroPT run; the spectrum encoder an AstroPT pretrained on spectra alone
-(`model.modalities=spectra`). Only objects with a usable spectrum form pairs. For every pair the cache holds:
+(`model.modalities=spectra`), or an images + spectra model that trained with spectra first (`reads_alone`). Only
+objects with a usable spectrum form pairs. For every pair the cache holds:
 
 - `image_tokens` (N, V, T, C): the image encoder's penultimate-block features of the first T spiral (central)
   tokens for V views. View 0 is the stamp itself; views 1..V-1 are the D4 elements (90° rotations, flips; the stamp
@@ -125,17 +126,24 @@ class FeatureCache:
         )
 
 
-def _pairs(data: str, split_settings: dict) -> Iterator[Record]:
-    """Every record of every split that has a spectrum with at least one good pixel."""
+def _pairs(data: str, split_settings: dict, on_total=None, on_record=None) -> Iterator[Record]:
+    """Every record of every split that has a spectrum with at least one good pixel.
+
+    `on_total(n)` is told how many records will be scanned, `on_record()` called for each (progress with an ETA).
+    """
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
 
     source = open_source(data, spectra=True, **split_settings)
     try:
         counts = source.split_counts()
+        if on_total is not None:
+            on_total(sum(counts.get(s, 0) for s in ("train", "val", "test")))
         for split in ("train", "val", "test"):
             if counts.get(split, 0):
                 for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
+                    if on_record is not None:
+                        on_record()
                     if rec.spectrum is not None and np.isfinite(_flux(rec)).any():
                         yield rec
     finally:
@@ -185,10 +193,30 @@ def _load_encoder(path: str, modality: str) -> tuple[AstroPT, dict, str]:
 
     d = resolve_model_dir(path)
     model, cfg = from_pretrained(d), read_config(d)
-    mods = tuple(model.config.modalities)
-    if mods != (modality,):
-        raise ValueError(f"{d}: the {modality} encoder must be pretrained on {modality} alone, got modalities {mods}")
+    if not reads_alone(model.config, modality):
+        mods, order = tuple(model.config.modalities), model.config.modality_order
+        raise ValueError(
+            f"{d}: the {modality} encoder must have been pretrained on {modality} alone, or be a multimodal spectra "
+            f"encoder that trained with spectra first in the sequence (modality_order random, or fixed with spectra "
+            f"first); got modalities {mods}, order {order!r}"
+        )
     return model, cfg, str(d)
+
+
+def reads_alone(config, modality: str) -> bool:
+    """Whether a model's pass over `modality` alone is one it was pretrained on.
+
+    True for a single-modality model of that modality. A multimodal model qualifies as a *spectrum* encoder when its
+    training sequences began with the spectrum (order random, or fixed with spectra first): the model is causal, so
+    on those samples its spectrum tokens were a spectra-only next-token model, exactly the pass the encoder runs
+    (README "Alignment"). Image encoders read tensors and stay images-only.
+    """
+    mods = tuple(config.modalities)
+    if mods == (modality,):
+        return True
+    if modality != "spectra" or modality not in mods:
+        return False
+    return config.modality_order == "random" or mods[0] == modality
 
 
 def extract_features(
@@ -199,7 +227,7 @@ def extract_features(
     views: int = DEFAULT_VIEWS,
     noise: float = DEFAULT_NOISE,
     n_tokens: int = DEFAULT_TOKENS,
-    batch_size: int = 64,
+    batch_size: int = 256,  # stamps per encoder pass: on a CPU big batches amortise per-op overhead
     seed: int = 0,
     max_objects: int | None = None,
     progress: bool = True,
@@ -219,8 +247,18 @@ def extract_features(
     out: dict[str, list] = {k: [] for k in ("img", "spec", "mask", "labels", "images", "spectra")}
     ids, splits, sigma = [], [], None
     names = None
-    bar = progress_bar(max_objects, desc="encoder features", unit="pair", enabled=progress)
+    # progress over the records scanned (known up front, so the bar has an ETA); pairs are those with a spectrum
+    bar = progress_bar(None, desc="encoder features", unit="obj", enabled=progress)
     buf: list[Record] = []
+    scanned = 0
+
+    def on_total(n: int) -> None:
+        bar.total = min(n, max_objects) if max_objects else n
+        bar.refresh()
+
+    def on_record() -> None:
+        nonlocal scanned
+        scanned += 1
 
     def flush() -> None:
         nonlocal sigma
@@ -239,10 +277,11 @@ def extract_features(
         out["labels"].append(torch.tensor([[float(r.labels.get(n, np.nan)) for n in names] for r in buf]))
         out["images"].append(torch.from_numpy(images))
         out["spectra"].append(torch.from_numpy(np.stack(flux)))
-        bar.update(len(buf))
+        bar.update(scanned - bar.n)
+        bar.set_postfix(pairs=len(ids), refresh=False)
         buf.clear()
 
-    for rec in _pairs(data, settings):
+    for rec in _pairs(data, settings, on_total, on_record):
         if names is None:
             names = [n for n in TARGETS if n in rec.labels]
         ids.append(str(rec.object_id))
