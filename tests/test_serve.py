@@ -54,6 +54,7 @@ def test_api_answers(client, index_dir):
     idx = load_index(index_dir)
     info = client.get("/api/info").json()
     assert info["n"] == 64 and info["upload_image"] is True and info["cross_modal"] is False
+    assert info["symmetrize"] is True and info["scales"] == [4, 16, 64]  # how the index embeds uploads
     assert {"name": "has_star", "kind": "categorical"} in info["labels"]
     m = client.get("/api/map").json()
     assert len(m["x"]) == len(m["ids"]) == 64

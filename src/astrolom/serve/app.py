@@ -206,6 +206,7 @@ def create_app(
             "model": idx.meta.get("model"),
             "data": ex.data,
             "symmetrize": bool(idx.meta.get("symmetrize")),
+            "scales": idx.meta.get("scales"),
             "labels": labels,
             "upload_image": ex.can_embed_images(),
             "upload_spectrum": can_embed_spectra(idx),
