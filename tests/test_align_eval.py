@@ -101,3 +101,21 @@ def test_tarp_averages_over_reference_draws():
     avg = tarp_coverage(samples, truth, seed=0, draws=3)
     np.testing.assert_allclose(avg["ecp"], np.mean(one, 0))
     assert not np.allclose(one[0], one[1])  # the draws differ: that noise is what the average removes
+
+
+def test_flow_ensemble_picks_its_conditioning_width_by_validation_nll():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(700, 2))
+    # 40 features: two informative directions spread over all of them, plus noise the flow could overfit
+    x = z @ rng.normal(size=(2, 40)) + 0.3 * rng.normal(size=(700, 40))
+    y = z + 0.1 * rng.normal(size=z.shape)
+    ens = fit_flow_ensemble(
+        x[:400], y[:400], x[400:550], y[400:550], members=2, components=(4, 64), epochs=6, patience=6
+    )
+    assert set(ens.selection) == {"4", "all"}  # 64 >= 40 features collapses to all of them
+    assert ens.components == (4 if ens.selection["4"] < ens.selection["all"] else None)
+    assert len(ens.members) == 2 and ens.members[0][1]["xm"].shape == (ens.components or 40,)
+    s = ensemble_samples(ens, x[550:560], n=20)  # new contexts are projected like the fit ones
+    assert s.shape == (20, 10, 2) and np.isfinite(ensemble_nll(ens, x[550:], y[550:]))
+    only_all = fit_flow_ensemble(x[:400], y[:400], x[400:550], y[400:550], members=1, components=(None,), epochs=2)
+    assert only_all.components is None and only_all.projection is None and list(only_all.selection) == ["all"]

@@ -306,18 +306,22 @@ def _alignment_section(path: Path) -> str:
     if post:
         names = list(post)
         low = min(range(len(names)), key=lambda i: post[names[i]]["nll"])
+        from astrolom.align.evaluate import flow_input
+
         rows = [
-            [n, f"{v['nll']:.3f}", f"{v['tarp']['max_abs_deviation']:.3f}", f"{v['tarp']['fraction_in_band']:.2f}"]
+            [n, flow_input(v), f"{v['nll']:.3f}", f"{v['tarp']['max_abs_deviation']:.3f}",
+             f"{v['tarp']['fraction_in_band']:.2f}"]
             for n, v in post.items()
-        ]
+        ]  # fmt: skip
         body += (
             "<h3>Posteriors</h3>"
-            '<p class="note">One conditional normalising flow per feature set over the joint (redshift, log M*, '
-            "log sSFR); test negative log-likelihood (lower is better; bold: lowest) and TARP calibration.</p>"
+            '<p class="note">One ensemble of conditional normalising flows per feature set over the joint '
+            "(redshift, log M*, log sSFR), on the PCA width chosen by validation NLL; test negative log-likelihood "
+            "(lower is better; bold: lowest) and TARP calibration.</p>"
             + _table(
-                ["feature set", "test NLL (nats)", "TARP max abs deviation", "TARP fraction in 2σ band"],
+                ["feature set", "flow input", "test NLL (nats)", "TARP max abs deviation", "TARP fraction in 2σ band"],
                 rows,
-                [{1} if i == low else set() for i in range(len(rows))],
+                [{2} if i == low else set() for i in range(len(rows))],
             )  # fmt: skip
         )
     captions = {
