@@ -117,6 +117,22 @@ def test_random_init_control_is_seeded_and_differs(model_dir):
     assert not torch.allclose(em.embed_tokens(a, x), em.embed_tokens(pre, x))
 
 
+def test_random_init_control_is_extracted_like_the_embeddings(mock_survey, model_dir, tmp_path):
+    from astrolom.eval.baselines import random_init_embeddings
+
+    model, meta = load_model(str(model_dir))
+    path = em.embed_dataset(model, str(mock_survey), tmp_path / "ms.parquet", splits=["val"], metadata=meta,
+                            symmetrize=True, scales=(4, 16), progress=False)  # fmt: skip
+    like = load_embeddings(path)
+    assert like.X.shape[1] == 64 and like.metadata["scales"] == [4, 16] and like.metadata["tokens"] == 16
+    control = random_init_embeddings(str(model_dir), str(mock_survey), tmp_path / "ctl.parquet", like, splits=("val",),
+                                     progress=False)  # fmt: skip
+    # the control is pooled and multi-scale like the embeddings it controls: same width, unit-norm blocks
+    assert control.metadata["symmetrize"] is True and control.metadata["scales"] == [4, 16]
+    assert control.X.shape == like.X.shape
+    np.testing.assert_allclose(np.linalg.norm(control.X.reshape(len(control), 2, 32), axis=-1), 1.0, atol=1e-5)
+
+
 def test_unsplit_data_is_split_as_in_pretraining(tmp_path):
     """Data without a split column: embed uses the split settings of the run the model came from."""
     from astrolom.data.records import split_of

@@ -55,7 +55,8 @@ def random_init_embeddings(
     device: str | None = None,
     progress: bool = True,
 ) -> EmbeddingTable:
-    """Embeddings of a freshly initialised model of `model_path`'s config, extracted as `like` was (layer, tokens)."""
+    """Embeddings of a freshly initialised model of `model_path`'s config, extracted as `like` was (layer, tokens,
+    scales, symmetry pooling)."""
     if not data:
         raise ValueError("the random-init control needs the data set: pass --data")
     model, meta = load_model(model_path, random_init=True, seed=seed)
@@ -73,6 +74,8 @@ def random_init_embeddings(
         world_size=1,
         metadata=meta,
         max_per_split=m.get("max_per_split"),
+        symmetrize=bool(m.get("symmetrize", False)),
+        scales=tuple(m["scales"]) if m.get("scales") else None,
         progress=progress,
     )
     return load_embeddings(out)
