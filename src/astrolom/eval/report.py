@@ -298,8 +298,14 @@ def _alignment_section(path: Path) -> str:
         rows = [[n] + [f"{props[n][t]:.3f}" for t in targets] for n in names]
         body += (
             "<h3>Property estimation (test R2)</h3>"
-            '<p class="note">Zero-shot kNN and few-shot MLP from the aligned and unaligned embeddings of each '
-            "modality, against supervised baselines (AstroCLIP Table 2). Bold: the best embedding per target.</p>"
+            + (
+                '<p class="note">Zero-shot kNN from the aligned and unaligned embeddings of each modality (a quick '
+                "evaluation: no MLPs, supervised baselines or flows; <code>astrolom eval-align</code> runs them). "
+                "Bold: the best embedding per target.</p>"
+                if res.get("quick")
+                else '<p class="note">Zero-shot kNN and few-shot MLP from the aligned and unaligned embeddings of each '
+                "modality, against supervised baselines (AstroCLIP Table 2). Bold: the best embedding per target.</p>"
+            )
             + _table(["source · method", *targets], rows, best)
         )
     post = res.get("posteriors") or {}
