@@ -49,6 +49,7 @@ def test_tiny_demo(tmp_path, capsys):
     run_cfg = json.loads((tmp_path / "align" / "config.json").read_text())["train"]
     assert run_cfg["spectrum_model"].endswith("multimodal/run") and run_cfg["steps"] == 6
     assert "<h2>Alignment</h2>" in report and "a quick evaluation" in report
+    assert "alignment heads: training and validation loss" in report  # the run's loss curves
     top = demo["outliers"]["top_1%"]  # the index + outlier stage ran and scored its ranking against has_star
     assert top["n"] >= 1 and 0.0 <= top["precision"] <= 1.0 and 0.0 < top["base_rate"] < 1.0
     assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()

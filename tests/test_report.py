@@ -164,6 +164,14 @@ def test_report_multimodal_and_alignment_sections(tmp_path):
 
     results = _fake_multimodal(tmp_path / "run" / "multimodal")
     _fake_align_eval(tmp_path / "run" / "align_eval")
+    # the alignment run beside its evaluation (the demo's layout): its loss curves join the section
+    align_run = tmp_path / "run" / "align"
+    align_run.mkdir()
+    (align_run / "config.json").write_text('{"model_type": "astrolom-align"}')
+    rows = [
+        {"step": s, "loss": 4.0 - s / 10, **({"val_loss": 4.1 - s / 10} if s % 5 == 0 else {})} for s in range(1, 21)
+    ]
+    (align_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     doc = build_report(tmp_path / "run", umap=False, inpainting=False).read_text()
     assert "<h2>Multimodal</h2>" in doc and "<h2>Alignment</h2>" in doc
     mm = doc[doc.index("<h2>Multimodal") : doc.index("<h2>Alignment")]
@@ -181,7 +189,8 @@ def test_report_multimodal_and_alignment_sections(tmp_path):
     assert "<td>0.050</td>" in al and "<td>10</td>" in al  # chance R@1 = 1/20, chance median rank (N+1)/2
     assert '<td class="best">0.93' in al and '<td class="best">0.99' not in al  # supervised rows are not "best"
     assert '<td class="best">-1.234</td>' in al and "<td>0.567</td>" in al
-    assert al.count('<img src="data:image/png;base64,') == 3
+    assert "alignment heads: training and validation loss (align" in al
+    assert al.count('<img src="data:image/png;base64,') == 4  # loss curves, retrieval, TARP, corner
 
 
 def test_report_flags_point_at_multimodal_and_alignment_folders(tmp_path):

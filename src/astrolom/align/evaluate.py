@@ -639,7 +639,7 @@ def evaluate_alignment(
         figs["tarp"] = tarp_figure(post, tarp_png)
         figs["corner"] = corner_figure(post, "image aligned", corner_png)
     result = {
-        "model": str(model_path),
+        "model": str(Path(model_path).resolve()),  # absolute: the report finds the run's loss curves from anywhere
         "quick": quick,
         "pairs": {s: int(len(cache.rows(s))) for s in ("train", "val", "test")},
         "retrieval": retrieval,

@@ -267,7 +267,16 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
     return "<h2>Multimodal</h2>" + body
 
 
-def _alignment_section(path: Path) -> str:
+def _alignment_run(path: Path, res: dict) -> Path | None:
+    """The alignment RUN an `eval-align` JSON scored: its recorded path, else the run the JSON sits in (RUN/eval)
+    or beside (the demo's align/ next to align_eval/)."""
+    for cand in (Path(res.get("model") or ""), path.parent.parent, path.parent.parent / "align"):
+        if str(cand) and (cand / layout.METRICS_NAME).is_file() and (cand / layout.CONFIG_NAME).is_file():
+            return cand
+    return None
+
+
+def _alignment_section(path: Path, figdir: Path | None = None) -> str:
     res = json.loads(path.read_text())
     rows = [
         [d, f"{r['recall@1']:.3f}", f"{r['recall@5']:.3f}", f"{r['recall@10']:.3f}", f"{r['median_rank']:.0f}",
@@ -278,6 +287,7 @@ def _alignment_section(path: Path) -> str:
         f'<p class="note">Image–spectrum alignment (<code>astrolom eval-align</code>) on {res["pairs"]["test"]} '
         f"test pairs ({res['pairs']['train']} train). Retrieval: the rank of the true partner among all test "
         "pairs, against chance.</p>"
+        + _alignment_curves(path, res, figdir)
         + _table(
             ["direction", "R@1", "R@5", "R@10", "median rank", "chance R@1", "chance R@10", "chance median rank"], rows
         )  # fmt: skip
@@ -341,10 +351,24 @@ def _alignment_section(path: Path) -> str:
     return "<h2>Alignment</h2>" + body
 
 
+def _alignment_curves(path: Path, res: dict, figdir: Path | None) -> str:
+    """Training and validation InfoNCE of the alignment run, when its metrics are found (empty string otherwise)."""
+    run = _alignment_run(path, res)
+    if run is None or figdir is None:
+        return ""
+    rows = [json.loads(line) for line in (run / layout.METRICS_NAME).read_text().splitlines() if line.strip()]
+    if not rows:
+        return ""
+    fig = _training_curves(rows, figdir / "align_loss", ylabel="InfoNCE loss (symmetric)", log_y=False)
+    return _img(fig["png"], f"alignment heads: training and validation loss ({run.name}; chance: log batch size)")
+
+
 # ------------------------------------------------------------------------------------------------- figures
 
 
-def _training_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
+def _training_curves(
+    rows: list[dict], stem: Path, ylabel: str = "Huber loss (standardised patches)", log_y: bool = True
+) -> dict[str, Path]:
     fig, ax = fg.plt.subplots(figsize=(6.5, 3.8))
     tr = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     va = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
@@ -353,8 +377,9 @@ def _training_curves(rows: list[dict], stem: Path) -> dict[str, Path]:
     if va:
         ax.plot(*zip(*va, strict=True), "o-", ms=3, label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("Huber loss (standardised patches)")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return fg.save(fig, stem)
@@ -494,7 +519,7 @@ def build_report(
     if columns or generations:
         sections.append(_multimodal_section(columns, generations))
     if art["align"]:
-        sections.append(_alignment_section(art["align"]))
+        sections.append(_alignment_section(art["align"], figdir))
 
     if art["outliers"]:
         res = json.loads(art["outliers"].read_text())
