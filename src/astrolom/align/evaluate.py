@@ -660,14 +660,6 @@ def evaluate_alignment(
     return result
 
 
-def flow_input(post: dict) -> str:
-    """'PCA 16 of 512', '20 features' ...: what one feature set's flows condition on (older results: '-')."""
-    if "features" not in post:
-        return "-"
-    k, d = post.get("components"), post["features"]
-    return f"{d} features" if k is None else f"PCA {k} of {d}"
-
-
 def markdown(result: dict) -> str:
     """The three tables (retrieval, AstroCLIP Table 2-like properties, Table 3-like posteriors) as markdown."""
     lines = [
@@ -711,6 +703,8 @@ def markdown(result: dict) -> str:
         "| feature set | flow input | test NLL (nats) | TARP max abs deviation | TARP fraction in 2σ band |",
         "|---|---|---|---|---|",
     ]
+    from astrolom.eval.report import flow_input
+
     for k, v in result["posteriors"].items():
         t = v["tarp"]
         lines.append(

@@ -267,6 +267,14 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
     return "<h2>Multimodal</h2>" + body
 
 
+def flow_input(post: dict) -> str:
+    """What one `eval-align` feature set's flows condition on: 'PCA 16 of 512', '20 features' (older results: '-')."""
+    if "features" not in post:
+        return "-"
+    k, d = post.get("components"), post["features"]
+    return f"{d} features" if k is None else f"PCA {k} of {d}"
+
+
 def _alignment_run(path: Path, res: dict) -> Path | None:
     """The alignment RUN an `eval-align` JSON scored: its recorded path, else the run the JSON sits in (RUN/eval)
     or beside (the demo's align/ next to align_eval/)."""
@@ -322,8 +330,6 @@ def _alignment_section(path: Path, figdir: Path | None = None) -> str:
     if post:
         names = list(post)
         low = min(range(len(names)), key=lambda i: post[names[i]]["nll"])
-        from astrolom.align.evaluate import flow_input
-
         rows = [
             [n, flow_input(v), f"{v['nll']:.3f}", f"{v['tarp']['max_abs_deviation']:.3f}",
              f"{v['tarp']['fraction_in_band']:.2f}"]
