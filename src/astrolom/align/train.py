@@ -404,7 +404,12 @@ def load_aligned(path: str | Path) -> tuple[AlignModel, dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AlignTrainConfig()
     parser.add_argument("--image-model", required=True, help="images-only AstroPT RUN (the image encoder)")
-    parser.add_argument("--spectrum-model", required=True, help="spectra-only AstroPT RUN (model.modalities=spectra)")
+    parser.add_argument(
+        "--spectrum-model",
+        required=True,
+        help="spectra-only AstroPT RUN (model.modalities=spectra), or an images + spectra RUN that trained with "
+        "spectra first (modality_order=random): read on spectra alone",
+    )
     parser.add_argument("--data", required=True, help="data set with images and spectra (e.g. an astrolom survey)")
     parser.add_argument("--out", required=True, help="RUN directory for features, checkpoints, best/ and final/")
     parser.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
