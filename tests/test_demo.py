@@ -93,6 +93,20 @@ def test_checks_compare_scores_through_the_probe_result():
     }
 
 
+def test_alignment_check_needs_retrieval_well_above_chance():
+    from astrolom.eval.probes import ProbeResult
+
+    empty = ProbeResult(protocol={"methods": ["linear"]}, targets={}, results={"pretrained": {}})
+
+    def alignment(r10, n=571):
+        return {"pairs": {"test": n}, "retrieval": {"image→spectrum": {"recall@10": r10, "chance@10": 10 / n}}}
+
+    name = "alignment: image -> spectrum recall@10 > 5x chance"
+    assert demo_mod.checks(empty, None, alignment(0.776)) == {name: True}
+    assert demo_mod.checks(empty, None, alignment(0.08)) == {name: False}  # 4.6x chance
+    assert demo_mod.checks(empty, None, alignment(0.0, n=30)) == {}  # too few pairs to judge (the --tiny demo)
+
+
 def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
     parser = argparse.ArgumentParser()
     demo_mod.add_arguments(parser)

@@ -280,7 +280,8 @@ def alignment_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict:
 
 
 def checks(probes: ProbeResult, outliers: dict | None = None, alignment: dict | None = None) -> dict[str, bool]:
-    """The science acceptance checks on a probe result (linear probes, test split) and the outlier ranking."""
+    """The science acceptance checks on a probe result (linear probes, test split), the outlier ranking and the
+    alignment's retrieval."""
     out = {}
     for t in KEY_TARGETS:
         pre = probes.score(t, "pretrained", "linear")
