@@ -102,15 +102,16 @@ class DemoConfig:
     # the optional multimodal stage (0: off): an images + spectra model pretrained for this many steps
     # (on by default at a size that fits the demo's budget: the central 32x32 px in 16 image tokens and 49
     # spectrum tokens of 64 px, about as many tokens per sample as the main model; README has the longer run)
-    spectra_steps: int = 600
+    spectra_steps: int = 450
     spectra_preset: str = "1m"
     spectrum_patch: int = 64  # spectrum pixels per token (the model's default is 32)
     spectra_image_size: int | None = 32  # centre crop of the stamps for the multimodal model (None: whole stamp)
     spectra_generate: int = 32  # test objects whose spectra are generated from their images
+    spectra_methods: tuple[str, ...] = ("linear", "knn")  # probes of its embedding columns (MLPs: `astrolom probe`)
     # the optional alignment stage (0: off; needs spectra_steps > 0): heads trained this many steps on cached features
-    # of 2 image views (the stamp and one rotation/mirror with fresh noise); README "Alignment" has the full-size run
-    align_steps: int = 200
-    align_views: int = 2
+    # of the stamps (1 view: no rotation/noise copies, to fit the budget); README "Alignment" has the full-size run
+    align_steps: int = 150
+    align_views: int = 1
     align_batch: int = 128
 
 
@@ -222,7 +223,7 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
     embed_multimodal_dataset(
         str(run_dir), str(survey), emb_path, splits=("val", "test"), n_tokens=cfg.embed_tokens, progress=False,
     )  # fmt: skip
-    results = probe_columns(emb_path, "auto", DEFAULT_TARGETS, cfg.methods, seed=cfg.seed, progress=_detail)
+    results = probe_columns(emb_path, "auto", DEFAULT_TARGETS, cfg.spectra_methods, seed=cfg.seed, progress=_detail)
     write_column_reports(results, folder / layout.PROBES_DIR)
     gen = evaluate_generation(
         str(run_dir), str(survey), "images", "spectra", folder / "generate", n=cfg.spectra_generate,
