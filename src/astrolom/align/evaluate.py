@@ -341,11 +341,8 @@ def fit_flow_ensemble(
 def ensemble_nll(ens: FlowEnsemble, x: np.ndarray, y: np.ndarray) -> float:
     """Mean test NLL (nats, labels' units) of the mixture: -mean log (1/M) sum_m p_m(y | x)."""
     x = ens.project(x)
-    lps = []
-    for flow, tr in ens.members:
-        lp = flow(_t((x - tr["xm"]) / tr["xs"])).log_prob(_t((y - tr["ym"]) / tr["ys"]))
-        lps.append(lp - float(np.log(tr["ys"]).sum()))
-    mix = torch.logsumexp(torch.stack(lps), 0) - np.log(len(lps))
+    lps = torch.stack([_log_density(flow, tr, x, y) for flow, tr in ens.members])
+    mix = torch.logsumexp(lps, 0) - np.log(len(lps))
     return float(-mix.mean())
 
 
@@ -364,10 +361,16 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def flow_nll(flow, tr: dict, x: np.ndarray, y: np.ndarray) -> float:
-    """Mean test negative log-likelihood in the labels' own units (nats; the Jacobian of the standardisation added)."""
+def _log_density(flow, tr: dict, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+    """(N,) log p(y | x) in the labels' own units (the Jacobian of the standardisation included)."""
     lp = flow(_t((x - tr["xm"]) / tr["xs"])).log_prob(_t((y - tr["ym"]) / tr["ys"]))
-    return float(-lp.mean() + np.log(tr["ys"]).sum())
+    return lp - float(np.log(tr["ys"]).sum())
+
+
+@torch.no_grad()
+def flow_nll(flow, tr: dict, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean test negative log-likelihood in the labels' own units (nats)."""
+    return float(-_log_density(flow, tr, x, y).mean())
 
 
 @torch.no_grad()

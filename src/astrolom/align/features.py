@@ -253,8 +253,9 @@ def extract_features(
     scanned = 0
 
     def on_total(n: int) -> None:
-        bar.total = min(n, max_objects) if max_objects else n
-        bar.refresh()
+        if not max_objects:  # a cap counts pairs, not the records scanned: then the scan length is unknown
+            bar.total = n
+            bar.refresh()
 
     def on_record() -> None:
         nonlocal scanned

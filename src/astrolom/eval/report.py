@@ -278,8 +278,9 @@ def flow_input(post: dict) -> str:
 def _alignment_run(path: Path, res: dict) -> Path | None:
     """The alignment RUN an `eval-align` JSON scored: its recorded path, else the run the JSON sits in (RUN/eval)
     or beside (the demo's align/ next to align_eval/)."""
-    for cand in (Path(res.get("model") or ""), path.parent.parent, path.parent.parent / "align"):
-        if str(cand) and (cand / layout.METRICS_NAME).is_file() and (cand / layout.CONFIG_NAME).is_file():
+    recorded = [Path(res["model"])] if res.get("model") else []
+    for cand in (*recorded, path.parent.parent, path.parent.parent / "align"):
+        if (cand / layout.METRICS_NAME).is_file() and (cand / layout.CONFIG_NAME).is_file():
             return cand
     return None
 
@@ -362,7 +363,7 @@ def _alignment_curves(path: Path, res: dict, figdir: Path | None) -> str:
     run = _alignment_run(path, res)
     if run is None or figdir is None:
         return ""
-    rows = [json.loads(line) for line in (run / layout.METRICS_NAME).read_text().splitlines() if line.strip()]
+    rows = read_metrics(run)  # resume-aware: a repeated step keeps its latest values
     if not rows:
         return ""
     fig = _training_curves(rows, figdir / "align_loss", ylabel="InfoNCE loss (symmetric)", log_y=False)
