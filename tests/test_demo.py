@@ -110,7 +110,7 @@ def test_alignment_check_needs_retrieval_well_above_chance():
 def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
     parser = argparse.ArgumentParser()
     demo_mod.add_arguments(parser)
-    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).spectra_steps == 450  # on by default
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).spectra_steps == 300  # on by default
     off = parser.parse_args(["--out", str(tmp_path), "--spectra-steps", "0"])
     assert demo_mod.config_from_args(off).spectra_steps == 0
     cfg = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--tiny", "--spectra-steps", "5"]))
@@ -120,7 +120,7 @@ def test_spectra_steps_flag_turns_the_multimodal_stage_on(tmp_path):
 def test_align_steps_flag_follows_the_multimodal_stage(tmp_path):
     parser = argparse.ArgumentParser()
     demo_mod.add_arguments(parser)
-    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).align_steps == 150  # on by default
+    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).align_steps == 120  # on by default
     assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--align-steps", "0"])).align_steps == 0
     # without the multimodal stage there is no spectrum encoder: the default stage is skipped, an explicit one refused
     off = demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--spectra-steps", "0"]))

@@ -220,3 +220,14 @@ def test_presets_cli_lists_every_preset(capsys, monkeypatch):
         p = get_preset(name)
         assert row[1:4] == [str(p.n_layer), str(p.n_embd), str(p.n_head)]
     assert rows["89m"][6] == "89.09M"  # paper-style count of the 89M preset, Table 1 says 89M
+
+
+def test_custom_sizes_between_presets():
+    p = get_preset("3x96")
+    assert (p.n_layer, p.n_embd, p.n_head, p.learning_rate) == (3, 96, 6, 1e-3)
+    assert get_preset("4x128h4").n_head == 4 and get_preset("2x512").n_head == 8  # 16-d heads, at most 8
+    small, large = (count_params(model_config(n, patch_size=4, block_size=64)) for n in ("2x48", "3x96"))
+    assert 0 < small < large
+    for bad in ("3x", "x96", "3x100h8", "0x64"):
+        with pytest.raises(ValueError, match="preset"):
+            get_preset(bad)

@@ -428,7 +428,9 @@ def markdown(summary: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="data set to pretrain and probe on")
-    parser.add_argument("--presets", required=True, help="comma-separated presets, e.g. 1m,5m,12m")
+    parser.add_argument(
+        "--presets", required=True, help="comma-separated presets (1m,5m,12m) or custom sizes LAYERSxWIDTH (2x48,3x96)"
+    )
     parser.add_argument("--out", required=True, help="sweep directory")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimiser steps per model")

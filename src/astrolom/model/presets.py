@@ -9,6 +9,7 @@ smallest sizes.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +43,24 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# A size between the named ones: LAYERSxWIDTH, e.g. "3x96", heads of 16 dimensions (at most 8, as the paper's small
+# sizes), or LAYERSxWIDTHhHEADS, e.g. "4x128h8". CPU-sized scaling sweeps need more than the five small presets.
+_CUSTOM = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")
+
+
 def get_preset(name: str) -> Preset:
-    try:
+    if name.lower() in PRESETS:
         return PRESETS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+    m = _CUSTOM.match(name.lower())
+    if m is None:
+        raise ValueError(
+            f"unknown preset {name!r}; choose from {', '.join(PRESETS)} or give LAYERSxWIDTH[hHEADS], e.g. 3x96"
+        )
+    n_layer, n_embd = int(m.group(1)), int(m.group(2))
+    n_head = int(m.group(3)) if m.group(3) else max(1, min(8, n_embd // 16))
+    if n_layer < 1 or n_embd < 1 or n_embd % n_head:
+        raise ValueError(f"preset {name!r}: need at least one layer and a width divisible by the {n_head} heads")
+    return Preset(name.lower(), n_layer, n_embd, n_head, 1e-3, None)
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
