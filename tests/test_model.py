@@ -228,6 +228,6 @@ def test_custom_sizes_between_presets():
     assert get_preset("4x128h4").n_head == 4 and get_preset("2x512").n_head == 8  # 16-d heads, at most 8
     small, large = (count_params(model_config(n, patch_size=4, block_size=64)) for n in ("2x48", "3x96"))
     assert 0 < small < large
-    for bad in ("3x", "x96", "3x100h8", "0x64"):
+    for bad in ("3x", "x96", "3x100h8", "0x64", "4x128h0"):
         with pytest.raises(ValueError, match="preset"):
             get_preset(bad)

@@ -58,7 +58,7 @@ def get_preset(name: str) -> Preset:
         )
     n_layer, n_embd = int(m.group(1)), int(m.group(2))
     n_head = int(m.group(3)) if m.group(3) else max(1, min(8, n_embd // 16))
-    if n_layer < 1 or n_embd < 1 or n_embd % n_head:
+    if n_layer < 1 or n_embd < 1 or n_head < 1 or n_embd % n_head:
         raise ValueError(f"preset {name!r}: need at least one layer and a width divisible by the {n_head} heads")
     return Preset(name.lower(), n_layer, n_embd, n_head, 1e-3, None)
 
