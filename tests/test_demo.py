@@ -161,13 +161,3 @@ def test_multimodal_stage_probes_each_column_and_generates_spectra(tmp_path):
     assert (folder / "generate" / "generated_spectra.png").stat().st_size > 0
     doc = build_report(tmp_path, umap=False, inpainting=False).read_text()
     assert "<h2>Multimodal</h2>" in doc and "<td>images → spectra</td>" in doc
-
-
-def test_embed_scales_flag(tmp_path):
-    parser = argparse.ArgumentParser()
-    demo_mod.add_arguments(parser)
-    assert demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path)])).embed_scales == (4, 16, 64)
-    paper = parser.parse_args(["--out", str(tmp_path), "--embed-scales", "none"])
-    assert demo_mod.config_from_args(paper).embed_scales is None
-    with pytest.raises(ValueError, match="scales"):
-        demo_mod.config_from_args(parser.parse_args(["--out", str(tmp_path), "--embed-scales", "16,4"]))

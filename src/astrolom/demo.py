@@ -52,7 +52,7 @@ from astrolom import layout
 from astrolom.data.sources import open_source
 from astrolom.data.survey import generate_survey, parse_instrument
 from astrolom.eval import baselines as bl
-from astrolom.eval.embed import embed_dataset, parse_scales
+from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
 from astrolom.eval.multimodal import embed_multimodal_dataset, evaluate_generation
 from astrolom.eval.probe_cli import write_column_reports, write_report
@@ -92,10 +92,6 @@ class DemoConfig:
     learning_rate: float = 2e-3
     embed_tokens: int = 64  # central spiral tokens averaged per embedding (paper: 64)
     embed_layer: int = -2  # penultimate block (paper)
-    # the probes' and UMAP's readout: means over the central 4, 16 and 64 tokens, each L2-normalised, concatenated
-    # (one forward pass, as the paper's; README "Flux-aware tokens": better on every target); None: the paper's
-    # single mean over embed_tokens. The index and outliers always use the paper's readout (better outlier ranking).
-    embed_scales: tuple[int, ...] | None = (4, 16, 64)
     # flux-aware tokens (beyond the paper; README "Flux-aware tokens"): better on every probe at 3,000 steps
     flux_features: bool = True
     cnn_epochs: int = 60
@@ -129,7 +125,6 @@ TINY = DemoConfig(
     batch_size=16,
     learning_rate=2e-3,
     embed_tokens=16,
-    embed_scales=(4, 16),
     cnn_epochs=3,
     methods=("linear", "knn"),
     umap=True,
@@ -361,12 +356,8 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     emb_path = out / layout.EMBEDDINGS_NAME
     model, meta = load_model(str(run_dir))
     kw = dict(splits=("val", "test"), layer=cfg.embed_layer, n_tokens=cfg.embed_tokens, batch_size=64)
-    embed_dataset(model, str(survey), emb_path, metadata=meta, scales=cfg.embed_scales, **kw)
+    embed_dataset(model, str(survey), emb_path, metadata=meta, **kw)
     emb = load_embeddings(emb_path)
-    index_emb = emb_path  # the index and outliers read the paper's single mean (it ranks outliers better)
-    if cfg.embed_scales:
-        index_emb = out / layout.PROBES_DIR / "embeddings_index.parquet"
-        embed_dataset(model, str(survey), index_emb, metadata=meta, **kw)
     probe_dir = out / layout.PROBES_DIR
     control = bl.random_init_embeddings(
         str(run_dir), str(survey), probe_dir / "embeddings_random_init.parquet", emb, seed=cfg.seed
@@ -397,7 +388,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     _done(t0, timings, "probes")
 
     t0 = _stage(5, n_stages, "similarity index and outliers (FAISS; cosine distance to the 20th neighbour)")
-    outliers = find_outliers(out, index_emb, survey)
+    outliers = find_outliers(out, emb_path, survey)
     _detail(
         "has_star precision in the top 1%: {precision:.3f} (base rate {base_rate:.3f})".format(
             **outliers["evaluation"]["top_1%"]
@@ -479,12 +470,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help=f"pretraining batch (default {d.batch_size})")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.learning_rate})")
     parser.add_argument("--embed-tokens", type=int, default=None, help=f"tokens averaged (default {d.embed_tokens})")
-    parser.add_argument(
-        "--embed-scales",
-        default=None,
-        help="readout of the probed embeddings: token counts averaged and concatenated (default "
-        f"{','.join(map(str, d.embed_scales or ()))}; none: the paper's single mean over --embed-tokens)",
-    )
     parser.add_argument("--cnn-epochs", type=int, default=None, help=f"CNN baseline epochs (default {d.cnn_epochs})")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-umap", action="store_true")
@@ -538,8 +523,6 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig(**{**asdict(base), **{k: v for k, v in changes.items() if v is not None}})
     if args.no_umap:
         cfg.umap = False
-    if args.embed_scales is not None:
-        cfg.embed_scales = parse_scales(args.embed_scales)
     if cfg.spectra_steps <= 0 and args.align_steps:  # the default alignment simply follows the multimodal stage off
         raise ValueError(
             "--align-steps needs the multimodal stage, whose model is the spectrum encoder (--spectra-steps)"
