@@ -1,9 +1,10 @@
 """Joint vs spectrum embeddings of a multimodal AstroPT: paired bootstrap of the test R² difference.
 
 For every object with a spectrum: the spectrum embedding (spectra-only pass), the default joint column (spectrum
-tokens of the images -> spectra pass) and the spectra -> images concatenation (spectrum tokens, then image tokens
-that read the spectrum), all from the final block. Linear probes (astrolom's RidgeCV) fit on train, scored on test;
-the interval is the 2.5-97.5 percentile of R²(joint) - R²(spectrum) over bootstrap resamples of the test objects.
+tokens of the images -> spectra pass), the spectra -> images concatenation (spectrum tokens, then image tokens that
+read the spectrum) and the two single-modality passes concatenated (late fusion), all from the final block. Linear
+probes (astrolom's RidgeCV) fit on train, scored on test; the interval is the 2.5-97.5 percentile of R²(joint) -
+R²(spectrum) over bootstrap resamples of the test objects.
 README "Spectra" quotes its output.
 
     PYTHONPATH=src python benchmarks/joint_vs_spectrum.py --model mm --data demo/survey [--boot 1000]
@@ -55,6 +56,9 @@ def features(model_path: str, data: str) -> tuple[dict, dict]:
                 final(both, ["images", "spectra"])["spectra"], mask
             ),
             "joint, spectra -> images concatenated": torch.cat([_mean(si["spectra"], mask), si["images"].mean(1)], 1),
+            "spectrum and image passes concatenated": torch.cat(
+                [_mean(final(s, None)["spectra"], mask), final({"images": inp["images"]}, None)["images"].mean(1)], 1
+            ),
         }
         for k, v in cols.items():
             feats.setdefault(k, []).append(v.float().numpy())
@@ -70,12 +74,13 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="images + spectra AstroPT RUN")
     ap.add_argument("--data", required=True)
     ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--fit", default="train", choices=["train", "val"], help="split the probes are fit on")
     args = ap.parse_args()
     feats, labels = features(args.model, args.data)
     split = np.array(labels["split"])
-    fit, test = split == "train", split == "test"
+    fit, test = split == args.fit, split == "test"
     idx = np.random.default_rng(0).integers(0, test.sum(), size=(args.boot, test.sum()))
-    print(f"{fit.sum()} train objects, {test.sum()} test objects, {args.boot} bootstrap resamples\n")
+    print(f"fit on {fit.sum()} {args.fit} objects, {test.sum()} test objects, {args.boot} bootstrap resamples\n")
     print("| target | embedding | test R² | minus spectrum | 95% interval |\n|---|---|---|---|---|")
     base_name = next(iter(feats))
     for t in TARGETS:

@@ -414,14 +414,16 @@ def test_spectra_match_photometry_and_lines_match_sfr():
         row = S.catalogue_row(cat, j)
         cont = S.render_spectrum(row, noise=False, lines=False)
         assert cont.dtype == np.float32 and cont.shape == wave.shape
-        assert _synthetic_mag(cont, "r") == pytest.approx(row["mag_r"], abs=0.01)
-        assert _synthetic_mag(cont, "g") == pytest.approx(row["mag_g"], abs=0.02)
+        fibre = -2.5 * math.log10(row["fiber_frac"])  # the spectrum holds the fibre's share of the light
+        assert 0.0 < fibre < 3.5
+        assert _synthetic_mag(cont, "r") == pytest.approx(row["mag_r"] + fibre, abs=0.01)
+        assert _synthetic_mag(cont, "g") == pytest.approx(row["mag_g"] + fibre, abs=0.02)
         full = S.render_spectrum(row, noise=False)
         lam = S.LINES["ha"][0] * (1 + row["redshift"])
         win = np.abs(wave - lam) < 10
         if lam < 9700 and not row["quenched"]:
             line_flux = (full - cont)[win].sum() * S.SPEC_STEP
-            assert line_flux == pytest.approx(row["flux_ha"], rel=0.06)
+            assert line_flux == pytest.approx(row["flux_ha"] * row["fiber_frac"], rel=0.06)
             seen_lines += 1
         noisy = S.render_spectrum(row)
         assert np.isfinite(noisy).all()

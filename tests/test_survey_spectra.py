@@ -108,3 +108,42 @@ def test_ages_follow_the_template_mix_and_the_age_of_the_universe(big):
     e = sed < 0.01
     ratio = age[e] / (10.0 * np.interp(big["redshift"][e], zt, at) / at[0])
     assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
+
+
+def test_fiber_fraction_matches_a_drawn_aperture_and_follows_size_and_seeing():
+    import galsim
+
+    # the Fourier-space fibre light against GalSim drawing the convolved galaxy and summing inside 0.75"
+    y, x = np.mgrid[:301, :301]
+    inside = np.hypot(x - 150, y - 150) * 0.02 <= S.FIBER_DIAMETER / 2
+
+    def drawn(prof):
+        return prof.drawImage(nx=301, ny=301, scale=0.02, method="no_pixel").array[inside].sum()
+
+    for bt, n, rb, rd, see in [(0.3, 4.0, 0.5, 2.0, 1.1), (0.8, 5.5, 1.0, 2.5, 0.8), (0.0, 2.0, 0.3, 5.0, 1.5)]:
+        gal = bt * galsim.Sersic(n, half_light_radius=rb) + (1 - bt) * galsim.Exponential(half_light_radius=rd)
+        psf = galsim.Moffat(beta=3.0, fwhm=see)
+        truth = drawn(galsim.Convolve(gal, psf)) / drawn(psf)
+        got = S.fiber_fraction(np.array([bt]), np.array([n]), np.array([rb]), np.array([rd]), np.array([see]))[0]
+        assert got == pytest.approx(truth, abs=2e-3)
+    # a point-like galaxy keeps everything; bigger galaxies and sharper nights lose more to the aperture
+    ff = S.fiber_fraction(
+        np.full(3, 0.5), np.full(3, 4.0), np.array([1e-4, 0.5, 2.0]), np.array([1e-4, 1.0, 4.0]), np.full(3, 1.1)
+    )
+    assert ff[0] == pytest.approx(1.0, abs=1e-4) and ff[0] > ff[1] > ff[2] > 0
+
+
+def test_spectra_carry_the_fibre_share_of_the_light(big):
+    ff = big["fiber_frac"]
+    assert 0.3 < np.median(ff) < 0.6 and ff.min() > 0.01 and ff.max() <= 1.0
+    assert 0.9 < np.median(big["fiber_seeing"]) < 1.3
+    # angular size decides it: nearby, large galaxies lose most
+    assert stats.spearmanr(big["r_half_arcsec"], ff).statistic < -0.8
+    total = S.sample_catalogue(200, seed=11, spectrum_aperture="total")
+    np.testing.assert_array_equal(total["fiber_frac"], np.ones(200))
+    np.testing.assert_array_equal(total["log_mstar"], big["log_mstar"][:200])  # the physics does not change
+    row = S.catalogue_row(big, int(np.flatnonzero(big["has_spectrum"])[0]))
+    whole = S.render_spectrum({**row, "fiber_frac": 1.0}, noise=False)
+    np.testing.assert_allclose(S.render_spectrum(row, noise=False), row["fiber_frac"] * whole, rtol=1e-5)
+    with pytest.raises(ValueError, match="spectrum aperture"):
+        S.sample_catalogue(2, spectrum_aperture="slit")

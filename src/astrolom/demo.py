@@ -333,7 +333,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     survey = out / layout.DEMO_SURVEY_DIR
     t0 = _stage(1, n_stages, f"mock Legacy Survey: {cfg.n} galaxies, {cfg.size}x{cfg.size} px g/r/z")
     instrument = list(parse_instrument(cfg.instrument))
-    wanted = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed, "instrument": instrument}
+    wanted = {"n": cfg.n, "size": cfg.size, "seed": cfg.seed, "instrument": instrument, "spectrum_aperture": "fiber"}
     if _survey_settings(survey) == wanted:
         _detail(f"reusing {survey}")
     else:
@@ -446,12 +446,12 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
 
 
 def _survey_settings(survey: Path) -> dict | None:
-    """(n, size, seed, instrument) of a survey already on disk, or None."""
+    """(n, size, seed, instrument, spectrum_aperture) of a survey already on disk, or None."""
     try:
         c = json.loads((survey / "_survey.json").read_text())["config"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return None
-    return {k: c.get(k) for k in ("n", "size", "seed", "instrument")}
+    return {k: c.get(k) for k in ("n", "size", "seed", "instrument", "spectrum_aperture")}
 
 
 def _key_numbers(probes: ProbeResult) -> dict:

@@ -55,14 +55,23 @@ Every object is drawn from physics that hangs together:
   artefacts, different sky levels (dark sky is taken as alike at both sites, `SKY_MAG`), and PSF shapes beyond a
   sheared Moffat. `benchmarks/telescope_islands.py` measures how visible each difference is in the pixels.
 - **Spectra**: DESI-like observed-frame grid 3600–9800 Å with 2 Å pixels (3101 pixels; DESI itself uses 0.8 Å,
-  7781 pixels — coarser here to keep shards small), flux in 1e-17 erg/s/cm²/Å of the total light: the same
-  template mix, redshifted and flux-scaled, plus Hα, Hβ, [OII]3727, [OIII]4959,5007 and [NII]6548,6584 with
+  7781 pixels — coarser here to keep shards small), flux in 1e-17 erg/s/cm²/Å of the light a fibre collects: the
+  same template mix, redshifted and flux-scaled, plus Hα, Hβ, [OII]3727, [OIII]4959,5007 and [NII]6548,6584 with
   strengths from the SFR (Kennicutt 1998, dust-attenuated; [NII]/Hα set by the metallicity), velocity-broadened,
   stellar absorption features (G band, Mg b, Fe, Na D) whose depth grows with metallicity and age, and Gaussian
   noise with a blue/red rise and sky lines. Each spectrum comes with its ivar (1/σ² of the noise added) and a mask:
   sky-line cores and a few cosmic-ray runs get ivar 0 and NaN flux. About 30% of objects have no
   spectrum (missing at random, label `has_spectrum`; the spectrum columns are null). Labels `log_zstar`
   (mass–metallicity relation) and `age_mw_gyr` (mass-weighted age of the template mix) describe the populations.
+- **Fibre aperture** (`--spectrum-aperture fiber`, the default; `total` gives the whole galaxy's light, the mock
+  before 2026-12-02): DESI observes through 1.5″-diameter fibres (DESI Collaboration 2016, arXiv:1611.00037) and
+  flux-calibrates on standard stars, i.e. for a point source's fibre losses, so an extended galaxy's spectrum carries
+  its total flux × `fiber_frac` = acceptance(galaxy) / acceptance(point source), which is why DESI stellar masses
+  need an aperture correction from photometry. `fiber_frac` is computed exactly (`fiber_fraction`: the fibre's
+  light of the circularised bulge + disc, Fourier transforms from GalSim, convolved with a β = 3 Moffat of the
+  night's seeing, `fiber_seeing`: log-normal around 1.1″, 0.2 scatter) for a fibre centred on the galaxy; the
+  same factor scales continuum and lines (no colour or line-ratio gradients), the noise does not (S/N falls with
+  it). Median 0.43 (1–99%: 0.06–0.85) for the default population. Line-flux labels stay totals.
 
 Determinism: each object's randomness derives from (seed, index) only, so an object is the same whatever the
 number of objects, workers or shard size. Splits come from a hash of the object id (`records.split_of`).
@@ -154,6 +163,12 @@ SKY_MAG = (22.0, 21.0, 19.8)
 # north take the south's value for it.
 INSTRUMENT_EFFECTS = ("filters", "psf", "depth", "pixels")
 LANCZOS_A = 3  # Lanczos-3 resampling kernel (legacypipe resamples every exposure onto the coadd grid with it)
+# DESI spectra see a fibre, not the whole galaxy (see "Spectra" in the module docstring): 1.5" diameter fibres
+# (107 um at the Mayall's prime focus), observed in the Mayall's own seeing, flux-calibrated on standard stars (point
+# sources), so a galaxy's spectrum carries its total flux times fibre acceptance(galaxy) / acceptance(point source).
+FIBER_DIAMETER = 1.5  # arcsec
+FIBER_SEEING, FIBER_SEEING_SCATTER = 1.1, 0.2  # median delivered FWHM (arcsec) during spectroscopy; log-normal
+SPECTRUM_APERTURES = ("fiber", "total")  # "total": the spectrum of the whole galaxy (the mock before fibres)
 
 # Emission lines: vacuum wavelength (Å), Calzetti k(λ) for the attenuation.
 LINES = {
@@ -211,13 +226,22 @@ LABELS: dict[str, tuple[str, str]] = {
     "edge_on_vote": ("", "vote fraction: edge-on, among the 'disc' voters (0 if none)"),
     "spiral": ("", "vote fraction: spiral arms, among face-on 'disc' voters (0 if none)"),
     "bar": ("", "vote fraction: bar, among face-on 'disc' voters (0 if none)"),
-    "flux_ha": ("1e-17 erg/s/cm2", "observed (attenuated) Halpha line flux"),
+    "flux_ha": (
+        "1e-17 erg/s/cm2",
+        "observed (attenuated) total Halpha line flux (the spectrum holds fiber_frac of it)",
+    ),
     "flux_hb": ("1e-17 erg/s/cm2", "observed Hbeta line flux"),
     "flux_oii": ("1e-17 erg/s/cm2", "observed [OII]3727 doublet flux"),
     "flux_oiii": ("1e-17 erg/s/cm2", "observed [OIII]5007 line flux"),
     "flux_nii": ("1e-17 erg/s/cm2", "observed [NII]6584 line flux"),
     "sigma_v": ("km/s", "emission-line velocity dispersion"),
     "spec_noise": ("1e-17 erg/s/cm2/A", "spectrum noise sigma per pixel at 6500 A"),
+    "fiber_seeing": ("arcsec", "Moffat FWHM of the seeing while the spectrum was taken"),
+    "fiber_frac": (
+        "",
+        "the spectrum's flux over the galaxy's total flux: fibre acceptance of the galaxy / of a point source "
+        "(1 with --spectrum-aperture total)",
+    ),
     "has_spectrum": (
         "",
         "the object has a spectrum (about 70%, missing at random); else the spectrum columns are null",
@@ -277,9 +301,12 @@ class SurveyConfig:
     shard_size: int = 1000
     # north/south instrument differences that are on (see INSTRUMENT_EFFECTS); () makes both telescopes alike
     instrument: tuple[str, ...] = INSTRUMENT_EFFECTS
+    # 'fiber': spectra carry the light a 1.5" DESI fibre collects; 'total': the whole galaxy's (SPECTRUM_APERTURES)
+    spectrum_aperture: str = "fiber"
 
     def validate(self) -> SurveyConfig:
         self.instrument = check_instrument(self.instrument)
+        self.spectrum_aperture = check_spectrum_aperture(self.spectrum_aperture)
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
         if not (32 <= self.size <= 512 and self.size % 2 == 0):
@@ -481,14 +508,18 @@ def sample_catalogue(
     start: int = 0,
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     instrument: tuple[str, ...] = INSTRUMENT_EFFECTS,
+    spectrum_aperture: str = "fiber",
 ) -> dict[str, np.ndarray]:
     """Draw the physics of objects start..start+n-1 (no rendering): a dict of equal-length arrays.
 
     Keys: `object_id`, `split`, every name in `LABELS`, and render parameters prefixed with '_'. Object i is the
     same whatever n and start are. `instrument` lists the north/south differences that are on (`INSTRUMENT_EFFECTS`);
-    the physics and every label but the observing conditions are the same whatever it is.
+    the physics and every label but the observing conditions are the same whatever it is. `spectrum_aperture`
+    'fiber' (default) gives each spectrum the light a DESI fibre collects (`fiber_frac` of the total), 'total' the
+    whole galaxy's light.
     """
     instrument = check_instrument(instrument)
+    spectrum_aperture = check_spectrum_aperture(spectrum_aperture)
     T = _tables()
     idx = np.arange(start, start + n, dtype=np.int64)
     U = _uniforms(seed, idx)
@@ -695,8 +726,79 @@ def sample_catalogue(
     c["flux_oii"], c["flux_oiii"], c["flux_nii"] = c["_line_oii_3727"], c["_line_oiii_5007"], c["_line_nii_6584"]
     c["sigma_v"] = np.clip(40.0 + 55.0 * (logm - 9.0) + 15.0 * _normal(U["sigv"]), 25.0, 300.0)
     c["spec_noise"] = 0.5 * np.exp(0.25 * _normal(U["spec_noise"]))
+    # the fibre: seeing while the spectrum was taken, and the share of the galaxy's light the spectrum carries
+    see = FIBER_SEEING * np.exp(FIBER_SEEING_SCATTER * _normal(_spectrum_uniforms(seed, idx)["fib_see"]))
+    c["fiber_seeing"] = np.clip(see, 0.6, 3.0)
+    if spectrum_aperture == "fiber":  # bulge and disc circularised (r sqrt(q)); bar, arms and clumps count as disc
+        c["fiber_frac"] = fiber_fraction(
+            bt, n_b, c["_r_bulge"] * np.sqrt(q_b), c["_r_disc"] * np.sqrt(q_d), c["fiber_seeing"]
+        )
+    else:
+        c["fiber_frac"] = np.ones(n)
     c["_dist_mod"] = dm
     return c
+
+
+def check_spectrum_aperture(aperture: str) -> str:
+    if aperture not in SPECTRUM_APERTURES:
+        raise ValueError(f"unknown spectrum aperture {aperture!r}; choose from {', '.join(SPECTRUM_APERTURES)}")
+    return aperture
+
+
+@lru_cache(maxsize=1)
+def _aperture_tables() -> tuple[np.ndarray, dict[float, np.ndarray], np.ndarray]:
+    """Fourier transforms (real, radial) of unit-flux profiles on a grid of log u, u = k × size: Sérsic bulges
+    (n = 1.5, 2, ..., 5.5, the quantised bulge indices; size = half-light radius) and the β = 3 Moffat PSF (size =
+    FWHM), from GalSim. Exponential discs are analytic."""
+    import galsim
+
+    log_u = np.linspace(np.log(1e-3), np.log(5e3), 700)
+
+    def table(prof) -> np.ndarray:
+        return np.array([prof.kValue(galsim.PositionD(float(x), 0.0)).real for x in np.exp(log_u)])
+
+    sersic = {float(n): table(galsim.Sersic(float(n), half_light_radius=1.0)) for n in np.arange(1.5, 5.51, 0.5)}
+    return log_u, sersic, table(galsim.Moffat(beta=3.0, fwhm=1.0))
+
+
+def fiber_fraction(
+    bt: np.ndarray,
+    n_bulge: np.ndarray,
+    r_bulge: np.ndarray,
+    r_disc: np.ndarray,
+    seeing: np.ndarray,
+    diameter: float = FIBER_DIAMETER,
+) -> np.ndarray:
+    """Light of a centred fibre on a bulge + disc galaxy seen through a Moffat (β = 3) PSF, over a point source's.
+
+    Circular profiles: Sérsic bulge (index n_bulge, half-light radius r_bulge, light fraction bt) plus exponential
+    disc (half-light radius r_disc), sizes and seeing FWHM in arcsec. The light inside radius R of a profile whose
+    2-D Fourier transform is F(k) is ∫ F(k) R J1(kR) dk; the ratio to the PSF's own is what a spectrum flux-calibrated
+    on point sources (as DESI's is, on standard stars) keeps of the galaxy's total flux. Vectorised; (n,) in [0, 1].
+    """
+    log_u, sersic, moffat = _aperture_tables()
+    radius = diameter / 2
+    k = np.linspace(0.0, 80.0, 4001)[1:]  # rad / arcsec; the narrowest PSF (0.6") has no power left at 80
+    kernel = radius * special.j1(k * radius) * (k[1] - k[0])
+    bt, n_bulge, seeing = (np.asarray(a, dtype=float) for a in (bt, n_bulge, seeing))
+    r_bulge, r_disc = np.asarray(r_bulge, dtype=float), np.asarray(r_disc, dtype=float)
+    out = np.empty(bt.shape)
+    logk = np.log(k)
+    for lo in range(0, bt.size, 512):
+        sl = slice(lo, lo + 512)
+        psf = np.interp(logk[None, :] + np.log(seeing[sl])[:, None], log_u, moffat, right=0.0)
+        gal = (1.0 - bt[sl])[:, None] * (1.0 + (k[None, :] * r_disc[sl, None] / 1.6783) ** 2) ** -1.5
+        for n_val, tab in sersic.items():
+            rows = np.flatnonzero(np.isclose(n_bulge[sl], n_val)) + lo
+            if rows.size:
+                u = logk[None, :] + np.log(np.maximum(r_bulge[rows], 1e-6))[:, None]
+                gal[rows - lo] += bt[rows, None] * np.interp(u, log_u, tab, right=0.0)
+        unknown = ~np.isin(np.round(n_bulge[sl] * 2) / 2, list(sersic)) & (bt[sl] > 0)
+        if unknown.any():
+            raise ValueError(f"fiber_fraction: bulge index {n_bulge[sl][unknown][0]} not in {sorted(sersic)}")
+        # row sums, not BLAS: an object's value must not depend on how many share its batch (see _combine)
+        out[sl] = (gal * psf * kernel).sum(axis=1) / (psf * kernel).sum(axis=1)
+    return np.clip(out, 0.0, 1.0)
 
 
 def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -1024,7 +1126,7 @@ ABSORPTION = {
     "fe_5335": (5336.6, 1.2),
     "na_d": (5895.6, 2.0),
 }
-_SPEC_U_COLUMNS = ("has_spec", "metal", "age")
+_SPEC_U_COLUMNS = ("has_spec", "metal", "age", "fib_see")  # append only
 
 
 def _spectrum_uniforms(seed: int, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -1109,13 +1211,14 @@ def render_spectrum(obj: Mapping[str, Any], noise: bool = True, lines: bool = Tr
     f10 = (1 - w1) * np.interp(rest, T.tmpl_wave, T.tmpl_flux[i0]) + w1 * np.interp(
         rest, T.tmpl_wave, T.tmpl_flux[i0 + 1]
     )
-    spec = f10 / (1 + z) * 10 ** (-0.4 * (obj["_abs_r"] + obj["_dist_mod"])) * 1e17
+    aperture = float(obj.get("fiber_frac", 1.0))  # the fibre's share of the galaxy's light
+    spec = aperture * f10 / (1 + z) * 10 ** (-0.4 * (obj["_abs_r"] + obj["_dist_mod"])) * 1e17
     if "log_zstar" in obj:
         spec = spec * _absorption(rest, obj)
     if lines:
         edges = np.concatenate([wave - SPEC_STEP / 2, [wave[-1] + SPEC_STEP / 2]])
         for name, (lam, _) in LINES.items():
-            flux = obj[f"_line_{name}"]
+            flux = aperture * obj[f"_line_{name}"]
             centre = lam * (1 + z)
             sig = math.hypot(centre * obj["sigma_v"] / C_KMS, 0.8)  # + ~0.8 Å instrumental
             if flux <= 0 or not (wave[0] - 10 * sig < centre < wave[-1] + 10 * sig):
@@ -1167,9 +1270,16 @@ def _spectrum_columns(spec: Spectrum | None) -> tuple[bytes | None, bytes | None
     )
 
 
-def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float], tuple[str, ...]]) -> dict[str, Any]:
-    start, stop, seed, size, fractions, instrument = task
-    cat = sample_catalogue(stop - start, seed=seed, start=start, split_fractions=fractions, instrument=instrument)
+def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float], tuple[str, ...], str]) -> dict[str, Any]:
+    start, stop, seed, size, fractions, instrument, aperture = task
+    cat = sample_catalogue(
+        stop - start,
+        seed=seed,
+        start=start,
+        split_fractions=fractions,
+        instrument=instrument,
+        spectrum_aperture=aperture,
+    )
     images, spectra = [], []
     for j in range(stop - start):
         row = catalogue_row(cat, j)
@@ -1190,9 +1300,17 @@ def generate_objects(
     noise: bool = True,
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     instrument: tuple[str, ...] = INSTRUMENT_EFFECTS,
+    spectrum_aperture: str = "fiber",
 ) -> list[Record]:
     """Render objects start..start+n-1 in memory (single process) as `Record`s, identical to the shards' rows."""
-    cat = sample_catalogue(n, seed=seed, start=start, split_fractions=split_fractions, instrument=instrument)
+    cat = sample_catalogue(
+        n,
+        seed=seed,
+        start=start,
+        split_fractions=split_fractions,
+        instrument=instrument,
+        spectrum_aperture=spectrum_aperture,
+    )
     records = []
     for j in range(n):
         row = catalogue_row(cat, j)
@@ -1266,6 +1384,7 @@ def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
         "telescopes": {k: {kk: list(vv) for kk, vv in v.items()} for k, v in TELESCOPES.items()},
         "sky_mag": list(SKY_MAG),
         "instrument": list(cfg.instrument),
+        "spectrum_aperture": cfg.spectrum_aperture,
         # (the worker count is left out: it changes nothing in the data, so shards are byte-identical across it)
         "generator": {
             "module": "astrolom.data.survey",
@@ -1306,6 +1425,7 @@ def generate_survey(
     progress: bool = True,
     overwrite: bool = False,
     instrument: tuple[str, ...] | str = INSTRUMENT_EFFECTS,
+    spectrum_aperture: str = "fiber",
 ) -> Path:
     """Render n objects into Parquet shards `out_dir/shard-00000.parquet`, ... plus `out_dir/_survey.json`.
 
@@ -1320,6 +1440,7 @@ def generate_survey(
         split_fractions=split_fractions,
         shard_size=shard_size,
         instrument=check_instrument(instrument),
+        spectrum_aperture=spectrum_aperture,
     ).validate()
     return _generate(cfg, Path(out_dir), progress=progress, overwrite=overwrite)[0]
 
@@ -1343,7 +1464,7 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
     row_group = int(max(1, min(cfg.shard_size, 256, (16 << 20) // bytes_per_row)))
     chunk = int(max(1, min(32, math.ceil(cfg.n / (workers * 8)), row_group)))
     tasks = [
-        (s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions, cfg.instrument)
+        (s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions, cfg.instrument, cfg.spectrum_aperture)
         for s in range(0, cfg.n, chunk)
     ]
 
@@ -1533,6 +1654,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="north/south instrument differences to simulate: 'all' (default), 'none', a comma list of "
         f"{','.join(INSTRUMENT_EFFECTS)}, or all but some (--instrument=-pixels,-psf)",
     )
+    parser.add_argument(
+        "--spectrum-aperture",
+        choices=SPECTRUM_APERTURES,
+        default="fiber",
+        help="light the spectra carry: 'fiber' (default; a 1.5\" DESI fibre in the seeing of the night, "
+        "flux-calibrated on point sources, label fiber_frac) or 'total' (the whole galaxy, as before 2026-12-02)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a survey already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1546,6 +1674,7 @@ def run(args: argparse.Namespace) -> int:
         split_fractions=tuple(args.split_fractions),
         shard_size=args.shard_size,
         instrument=parse_instrument(args.instrument),
+        spectrum_aperture=args.spectrum_aperture,
     ).validate()
     out, summary = _generate(cfg, Path(args.out), progress=not args.no_progress, overwrite=args.overwrite)
     _print_summary(out, summary)
