@@ -236,3 +236,17 @@ def test_inpainting_with_a_flux_aware_model_matches_step_by_step_prediction():
     sel = (tok.detokenize(batch, only4).numpy() != tok.detokenize(batch, torch.zeros_like(full)).numpy()).any(-1)
     assert sel.sum() == 2 * 8 * 8  # one 8x8 patch per image
     np.testing.assert_allclose(res["inpainted"][sel], first[sel], atol=1e-4)
+
+
+def test_neighbour_agreement_tells_islands_from_a_mixed_map(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array(["south"] * 300 + ["north"] * 100)
+    mixed = (300 * 299 + 100 * 99) / 400 / 399  # mean over objects of (n_c - 1) / (n - 1)
+    blobs = rng.normal(size=(400, 2)) + np.where(labels == "north", 20.0, 0.0)[:, None]
+    isl = fg.neighbour_agreement(blobs, labels, k=15)
+    assert isl["agreement"] == pytest.approx(1.0) and isl["excess"] == pytest.approx(1.0)
+    assert isl["mixed"] == pytest.approx(mixed)
+    one_cloud = fg.neighbour_agreement(rng.normal(size=(400, 2)), labels, k=15)
+    assert abs(one_cloud["agreement"] - mixed) < 0.04 and abs(one_cloud["excess"]) < 0.1
+    p = fg.plot_telescope(blobs, labels, tmp_path / "tel", agreement=isl)
+    assert p["png"].stat().st_size > 1000
