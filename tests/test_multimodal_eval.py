@@ -56,10 +56,15 @@ def test_embeddings_per_modality(setup):
     k = int(np.flatnonzero(has)[0])
     m = inputs["spectra_mask"][k]
     torch.testing.assert_close(spec[k], feats[k][m].mean(0))
-    # the joint one averages the spectrum tokens of the images-then-spectra pass (they have seen the image)
+    # the joint one: the spectrum tokens of the images-then-spectra pass (they have seen the image), averaged, and
+    # the mean with the same tokens of the spectra-first (= spectra-only) pass
     joint_feats = model.forward_features(inputs, layer=-1)["spectra"]
-    torch.testing.assert_close(joint[k], joint_feats[k][m].mean(0))
+    torch.testing.assert_close(joint[k], 0.5 * (joint_feats[k][m].mean(0) + spec[k]))
     assert (joint[k] - spec[k]).abs().max() > 1e-5  # the image changed them
+    with torch.no_grad():  # causal: spectrum tokens placed before the image have not seen it
+        hs, layout = model._trunk(inputs, ["spectra", "images"], len(model.blocks) - 1)
+        first = model.ln_f(model._split(hs[-1], layout)["spectra"])
+    torch.testing.assert_close(first[k][m].mean(0), spec[k], atol=1e-5, rtol=1e-5)
 
 
 def test_embed_cli_writes_modality_columns(setup, tmp_path):

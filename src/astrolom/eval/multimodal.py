@@ -5,15 +5,20 @@ averaged over a modality's real tokens:
 
 - `embedding_images`: an images-only pass over the first `n_tokens` spiral tokens (the central patches);
 - `embedding_spectra`: a spectra-only pass over the spectrum's present tokens (null without a spectrum);
-- `embedding_joint`: one pass over both in the order images, spectra, averaged over the spectrum's tokens: in a
-  causal model those are the only tokens that have seen both modalities (the image tokens of that pass are exactly
-  the images-only pass). Objects without a spectrum get their image embedding here. The file's `embedding` column
-  holds the joint one, so every tool that reads `embedding` (probes, search) uses it unchanged.
+- `embedding_joint`: the spectrum's tokens read both ways, averaged: one pass over both in the order images, spectra
+  (in a causal model its spectrum tokens are the only ones that have seen both modalities; its image tokens are
+  exactly the images-only pass), averaged over the spectrum's tokens, and the mean with `embedding_spectra` (the
+  same tokens in the order spectra, images, where they have not seen the image). Objects without a spectrum get
+  their image embedding here. The file's `embedding` column holds the joint one, so every tool that reads
+  `embedding` (probes, search) uses it unchanged.
 
 Why the final block and the spectrum tokens (README "Spectra", measured on the demo survey with a `1m` images +
 spectra model, 3,000 steps; linear probes, redshift R²): spectrum embedding 0.952 from the final block vs 0.917
 from the penultimate (the images-only convention of the paper); joint 0.942 from the spectrum tokens vs 0.929 when
-the image tokens are averaged in.
+the image tokens are averaged in. Why both orders: on the fibre-aperture mock the image-conditioned spectrum tokens
+alone lift log M* by 0.038 over the spectrum (the image knows the fibre's share of the light) but lose 0.005-0.009
+on redshift; their mean with the spectra-only tokens keeps the gain (+0.039) and is level on redshift (+0.0004)
+and log sSFR (`benchmarks/joint_vs_spectrum.py`; README "Fibre apertures").
 
 Cross-modal generation (`astrolom generate --from images --to spectra`): the model is prompted with the image tokens
 and the spectrum's begin-of-modality token and continues the spectrum token by token (`AstroPT.generate_modality`).
@@ -110,8 +115,9 @@ def embed_multimodal(
     if len(joint) > 1 and "images" in joint:
         fs = model.forward_features(joint, layer=layer)["spectra"].float()
         present = spec["spectra_present"].to(torch.bool)
-        pooled = _masked_mean(fs, spec["spectra_mask"] & present[:, None])
-        # spectrum tokens that saw the image; objects without a spectrum keep their image embedding
+        pooled = _masked_mean(fs, spec["spectra_mask"] & present[:, None])  # spectrum tokens that saw the image
+        pooled = 0.5 * (pooled + out["embedding_spectra"][0])  # ... and the same tokens that did not
+        # objects without a spectrum keep their image embedding
         out["embedding_joint"] = (
             torch.where(present[:, None], pooled, out["embedding_images"][0]),
             out["embedding_images"][1],
