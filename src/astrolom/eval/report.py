@@ -228,7 +228,8 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
             f"{pr.get('rows', pr['n_fit'])} objects (those with every column): fit on <code>{pr['fit_split']}</code> "
             f"({pr['n_fit']} objects), scored on <code>{pr['test_split']}</code> ({pr['n_test']}). R2 for "
             "continuous targets, accuracy for classes. <b>embedding_images</b>: images only; "
-            "<b>embedding_spectra</b>: spectra only; <b>embedding_joint</b>: one pass over both. Bold: the best "
+            "<b>embedding_spectra</b>: spectra only; <b>embedding_joint</b>: the spectrum's tokens after and before "
+            "reading the image, averaged. Bold: the best "
             "column per target.</p>" + column_table(results, method)
         )
     if generations:
