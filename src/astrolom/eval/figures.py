@@ -117,11 +117,16 @@ def plot_loss_curves(
 # ------------------------------------------------------------------------------------------------ Figure 3
 
 
+def standardised(X: np.ndarray) -> np.ndarray:
+    """Embeddings scaled per feature to zero mean and unit variance: what the UMAP map is computed from."""
+    from sklearn.preprocessing import StandardScaler
+
+    return StandardScaler().fit_transform(X)
+
+
 def umap_coords(X: np.ndarray, n_neighbors: int | None = None, seed: int = 0) -> np.ndarray:
     """2-D UMAP of standardised embeddings; n_neighbors defaults to 15, shrunk for tiny samples."""
     import warnings
-
-    from sklearn.preprocessing import StandardScaler
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba / umap chatter (n_jobs with a seed, tbb)
@@ -129,7 +134,7 @@ def umap_coords(X: np.ndarray, n_neighbors: int | None = None, seed: int = 0) ->
 
         k = n_neighbors or max(2, min(15, len(X) // 4))
         reducer = umap.UMAP(n_neighbors=k, min_dist=0.1, random_state=seed, n_jobs=1)
-        return reducer.fit_transform(StandardScaler().fit_transform(X))
+        return reducer.fit_transform(standardised(X))
 
 
 def _numeric(values: np.ndarray) -> tuple[np.ndarray, str | None]:

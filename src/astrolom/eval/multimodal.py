@@ -12,13 +12,13 @@ averaged over a modality's real tokens:
   their image embedding here. The file's `embedding` column holds the joint one, so every tool that reads
   `embedding` (probes, search) uses it unchanged.
 
-Why the final block and the spectrum tokens (README "Spectra", measured on the demo survey with a `1m` images +
-spectra model, 3,000 steps; linear probes, redshift R²): spectrum embedding 0.952 from the final block vs 0.917
-from the penultimate (the images-only convention of the paper); joint 0.942 from the spectrum tokens vs 0.929 when
-the image tokens are averaged in. Why both orders: on the fibre-aperture mock the image-conditioned spectrum tokens
-alone lift log M* by 0.038 over the spectrum (the image knows the fibre's share of the light) but lose 0.005-0.009
-on redshift; their mean with the spectra-only tokens keeps the gain (+0.039) and is level on redshift (+0.0004)
-and log sSFR (`benchmarks/joint_vs_spectrum.py`; README "Fibre apertures").
+Why the final block and the spectrum tokens (README "Spectra", measured on the whole-galaxy mock, `astrolom survey
+--spectrum-aperture total`, with a `1m` images + spectra model, 3,000 steps; linear probes, redshift R²): spectrum
+embedding 0.952 from the final block vs 0.917 from the penultimate (the images-only convention of the paper); joint
+0.942 from the spectrum tokens vs 0.929 when the image tokens are averaged in. Why both orders: on the fibre-aperture
+mock the image-conditioned spectrum tokens alone lift log M* by 0.038 over the spectrum (the image knows the fibre's
+share of the light) but lose 0.005-0.009 on redshift; their mean with the spectra-only tokens keeps the gain
+(+0.039) and is level on redshift (+0.0004) and log sSFR (`benchmarks/joint_vs_spectrum.py`; README "Fibre apertures").
 
 Cross-modal generation (`astrolom generate --from images --to spectra`): the model is prompted with the image tokens
 and the spectrum's begin-of-modality token and continues the spectrum token by token (`AstroPT.generate_modality`).

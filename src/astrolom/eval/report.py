@@ -473,8 +473,7 @@ def build_report(
             if "telescope" in emb.labels:
                 tel = np.asarray(emb.labels["telescope"])
                 in_map = fg.neighbour_agreement(coords, tel)
-                X = np.asarray(emb.X, dtype=np.float64)
-                in_emb = fg.neighbour_agreement((X - X.mean(0)) / (X.std(0) + 1e-12), tel)  # as the map sees it
+                in_emb = fg.neighbour_agreement(fg.standardised(emb.X), tel)  # as the map sees it
                 log.info("report: telescope neighbour agreement: map %s, embedding %s", in_map, in_emb)
                 pt = fg.plot_telescope(coords, tel, figdir / "telescope", agreement=in_map)
                 body += _img(
