@@ -1,10 +1,11 @@
 """Joint vs spectrum embeddings of a multimodal AstroPT: paired bootstrap of the test R² difference.
 
-For every object with a spectrum: the spectrum embedding (spectra-only pass), the default joint column (spectrum
-tokens of the images -> spectra pass), the mean of those two, the spectra -> images concatenation (spectrum tokens,
-then image tokens that read the spectrum) and the two single-modality passes concatenated (late fusion), all from
-the final block. Linear probes (astrolom's RidgeCV) fit on train (or val), scored on test; the interval is the
-2.5-97.5 percentile of R²(joint) - R²(spectrum) over bootstrap resamples of the test objects.
+For every object with a spectrum: the spectrum embedding (spectra-only pass), the image-conditioned spectrum tokens
+(images -> spectra pass; the joint column before 2026-12-02), the mean of those two (astrolom's `embedding_joint`),
+the spectra -> images concatenation (spectrum tokens, then image tokens that read the spectrum) and the two
+single-modality passes concatenated (late fusion), all from the final block, spectrum tokens read out as astrolom
+does (`spectrum_pool`, `--segments`). Linear probes (astrolom's RidgeCV) fit on train (or val), scored on test; the
+interval is the 2.5-97.5 percentile of R²(joint) - R²(spectrum) over bootstrap resamples of the test objects.
 README "Spectra" quotes its output.
 
     PYTHONPATH=src python benchmarks/joint_vs_spectrum.py --model mm --data demo/survey [--boot 1000]
@@ -19,19 +20,21 @@ import numpy as np
 import torch
 from sklearn.metrics import r2_score
 
-from astrolom.eval.multimodal import _load, model_records, record_inputs, spectrum_tokeniser_from_config
+from astrolom.eval.multimodal import (
+    DEFAULT_SPECTRUM_SEGMENTS,
+    _load,
+    model_records,
+    record_inputs,
+    spectrum_pool,
+    spectrum_tokeniser_from_config,
+)
 from astrolom.eval.probes import REGRESSION, fit_probe
 
 TARGETS = ("redshift", "log_mstar", "log_ssfr")
 
 
-def _mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    w = m.float()[..., None]
-    return (h * w).sum(1) / w.sum(1).clamp_min(1)
-
-
 @torch.no_grad()
-def features(model_path: str, data: str) -> tuple[dict, dict]:
+def features(model_path: str, data: str, segments: int = DEFAULT_SPECTRUM_SEGMENTS) -> tuple[dict, dict]:
     model, cfg, _ = _load(model_path)
     model.eval()
     spec = spectrum_tokeniser_from_config(cfg)
@@ -48,6 +51,10 @@ def features(model_path: str, data: str) -> tuple[dict, dict]:
         _, inp = record_inputs(batch, model, cfg, spec)
         s = {k: v for k, v in inp.items() if k.startswith("spectra")}
         mask = s["spectra_mask"].bool() & s["spectra_present"].bool()[:, None]
+
+        def _mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # astrolom's spectrum readout
+            return spectrum_pool(h, m, segments)
+
         both = {"images": inp["images"], **s}
         si = final(both, ["spectra", "images"])
         spec_only = _mean(final(s, None)["spectra"], mask)
@@ -76,8 +83,14 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--fit", default="train", choices=["train", "val"], help="split the probes are fit on")
+    ap.add_argument(
+        "--segments",
+        type=int,
+        default=DEFAULT_SPECTRUM_SEGMENTS,
+        help=f"spectrum readout: wavelength segments (default {DEFAULT_SPECTRUM_SEGMENTS}; 1 = one mean over tokens)",
+    )
     args = ap.parse_args()
-    feats, labels = features(args.model, args.data)
+    feats, labels = features(args.model, args.data, args.segments)
     split = np.array(labels["split"])
     fit, test = split == args.fit, split == "test"
     idx = np.random.default_rng(0).integers(0, test.sum(), size=(args.boot, test.sum()))

@@ -89,6 +89,10 @@ def test_embed_cli_writes_streaming_parquet(mock_survey, model_dir, tmp_path):
     assert set(emb.split) == {"val", "test"}
     assert np.isfinite(emb.X).all()
     assert emb.metadata["layer"] == -2 and emb.metadata["tokens"] == 64 and emb.metadata["random_init"] is False
+    # a spectrum readout for a model without spectra is refused, naming the model
+    rc = main(["embed", "--model", str(model_dir), "--data", str(mock_survey), "--out", str(tmp_path / "x.parquet"),
+               "--spectrum-segments", "4", "--no-progress"])  # fmt: skip
+    assert rc != 0 and not (tmp_path / "x.parquet").exists()
 
     # two ranks write two parts whose union is the single-process output, row for row
     model, _ = load_model(str(model_dir))

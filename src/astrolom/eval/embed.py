@@ -304,11 +304,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multi-scale embeddings: means over these central token counts, each L2-normalised, concatenated "
         "(e.g. 4,16,64; `astrolom index --model`'s default); default: the paper's single mean over --tokens",
     )
+    parser.add_argument(
+        "--spectrum-segments",
+        type=int,
+        default=None,
+        help="models with spectra: the spectrum and joint embeddings are the means over this many equal wavelength "
+        "ranges of the spectrum's tokens, concatenated (default 8, at most the model's spectrum tokens; 1 = one mean "
+        "over all tokens; README 'Fibre apertures')",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.model, random_init=args.random_init, seed=args.seed)
+    if args.spectrum_segments is not None and "spectra" not in model.config.modalities:
+        raise ValueError(f"--spectrum-segments: {args.model} has no spectra (modalities {model.config.modalities})")
     if model.config.multimodal:  # per-modality and joint columns (astrolom.eval.multimodal)
         from astrolom.eval.multimodal import embed_multimodal_dataset
 
@@ -322,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             **({} if args.layer is None else {"layer": args.layer}),
             n_tokens=args.tokens,
+            **({} if args.spectrum_segments is None else {"spectrum_segments": args.spectrum_segments}),
             max_per_split=args.max_per_split,
             progress=not args.no_progress,
         )

@@ -229,8 +229,8 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
             f"({pr['n_fit']} objects), scored on <code>{pr['test_split']}</code> ({pr['n_test']}). R2 for "
             "continuous targets, accuracy for classes. <b>embedding_images</b>: images only; "
             "<b>embedding_spectra</b>: spectra only; <b>embedding_joint</b>: the spectrum's tokens after and before "
-            "reading the image, averaged. Bold: the best "
-            "column per target.</p>" + column_table(results, method)
+            "reading the image, averaged; both read out as means over equal wavelength ranges (8 by default). "
+            "Bold: the best column per target.</p>" + column_table(results, method)
         )
     if generations:
         rows, figs = [], ""

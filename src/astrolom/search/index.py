@@ -306,6 +306,7 @@ def build_index(
         "layer": emb_meta.get("layer"),
         "tokens": emb_meta.get("tokens"),
         "scales": emb_meta.get("scales"),
+        "spectrum_segments": emb_meta.get("spectrum_segments"),
         "symmetrize": bool(emb_meta.get("symmetrize", False)),
         "labels": list(table.labels),
         "standardize": stats,

@@ -277,7 +277,9 @@ def embed_spectrum(index: SearchIndex, spectrum, name: str = "spectrum") -> np.n
     model, tokeniser = _spectrum_model(model_dir)
     inputs = tokeniser([spectrum_on_grid(spectrum, tokeniser.wavelength, name)], [name])
     layer = int(index.meta["layer"]) if index.meta.get("layer") is not None else -2
-    emb, _ = embed_multimodal(model, inputs, layer=layer)["embedding_spectra"]
+    # embeddings written before the segmented readout (no "spectrum_segments") are one mean over all tokens
+    segments = int(index.meta.get("spectrum_segments") or 1)
+    emb, _ = embed_multimodal(model, inputs, layer=layer, spectrum_segments=segments)["embedding_spectra"]
     return emb[0].numpy()
 
 
