@@ -40,6 +40,9 @@ def features(model_path: str, data: str, segments: int = DEFAULT_SPECTRUM_SEGMEN
     spec = spectrum_tokeniser_from_config(cfg)
     last = len(model.blocks) - 1
 
+    def pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # astrolom's spectrum readout
+        return spectrum_pool(h, m, segments)
+
     def final(inputs, order):
         hs, layout = model._trunk(inputs, order, last)
         return {k: model.ln_f(v) for k, v in model._split(hs[-1], layout).items()}
@@ -51,19 +54,15 @@ def features(model_path: str, data: str, segments: int = DEFAULT_SPECTRUM_SEGMEN
         _, inp = record_inputs(batch, model, cfg, spec)
         s = {k: v for k, v in inp.items() if k.startswith("spectra")}
         mask = s["spectra_mask"].bool() & s["spectra_present"].bool()[:, None]
-
-        def _mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # astrolom's spectrum readout
-            return spectrum_pool(h, m, segments)
-
         both = {"images": inp["images"], **s}
         si = final(both, ["spectra", "images"])
-        spec_only = _mean(final(s, None)["spectra"], mask)
-        default = _mean(final(both, ["images", "spectra"])["spectra"], mask)
+        spec_only = pool(final(s, None)["spectra"], mask)
+        conditioned = pool(final(both, ["images", "spectra"])["spectra"], mask)
         cols = {
             "spectrum (spectra-only pass)": spec_only,
-            "joint, default (spectrum tokens of images -> spectra)": default,
-            "mean of the spectrum tokens of both orders": 0.5 * (spec_only + default),
-            "joint, spectra -> images concatenated": torch.cat([_mean(si["spectra"], mask), si["images"].mean(1)], 1),
+            "image-conditioned spectrum tokens (images -> spectra)": conditioned,
+            "joint: mean of the spectrum tokens of both orders (astrolom)": 0.5 * (spec_only + conditioned),
+            "joint, spectra -> images concatenated": torch.cat([pool(si["spectra"], mask), si["images"].mean(1)], 1),
             "spectrum and image passes concatenated": torch.cat(
                 [spec_only, final({"images": inp["images"]}, None)["images"].mean(1)], 1
             ),

@@ -51,8 +51,7 @@ def _segment_means(h: torch.Tensor, m: torch.Tensor, lo: torch.Tensor, hi: torch
 
 def readouts(h: torch.Tensor, m: torch.Tensor, segments: tuple[int, ...] = (2, 4, 8)) -> dict[str, torch.Tensor]:
     n = m.sum(1)
-    zero = torch.zeros_like(n)
-    mean = _segment_means(h, m, zero, n)
+    mean = spectrum_pool(h, m, 1)
     last_idx = (m.long() * torch.arange(m.shape[1])[None]).argmax(1)
     last = h[torch.arange(h.shape[0]), last_idx]
     return {
