@@ -111,7 +111,7 @@ class DemoConfig:
     spectra_generate: int = 32  # test objects whose spectra are generated from their images
     spectra_methods: tuple[str, ...] = ("linear", "knn")  # probes of its embedding columns (MLPs: `astrolom probe`)
     # the targets of those probes: the continuous ones of the main table (telescope and edge_on are image properties,
-    # and a logistic probe of the 1,024-wide spectrum readout takes ~1 min per class target on 2 cores)
+    # and a logistic probe of a 1,024-wide column takes 12-16 s per class target on 2 cores: 1 min for the four)
     spectra_targets: tuple[str, ...] = tuple(t for t in DEFAULT_TARGETS if t not in ("telescope", "edge_on"))
     # the optional alignment stage (0: off; needs spectra_steps > 0): heads trained this many steps on cached features
     # of the stamps (1 view: no rotation/noise copies, to fit the budget); README "Alignment" has the full-size run

@@ -75,6 +75,12 @@ HEADLINE_TARGETS = (*KEY_TARGETS, "abs_mag_g", "sersic_n", "smooth", "telescope"
 FEATURE_SET_ORDER = ("pretrained", "random_init", "pca_pixels", "photometry", "cnn")
 RIDGE_ALPHAS = np.logspace(-3, 5, 17)
 LOGISTIC_CS = np.logspace(-4, 2, 7)
+# Logistic probes solve with Newton steps on the exact Hessian (scikit-learn's "newton-cholesky") while it is small:
+# lbfgs crawls on wide embeddings at the weak-penalty end of the CV grid (the demo's 1,024-wide multimodal columns:
+# 45-120 s per class target against 12-16 s to the same penalty and accuracy; benchmarks/probe_solvers.py). The
+# Hessian has (features x coefficient vectors)^2 entries, so past this many coefficients (4,096^2 doubles = 134 MB)
+# lbfgs takes over.
+NEWTON_MAX_COEFS = 4096
 KNN_K = 16
 MLP_WIDTH = 32
 
@@ -171,16 +177,24 @@ class _MLPProbe:
         return self.classes[out.argmax(1).numpy()]
 
 
-def _make_estimator(kind: str, method: str, n_fit: int, min_class: int, seed: int):
+def logistic_solver(n_features: int, n_classes: int) -> str:
+    """The scikit-learn solver of a logistic probe: exact Newton while its Hessian is small, else lbfgs."""
+    coefs = (n_features + 1) * (1 if n_classes <= 2 else n_classes)
+    return "newton-cholesky" if coefs <= NEWTON_MAX_COEFS else "lbfgs"
+
+
+def _make_estimator(kind: str, method: str, n_fit: int, min_class: int, seed: int, n_features: int, n_classes: int):
     if method == "linear":
         if kind == REGRESSION:
             return RidgeCV(alphas=RIDGE_ALPHAS)
+        solver = logistic_solver(n_features, n_classes)
         folds = min(5, min_class)
         if folds < 2:
-            return LogisticRegression(C=1.0, max_iter=2000)
+            return LogisticRegression(C=1.0, max_iter=2000, solver=solver)
         return LogisticRegressionCV(
             Cs=LOGISTIC_CS,
             cv=folds,
+            solver=solver,
             max_iter=2000,
             l1_ratios=(0.0,),
             scoring="neg_log_loss",
@@ -205,8 +219,8 @@ def fit_probe(
     """Fit one probe on (X_fit, y_fit) and predict X_test. Features are standardised with fit-split statistics."""
     scaler = StandardScaler().fit(X_fit)
     A, B = scaler.transform(X_fit), scaler.transform(X_test)
-    min_class = int(np.unique(y_fit, return_counts=True)[1].min()) if kind == CLASSIFICATION else 0
-    est = _make_estimator(kind, method, len(X_fit), min_class, seed)
+    counts = np.unique(y_fit, return_counts=True)[1] if kind == CLASSIFICATION else np.zeros(1, int)
+    est = _make_estimator(kind, method, len(X_fit), int(counts.min()), seed, A.shape[1], len(counts))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est.fit(A, y_fit)
@@ -364,7 +378,7 @@ def evaluate(
             "n_test": len(test),
             "methods": list(methods),
             "standardise": "features standardised with fit-split mean/std",
-            "linear": "RidgeCV (LOO over alphas 1e-3..1e5) / LogisticRegressionCV (L2)",
+            "linear": "RidgeCV (LOO over alphas 1e-3..1e5) / LogisticRegressionCV (L2; newton-cholesky, lbfgs if huge)",
             "knn": f"k={KNN_K} nearest neighbours (zero-shot)",
             "mlp": f"one hidden layer, width {MLP_WIDTH} (few-shot)",
             "seed": seed,
