@@ -53,7 +53,8 @@ Every object is drawn from physics that hangs together:
 
   Not modelled (named so nobody looks for them): zero-point calibration offsets between the surveys, CCD
   artefacts, different sky levels (dark sky is taken as alike at both sites, `SKY_MAG`), and PSF shapes beyond a
-  sheared Moffat. `benchmarks/telescope_islands.py` measures how visible each difference is in the pixels.
+  sheared Moffat. `benchmarks/telescope_islands.py` measures how visible each difference is in the pixels;
+  `benchmarks/island_sensitivity.py` how much larger than the real one a difference must be for UMAP islands.
 - **Spectra**: DESI-like observed-frame grid 3600–9800 Å with 2 Å pixels (3101 pixels; DESI itself uses 0.8 Å,
   7781 pixels — coarser here to keep shards small), flux in 1e-17 erg/s/cm²/Å of the light a fibre collects: the
   same template mix, redshifted and flux-scaled, plus Hα, Hβ, [OII]3727, [OIII]4959,5007 and [NII]6548,6584 with
