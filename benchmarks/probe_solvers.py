@@ -23,23 +23,15 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, split_rows
-from astrolom.eval.probes import CLASSIFICATION, LOGISTIC_CS, logistic_solver, make_tasks
+from astrolom.eval.probes import CLASSIFICATION, logistic_probe, logistic_solver, make_tasks
 
 SOLVERS = ("lbfgs", "newton-cholesky")
 
 
 def fit_once(A: np.ndarray, y: np.ndarray, solver: str) -> tuple[LogisticRegressionCV, float, int]:
     """The probe's LogisticRegressionCV with one solver: (model, seconds, fits that stopped unconverged)."""
-    folds = min(5, int(np.unique(y, return_counts=True)[1].min()))
-    est = LogisticRegressionCV(
-        Cs=LOGISTIC_CS,
-        cv=folds,
-        solver=solver,
-        max_iter=2000,
-        l1_ratios=(0.0,),
-        scoring="neg_log_loss",
-        use_legacy_attributes=False,
-    )
+    counts = np.unique(y, return_counts=True)[1]
+    est = logistic_probe(A.shape[1], len(counts), min(5, int(counts.min())), solver=solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         t0 = time.perf_counter()

@@ -49,7 +49,6 @@ def test_linear_signal_and_noise():
 def test_wide_logistic_probe_solves_exactly_and_falls_back_to_lbfgs():
     # more features than objects (the multimodal spectrum readout is 1,024 wide): the exact-Newton solver reaches
     # the same optimum as a long lbfgs run, so the probe's predictions agree with it; huge Hessians go to lbfgs
-    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(3)
@@ -59,16 +58,8 @@ def test_wide_logistic_probe_solves_exactly_and_falls_back_to_lbfgs():
     acc = pr.score(y[200:], pred, pr.CLASSIFICATION)["accuracy"]
     assert 0.6 < acc < 1.0  # 3 informative of 600 features, 200 objects: informative but far from perfect
     sc = StandardScaler().fit(X[:200])
-    lbfgs = LogisticRegressionCV(
-        Cs=pr.LOGISTIC_CS,
-        cv=5,
-        solver="lbfgs",
-        tol=1e-8,
-        max_iter=20000,
-        l1_ratios=(0.0,),
-        scoring="neg_log_loss",
-        use_legacy_attributes=False,
-    ).fit(sc.transform(X[:200]), y[:200])
+    lbfgs = pr.logistic_probe(600, 2, 5, solver="lbfgs").set_params(tol=1e-8, max_iter=20000)
+    lbfgs.fit(sc.transform(X[:200]), y[:200])
     assert np.mean(lbfgs.predict(sc.transform(X[200:])) == pred) >= 0.99
     assert pr.logistic_solver(1024, 2) == "newton-cholesky"
     assert pr.logistic_solver(1024, 3) == "newton-cholesky"  # (1024 + 1) * 3 coefficients

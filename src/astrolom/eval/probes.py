@@ -183,23 +183,28 @@ def logistic_solver(n_features: int, n_classes: int) -> str:
     return "newton-cholesky" if coefs <= NEWTON_MAX_COEFS else "lbfgs"
 
 
+def logistic_probe(n_features: int, n_classes: int, folds: int, solver: str | None = None):
+    """The linear classification probe: L2 logistic regression, its penalty chosen by `folds`-fold CV on log loss
+    (a fixed C = 1 when a class has fewer than 2 objects); `solver` defaults to `logistic_solver`'s choice."""
+    solver = solver or logistic_solver(n_features, n_classes)
+    if folds < 2:
+        return LogisticRegression(C=1.0, max_iter=2000, solver=solver)
+    return LogisticRegressionCV(
+        Cs=LOGISTIC_CS,
+        cv=folds,
+        solver=solver,
+        max_iter=2000,
+        l1_ratios=(0.0,),
+        scoring="neg_log_loss",
+        use_legacy_attributes=False,
+    )
+
+
 def _make_estimator(kind: str, method: str, n_fit: int, min_class: int, seed: int, n_features: int, n_classes: int):
     if method == "linear":
         if kind == REGRESSION:
             return RidgeCV(alphas=RIDGE_ALPHAS)
-        solver = logistic_solver(n_features, n_classes)
-        folds = min(5, min_class)
-        if folds < 2:
-            return LogisticRegression(C=1.0, max_iter=2000, solver=solver)
-        return LogisticRegressionCV(
-            Cs=LOGISTIC_CS,
-            cv=folds,
-            solver=solver,
-            max_iter=2000,
-            l1_ratios=(0.0,),
-            scoring="neg_log_loss",
-            use_legacy_attributes=False,
-        )
+        return logistic_probe(n_features, n_classes, min(5, min_class))
     if method == "knn":
         k = max(1, min(KNN_K, n_fit - 1))
         return KNeighborsRegressor(n_neighbors=k) if kind == REGRESSION else KNeighborsClassifier(n_neighbors=k)
