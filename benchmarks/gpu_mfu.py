@@ -1,6 +1,6 @@
 """GPU training throughput and MFU: our AstroPT step beside the reference `astropt` GPT (`astropt==2.0.9`), same run.
 
-    python benchmarks/gpu_mfu.py                        # presets 89m and 308m, 1024 tokens, bf16, SDPA flash, compile
+    python benchmarks/gpu_mfu.py                        # presets 89m and 309m, 1024 tokens, bf16, SDPA flash, compile
     python benchmarks/gpu_mfu.py --presets 89m --batch 32 --steps 30
     python benchmarks/gpu_mfu.py --dry-run              # CPU smoke run: debug preset, 64 tokens, fp32, no compile
 
@@ -42,7 +42,7 @@ from astrolom.train import parallel
 from astrolom.train.config import PretrainConfig
 from astrolom.train.trainer import build_optimizer
 
-DEFAULT_BATCH = {"debug": 2, "89m": 32, "308m": 16, "1m": 64, "5m": 64, "12m": 64, "21m": 64}
+DEFAULT_BATCH = {"debug": 2, "89m": 32, "309m": 16, "1m": 64, "5m": 64, "12m": 64, "21m": 64}
 
 
 def _attention_context(device: torch.device):
@@ -124,7 +124,7 @@ def _reference(preset: str, T: int, D: int, patch: int, device: torch.device, pr
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="89m,308m")
+    ap.add_argument("--presets", default="89m,309m")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (the model context)")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="micro-batch (default per preset)")
