@@ -135,6 +135,17 @@ def _overlap_matrix(src: tuple[float, ...], dst: tuple[float, ...]) -> np.ndarra
     return np.clip(hi - lo, 0.0, None)
 
 
+def grid_coverage(wavelength: np.ndarray, grid: np.ndarray, min_coverage: float = 0.99) -> float:
+    """Fraction of `grid`'s pixels that a spectrum sampled at `wavelength` covers (what survives `resample`).
+
+    A grid pixel counts when the spectrum's pixel range (its edges) covers at least `min_coverage` of its width, the
+    rule `resample` applies before masking; 1.0 for a spectrum on the grid itself, 0.0 when they do not overlap.
+    """
+    src, dst = _edges(np.asarray(wavelength, np.float64)), _edges(np.asarray(grid, np.float64))
+    over = np.clip(np.minimum(dst[1:], src[-1]) - np.maximum(dst[:-1], src[0]), 0.0, None)
+    return float(np.mean(over >= min_coverage * np.diff(dst)))
+
+
 def resample(spectrum: Spectrum, grid: np.ndarray, min_coverage: float = 0.99) -> Spectrum:
     """Flux-conserving resampling of `spectrum` onto `grid` (pixel centres), with ivar and mask propagation.
 

@@ -80,6 +80,7 @@ class DataConfig:
     # pixels: 8-bit JPEG/PNG patches standardised on the training device (the CPU only decodes; see data.batching)
     token_format: str = "float32"
     augment: str = "none"  # "d4": a random rotation/mirror (astrolom.data.augment) per training sample
+    bands: tuple[str, ...] | None = None  # image bands to use, by name (g,r,z of griz data); None: all, as stored
 
     def __post_init__(self):
         if self.patch_size <= 0:

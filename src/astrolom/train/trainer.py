@@ -157,6 +157,7 @@ class _Data:
             split_seed=d.split_seed,
             spectra="spectra" in self.modalities,
             resample_spectra=d.resample_spectra,
+            bands=d.bands,
         )
         self.spectra = None
         if "spectra" in self.modalities:

@@ -2,8 +2,8 @@
 
 Every command's `--data` goes through `open_source(path, format=None, options=None, **overrides)`, which detects (or is
 told) the layout; how to read it is one `SourceOptions` (skip_bad, manifest, split_fractions, split_seed, id_column,
-image_key, expect_shape, chunk_rows, threads, spectra, spectra_dir, wavelength, resample_spectra), given whole or as
-keyword overrides:
+image_key, expect_shape, chunk_rows, threads, spectra, spectra_dir, wavelength, resample_spectra, bands), given whole
+or as keyword overrides:
 
 ========== =================================================================================================
 format      what `path` may be
@@ -14,7 +14,8 @@ images      a folder (searched recursively), glob or single file of JPEG/PNG cut
             to the folder without its extension.
 fits        a folder / glob / file of `.fits`, `.fit`, `.fts` (optionally `.gz`), one object per file: either a
             multi-extension file with one 2-D band per image HDU (stacked in HDU order) or one (C, H, W) cube,
-            transposed to (H, W, C). Array rows are kept as astropy gives them (no flip).
+            transposed to (H, W, C) (Legacy Survey viewer cutouts: band names from BAND0.. / BANDS, INVVAR and
+            MASKBITS HDUs skipped). Array rows are kept as astropy gives them (no flip).
 npy         `.npy` of shape (N, H, W, C) (or (N, H, W)), read row by row from the file (memory-mapped when local).
 npz         `.npz` holding `images` (N, H, W[, C]) and optionally `object_id`, `split` and 1-D label arrays.
 hdf5        `.h5`/`.hdf5` with dataset `images` (or `image`, or `image_key`) (N, H, W[, C]), optional `object_id`
@@ -29,9 +30,11 @@ parquet     a file, folder of `*.parquet` or glob. Our layout (raw float32 `imag
 paired      images (a folder of JPEG/PNG or FITS cutouts, as above) paired by object id with one FITS spectrum
             per object: `open_source(images, spectra_dir=spectra)`, or a folder holding `images/` and `spectra/`
             (detected). FITS spectra: WAVELENGTH/FLUX/IVAR/MASK image HDUs, a table with wavelength (or
-            loglam)/flux/ivar/mask columns, or DESI per-camera coadds (B_/R_/Z_ WAVELENGTH/FLUX/IVAR/MASK, arms
-            merged inverse-variance-weighted); a `coadd-*.fits` holding many targets pairs each FIBERMAP
-            TARGETID with the image of that name. See `astrolom.data.sources.spectra` and `.desi`.
+            loglam)/flux/ivar/mask columns (SDSS/BOSS spec-*.fits: COADD loglam/flux/ivar/and_mask, redshift
+            from SPECOBJ; ESO Phase 3: one row of WAVE/FLUX/ERR/QUAL array cells, ivar = 1/ERR^2), or DESI
+            per-camera coadds (B_/R_/Z_ WAVELENGTH/FLUX/IVAR/MASK, arms merged inverse-variance-weighted); a
+            `coadd-*.fits` holding many targets pairs each FIBERMAP TARGETID with the image of that name. See
+            `astrolom.data.sources.spectra` and `.desi`; docs/data.md lists the real files each is tested on.
 ========== =================================================================================================
 
 Paths may be local or any fsspec URL (`file://`, `memory://`, `s3://`, ...). Records without a split column get
@@ -61,11 +64,18 @@ the log. A bad *spectrum* with a good image drops only the spectrum: the record 
 like an object without one), counted in `source.spectra_dropped`, listed in `source.bad_spectra` and in the manifest
 with `"dropped": "spectrum"`. Nothing is dropped silently.
 
+**Bands by name.** `bands=("g", "r", "z")` (`data.bands=g,r,z`, `inspect --bands`) keeps those bands in that order
+from every record, matched by the names the file gives (FITS headers, the data set's metadata): a grz model reads
+griz (DR10) cutouts. A file without one of them is a bad record naming the file, the missing band and the bands it has.
+
 **Spectra.** Every spectrum ends up on one reference grid (`wavelength`, the model's; default: the data set's own or
 the first spectrum file's), published as `source.metadata["wavelength"]`: another grid is resampled flux-conserving
 (`resample_spectra=True`) or refused naming the file and both grids. All-NaN flux, all-zero ivar, wrong length and a
 non-increasing wavelength grid make a bad record (below). `record.spectrum` has NaN wherever a pixel carries no
-information; `record.spectrum_ivar` / `spectrum_mask` come with it.
+information; `record.spectrum_ivar` / `spectrum_mask` come with it. A spectrum that covers only part of the reference
+grid keeps the overlap (the rest is masked) and its record gets the label `spectrum_coverage` (fraction of the grid
+covered; set for every spectrum that was not on the reference grid), listed in `source.partial_spectra`, logged and
+shown by `inspect`. Labels a spectrum file carries (an SDSS `SPECOBJ` redshift) join the record's labels.
 
 **Modules.** `errors` (BadRecordError, which exceptions mean damaged input) · `base` (SourceOptions, Source with the
 bad-record policy, PixelRecord, Chunk, file-name conventions) · `decode` (JPEG/PNG/FITS/raw-float32 payload ->

@@ -24,7 +24,7 @@ import numpy as np
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
 from astrolom.data.sources.errors import BadRecordError, decode_errors
 from astrolom.data.sources.spectra import SpectrumGrid, SpectrumRef
-from astrolom.data.spectra import Spectrum
+from astrolom.data.spectra import Spectrum, grid_coverage
 
 log = logging.getLogger("astrolom.data")
 
@@ -70,8 +70,15 @@ class SourceOptions:
     spectra_dir: str | Path | None = None  # folder of FITS spectra paired with the images by object id
     wavelength: tuple[float, ...] | None = None  # reference grid (the model's); default: the data set's / first file's
     resample_spectra: bool = True  # spectra on another grid: resample (flux-conserving); False: bad record
+    bands: tuple[str, ...] | None = None  # keep these bands, by name, in this order (e.g. g,r,z of griz); None: all
 
     def __post_init__(self):
+        if self.bands is not None:
+            names = self.bands.split(",") if isinstance(self.bands, str) else self.bands
+            names = tuple(str(b).strip() for b in names if str(b).strip())
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"bands must be distinct band names, e.g. g,r,z; got {self.bands!r}")
+            object.__setattr__(self, "bands", names)
         object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
@@ -237,7 +244,8 @@ class Source:
         self.manifest = Path(opts.manifest) if opts.manifest is not None else None
         self.chunk_rows = int(opts.chunk_rows)
         self.threads = opts.decode_threads
-        self.bands: tuple[str, ...] | None = None
+        self.bands: tuple[str, ...] | None = None  # of the records (after `options.bands` selected some)
+        self._stored_bands: tuple[str, ...] | None = None  # the data set's own, for payloads that name none
         self.image_shape: tuple[int, ...] | None = opts.expect_shape
         self._shape_given = opts.expect_shape is not None
         self.label_columns: list[str] = []
@@ -245,6 +253,8 @@ class Source:
         self.bad: list[dict[str, Any]] = []  # records skipped whole (skip_bad)
         self._bad_keys: set = set()
         self.bad_spectra: list[dict[str, Any]] = []  # records kept without their bad spectrum (skip_bad)
+        self.partial_spectra: list[dict[str, Any]] = []  # {object_id, coverage} of spectra covering part of the grid
+        self._partial_keys: set = set()
         self._bad_spectrum_keys: set = set()
         self.masked_pixels = 0
         self.masked_records = 0
@@ -348,6 +358,13 @@ class Source:
                 f"dropped {len(self.bad_spectra)} bad spectrum(s), keeping their records image-only{where}; "
                 f"first: {self.bad_spectra[0]['reason']}"
             )
+        if self.partial_spectra:
+            low = min(self.partial_spectra, key=lambda e: e["coverage"])
+            parts.append(
+                f"{len(self.partial_spectra)} spectrum(s) cover only part of the model's wavelength grid (kept: the "
+                f"overlap, the rest masked; label spectrum_coverage); least: {low['object_id']} "
+                f"{100 * low['coverage']:.1f}%"
+            )
         if self.masked_pixels:
             parts.append(
                 f"replaced {self.masked_pixels} masked/NaN pixel(s) in {self.masked_records} record(s) "
@@ -400,6 +417,8 @@ class Source:
             arr = arr[:, :, None]
         if arr.ndim != 3:
             raise BadRecordError(item.file, f"image has shape {arr.shape}, expected (H, W, C)", item.row)
+        if self.options.bands is not None:
+            arr = arr[:, :, self._band_index(bands or self._stored_bands, arr.shape[2], item)]
         if check_shape and self.image_shape is not None:
             want = self.image_shape
             if len(want) != 3 or any(w is not None and w != a for w, a in zip(want, arr.shape, strict=True)):
@@ -412,34 +431,68 @@ class Source:
                     item.object_id,
                 )
         if max_value is not None and arr.dtype.kind == "u":
-            spec = self._spectrum(item)
-            return PixelRecord(item.object_id, None, item.split, item.labels, *spec, pixels=arr, max_value=max_value)
+            *spec, labels = self._spectrum(item)
+            return PixelRecord(item.object_id, None, item.split, labels, *spec, pixels=arr, max_value=max_value)
         img = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(img).all():
             img = self._fill_masked(img, item)
-        spec = self._spectrum(item)  # after the image checks: a record skipped whole drops no spectrum separately
-        return Record(item.object_id, img, item.split, item.labels, *spec)
+        # after the image checks: a record skipped whole drops no spectrum separately
+        *spec, labels = self._spectrum(item)
+        return Record(item.object_id, img, item.split, labels, *spec)
 
-    def _spectrum(self, item: Item) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """(flux, ivar, mask) of the item's spectrum on the reference grid, or Nones (no spectrum / not read).
+    def _band_index(self, have, channels: int, item: Item) -> list[int]:
+        """Channel indices of the requested bands (`options.bands`) in a payload whose bands are `have`, or a
+        BadRecordError naming the file, the bands it has and the ones it lacks."""
+        want = self.options.bands
+        if not have:
+            raise BadRecordError(
+                item.file, f"cannot select bands {','.join(want)}: the file does not name its {channels} band(s)",
+                item.row, item.object_id,
+            )  # fmt: skip
+        have = [str(b) for b in have]
+        exact = {b: k for k, b in enumerate(have)}
+        folded: dict[str, list[int]] = {}
+        for k, b in enumerate(have):
+            folded.setdefault(b.lower(), []).append(k)
+        idx, missing = [], []
+        for b in want:
+            if b in exact:
+                idx.append(exact[b])
+            elif len(folded.get(b.lower(), [])) == 1:  # 'G' in a file that says 'g': the same band
+                idx.append(folded[b.lower()][0])
+            else:
+                missing.append(b)
+        if missing:
+            raise BadRecordError(
+                item.file,
+                f"has no band {','.join(missing)} (bands asked for: {','.join(want)}); it has bands {','.join(have)}",
+                item.row,
+                item.object_id,
+            )
+        return idx
+
+    def _spectrum(self, item: Item) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, dict]:
+        """(flux, ivar, mask, labels) of the item's spectrum on the reference grid, or Nones (no spectrum / not
+        read) and the item's labels.
 
         Every format's spectra pass here, so this is where a bad spectrum is handled: without skip_bad it raises its
         BadRecordError (the record is bad); with skip_bad only the spectrum is dropped (listed in `bad_spectra` and
         the manifest) and the record goes on image-only, like an object that has no spectrum.
+
+        The labels are the item's plus what the spectrum file carries (an SDSS SPECOBJ redshift) and, for a spectrum
+        that was not on the reference grid, `spectrum_coverage`: the fraction of the reference grid it covers
+        (`astrolom.data.spectra.grid_coverage`; the rest is masked), also counted in `partial_spectra`.
         """
         if item.spectrum is None or not self.options.spectra:
-            return None, None, None
+            return None, None, None, item.labels
+        grid = self._own_grid if item.spectrum_wavelength is None else item.spectrum_wavelength
         try:
             if isinstance(item.spectrum, BadRecordError):  # the spectrum could not be read (e.g. a paired file)
                 raise item.spectrum
-            return self.spectrum_grid.flux_on_grid(
-                item.spectrum,
-                item.file,
-                item.row,
-                item.spectrum_ivar,
-                item.spectrum_mask,
-                grid=self._own_grid if item.spectrum_wavelength is None else item.spectrum_wavelength,
+            flux, ivar, mask = self.spectrum_grid.flux_on_grid(
+                item.spectrum, item.file, item.row, item.spectrum_ivar, item.spectrum_mask, grid=grid
             )
+            return flux, ivar, mask, self._spectrum_labels(item, grid)
         except BadRecordError as err:
             if err.object_id is None:
                 cause = err.__cause__
@@ -448,7 +501,22 @@ class Source:
             if not self.options.skip_bad:
                 raise err
             self._list_bad(err, "spectrum")
-            return None, None, None
+            return None, None, None, item.labels
+
+    def _spectrum_labels(self, item: Item, grid: np.ndarray | None) -> dict[str, Any]:
+        own = item.spectrum.wavelength if isinstance(item.spectrum, Spectrum) else grid
+        ref = self.spectrum_grid.wavelength
+        extra = dict(item.spectrum.meta.get("labels", {})) if isinstance(item.spectrum, Spectrum) else {}
+        if own is not None and ref is not None and not self.spectrum_grid.is_reference(own):
+            coverage = grid_coverage(own, ref)
+            extra["spectrum_coverage"] = coverage
+            if coverage < 1.0:
+                with self._lock:
+                    key = (item.file, item.row, item.object_id)
+                    if key not in self._partial_keys:  # once per object, however many epochs read it
+                        self._partial_keys.add(key)
+                        self.partial_spectra.append({"object_id": item.object_id, "coverage": coverage})
+        return {**item.labels, **extra} if extra else item.labels
 
     def _set_spectrum_grid(self, own: Any = None) -> None:
         """Fix the reference grid: the requested one, else `own` (the data set's); publish it as
@@ -519,7 +587,16 @@ class Source:
         return tuple(shape), res[2]
 
     def _infer_shape(self, sample: int = 8) -> None:
-        """Reference shape = the most common (H, W, C) among the first decodable records (and their bands)."""
+        """Reference shape = the most common (H, W, C) among the first decodable records (and their bands); with
+        `options.bands`, records carry the selected bands (each file is checked when it is read)."""
+        self._peek_shape(sample)
+        self._stored_bands = self.bands
+        if self.options.bands is not None:
+            self.bands = self.options.bands
+            if self.image_shape is not None and not self._shape_given:
+                self.image_shape = (*self.image_shape[:2], len(self.options.bands))
+
+    def _peek_shape(self, sample: int) -> None:
         if not self.chunks:
             return
         seen: list[tuple[tuple, Any]] = []

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-resample", action="store_true", help="refuse spectra on another grid instead of resampling them"
     )
     parser.add_argument("--sample", type=int, default=2000, help="records read for the spectra statistics")
+    parser.add_argument(
+        "--bands", default=None, help="keep these image bands, by name and in this order (e.g. g,r,z of griz data)"
+    )
 
 
 def spectra_summary(source, records) -> dict[str, Any] | None:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         spectra_dir=args.spectra_dir,
         resample_spectra=not args.no_resample,
+        bands=args.bands,
     )
     print(f"data:          {args.data}")
     print(f"format:        {src.format}" + (f" ({src.layout})" if isinstance(src, ParquetSource) else ""))
@@ -112,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
         if spec["resampled"]:
             grids = ", ".join(f"{g} ({k})" for g, k in spec["grids"].items())
             print(f"  resampled:   {spec['resampled']} spectra from other grids (flux-conserving): {grids}")
+        if src.partial_spectra:
+            cov = [e["coverage"] for e in src.partial_spectra]
+            print(
+                f"  partial:     {len(cov)} spectra cover part of the grid (label spectrum_coverage): "
+                f"median {100 * float(np.median(cov)):.1f}%, least {100 * min(cov):.1f}%"
+            )
     summary = src.log_summary()
     if summary:
         print(summary)

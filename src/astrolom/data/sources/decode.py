@@ -62,8 +62,32 @@ def _hdu_band(header, k: int) -> str:
     return f"band{k}"
 
 
+def _cube_bands(header, n: int) -> tuple[str, ...]:
+    """Band names of a (C, H, W) cube from its header: BAND0..BAND{n-1} (the Legacy Survey viewer's cutouts, which
+    also write BANDS='grz'), BAND1..BANDn, FILTER1..FILTERn, or a BANDS string of n letters / n comma-separated
+    names; else band0, band1, ..."""
+    for key, first in (("BAND", 0), ("BAND", 1), ("FILTER", 1)):
+        vals = [header.get(f"{key}{first + i}") for i in range(n)]
+        if all(isinstance(v, str) and v.strip() for v in vals):
+            return tuple(v.strip() for v in vals)
+    bands = header.get("BANDS")
+    if isinstance(bands, str):
+        names = [b.strip() for b in bands.split(",")] if "," in bands else list(bands.strip())
+        if len(names) == n and all(names):
+            return tuple(names)
+    return tuple(f"band{i}" for i in range(n))
+
+
+# HDUs that are not pixels of the sky: the Legacy Survey viewer's cutouts may append inverse-variance and maskbits
+# HDUs (its IMAGETYP keyword says which)
+_NOT_IMAGE = ("INVVAR", "MASKBITS")
+
+
 def decode_fits(data: bytes) -> Decoded:
-    """FITS bytes (optionally gzipped) -> (H, W, C) float32 from 2-D image HDUs (stacked) or one (C, H, W) cube."""
+    """FITS bytes (optionally gzipped) -> (H, W, C) float32 from 2-D image HDUs (stacked) or one (C, H, W) cube.
+
+    HDUs whose IMAGETYP is INVVAR or MASKBITS (Legacy Survey viewer cutouts) are not image planes and are skipped.
+    """
     from astropy.io import fits
 
     if data is None or len(data) == 0:
@@ -79,6 +103,8 @@ def decode_fits(data: bytes) -> Decoded:
                     raise BadRecordError("", f"HDU {k} is damaged: astropy cannot parse its header")
                 if not hdu.is_image or hdu.data is None:
                     continue
+                if str(hdu.header.get("IMAGETYP", "")).strip().upper() in _NOT_IMAGE:
+                    continue
                 arr = np.asarray(hdu.data)
                 blank = hdu.header.get("BLANK")
                 if arr.dtype.kind in "iu" and blank is not None:
@@ -88,10 +114,7 @@ def decode_fits(data: bytes) -> Decoded:
         raise BadRecordError("", "no image data in any HDU")
     if len(planes) == 1 and planes[0][0].ndim == 3:  # one (C, H, W) cube
         cube, _, header = planes[0]
-        bands = tuple(
-            str(header.get(f"BAND{i + 1}", header.get(f"FILTER{i + 1}", f"band{i}"))) for i in range(len(cube))
-        )
-        return np.ascontiguousarray(cube.transpose(1, 2, 0)), None, bands
+        return np.ascontiguousarray(cube.transpose(1, 2, 0)), None, _cube_bands(header, len(cube))
     if all(p[0].ndim == 2 for p in planes):
         shapes = {p[0].shape for p in planes}
         if len(shapes) > 1:

@@ -9,7 +9,11 @@
   `coadd-*.fits` may hold many targets: a paired spectra folder matches its rows to images by the TARGETID of its
   FIBERMAP (`spectrum_refs`), and the reader then reads one row;
 - a binary table (the first one that has a flux column) with columns `wavelength`/`wave`/`lambda`/`loglam`
-  (log10 Å), `flux`, optional `ivar`/`inverse_variance` and `mask`/`and_mask` (case-insensitive).
+  (log10 Å), `flux`, optional `ivar`/`inverse_variance` (else `err`/`error`/`sigma`: ivar = 1/err², 0 where the
+  error is not positive) and `mask`/`and_mask`/`qual` (non-zero = bad), case-insensitive; one row per pixel, or one
+  row whose cells hold the arrays. This reads SDSS/BOSS `spec-*.fits` (COADD: loglam, flux, ivar, and_mask; the
+  one-row SPECOBJ table's Z, Z_ERR, ZWARNING become the labels redshift, redshift_err, zwarning, in
+  `meta["labels"]`) and ESO Phase 3 1-D spectra (one row of WAVE, FLUX, ERR, QUAL array cells).
 
 Units come from the header (`BUNIT`, `TUNITn`) when present and go to `Spectrum.meta`.
 
@@ -45,7 +49,10 @@ _WAVE = ("wavelength", "wave", "lambda")
 _LOGLAM = ("loglam",)
 _FLUX = ("flux",)
 _IVAR = ("ivar", "inverse_variance")
-_MASK = ("mask", "and_mask")
+_ERR = ("err", "error", "sigma")  # 1-sigma errors (ESO Phase 3): ivar = 1 / err^2
+_MASK = ("mask", "and_mask", "qual")  # non-zero = bad: DESI MASK bits, SDSS and_mask, ESO QUAL
+# SDSS/BOSS spec-*.fits: the pipeline's redshift fit for the object, from its one-row SPECOBJ table
+SPECOBJ_LABELS = {"Z": "redshift", "Z_ERR": "redshift_err", "ZWARNING": "zwarning"}
 
 
 def _pick(names: dict[str, str], candidates: tuple[str, ...]) -> str | None:
@@ -131,10 +138,31 @@ def read_fits_spectrum(data: bytes | BinaryIO, file: str, row: int | None = None
                 name = _pick(cols, cands)
                 if name is not None:
                     arrays[key] = col(name)
+            err = _pick(cols, _ERR)
+            if "ivar" not in arrays and err is not None:
+                arrays["ivar"] = _ivar_from_err(col(err))
             for c in table.columns:
                 if c.unit and c.name.lower() in ("flux", *_WAVE):
                     units["flux_unit" if c.name.lower() == "flux" else "wavelength_unit"] = str(c.unit)
+        labels = _specobj_labels(ext.get("specobj"))
+        if labels:
+            units["labels"] = labels
     return make_spectrum(arrays["wavelength"], arrays["flux"], arrays.get("ivar"), arrays.get("mask"), file, meta=units)
+
+
+def _ivar_from_err(err: np.ndarray) -> np.ndarray:
+    """1 / err^2, with 0 (no information) where the error is 0, negative or not finite."""
+    e = np.asarray(err, dtype=np.float64)
+    ok = np.isfinite(e) & (e > 0)
+    return np.where(ok, 1.0 / np.where(ok, e, 1.0) ** 2, 0.0)
+
+
+def _specobj_labels(hdu) -> dict[str, Any]:
+    """Labels from an SDSS SPECOBJ table (one row): the pipeline redshift, its error and warning flags."""
+    if hdu is None or hdu.is_image or hdu.data is None or len(hdu.data) != 1:
+        return {}
+    names = {c.upper(): c for c in hdu.columns.names}
+    return {label: hdu.data[names[k]][0].item() for k, label in SPECOBJ_LABELS.items() if k in names}
 
 
 def make_spectrum(
@@ -213,7 +241,7 @@ class SpectrumGrid:
                     f"({describe_grid(grid)}) has {grid.size}",
                     row,
                 )
-            if self._is_reference(grid):  # the common case (our Parquet, HDF5): no Spectrum object, no resampling
+            if self.is_reference(grid):  # the common case (our Parquet, HDF5): no Spectrum object, no resampling
                 return self._fast(flux, ivar, mask, grid, file, row)
             spectrum = make_spectrum(grid, flux, ivar, mask, file, row)
         _require_usable(spectrum, file, row)
@@ -233,7 +261,8 @@ class SpectrumGrid:
             _require_usable(spectrum, file, row, " after resampling onto the reference grid")
         return self._good_only(spectrum, file, row)
 
-    def _is_reference(self, grid: np.ndarray) -> bool:
+    def is_reference(self, grid: np.ndarray) -> bool:
+        """Whether `grid` is the reference grid (False while none is set)."""
         if self.wavelength is None:
             return False
         if grid is self.wavelength or grid is self._checked:
