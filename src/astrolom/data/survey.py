@@ -96,6 +96,7 @@ from typing import Any
 import numpy as np
 from scipy import integrate, special
 
+from astrolom.data.display import JPEG_QUALITY, viewer_jpeg
 from astrolom.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     IMAGE,
@@ -169,6 +170,8 @@ LANCZOS_A = 3  # Lanczos-3 resampling kernel (legacypipe resamples every exposur
 # sources), so a galaxy's spectrum carries its total flux times fibre acceptance(galaxy) / acceptance(point source).
 FIBER_DIAMETER = 1.5  # arcsec
 FIBER_SEEING, FIBER_SEEING_SCATTER = 1.1, 0.2  # median delivered FWHM (arcsec) during spectroscopy; log-normal
+IMAGE_FORMATS = ("flux", "jpeg")  # how stamps are stored: float32 nanomaggies, or viewer-rendered 8-bit JPEGs
+JPEG_LAYER = "ls-dr9"  # the viewer layer whose rendering the JPEGs follow (astrolom.data.display.VIEWER_LAYERS)
 SPECTRUM_APERTURES = ("fiber", "total")  # "total": the spectrum of the whole galaxy (the mock before fibres)
 
 # Emission lines: vacuum wavelength (Å), Calzetti k(λ) for the attenuation.
@@ -304,10 +307,20 @@ class SurveyConfig:
     instrument: tuple[str, ...] = INSTRUMENT_EFFECTS
     # 'fiber': spectra carry the light a 1.5" DESI fibre collects; 'total': the whole galaxy's (SPECTRUM_APERTURES)
     spectrum_aperture: str = "fiber"
+    # 'flux': float32 g, r, z in nanomaggies; 'jpeg': 8-bit RGB JPEGs rendered as the Legacy Survey viewer renders
+    # them (astrolom.data.display.viewer_jpeg), the form of the paper's training data (IMAGE_FORMATS)
+    image_format: str = "flux"
+    jpeg_size: int | None = None  # JPEG pixels per side (the paper's: 512); None: the stamp size
 
     def validate(self) -> SurveyConfig:
         self.instrument = check_instrument(self.instrument)
         self.spectrum_aperture = check_spectrum_aperture(self.spectrum_aperture)
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if self.jpeg_size is not None and self.image_format != "jpeg":
+            raise ValueError("--jpeg-size needs --format jpeg")
+        if self.jpeg_size is not None and not 16 <= self.jpeg_size <= 1024:
+            raise ValueError(f"--jpeg-size must be in 16..1024 pixels, got {self.jpeg_size}")
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
         if not (32 <= self.size <= 512 and self.size % 2 == 0):
@@ -1271,8 +1284,10 @@ def _spectrum_columns(spec: Spectrum | None) -> tuple[bytes | None, bytes | None
     )
 
 
-def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float], tuple[str, ...], str]) -> dict[str, Any]:
-    start, stop, seed, size, fractions, instrument, aperture = task
+def _render_chunk(task: tuple) -> dict[str, Any]:
+    """Objects start..stop-1 of one task (start, stop, seed, size, fractions, instrument, aperture, image_format,
+    jpeg_size) rendered into column lists."""
+    start, stop, seed, size, fractions, instrument, aperture, image_format, jpeg_size = task
     cat = sample_catalogue(
         stop - start,
         seed=seed,
@@ -1285,7 +1300,10 @@ def _render_chunk(task: tuple[int, int, int, int, tuple[float, float, float], tu
     for j in range(stop - start):
         row = catalogue_row(cat, j)
         img, spec = render_object(row, size)
-        images.append(img.astype("<f4").tobytes())
+        if image_format == "jpeg":  # the Hugging Face Image struct of the Smith42/galaxies layout
+            images.append({"bytes": viewer_jpeg(img, BANDS, JPEG_LAYER, jpeg_size), "path": f"{row['object_id']}.jpg"})
+        else:
+            images.append(img.astype("<f4").tobytes())
         spectra.append(_spectrum_columns(spec))
     out = {k: v for k, v in cat.items() if k in ("object_id", "split") or k in LABELS}
     out[IMAGE] = images
@@ -1337,6 +1355,7 @@ def generate_objects(
 def _arrow_schema(metadata: dict[str, Any]):
     import pyarrow as pa
 
+    jpeg = metadata.get("image_format") == "jpeg"
     fields = [pa.field("object_id", pa.string()), pa.field("split", pa.string())]
     for name in LABELS:
         if name in BOOL_LABELS:
@@ -1348,9 +1367,11 @@ def _arrow_schema(metadata: dict[str, Any]):
         else:
             t = pa.float64()
         fields.append(pa.field(name, t))
+    if jpeg:
+        fields.append(pa.field(IMAGE, pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])))
+    else:
+        fields += [pa.field(IMAGE, pa.binary()), pa.field(IMAGE_SHAPE, pa.list_(pa.int32()))]
     fields += [
-        pa.field(IMAGE, pa.binary()),
-        pa.field(IMAGE_SHAPE, pa.list_(pa.int32())),
         pa.field(SPECTRUM, pa.binary()),
         pa.field(SPECTRUM_IVAR, pa.binary()),
         pa.field(SPECTRUM_MASK, pa.binary()),
@@ -1361,7 +1382,7 @@ def _arrow_schema(metadata: dict[str, Any]):
 def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
     from astrolom import __version__
 
-    return {
+    meta = {
         "format": "astrolom-shard",
         "format_version": 1,
         "source": "astrolom.data.survey (mock DESI Legacy Survey)",
@@ -1393,6 +1414,19 @@ def _metadata(cfg: SurveyConfig) -> dict[str, Any]:
         },
         "labels": {k: {"unit": u, "description": d} for k, (u, d) in LABELS.items()},
     }
+    if cfg.image_format == "jpeg":
+        side = cfg.jpeg_size or cfg.size
+        meta.update(
+            image_format="jpeg",
+            bands=["R", "G", "B"],
+            rendered_from_bands=list(BANDS),
+            pixel_scale=PIXEL_SCALE * cfg.size / side,
+            image_shape=[side, side, 3],
+            image_dtype="uint8",
+            image_units=f"8-bit RGB, JPEG quality {JPEG_QUALITY}, rendered as the Legacy Survey viewer's {JPEG_LAYER} "
+            "layer (astrolom.data.display.viewer_rgb)",
+        )
+    return meta
 
 
 def _config_dict(cfg: SurveyConfig) -> dict[str, Any]:
@@ -1427,6 +1461,8 @@ def generate_survey(
     overwrite: bool = False,
     instrument: tuple[str, ...] | str = INSTRUMENT_EFFECTS,
     spectrum_aperture: str = "fiber",
+    image_format: str = "flux",
+    jpeg_size: int | None = None,
 ) -> Path:
     """Render n objects into Parquet shards `out_dir/shard-00000.parquet`, ... plus `out_dir/_survey.json`.
 
@@ -1442,6 +1478,8 @@ def generate_survey(
         shard_size=shard_size,
         instrument=check_instrument(instrument),
         spectrum_aperture=spectrum_aperture,
+        image_format=image_format,
+        jpeg_size=jpeg_size,
     ).validate()
     return _generate(cfg, Path(out_dir), progress=progress, overwrite=overwrite)[0]
 
@@ -1465,9 +1503,10 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
     row_group = int(max(1, min(cfg.shard_size, 256, (16 << 20) // bytes_per_row)))
     chunk = int(max(1, min(32, math.ceil(cfg.n / (workers * 8)), row_group)))
     tasks = [
-        (s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions, cfg.instrument, cfg.spectrum_aperture)
+        (s, min(s + chunk, cfg.n), cfg.seed, cfg.size, cfg.split_fractions, cfg.instrument, cfg.spectrum_aperture,
+         cfg.image_format, cfg.jpeg_size)
         for s in range(0, cfg.n, chunk)
-    ]
+    ]  # fmt: skip
 
     stats = _RunningStats()
     files: list[Path] = []
@@ -1540,8 +1579,8 @@ def _generate(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> 
         "counts": summary["counts"],
         "columns": list(schema.names),
         "labels": meta["labels"],
-        "bands": list(BANDS),
-        "pixel_scale": PIXEL_SCALE,
+        "bands": meta["bands"],
+        "pixel_scale": meta["pixel_scale"],
         "image_shape": meta["image_shape"],
         "image_units": meta["image_units"],
         "spectrum": {
@@ -1662,6 +1701,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="light the spectra carry: 'fiber' (default; a 1.5\" DESI fibre in the seeing of the night, "
         "flux-calibrated on point sources, label fiber_frac) or 'total' (the whole galaxy, as before 2026-12-02)",
     )
+    parser.add_argument(
+        "--format",
+        choices=IMAGE_FORMATS,
+        default="flux",
+        help="stamps as 'flux' (default: float32 g, r, z in nanomaggies) or 'jpeg': 8-bit RGB JPEGs rendered as the "
+        "Legacy Survey viewer renders g, r, z (as the paper's training data were made; Smith42/galaxies Parquet "
+        "layout, image column {bytes, path})",
+    )
+    parser.add_argument(
+        "--jpeg-size",
+        type=int,
+        default=None,
+        help="JPEG pixels per side (the paper's: 512; default: --size). Another size resamples the stamp, so the "
+        "pixel scale becomes 0.262 * size / jpeg-size arcsec; --size 512 renders the paper's 512x512 at 0.262\"/px",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a survey already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1676,6 +1730,8 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         instrument=parse_instrument(args.instrument),
         spectrum_aperture=args.spectrum_aperture,
+        image_format=args.format,
+        jpeg_size=args.jpeg_size,
     ).validate()
     out, summary = _generate(cfg, Path(args.out), progress=not args.no_progress, overwrite=args.overwrite)
     _print_summary(out, summary)
