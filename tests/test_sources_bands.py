@@ -1,0 +1,106 @@
+"""Band selection by name (`bands=`, `data.bands=g,r,z`, `inspect --bands`) and Legacy Survey viewer FITS cutouts.
+
+Real files: the Parquet shards are the mock survey written by astrolom's own survey tool (bands g, r, z in its
+metadata). No real viewer FITS cutout could be found in a package or repository here (searched: pip wheels of
+specutils, ppxf, astroquery, pydl, linetools; the legacysurvey/imagine and legacypipe repositories; code search for
+shipped `fits-cutout` files), so the viewer's layout is reproduced from the code that writes it —
+legacysurvey/imagine `map/views.py` `write_cutouts` (commit 8402fc3): a float32 (C, H, W) primary cube with BANDS='griz'
+and BAND0..BAND3, IMAGETYP='IMAGE', optionally followed by an IMAGETYP='INVVAR' cube — and says so here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from astrolom import cli
+from astrolom.config import apply_overrides
+from astrolom.data import survey as S
+from astrolom.data.sources import BadRecordError, SourceOptions, open_source
+from astrolom.train.config import PretrainConfig
+
+
+@pytest.fixture(scope="module")
+def mock_grz(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grz")
+    S.generate_survey(out, n=4, size=32, seed=2, workers=1, progress=False)
+    return out
+
+
+def write_viewer_cutout(path, cube: np.ndarray, bands: str, invvar: bool = True):
+    """The header cards imagine's write_cutouts sets on a multi-band cutout (see the module docstring)."""
+    hdr = fits.Header()
+    hdr["BANDS"] = bands
+    for i, b in enumerate(bands):
+        hdr[f"BAND{i}"] = b
+    hdr["IMAGETYP"] = "IMAGE"
+    hdus = [fits.PrimaryHDU(cube.astype(np.float32), header=hdr)]
+    if invvar:
+        iv = hdr.copy()
+        iv["IMAGETYP"] = "INVVAR"
+        hdus.append(fits.ImageHDU(np.full_like(cube, 400.0, np.float32), header=iv))
+    fits.HDUList(hdus).writeto(path)
+    return path
+
+
+def test_selecting_named_bands_of_our_grz_shards(mock_grz):
+    full = {r.object_id: r.image for r in open_source(mock_grz).records()}
+    src = open_source(mock_grz, bands=("z", "g"))
+    assert src.bands == ("z", "g") and src.image_shape == (32, 32, 2)
+    for rec in src.records():
+        np.testing.assert_array_equal(rec.image, full[rec.object_id][..., [2, 0]])
+    with pytest.raises(BadRecordError, match=r"shard-00000\.parquet row 0: has no band i \(bands asked for: g,r,i\); "
+                       r"it has bands g,r,z"):  # fmt: skip
+        list(open_source(mock_grz, bands=("g", "r", "i")).records())
+
+
+def test_viewer_cube_band_names_and_invvar_hdu(tmp_path):
+    rng = np.random.default_rng(1)
+    cube = rng.normal(0.0, 0.05, (4, 16, 16))
+    write_viewer_cutout(tmp_path / "dr10.fits", cube, "griz")
+    src = open_source(tmp_path / "dr10.fits")
+    assert src.bands == ("g", "r", "i", "z") and src.image_shape == (16, 16, 4)  # BAND0.. (not BAND1..), no INVVAR
+    (rec,) = src.records()
+    np.testing.assert_allclose(rec.image, cube.transpose(1, 2, 0).astype(np.float32))
+
+
+def test_grz_model_on_griz_cutouts_takes_the_named_bands(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    cubes = {f"obj{k}": rng.normal(0.0, 0.05, (4, 16, 16)) for k in range(3)}
+    for name, cube in cubes.items():
+        write_viewer_cutout(folder / f"{name}.fits", cube, "griz")
+    src = open_source(folder, bands="g,r,z")
+    assert src.bands == ("g", "r", "z") and src.image_shape == (16, 16, 3)
+    for rec in src.records():
+        np.testing.assert_allclose(rec.image, cubes[rec.object_id][[0, 1, 3]].transpose(1, 2, 0).astype(np.float32))
+    # a DR9-like grz cutout among them, read for a griz model: an error naming the file and the bands it has
+    write_viewer_cutout(folder / "obj9.fits", rng.normal(0.0, 0.05, (3, 16, 16)), "grz", invvar=False)
+    with pytest.raises(
+        BadRecordError, match=r"obj9\.fits: has no band i \(bands asked for: g,r,i,z\); it has bands g,r,z"
+    ):
+        list(open_source(folder, bands=("g", "r", "i", "z")).records())
+    src = open_source(folder, bands=("g", "r", "i", "z"), skip_bad=True)
+    assert len(list(src.records())) == 3 and src.skipped == 1 and "obj9.fits" in src.bad[0]["file"]
+    assert cli.main(["inspect", "--data", str(folder), "--bands", "g,r,z", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "image shape:   (16, 16, 3)" in out and "bands:         g, r, z" in out
+
+
+def test_bands_option_and_config():
+    assert SourceOptions(bands="g, r,z").bands == ("g", "r", "z")
+    with pytest.raises(ValueError, match="distinct band names"):
+        SourceOptions(bands=("g", "g"))
+    cfg = apply_overrides(PretrainConfig(), ["data.bands=g,r,z"])
+    assert cfg.data.bands == ("g", "r", "z")
+    assert PretrainConfig().data.bands is None
+
+
+def test_a_file_that_names_no_bands_cannot_be_selected_from(tmp_path):
+    fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / "anon.fits")
+    src = open_source(tmp_path / "anon.fits")
+    assert src.bands == ("band0", "band1", "band2")  # no BAND/BANDS/FILTER cards
+    with pytest.raises(BadRecordError, match=r"anon\.fits: has no band g .*it has bands band0,band1,band2"):
+        list(open_source(tmp_path / "anon.fits", bands=("g",)).records())
