@@ -10,8 +10,11 @@ and BAND0..BAND3, IMAGETYP='IMAGE', optionally followed by an IMAGETYP='INVVAR' 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 from astropy.io import fits
 
 from astrolom import cli
@@ -104,3 +107,22 @@ def test_a_file_that_names_no_bands_cannot_be_selected_from(tmp_path):
     assert src.bands == ("band0", "band1", "band2")  # no BAND/BANDS/FILTER cards
     with pytest.raises(BadRecordError, match=r"anon\.fits: has no band g .*it has bands band0,band1,band2"):
         list(open_source(tmp_path / "anon.fits", bands=("g",)).records())
+
+
+def test_pretrain_with_data_bands_on_griz_cutouts(tmp_path):
+    from pretrain_helpers import TINY, read_metrics, run_pretrain
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for k in range(16):
+        write_viewer_cutout(folder / f"obj{k:02d}.fits", rng.normal(0.0, 0.05, (4, 32, 32)), "griz")
+    out = tmp_path / "run"
+    args = ["--data", str(folder), "--out", str(out), "--preset", "debug", "--max-steps", "2", *TINY]
+    args += ["train.batch_size=4", "train.micro_batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0"]
+    done = run_pretrain([*args, "data.bands=g,r,z"])
+    assert done.returncode == 0, done.stderr
+    assert len([r for r in read_metrics(out) if "loss" in r]) == 2
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["model"]["n_chan"] == 3 and cfg["data"]["n_chan"] == 3  # g, r, z of the four planes
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["bands"] == ["g", "r", "z"]  # the run's config
