@@ -16,6 +16,10 @@ The stretch (Lupton et al. 2004): x_b = img_b * scale_b + m; I = mean_b max(0, x
 asinh(Q I) / sqrt(Q) / I (I = 0 -> 1e-6), which keeps hues and compresses bright light; the result is clipped to
 [0, 1]. The viewer writes it with matplotlib's `imsave` (float -> 8 bit by truncation, floor(255 v)) and netpbm's
 `pnmtojpeg -quality 90` (`map/utils.py: save_jpeg`); `viewer_jpeg` does the same with Pillow at quality 90.
+
+Orientation: rows are rendered as given. The viewer's JPEGs have north in their first row, its FITS cutouts south
+(it negates the declination step for JPEGs), so a FITS cutout read by astrolom needs `image[::-1]` to come out as the
+viewer's JPEG of the same object.
 """
 
 from __future__ import annotations
