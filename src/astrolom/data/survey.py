@@ -74,6 +74,11 @@ Every object is drawn from physics that hangs together:
   same factor scales continuum and lines (no colour or line-ratio gradients), the noise does not (S/N falls with
   it). Median 0.43 (1–99%: 0.06–0.85) for the default population. Line-flux labels stay totals.
 
+- **JPEG mode** (`--format jpeg [--jpeg-size 512]`): the stamps as the paper's data were made, 8-bit RGB JPEGs rendered
+  from g, r, z as the Legacy Survey viewer renders them (`astrolom.data.display.viewer_jpeg`, the viewer's `ls-dr9`
+  layer: the same scaling for north and south), stored in the Smith42/galaxies Parquet layout (`image` =
+  `{bytes, path}`) with the labels and spectra. `--size 512` gives the paper's 512x512 at 0.262"/px.
+
 Determinism: each object's randomness derives from (seed, index) only, so an object is the same whatever the
 number of objects, workers or shard size. Splits come from a hash of the object id (`records.split_of`).
 The paper splits its 8.6M galaxies 98/1/1; the default here is 80/10/10 because the mock is usually small.
@@ -1467,6 +1472,8 @@ def generate_survey(
     """Render n objects into Parquet shards `out_dir/shard-00000.parquet`, ... plus `out_dir/_survey.json`.
 
     The summary file starts with '_' so that `pyarrow.parquet.read_table(out_dir)` ignores it. Returns out_dir.
+    `image_format="jpeg"` stores viewer-rendered JPEGs (`jpeg_size` pixels per side, default `size`) instead of
+    float32 flux (see the module docstring).
     With workers > 1 this starts 'spawn' processes: call it under `if __name__ == "__main__":` in scripts.
     """
     cfg = SurveyConfig(
