@@ -24,6 +24,11 @@ if [[ "${1:-}" == "--dev" ]]; then
     # The reference implementation is only a test oracle; its declared deps (torchvision, wandb, ...) are not needed
     # to import its model and would pull a CUDA torch, hence --no-deps.
     "$PY" -m pip install -q --no-deps "astropt==2.0.9"
+    # astropt 1.0.4 (the code that wrote the paper's released checkpoints) cannot share a site-packages with 2.0.9:
+    # it goes into its own directory, which tests/oracle_astropt1.py puts first on sys.path in a subprocess.
+    if [[ ! -f .oracles/astropt-1.0.4/astropt/model.py ]]; then
+        "$PY" -m pip install -q --no-deps --target .oracles/astropt-1.0.4 "astropt==1.0.4"
+    fi
 else
     "$PY" -m pip install -q -e .
 fi

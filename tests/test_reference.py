@@ -271,17 +271,17 @@ def test_paper_tokeniser_cannot_be_exported(tmp_path):
 
 def test_convert_cli_round_trip(tmp_path, capsys):
     pytest.importorskip("astrolom.train.checkpoint")
-    from astrolom.interop import reference
+    from astrolom.interop import convert
 
     gpt = _reference_gpt("aim", True, seed=11)
     src = tmp_path / "ckpt.pt"
     torch.save(_training_checkpoint(gpt), src)
     parser = argparse.ArgumentParser()
-    reference.add_arguments(parser)
-    assert reference.run(parser.parse_args(["--from-reference", str(src), "--out", str(tmp_path / "model")])) == 0
+    convert.add_arguments(parser)
+    assert convert.run(parser.parse_args(["--from-reference", str(src), "--out", str(tmp_path / "model")])) == 0
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
     out = tmp_path / "back.pt"
-    assert reference.run(parser.parse_args(["--to-reference", str(tmp_path / "model"), "--out", str(out)])) == 0
+    assert convert.run(parser.parse_args(["--to-reference", str(tmp_path / "model"), "--out", str(out)])) == 0
     back = torch.load(out, weights_only=True)["model"]
     for name, tensor in gpt.state_dict().items():
         assert torch.equal(back[name], tensor), name

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list the AstroPT model sizes (paper Table 1) with parameter counts",
     ),
     "pretrain": ("astrolom.train.trainer", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
-    "convert": ("astrolom.interop.reference", "import/export reference AstroPT (astropt 2.x) checkpoints"),
+    "convert": ("astrolom.interop.convert", "import/export reference AstroPT checkpoints (astropt 1.0.x, 2.x; Hub)"),
+    "push": ("astrolom.interop.hub", "publish a run's model to the Hugging Face Hub with a model card"),
     "embed": (
         "astrolom.align.embed",  # an alignment run embeds into its shared space; any other model: astrolom.eval.embed
         "embed a data set: penultimate layer, mean of the central 64 spiral tokens (or an alignment run's space)",

@@ -183,3 +183,35 @@ def detokenize(batch: TokenBatch, tokens: torch.Tensor | None = None) -> torch.T
     patches = destandardise(tokens, batch.mean[:, : tokens.shape[1]], batch.std[:, : tokens.shape[1]])
     raster = patches[:, inverse_spiral_order(*batch.grid)]
     return unpatchify(raster, batch.grid, batch.patch_size)
+
+
+# --- the paper's tokens ----------------------------------------------------------------------------------------
+
+PAPER2024 = "paper2024"
+PAPER2024_EPS = 1e-8  # added to the std, as the reference's training script did
+
+
+def tokenize_paper2024(pixels: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
+    """(B, H, W, C) 8-bit pixels -> float32 tokens (B, T, P*P*C) exactly as `astropt` 1.0.x fed them in training.
+
+    The paper's released models were trained by `astropt` 1.0.x's `scripts/train.py` on the Hugging Face
+    `Smith42/galaxies` JPEGs (its default `use_hf=True`): `np.array(PIL.Image.open(...))` (H, W, C) uint8, then
+    `.swapaxes(0, 2)`, i.e. the image *transposed* to (C, W, H), patched `c (h p1) (w p2) -> (h w) (p1 p2 c)` by
+    `GalaxyImageDataset.process_galaxy`, each patch standardised in float32 with the *unbiased* std plus 1e-8
+    (`(x - mean) / (std + 1e-8)`), cast to float16, and put in the reference spiral order (which `spiral_order`
+    equals for square grids). This function does the same, batched; flat patches give zero tokens as there.
+    The model then reads the float16 values as float32.
+    """
+    if pixels.ndim != 4:
+        raise ValueError(f"expected pixels of shape (B, H, W, C), got {tuple(pixels.shape)}")
+    if pixels.dtype != torch.uint8:
+        raise ValueError(
+            f"the paper2024 preprocessing reads 8-bit pixels (decoded JPEGs), got {pixels.dtype}: the paper's "
+            "models never saw other inputs"
+        )
+    x = pixels.transpose(1, 2)  # (B, W, H, C): the reference's swapaxes(0, 2) of (H, W, C)
+    grid = grid_shape(x.shape[1], x.shape[2], patch_size)
+    patches = patchify(x.to(torch.float32), patch_size)  # (B, T, D) raster order of the transposed image
+    std, mean = torch.std_mean(patches, dim=-1, keepdim=True)  # unbiased, as torch.std_mean defaults to
+    tokens = ((patches - mean) / (std + PAPER2024_EPS)).to(torch.float16)
+    return tokens[:, spiral_order(*grid)].to(torch.float32)

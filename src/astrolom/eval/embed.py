@@ -38,7 +38,7 @@ import torch
 
 from astrolom.data.batching import batch_tokens
 from astrolom.data.records import SPLITS, Record
-from astrolom.data.tokens import prefix_crop
+from astrolom.data.tokens import PAPER2024, center_crop, prefix_crop, tokenize_paper2024
 from astrolom.eval.embeddings import EMBEDDING, MULTISCALE, EmbeddingWriter, output_path  # noqa: F401
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
@@ -138,7 +138,12 @@ def embed_records(
         h, w = shape[0] - shape[0] % p, shape[1] - shape[1] % p
         n = tokens_used(model, (h // p) * (w // p), max(scales) if scales else n_tokens)
         crop = prefix_crop(h, w, p, n)
-        tb = tokenize_records(batch, p, image_size=crop)
+        if model.config.tokens_preset == PAPER2024:
+            if symmetrize:
+                raise ValueError("symmetrized embeddings are not defined for the paper2024 tokens preset")
+            tb = {"tokens": _paper2024_tokens(batch, p, crop)}
+        else:
+            tb = tokenize_records(batch, p, image_size=crop)
 
         def embed(b: dict, n: int = n) -> torch.Tensor:
             return embed_tokens(model, batch_tokens(b, device, flux_softening=flux), layer, n, scales)
@@ -148,6 +153,20 @@ def embed_records(
         if scales:
             emb = normalise_scales(emb.float(), len(scales))
         yield batch, emb.cpu().numpy().astype(np.float32)
+
+
+def _paper2024_tokens(records: list[Record], patch_size: int, crop: tuple[int, int]) -> torch.Tensor:
+    """Tokens of an imported paper model (`tokens.tokenize_paper2024`), from the records' 8-bit pixels."""
+    pixels = []
+    for r in records:
+        arr = getattr(r, "pixels", None)
+        if arr is None or arr.dtype != np.uint8:
+            raise ValueError(
+                f"{r.object_id}: the paper2024 tokens preset (an imported astropt 1.0.x model) reads 8-bit JPEG/PNG "
+                "pixels, this record has float pixels"
+            )
+        pixels.append(torch.from_numpy(np.ascontiguousarray(center_crop(arr, size=crop))))
+    return tokenize_paper2024(torch.stack(pixels), patch_size)
 
 
 def symmetrized(embed: Callable[[dict], torch.Tensor], batch: dict) -> torch.Tensor:

@@ -15,14 +15,9 @@ fluxes alone); its predictions equal the reference's (`outputs["images"]` = ours
 = ours). Spectrum positions are the reference's normalised wavelengths, (λ - 3000) / 7000, which is astrolom's
 default `spectrum_wavelength_range`. Only models of exactly that layout can be exported.
 
-Loading policy: never unpickle code. Files are read with `torch.load(weights_only=True)` only. The reference's
-training script also pickles its own classes (`ModalityConfig` objects inside `model_args`, a `ModalityRegistry`,
-numpy scalars such as `best_val_loss`), which `weights_only` refuses. For those, every global the file names
-outside torch's weights-only allowlist is bound, for the duration of that one load, to an inert stand-in class of
-this module: it records the constructor arguments and pickled state and runs nothing else. Nothing from the file's
-modules is imported or called. Stand-ins whose state is an attribute dict become plain dicts (so a
-`ModalityConfig` reads back as `{"name": "images", "input_size": 768, ...}`); any other becomes a
-`ForeignObject` record. A bare state dict (no `model_args`) can be imported by passing `model_args=` explicitly.
+Files are read without unpickling code (`astrolom.interop.ckptfile`). A bare state dict (no `model_args`) can be
+imported by passing `model_args=` explicitly. `load_reference_checkpoint` also imports the 2024-era layout of
+`astropt` 1.0.x (the paper's released checkpoints), handing it to `astrolom.interop.astropt_v1`.
 
 Name mapping (reference -> astrolom):
 
@@ -44,123 +39,42 @@ with `weights_only=True`. To build the reference model from one:
     gpt = GPT(GPTConfig(**{**ckpt["model_args"], "modalities": mods}), ModalityRegistry(mods))
     gpt.load_state_dict(ckpt["model"])
 
-The "paper" tokeniser (2024-era ReLU MLPs) has no equivalent in astropt 2.x, so exporting such a model raises;
-2024-era checkpoints (different module names) are not importable either.
+The "paper" tokeniser (2024-era ReLU MLPs) has no equivalent in astropt 2.x, so exporting such a model here
+raises; `astrolom.interop.astropt_v1.export_v1_checkpoint` writes it in the 1.0.x layout.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from astrolom.interop.astropt_v1 import is_v1_state_dict, load_v1_checkpoint
+from astrolom.interop.ckptfile import (  # noqa: F401  (ForeignObject, read_reference_checkpoint: this module's API)
+    BLOCK_RULES,
+    ForeignObject,
+    ReferenceFormatError,
+    count_layers,
+    plain,
+    read_reference_checkpoint,
+    strip_prefixes,
+)
 from astrolom.model.astropt import AstroPT, ModelConfig
 
 MODALITY = "images"
 SUPPORTED = ("images", "spectra")  # alphabetical: the reference's sequence order
-_COMPILE_PREFIXES = ("_orig_mod.", "module.")
-# (reference name, astrolom name) inside transformer.h.N / blocks.N
-_BLOCK_RULES = (
-    ("ln_1", "ln_1"),
-    ("attn.c_attn", "attn.qkv"),
-    ("attn.c_proj", "attn.proj"),
-    ("ln_2", "ln_2"),
-    ("mlp.c_fc", "mlp.fc"),
-    ("mlp.c_proj", "mlp.proj"),
-)
-
-
-class ReferenceFormatError(ValueError):
-    """A reference checkpoint that astrolom cannot represent, or a model that the reference cannot."""
-
-
-@dataclass(frozen=True)
-class ForeignObject:
-    """What was pickled for a global that is neither a tensor, a primitive nor a plain attribute holder."""
-
-    name: str  # the pickled global's "module.qualname"
-    args: tuple
-    state: Any
-
-
-class _StandIn:
-    """Inert stand-in for a global named in a checkpoint: keeps arguments and state, executes nothing."""
-
-    global_name = ""
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj._args = args
-        obj._state = None
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self._state = state
-
-
-def _stand_in_for(name: str) -> type:
-    return type("StandIn", (_StandIn,), {"global_name": name})
-
-
-def _plain(obj: Any) -> Any:
-    """Replace stand-ins by dicts / ForeignObject records, recursively through containers."""
-    if isinstance(obj, _StandIn):
-        state = obj._state
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict) and state[1] is None:
-            state = state[0]  # (dict_state, slot_state) form of BUILD
-        if isinstance(state, dict) and not obj._args:
-            return {k: _plain(v) for k, v in state.items()}
-        return ForeignObject(obj.global_name, tuple(_plain(a) for a in obj._args), _plain(state))
-    if isinstance(obj, dict):
-        return type(obj)((k, _plain(v)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
-    return obj
-
-
-def read_reference_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a reference checkpoint file without executing pickled code (see the module docstring).
-
-    Returns:
-        The checkpoint dict, with reference-class objects turned into plain dicts.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no reference checkpoint at {path}")
-    try:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except ValueError:  # pre-1.6 (non-zip) torch.save format: cannot be scanned, try a plain weights-only load
-        foreign = []
-    stand_ins = [(_stand_in_for(name), name) for name in foreign]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # UnpicklingError and friends: say what we refused and how to get around it
-        raise ReferenceFormatError(
-            f"{path} could not be read with torch.load(weights_only=True) ({err}). astrolom never unpickles "
-            "arbitrary code; re-save the state dict alone (torch.save(model.state_dict(), ...)) and pass "
-            "model_args= to load_reference_checkpoint"
-        ) from err
-    return _plain(ckpt)
 
 
 def load_reference_checkpoint(
     path_or_dict: str | os.PathLike | Mapping,
     model_args: Mapping | None = None,
 ) -> AstroPT:
-    """Build an astrolom `AstroPT` holding the weights of a reference AstroPT checkpoint.
+    """Build an astrolom `AstroPT` holding the weights of a reference AstroPT checkpoint (astropt 2.x or 1.0.x).
 
     Args:
         path_or_dict: a checkpoint file, an already loaded checkpoint dict (`{"model": ..., "model_args": ...}`),
@@ -173,9 +87,11 @@ def load_reference_checkpoint(
         The model in eval mode, on CPU, in float32.
     """
     if isinstance(path_or_dict, Mapping):
-        ckpt = _plain(dict(path_or_dict))
+        ckpt = plain(dict(path_or_dict))
     else:
         ckpt = read_reference_checkpoint(path_or_dict)
+    if is_v1_state_dict(ckpt["model"] if isinstance(ckpt.get("model"), Mapping) else ckpt):
+        return load_v1_checkpoint(ckpt, model_args)
     if "model" in ckpt and isinstance(ckpt["model"], Mapping):
         state = ckpt["model"]
         args = dict(ckpt.get("model_args") or {})
@@ -185,11 +101,11 @@ def load_reference_checkpoint(
     else:
         raise ReferenceFormatError("expected a reference checkpoint dict with a 'model' state dict")
     if model_args is not None:
-        args.update(_plain(dict(model_args)))
+        args.update(plain(dict(model_args)))
     registered = registry.get("modalities") if isinstance(registry, Mapping) else None
     if not args.get("modalities") and isinstance(registered, Mapping):
         args["modalities"] = list(registered.values())
-    state = _strip_prefixes(state)
+    state = strip_prefixes(state)
     config = _config_from_reference(args, state)
     model = AstroPT(config)
     ours = reference_to_astrolom_state_dict(state, config.tokeniser)
@@ -206,12 +122,14 @@ def export_reference_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path
     """Write `model` as a reference AstroPT checkpoint (`{"model", "model_args"}`, tensors and primitives only).
 
     Raises:
-        ReferenceFormatError: for the "paper" tokeniser or modalities other than images, which astropt 2.x lacks.
+        ReferenceFormatError: for the "paper" tokeniser (write it with `astropt_v1.export_v1_checkpoint`) or
+            anything else astropt 2.x cannot represent.
     """
     cfg = model.config
     if cfg.tokeniser not in ("aim", "affine"):
         raise ReferenceFormatError(
-            f"tokeniser {cfg.tokeniser!r} has no equivalent in the reference astropt 2.x (only 'aim' and 'affine')"
+            f"tokeniser {cfg.tokeniser!r} has no equivalent in the reference astropt 2.x (only 'aim' and 'affine'); "
+            "'paper' models export to the astropt 1.0.x layout (astrolom.interop.astropt_v1)"
         )
     _check_exportable(cfg)
     state = astrolom_to_reference_state_dict(model.state_dict(), cfg.tokeniser)
@@ -258,11 +176,11 @@ def _modalities_in(state: Mapping[str, torch.Tensor], prefix: str, position: int
 
 def reference_to_astrolom_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
     """Rename a reference GPT state dict to astrolom names (unknown names raise)."""
-    state = _strip_prefixes(state)
+    state = strip_prefixes(state)
     mods = _modalities_in(state, "transformer.wte.", 2) or (MODALITY,)
-    table = _name_table(tokeniser, _count_layers(state), mods)
+    table = _name_table(tokeniser, count_layers(state), mods)
     out = {}
-    for name, tensor in _strip_prefixes(state).items():
+    for name, tensor in strip_prefixes(state).items():
         if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
             continue  # causal-mask buffer of the reference's non-SDPA fallback, not a weight
         if name not in table:
@@ -296,26 +214,11 @@ def _name_table(tokeniser: str, n_layer: int, modalities: tuple[str, ...] = (MOD
             if tokeniser == "aim":
                 pairs.append(("transformer.wpe.spectra.c_proj", "wave_emb.2"))
     for i in range(n_layer):
-        pairs += [(f"transformer.h.{i}.{ref}", f"blocks.{i}.{ours}") for ref, ours in _BLOCK_RULES]
+        pairs += [(f"transformer.h.{i}.{ref}", f"blocks.{i}.{ours}") for ref, ours in BLOCK_RULES]
     table = {f"{ref}.{p}": f"{ours}.{p}" for ref, ours in pairs for p in ("weight", "bias")}
     if MODALITY in modalities:
         table[f"transformer.wpe.{MODALITY}.wpe.weight"] = "pos_emb.weight"
     return table
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        for prefix in _COMPILE_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-        out[name] = tensor
-    return out
-
-
-def _count_layers(state: Mapping[str, torch.Tensor]) -> int:
-    idx = [int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))]
-    return 1 + max(idx, default=-1)
 
 
 def _field(obj: Any, key: str, default: Any = None) -> Any:
@@ -357,7 +260,7 @@ def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> 
     ln_f = state.get("transformer.ln_f.weight")
     if ln_f is None:
         raise ReferenceFormatError("no transformer.ln_f.weight in the checkpoint: not an astropt 2.x GPT state dict")
-    derived: dict = {"n_layer": _count_layers(state), "n_embd": ln_f.shape[0]}
+    derived: dict = {"n_layer": count_layers(state), "n_embd": ln_f.shape[0]}
     kw: dict = {}
     if MODALITY in mod_names:
         kw.update(_images_fields(args, state, by_name.get(MODALITY, {}), derived))
@@ -390,7 +293,7 @@ def _images_fields(args: Mapping, state: Mapping[str, torch.Tensor], mc: Any, de
     if wte is None or wpe is None:
         raise ReferenceFormatError(
             f"no {MODALITY} tokeniser or learned position embedding (embed_pos=True) in the checkpoint; "
-            "2024-era AstroPT checkpoints use other module names and are not supported"
+            "not an astropt 2.x images model"
         )
     if mc and not _field(mc, "embed_pos", True):
         raise ReferenceFormatError("only learned position embeddings (embed_pos=True) are supported for images")
@@ -473,33 +376,3 @@ def _model_args(cfg: ModelConfig) -> dict:
         "modalities": modalities,
     }
     return args
-
-
-# --- `astrolom convert` -----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--from-reference", metavar="CKPT", help="reference AstroPT checkpoint (.pt) to import")
-    group.add_argument("--to-reference", metavar="DIR", help="astrolom checkpoint directory to export")
-    parser.add_argument(
-        "--out", required=True, help="astrolom checkpoint directory (import) or reference .pt file (export)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from astrolom.model.pretrained import from_pretrained, save_pretrained
-
-    if args.from_reference:
-        model = load_reference_checkpoint(args.from_reference)
-        save_pretrained(model, args.out)
-        cfg = model.config
-        print(
-            f"imported {args.from_reference} -> {args.out}: {cfg.n_layer} layers, width {cfg.n_embd}, "
-            f"{cfg.n_head} heads, tokeniser {cfg.tokeniser}, {model.num_params(non_embedding=False):,} parameters"
-        )
-    else:
-        model = from_pretrained(args.to_reference)
-        export_reference_checkpoint(model, args.out)
-        print(f"exported {args.to_reference} -> {args.out} (astropt.model.GPT state dict + model_args)")
-    return 0

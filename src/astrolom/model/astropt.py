@@ -44,6 +44,7 @@ import torch.nn.functional as F
 TOKENISERS = ("aim", "affine", "paper")
 MODALITIES = ("images", "spectra")
 ORDERS = ("fixed", "random")
+TOKEN_PRESETS = ("astrolom", "paper2024")
 
 
 @dataclass
@@ -75,6 +76,9 @@ class ModelConfig:
     # the standardised values. False is the paper's tokenisation (and the images-only modules exactly).
     flux_features: bool = False
     flux_softening: float = 0.01  # s, in the pixels' units (nanomaggies: about the Legacy Survey's sky sigma)
+    # how images become tokens when embedding: "astrolom" (`data.tokens.tokenize`) or "paper2024", the training-time
+    # preprocessing of astropt 1.0.x (`data.tokens.tokenize_paper2024`), which imported paper checkpoints carry
+    tokens_preset: str = "astrolom"
 
     def __post_init__(self):
         # JSON/YAML configs give lists; a tuple keeps configs comparable with the default
@@ -111,6 +115,10 @@ class ModelConfig:
             raise ValueError(f"spectrum_patch must be a positive integer, got {self.spectrum_patch!r}")
         if self.flux_features and self.multimodal:
             raise ValueError("flux_features is implemented for images-only models (modalities=('images',))")
+        if self.tokens_preset not in TOKEN_PRESETS:
+            raise ValueError(f"tokens_preset must be one of {TOKEN_PRESETS}, got {self.tokens_preset!r}")
+        if self.tokens_preset != "astrolom" and (self.multimodal or self.flux_features):
+            raise ValueError(f"tokens_preset={self.tokens_preset!r} is for images-only models without flux features")
         if not self.flux_softening > 0:
             raise ValueError(f"flux_softening must be positive, got {self.flux_softening}")
         lo, hi = self.spectrum_wavelength_range
