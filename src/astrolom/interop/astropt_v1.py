@@ -28,7 +28,6 @@ images-only, causal models without flux features can be exported back.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,8 +36,13 @@ import torch
 from astrolom.interop.ckptfile import (
     BLOCK_RULES,
     ReferenceFormatError,
+    common_model_args,
+    count_blocks,
     count_layers,
     plain,
+    rename_in,
+    rename_out,
+    save_checkpoint,
     strip_prefixes,
 )
 from astrolom.model.astropt import AstroPT, ModelConfig
@@ -63,27 +67,12 @@ def _name_table(n_layer: int) -> dict[str, str]:
 def v1_to_astrolom_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a 1.0.x GPT state dict to astrolom names (unknown names raise)."""
     state = strip_prefixes(state)
-    table = _name_table(count_layers(state))
-    out = {}
-    for name, tensor in state.items():
-        if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
-            continue  # causal-mask buffer of the reference's non-SDPA fallback, not a weight
-        if name not in table:
-            raise ReferenceFormatError(f"astropt 1.0.x parameter {name!r} has no astrolom equivalent")
-        out[table[name]] = tensor
-    return out
+    return rename_in(state, _name_table(count_layers(state)), "astropt 1.0.x")
 
 
 def astrolom_to_v1_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an astrolom "paper" model's state dict to 1.0.x names; tensors are copied (contiguous, detached)."""
-    n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
-    table = {ours: ref for ref, ours in _name_table(n_layer).items()}
-    out = {}
-    for name, tensor in state.items():
-        if name not in table:
-            raise ReferenceFormatError(f"astrolom parameter {name!r} has no astropt 1.0.x equivalent")
-        out[table[name]] = tensor.detach().clone().contiguous()
-    return out
+    return rename_out(state, _name_table(count_blocks(state)), "astropt 1.0.x")
 
 
 def config_from_v1(args: Mapping, state: Mapping[str, torch.Tensor]) -> ModelConfig:
@@ -183,21 +172,6 @@ def export_v1_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path:
         )
     ckpt = {
         "model": astrolom_to_v1_state_dict(model.state_dict()),
-        "model_args": {
-            "block_size": cfg.block_size,
-            "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head,
-            "n_embd": cfg.n_embd,
-            "n_chan": cfg.n_chan,
-            "dropout": cfg.dropout,
-            "patch_size": cfg.patch_size,
-            "bias": cfg.bias,
-            "attn_type": "causal",
-        },
+        "model_args": {**common_model_args(cfg), "patch_size": cfg.patch_size},  # astropt 1.0.4's GPTConfig fields
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # a half-written file never carries the final name
-    return path
+    return save_checkpoint(ckpt, path)

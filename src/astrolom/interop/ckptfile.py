@@ -124,3 +124,55 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def count_layers(state: Mapping[str, torch.Tensor]) -> int:
     idx = [int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))]
     return 1 + max(idx, default=-1)
+
+
+def rename_in(state: Mapping[str, torch.Tensor], table: Mapping[str, str], generation: str) -> dict[str, torch.Tensor]:
+    """Reference names -> astrolom names through `table` (the reference's causal-mask buffers are dropped)."""
+    out = {}
+    for name, tensor in strip_prefixes(state).items():
+        if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
+            continue  # causal-mask buffer of the reference's non-SDPA fallback, not a weight
+        if name not in table:
+            raise ReferenceFormatError(f"{generation} parameter {name!r} has no astrolom equivalent")
+        out[table[name]] = tensor
+    return out
+
+
+def rename_out(state: Mapping[str, torch.Tensor], table: Mapping[str, str], generation: str) -> dict[str, torch.Tensor]:
+    """astrolom names -> reference names, inverting `table`; tensors are copied (contiguous, detached)."""
+    inverse = {ours: ref for ref, ours in table.items()}
+    out = {}
+    for name, tensor in state.items():
+        if name not in inverse:
+            raise ReferenceFormatError(f"astrolom parameter {name!r} has no {generation} equivalent")
+        out[inverse[name]] = tensor.detach().clone().contiguous()
+    return out
+
+
+def count_blocks(state: Mapping[str, torch.Tensor]) -> int:
+    """Transformer blocks in an astrolom state dict."""
+    return 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+
+
+def common_model_args(cfg) -> dict:
+    """The `GPTConfig` fields every astropt generation shares, from an astrolom `ModelConfig`."""
+    return {
+        "block_size": cfg.block_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_chan": cfg.n_chan,
+        "dropout": cfg.dropout,
+        "bias": cfg.bias,
+        "attn_type": "causal",
+    }
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temporary name, then rename: a half-written file never carries the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path

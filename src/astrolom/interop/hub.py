@@ -102,7 +102,8 @@ def resolve(spec: str) -> Path:
     out = hub_cache_dir() / CONVERTED_DIR / blob
     if (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file():
         return out
-    convert_file(src, out, source=f"hf:{s.repo_id}/{s.filename}", revision=src.parent.name)
+    commit = src.parents[len(Path(s.filename).parts) - 1].name  # .../snapshots/<commit>/<filename>
+    convert_file(src, out, source=f"hf:{s.repo_id}/{s.filename}", revision=commit)
     return out
 
 

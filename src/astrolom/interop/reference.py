@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,9 +58,14 @@ from astrolom.interop.ckptfile import (  # noqa: F401  (ForeignObject, read_refe
     BLOCK_RULES,
     ForeignObject,
     ReferenceFormatError,
+    common_model_args,
+    count_blocks,
     count_layers,
     plain,
     read_reference_checkpoint,
+    rename_in,
+    rename_out,
+    save_checkpoint,
     strip_prefixes,
 )
 from astrolom.model.astropt import AstroPT, ModelConfig
@@ -133,13 +137,7 @@ def export_reference_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path
         )
     _check_exportable(cfg)
     state = astrolom_to_reference_state_dict(model.state_dict(), cfg.tokeniser)
-    ckpt = {"model": state, "model_args": _model_args(cfg)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # a half-written file never carries the final name
-    return path
+    return save_checkpoint({"model": state, "model_args": _model_args(cfg)}, path)
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
@@ -178,28 +176,13 @@ def reference_to_astrolom_state_dict(state: Mapping[str, torch.Tensor], tokenise
     """Rename a reference GPT state dict to astrolom names (unknown names raise)."""
     state = strip_prefixes(state)
     mods = _modalities_in(state, "transformer.wte.", 2) or (MODALITY,)
-    table = _name_table(tokeniser, count_layers(state), mods)
-    out = {}
-    for name, tensor in strip_prefixes(state).items():
-        if re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", name) and tensor.dim() == 4:
-            continue  # causal-mask buffer of the reference's non-SDPA fallback, not a weight
-        if name not in table:
-            raise ReferenceFormatError(f"reference parameter {name!r} has no astrolom equivalent")
-        out[table[name]] = tensor
-    return out
+    return rename_in(state, _name_table(tokeniser, count_layers(state), mods), "reference")
 
 
 def astrolom_to_reference_state_dict(state: Mapping[str, torch.Tensor], tokeniser: str) -> dict[str, torch.Tensor]:
     """Rename an astrolom state dict to reference GPT names; tensors are copied (contiguous, detached)."""
-    n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
     mods = _modalities_in(state, "tokenisers.", 1) or (MODALITY,)
-    table = {ours: ref for ref, ours in _name_table(tokeniser, n_layer, mods).items()}
-    out = {}
-    for name, tensor in state.items():
-        if name not in table:
-            raise ReferenceFormatError(f"astrolom parameter {name!r} has no reference equivalent")
-        out[table[name]] = tensor.detach().clone().contiguous()
-    return out
+    return rename_out(state, _name_table(tokeniser, count_blocks(state), mods), "reference")
 
 
 def _name_table(tokeniser: str, n_layer: int, modalities: tuple[str, ...] = (MODALITY,)) -> dict[str, str]:
@@ -361,14 +344,7 @@ def _model_args(cfg: ModelConfig) -> dict:
             )
     # exactly the GPTConfig fields of astropt 2.0.9, so that `GPTConfig(**model_args)` works
     args = {
-        "block_size": cfg.block_size,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_embd": cfg.n_embd,
-        "n_chan": cfg.n_chan,
-        "dropout": cfg.dropout,
-        "bias": cfg.bias,
-        "attn_type": "causal",
+        **common_model_args(cfg),
         "tokeniser": cfg.tokeniser,
         "lora_r": 0,
         "lora_alpha": 16,
