@@ -14,6 +14,8 @@ Jobs:
         reference's training pipeline: `np.array(img).swapaxes(0, 2)`, `GalaxyImageDataset.process_galaxy` with the
         training script's `normalise` transform and spiral=True; and the embedding of the first 64 tokens by the
         model checkpoint at `path` (`generate_embeddings`, the mean of `get_embeddings`).
+    {"kind": "shapes", "name", "model_args"}: the reference GPT built on the meta device (no memory): the shape of
+        every state-dict entry and `get_num_params()`, for the paper's sizes up to 2.1B.
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ from __future__ import annotations
 import json
 import sys
 import types
+
+
+def run_oracle(jobs: list[dict], workdir, oracle_dir) -> dict:
+    """Run `jobs` in a subprocess with the 1.0.4 oracle first on sys.path; returns its results (tensors only)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    workdir = Path(workdir)
+    (workdir / "request.json").write_text(json.dumps(jobs))
+    out = workdir / "out.pt"
+    cmd = [sys.executable, __file__, str(oracle_dir), str(workdir / "request.json"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"astropt 1.0.4 oracle failed:\n{proc.stderr[-4000:]}")
+    return torch.load(out, weights_only=True)
 
 
 def _reference_normalise(x):
@@ -90,6 +110,12 @@ def main(oracle_dir: str, request: str, out: str) -> None:
     results = {}
     for job in json.loads(open(request).read()):
         name = job["name"]
+        if job["kind"] == "shapes":
+            with torch.device("meta"):
+                gpt = GPT(GPTConfig(**job["model_args"]), master_process=False)
+            results.update({f"{name}/shape/{k}": torch.tensor(list(v.shape)) for k, v in gpt.state_dict().items()})
+            results[f"{name}/num_params"] = torch.tensor(gpt.get_num_params())
+            continue
         if job["kind"] == "train_ckpt":
             torch.manual_seed(job["seed"])
             gpt = GPT(GPTConfig(**job["model_args"]), master_process=False)

@@ -10,16 +10,14 @@ compare the paper's preprocessing of a real JPEG (matplotlib's sample_data/grace
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from oracle_astropt1 import run_oracle
 
 from astrolom.data.tokens import tokenize, tokenize_paper2024
 from astrolom.interop.astropt_v1 import export_v1_checkpoint, load_v1_checkpoint
@@ -89,18 +87,7 @@ def oracle(tmp_path_factory):
     jobs.append(
         {"kind": "preprocess", "name": "jpeg", "pixels": str(d / "pixels.npy"), "path": str(d / "paper_ckpt.pt")}
     )
-    (d / "request.json").write_text(json.dumps(jobs))
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "oracle_astropt1.py"),
-        str(ORACLE),
-        str(d / "request.json"),
-        str(d / "out.pt"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return d, torch.load(d / "out.pt", weights_only=True)
+    return d, run_oracle(jobs, d, ORACLE)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
