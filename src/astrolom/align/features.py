@@ -168,6 +168,11 @@ def image_token_features(
     from astrolom.data.batching import batch_tokens
     from astrolom.data.stream import tokenize_records
 
+    if model.config.tokens_preset != "astrolom":
+        raise ValueError(
+            f"image encoders with tokens_preset={model.config.tokens_preset!r} (an imported paper model) are not "
+            "supported for alignment yet; embed with `astrolom embed`, which applies the preset"
+        )
     size = (cfg_json.get("data") or {}).get("image_size")
     batch = tokenize_records(
         records, model.config.patch_size, image_size=tuple(size) if isinstance(size, list) else size

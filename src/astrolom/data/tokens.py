@@ -191,7 +191,23 @@ PAPER2024 = "paper2024"
 PAPER2024_EPS = 1e-8  # added to the std, as the reference's training script did
 
 
-def tokenize_paper2024(pixels: torch.Tensor, patch_size: int = 16) -> torch.Tensor:
+def eight_bit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Images as the 8-bit pixels they were decoded from: uint8 as is; float images must be k / 255 in [0, 1] (what
+    astrolom's readers make of 8-bit files, from which k is recovered exactly), anything else is a ValueError."""
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:
+        return x
+    scaled = x.to(torch.float32) * 255
+    k = scaled.round()
+    if x.numel() and (not x.is_floating_point() or (scaled - k).abs().max() > 1e-3 or k.min() < 0 or k.max() > 255):
+        raise ValueError(
+            "the paper2024 tokens preset reads 8-bit pixels (decoded JPEG/PNG files, or those values / 255): the "
+            "paper's models never saw other inputs, and these images are not 8-bit values"
+        )
+    return k.to(torch.uint8)
+
+
+def tokenize_paper2024(pixels: torch.Tensor | np.ndarray, patch_size: int = 16) -> torch.Tensor:
     """(B, H, W, C) 8-bit pixels -> float32 tokens (B, T, P*P*C) exactly as `astropt` 1.0.x fed them in training.
 
     The paper's released models were trained by `astropt` 1.0.x's `scripts/train.py` on the Hugging Face
@@ -200,16 +216,11 @@ def tokenize_paper2024(pixels: torch.Tensor, patch_size: int = 16) -> torch.Tens
     `GalaxyImageDataset.process_galaxy`, each patch standardised in float32 with the *unbiased* std plus 1e-8
     (`(x - mean) / (std + 1e-8)`), cast to float16, and put in the reference spiral order (which `spiral_order`
     equals for square grids). This function does the same, batched; flat patches give zero tokens as there.
-    The model then reads the float16 values as float32.
+    The model then reads the float16 values as float32. Float images are accepted as `eight_bit` describes.
     """
     if pixels.ndim != 4:
         raise ValueError(f"expected pixels of shape (B, H, W, C), got {tuple(pixels.shape)}")
-    if pixels.dtype != torch.uint8:
-        raise ValueError(
-            f"the paper2024 preprocessing reads 8-bit pixels (decoded JPEGs), got {pixels.dtype}: the paper's "
-            "models never saw other inputs"
-        )
-    x = pixels.transpose(1, 2)  # (B, W, H, C): the reference's swapaxes(0, 2) of (H, W, C)
+    x = eight_bit(pixels).transpose(1, 2)  # (B, W, H, C): the reference's swapaxes(0, 2) of (H, W, C)
     grid = grid_shape(x.shape[1], x.shape[2], patch_size)
     patches = patchify(x.to(torch.float32), patch_size)  # (B, T, D) raster order of the transposed image
     std, mean = torch.std_mean(patches, dim=-1, keepdim=True)  # unbiased, as torch.std_mean defaults to

@@ -38,7 +38,7 @@ import torch
 
 from astrolom.data.batching import batch_tokens
 from astrolom.data.records import SPLITS, Record
-from astrolom.data.tokens import PAPER2024, center_crop, prefix_crop, tokenize_paper2024
+from astrolom.data.tokens import PAPER2024, center_crop, eight_bit, prefix_crop, tokenize_paper2024
 from astrolom.eval.embeddings import EMBEDDING, MULTISCALE, EmbeddingWriter, output_path  # noqa: F401
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
@@ -156,16 +156,14 @@ def embed_records(
 
 
 def _paper2024_tokens(records: list[Record], patch_size: int, crop: tuple[int, int]) -> torch.Tensor:
-    """Tokens of an imported paper model (`tokens.tokenize_paper2024`), from the records' 8-bit pixels."""
+    """Tokens of an imported paper model (`tokens.tokenize_paper2024`) from the records' 8-bit pixels."""
     pixels = []
     for r in records:
-        arr = getattr(r, "pixels", None)
-        if arr is None or arr.dtype != np.uint8:
-            raise ValueError(
-                f"{r.object_id}: the paper2024 tokens preset (an imported astropt 1.0.x model) reads 8-bit JPEG/PNG "
-                "pixels, this record has float pixels"
-            )
-        pixels.append(torch.from_numpy(np.ascontiguousarray(center_crop(arr, size=crop))))
+        arr = getattr(r, "pixels", None)  # the decoded uint8 values when the reader kept them
+        try:
+            pixels.append(eight_bit(center_crop(r.image if arr is None else arr, size=crop)))
+        except ValueError as err:
+            raise ValueError(f"{r.object_id}: {err}") from None
     return tokenize_paper2024(torch.stack(pixels), patch_size)
 
 

@@ -39,6 +39,11 @@ def inpaint(model: AstroPT, images: np.ndarray, k: int) -> dict:
     with the true per-patch mean/std, see the module docstring), the masked input, and the mean squared error of the
     generated standardised tokens against the true ones.
     """
+    if model.config.tokens_preset != "astrolom":
+        raise ValueError(
+            f"inpainting maps astrolom's own tokens back to pixels; this model reads tokens_preset="
+            f"{model.config.tokens_preset!r} (transposed float16 patches), which it does not draw"
+        )
     x = torch.as_tensor(np.asarray(images, np.float32))
     p = model.config.patch_size
     batch = tok.tokenize(tok.center_crop(x, p), p)

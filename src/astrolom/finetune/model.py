@@ -37,7 +37,10 @@ LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 def backbone_tokens(images: torch.Tensor | np.ndarray, config) -> torch.Tensor:
     """(B, H, W, C) images -> the (B, T, D) spiral tokens the backbone reads: per-patch standardised, followed by the
-    per-band flux features when it was pretrained with flux-aware tokens (`ModelConfig.flux_features`)."""
+    per-band flux features when it was pretrained with flux-aware tokens (`ModelConfig.flux_features`); an imported
+    paper model reads the paper's tokens (`ModelConfig.tokens_preset`)."""
+    if config.tokens_preset == tok.PAPER2024:
+        return tok.tokenize_paper2024(images, config.patch_size)
     batch = tok.tokenize(torch.as_tensor(images, dtype=torch.float32), config.patch_size)
     if not config.flux_features:
         return batch.tokens
