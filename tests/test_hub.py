@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,24 @@ def test_push_cli_help():
     hub.add_arguments(parser)
     args = parser.parse_args(["runs/x", "me/x", "--private"])
     assert (args.run, args.repo, args.private) == ("runs/x", "me/x", True)
+
+
+def test_any_command_takes_a_hub_model(cache, tmp_path, capsys):
+    from PIL import Image
+
+    from astrolom.cli import main
+    from astrolom.model.pretrained import from_pretrained
+
+    with pytest.raises(FileNotFoundError, match="Hub spec"):
+        from_pretrained(f"hf:{REPO}/{FILE}")  # the model layer does not download, and says where to go
+    (tmp_path / "cutouts").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "cutouts" / f"g{i}.png")
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", "--model", f"hf:{REPO}/{FILE}", "--data", str(tmp_path / "cutouts"), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--layer", "-1"]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.num_rows == 3 and len(table.column("embedding")[0]) == 16

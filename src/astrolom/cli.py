@@ -82,6 +82,16 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_hub_models(args: argparse.Namespace) -> None:
+    """`--model hf:OWNER/NAME[/PATH]` (any command): the local model directory it resolves to, converted once."""
+    for key in ("model", "image_model", "spectrum_model"):
+        value = getattr(args, key, None)
+        if isinstance(value, str) and value.startswith("hf:"):
+            from astrolom.interop.hub import resolve
+
+            setattr(args, key, str(resolve(value)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        _resolve_hub_models(args)
         rc = args._module.run(args)
     except (ValueError, FileNotFoundError) as err:
         # user-facing problems (bad input, bad config) get one clear line, not a traceback

@@ -194,6 +194,8 @@ PAPER2024_EPS = 1e-8  # added to the std, as the reference's training script did
 def eight_bit(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Images as the 8-bit pixels they were decoded from: uint8 as is; float images must be k / 255 in [0, 1] (what
     astrolom's readers make of 8-bit files, from which k is recovered exactly), anything else is a ValueError."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # decoded files are read-only views; torch warns on those
     x = torch.as_tensor(images)
     if x.dtype == torch.uint8:
         return x

@@ -76,6 +76,11 @@ def save_pretrained(
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory from itself, a RUN directory (its `final/`, else its latest checkpoint)."""
+    if str(path).startswith("hf:"):
+        raise FileNotFoundError(
+            f"{path} is a Hub spec: load it with astrolom.interop.hub.from_pretrained (the model layer does not "
+            "download); on the command line --model hf:... works as is"
+        )
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         return path
