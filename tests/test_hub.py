@@ -71,7 +71,7 @@ def test_hub_checkpoint_is_converted_once_and_cached(cache, monkeypatch):
     _same_weights(_paper_model(), model)
     assert model.config.tokens_preset == "paper2024"
     assert len(calls) == 1
-    (converted,) = (cache / hub.CONVERTED_DIR).iterdir()
+    (converted,) = hub.converted_dir().iterdir()
     assert converted.name == hashlib.sha256(Path(calls[0][0]).read_bytes()).hexdigest()  # keyed by the blob
     assert read_config(converted)["data"] == {"converted_from": f"hf:{REPO}/{FILE}", "revision": COMMIT}
     mtime = (converted / "model.safetensors").stat().st_mtime_ns
@@ -80,7 +80,8 @@ def test_hub_checkpoint_is_converted_once_and_cached(cache, monkeypatch):
     _same_weights(model, again)
     assert len(calls) == 1
     assert (converted / "model.safetensors").stat().st_mtime_ns == mtime
-    assert [p.name for p in (cache / hub.CONVERTED_DIR).iterdir()] == [converted.name]  # no temp dirs left
+    assert [p.name for p in hub.converted_dir().iterdir()] == [converted.name]  # no temp dirs left
+    assert hub.converted_dir() == cache / "astrolom-converted" / "v1"
 
 
 def test_offline_miss_names_the_file_and_the_cache(cache):
@@ -100,7 +101,7 @@ def test_interrupted_conversion_leaves_no_model_and_is_redone(cache, monkeypatch
         m.setattr(pretrained, "save_file", crash)
         with pytest.raises(KeyboardInterrupt):
             hub.resolve(f"hf:{REPO}/{FILE}")
-    assert not (cache / hub.CONVERTED_DIR).exists() or not any((cache / hub.CONVERTED_DIR).iterdir())
+    assert not hub.converted_dir().exists() or not any(hub.converted_dir().iterdir())
     _same_weights(_paper_model(), hub.from_pretrained(f"hf:{REPO}/{FILE}"))
 
 
@@ -113,7 +114,7 @@ def test_convert_cli_from_hub(cache, tmp_path, capsys):
     assert "astropt 1.0.x layout" in text and "paper2024" in text
     _same_weights(_paper_model(), hub.from_pretrained(out))
     assert convert.run(parser.parse_args(["--from-hub", REPO, "--file", FILE])) == 0  # cache only
-    assert str(cache / hub.CONVERTED_DIR) in capsys.readouterr().out
+    assert str(hub.converted_dir()) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--file"):
         convert.run(parser.parse_args(["--from-hub", REPO]))
 
@@ -162,7 +163,7 @@ def test_push_writes_a_model_card_and_uploads_one_commit(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _same_weights(model, hub.from_pretrained("hf:me/tiny"))
-    assert not (cache / hub.CONVERTED_DIR).exists()
+    assert not (cache / hub.CONVERTED_DIR).exists()  # a native model: nothing converted
 
 
 def test_push_cli_help():

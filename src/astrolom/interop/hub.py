@@ -7,14 +7,14 @@ A spec is `hf:OWNER/NAME[/PATH][@REVISION]`. Files come through `huggingface_hub
 (`HF_HUB_CACHE`, default `~/.cache/huggingface/hub`, layout `models--OWNER--NAME/{blobs,snapshots/<commit>,refs}`)
 and `HF_HUB_OFFLINE=1` (read at each call: the cache only, never the network) apply. A PATH that is a reference
 AstroPT checkpoint (`.pt`, any generation `astrolom.interop.reference` imports) is converted once into an astrolom
-model directory (config.json + model.safetensors) kept beside the hub cache in `astrolom-converted/<blob>`, keyed
-by the file's content hash, written as a new directory and renamed into place (`layout.atomic_directory`); the
-second call finds it and does no work. Without a PATH (or with a PATH naming a folder) the repository is taken to
-hold an astrolom model directory, as `push` writes it.
+model directory (config.json + model.safetensors) kept beside the hub cache in `astrolom-converted/v1/<blob>`,
+keyed by the file's content hash and the conversion's version, written as a new directory and renamed into place
+(`layout.atomic_directory`); the second call finds it and does no work. Without a PATH (or with a PATH naming a
+folder) the repository is taken to hold an astrolom model directory, as `push` writes it.
 
 `astrolom.model.pretrained.from_pretrained` loads local directories only: the model layer cannot import this one
-(dependencies point one way), so `hf:` specs go through this module's `from_pretrained` or `astrolom convert
---from-hub`.
+(dependencies point one way), so `hf:` specs go through this module's `from_pretrained`; on the command line
+every `--model hf:...` is resolved here by `astrolom.cli`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from astrolom.interop.reference import load_reference_checkpoint
 from astrolom.layout import CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
 from astrolom.model import pretrained
 from astrolom.model.astropt import AstroPT
 
 CONVERTED_DIR = "astrolom-converted"
+# bumped whenever an importer change alters what a conversion writes, so stale conversions are not reused
+CONVERSION_VERSION = 1
 CARD_NAME = "README.md"
 _SPEC = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?:/(?P<path>[^@]+?))?/?(?:@(?P<rev>[\w./-]+))?")
 
@@ -90,6 +93,11 @@ def _download(repo_id: str, filename: str, revision: str | None) -> Path:
         ) from err
 
 
+def converted_dir() -> Path:
+    """Where converted reference checkpoints are kept: `<hub cache>/astrolom-converted/v<CONVERSION_VERSION>/`."""
+    return hub_cache_dir() / CONVERTED_DIR / f"v{CONVERSION_VERSION}"
+
+
 def resolve(spec: str) -> Path:
     """A local astrolom model directory for a hub spec (downloading / converting only what the cache lacks)."""
     s = HubSpec.parse(spec)
@@ -99,7 +107,7 @@ def resolve(spec: str) -> Path:
         return _download(s.repo_id, sub + CONFIG_NAME, s.revision).parent
     src = _download(s.repo_id, s.filename, s.revision)
     blob = Path(os.path.realpath(src)).name  # the cache's blob name: the file's content hash (etag)
-    out = hub_cache_dir() / CONVERTED_DIR / blob
+    out = converted_dir() / blob
     if (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file():
         return out
     commit = src.parents[len(Path(s.filename).parts) - 1].name  # .../snapshots/<commit>/<filename>
@@ -109,8 +117,6 @@ def resolve(spec: str) -> Path:
 
 def convert_file(src: Path, out: Path, *, source: str, revision: str | None = None) -> AstroPT:
     """Import a reference checkpoint file into the model directory `out` (written whole, then renamed)."""
-    from astrolom.interop.reference import load_reference_checkpoint
-
     model = load_reference_checkpoint(src)
     data = {"converted_from": source, **({"revision": revision} if revision else {})}
     pretrained.save_pretrained(model, out, data=data)
