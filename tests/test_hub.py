@@ -137,14 +137,28 @@ class _StubApi:
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/{COMMIT}"})()
 
 
+def _probe_result():
+    """A real `astrolom probe` result (eval.probes.evaluate) on 80 objects whose redshift is linear in the features."""
+    from astrolom.eval.embeddings import EmbeddingTable
+    from astrolom.eval.probes import evaluate
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 4)).astype(np.float32)
+    z = 0.3 + 0.1 * X[:, 0] + 0.02 * rng.normal(size=80)
+    table = EmbeddingTable(np.array([f"g{i}" for i in range(80)]), np.array(["val", "test"] * 40), X, {"redshift": z})
+    return evaluate(table, ["redshift"], methods=("linear",))
+
+
 def test_push_writes_a_model_card_and_uploads_one_commit(tmp_path, monkeypatch):
     run = tmp_path / "run"
     model = AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, patch_size=4)).eval()
     save_pretrained(model, run / "final", data={"path": "survey/", "split_fractions": [0.8, 0.1, 0.1]})
     rows = [{"step": 100, "train_loss": 0.5}, {"step": 200, "train_loss": 0.25, "val_loss": 0.3125}, {"step": 300}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probes = _probe_result()
+    probes.save(run / "probes.json")
     api = _StubApi()
-    url = hub.push(run, "me/tiny", private=True, api=api)
+    url = hub.push(run, "me/tiny", private=True, probes=run / "probes.json", api=api)
     assert url.endswith(COMMIT)
     assert api.calls[0] == ("create_repo", "me/tiny", {"private": True, "exist_ok": True})
     assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
@@ -154,6 +168,8 @@ def test_push_writes_a_model_card_and_uploads_one_commit(tmp_path, monkeypatch):
     assert "| layers | 2 |" in card and "| width | 16 |" in card
     assert f"| parameters | {model.num_params(non_embedding=False):,} |" in card
     assert "`split_fractions`: `[0.8, 0.1, 0.1]`" in card
+    r2 = probes.score("redshift")
+    assert "## Probes" in card and f"| redshift | r2 | {r2:.3f} |" in card and 0.5 < r2 < 1
     assert "| train_loss | 0.25 |" in card and "| val_loss | 0.3125 |" in card and "| step | 300 |" in card
 
     # what was pushed comes back through the hub cache as a native model (no conversion)

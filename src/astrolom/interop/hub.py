@@ -29,6 +29,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from astrolom.eval.probes import ProbeResult, markdown_table
 from astrolom.interop.reference import load_reference_checkpoint
 from astrolom.layout import CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
 from astrolom.model import pretrained
@@ -142,8 +143,9 @@ def _latest_metrics(run_dir: Path) -> dict[str, float]:
     return latest
 
 
-def model_card(model_dir: Path, repo_id: str, metrics: dict[str, float]) -> str:
-    """README.md for the hub: YAML metadata, architecture, the data it trained on, and its last metrics."""
+def model_card(model_dir: Path, repo_id: str, metrics: dict[str, float], probes: Path | None = None) -> str:
+    """README.md for the hub: YAML metadata, architecture, the data it trained on, its last training metrics and,
+    given a probes.json (`astrolom probe`), the probe tables."""
     cfg = pretrained.read_config(model_dir)
     m = cfg["model"]
     with safe_open(str(model_dir / WEIGHTS_NAME), framework="pt") as f:
@@ -192,6 +194,15 @@ def model_card(model_dir: Path, repo_id: str, metrics: dict[str, float]) -> str:
         lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items()))]
     else:
         lines.append("(no metrics.jsonl in the run)")
+    if probes is not None:
+        lines += [
+            "",
+            "## Probes",
+            "",
+            f"From `{Path(probes).name}` (`astrolom probe`).",
+            "",
+            markdown_table(ProbeResult.load(probes)),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -201,7 +212,15 @@ def _api():
     return HfApi()
 
 
-def push(run: str | Path, repo_id: str, *, private: bool = False, message: str | None = None, api=None) -> str:
+def push(
+    run: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    message: str | None = None,
+    probes: str | Path | None = None,
+    api=None,
+) -> str:
     """Upload a run's model (config.json, model.safetensors) and its model card to `repo_id` in one commit.
 
     `api` defaults to `huggingface_hub.HfApi()`; its `create_repo` and `create_commit` are the only calls made.
@@ -212,7 +231,7 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, message: str |
     run = Path(run)
     model_dir = pretrained.resolve_model_dir(run)
     metrics = _latest_metrics(run if (run / METRICS_NAME).is_file() else model_dir.parent)
-    card = model_card(model_dir, repo_id, metrics).encode()
+    card = model_card(model_dir, repo_id, metrics, Path(probes) if probes else None).encode()
     operations = [
         CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(model_dir / n)) for n in (CONFIG_NAME, WEIGHTS_NAME)
     ]
@@ -230,9 +249,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo", help="hub repository OWNER/NAME (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--message", help="commit message")
+    parser.add_argument("--probes", metavar="PROBES_JSON", help="probes.json of `astrolom probe`, shown in the card")
 
 
 def run(args: argparse.Namespace) -> int:
-    url = push(args.run, args.repo, private=args.private, message=args.message)
+    url = push(args.run, args.repo, private=args.private, message=args.message, probes=args.probes)
     print(f"pushed {args.run} -> {args.repo}: {url}")
     return 0
