@@ -115,6 +115,10 @@ def test_convert_cli_from_hub(cache, tmp_path, capsys):
     _same_weights(_paper_model(), hub.from_pretrained(out))
     assert convert.run(parser.parse_args(["--from-hub", REPO, "--file", FILE])) == 0  # cache only
     assert str(hub.converted_dir()) in capsys.readouterr().out
+    assert convert.run(parser.parse_args(["--from-hub", REPO, "--file", FILE, "--revision", COMMIT])) == 0
+    assert f"@{COMMIT} -> {hub.converted_dir()}" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="not in the hub cache"):
+        convert.run(parser.parse_args(["--from-hub", REPO, "--file", FILE, "--revision", "v9"]))
     with pytest.raises(SystemExit, match="--file"):
         convert.run(parser.parse_args(["--from-hub", REPO]))
 
