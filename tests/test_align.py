@@ -15,10 +15,12 @@ import torch.distributed as dist
 from pretrain_helpers import read_metrics, subprocess_env
 from safetensors.torch import load_file
 
+from astrolom.align.encoder import load_aligned
 from astrolom.align.features import FeatureCache, augment, d4
 from astrolom.align.loss import ContrastiveLoss, clip_loss
 from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
-from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer, load_aligned
+from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer
+from astrolom.eval.embeddings import recipe_of
 from astrolom.train import checkpoint as ckpt
 
 
@@ -228,8 +230,8 @@ def test_eval_align_end_to_end(tmp_path):
 
     emb = pq.read_table(tmp_path / "eval" / "aligned_embeddings.parquet")
     assert emb.num_rows == 160 and len(emb["embedding_spectra"][0]) == 16
-    meta = json.loads(emb.schema.metadata[b"astrolom"])  # the run, so that an index of it embeds new queries
-    assert meta["aligned"] == meta["model"] == str(tmp_path.resolve()) and meta["columns"]["embedding"] == "images"
+    recipe = recipe_of(json.loads(emb.schema.metadata[b"astrolom"]))  # the run, so that its index embeds queries
+    assert recipe.aligned and recipe.model == str(tmp_path.resolve()) and recipe.main_modality == "images"
     for name in ("align_eval.json", "align_eval.md", "retrieval.png", "tarp.png", "corner.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()
@@ -259,7 +261,7 @@ def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(tmp_path):
 
 
 def test_spectrum_encoder_may_be_a_multimodal_model_that_saw_spectra_first():
-    from astrolom.align.features import reads_alone
+    from astrolom.align.encoder import reads_alone
     from astrolom.model.astropt import ModelConfig
 
     def cfg(mods, order="fixed"):

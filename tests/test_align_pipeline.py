@@ -80,12 +80,11 @@ def test_finetune_backbones_moves_encoders_at_their_own_rate(encoders, tmp_path)
     key = next(k for k in before if k.endswith("weight") and before[k].ndim == 2)
     assert (final["backbones.image." + key] - before[key]).abs().max() > 0  # the image encoder was trained
     # eval-align scores a fine-tuned run with its own encoders, not with the frozen features of the cache
-    from astrolom.align.embed import has_tuned_backbones, load_aligned_encoder
+    from astrolom.align.encoder import has_tuned_backbones, load_aligned, load_encoder
     from astrolom.align.evaluate import aligned_embeddings, tuned_embeddings
     from astrolom.align.features import FeatureCache
-    from astrolom.align.train import load_aligned
 
-    encoder = load_aligned_encoder(tmp_path / "final")
+    encoder = load_encoder(tmp_path / "final")
     assert encoder.tuned and has_tuned_backbones(tmp_path / "final")
     cache = FeatureCache.load(next(tmp_path.glob("*.safetensors")))
     tuned = tuned_embeddings(encoder, cache)

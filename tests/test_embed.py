@@ -88,7 +88,7 @@ def test_embed_cli_writes_streaming_parquet(mock_survey, model_dir, tmp_path):
     emb = load_embeddings(out)
     assert set(emb.split) == {"val", "test"}
     assert np.isfinite(emb.X).all()
-    assert emb.metadata["layer"] == -2 and emb.metadata["tokens"] == 64 and emb.metadata["random_init"] is False
+    assert emb.recipe.layer == -2 and emb.recipe.tokens == 64 and emb.recipe.random_init is False
     # a spectrum readout for a model without spectra is refused, naming the model
     rc = main(["embed", "--model", str(model_dir), "--data", str(mock_survey), "--out", str(tmp_path / "x.parquet"),
                "--spectrum-segments", "4", "--no-progress"])  # fmt: skip
@@ -100,7 +100,13 @@ def test_embed_cli_writes_streaming_parquet(mock_survey, model_dir, tmp_path):
     for rank in (0, 1):
         em.embed_dataset(model, str(mock_survey), parts, splits=["val", "test"], batch_size=4, rank=rank,
                          world_size=2, progress=False)  # fmt: skip
-    assert sorted(p.name for p in parts.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    names = sorted(p.name for p in parts.iterdir())
+    assert names == [
+        "part-00000-00000.parquet",
+        "part-00001-00000.parquet",
+        "progress-00000.json",
+        "progress-00001.json",
+    ]
     both = load_embeddings(parts)
     order = {oid: i for i, oid in enumerate(emb.object_id)}
     idx = [order[o] for o in both.object_id]
@@ -128,11 +134,11 @@ def test_random_init_control_is_extracted_like_the_embeddings(mock_survey, model
     path = em.embed_dataset(model, str(mock_survey), tmp_path / "ms.parquet", splits=["val"], metadata=meta,
                             symmetrize=True, scales=(4, 16), progress=False)  # fmt: skip
     like = load_embeddings(path)
-    assert like.X.shape[1] == 64 and like.metadata["scales"] == [4, 16] and like.metadata["tokens"] == 16
+    assert like.X.shape[1] == 64 and like.recipe.scales == (4, 16) and like.recipe.tokens == 16
     control = random_init_embeddings(str(model_dir), str(mock_survey), tmp_path / "ctl.parquet", like, splits=("val",),
                                      progress=False)  # fmt: skip
     # the control is pooled and multi-scale like the embeddings it controls: same width, unit-norm blocks
-    assert control.metadata["symmetrize"] is True and control.metadata["scales"] == [4, 16]
+    assert control.recipe.symmetrize is True and control.recipe.scales == (4, 16)
     assert control.X.shape == like.X.shape
     np.testing.assert_allclose(np.linalg.norm(control.X.reshape(len(control), 2, 32), axis=-1), 1.0, atol=1e-5)
 

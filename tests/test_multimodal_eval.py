@@ -12,6 +12,7 @@ import torch
 from astrolom.cli import main
 from astrolom.data.multimodal import SpectrumTokeniser
 from astrolom.data.survey import generate_objects, generate_survey, spectrum_wavelength
+from astrolom.eval.embeddings import recipe_of
 from astrolom.eval.multimodal import embed_multimodal, evaluate_generation, record_inputs
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import save_pretrained
@@ -111,8 +112,8 @@ def test_embed_cli_writes_modality_columns(setup, tmp_path):
     spec = t.column("embedding_spectra").to_pylist()
     assert [s is None for s in spec] == list(~has)
     assert t.column("embedding").to_pylist() == t.column("embedding_joint").to_pylist()
-    meta = json.loads(t.schema.metadata[b"astrolom"])
-    assert meta["columns"]["embedding"] == "joint" and meta["spectrum_segments"] == 8
+    recipe = recipe_of(json.loads(t.schema.metadata[b"astrolom"]))
+    assert recipe.encoder == "multimodal" and recipe.main_modality == "joint" and recipe.spectrum_segments == 8
     assert t.schema.field("embedding_spectra").type.list_size == 32 * 8
     # --spectrum-segments 1: one mean over the spectrum's tokens, the image embedding's width
     out1 = tmp_path / "emb1.parquet"
@@ -179,5 +180,5 @@ def test_spectrum_segments_fit_the_models_tokens(setup, tmp_path):
     )
     out = embed_multimodal_dataset(str(coarse), str(survey), tmp_path / "c.parquet", max_per_split=3, progress=False)
     t = pq.read_table(out)
-    assert json.loads(t.schema.metadata[b"astrolom"])["spectrum_segments"] == tok.n_tokens
+    assert recipe_of(json.loads(t.schema.metadata[b"astrolom"])).spectrum_segments == tok.n_tokens
     assert t.schema.field("embedding_spectra").type.list_size == 16 * tok.n_tokens

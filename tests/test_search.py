@@ -140,7 +140,7 @@ def test_image_query_finds_the_object_itself(model_index, tmp_path, capsys):
     from astrolom.data.augment import d4
 
     idx = si.load_index(model_index)
-    assert idx.meta["symmetrize"] is True and Path(idx.meta["model"]).is_dir()
+    assert idx.recipe.symmetrize is True and Path(idx.recipe.model).is_dir()
     store = sq.open_store(idx)
     oid = str(idx.object_id[5])
     img = store.get(oid).image
@@ -195,14 +195,14 @@ def test_index_cli_embeds_with_symmetry_pooling_by_default(model_index, mock_sur
 
     idx = si.load_index(model_index)
     out = tmp_path / "idx"
-    args = ["index", "--model", idx.meta["model"], "--data", str(mock_survey), "--out", str(out), "--map", "none"]
+    args = ["index", "--model", idx.recipe.model, "--data", str(mock_survey), "--out", str(out), "--map", "none"]
     assert main([*args, "--no-progress"]) == 0
     new = si.load_index(out)
-    assert new.meta["symmetrize"] is True and len(new) == 64 and (out / "embeddings.parquet").is_file()
-    assert new.meta["scales"] == [4, 16, 64] and new.dim == 3 * 32  # multi-scale: one normalised block per scale
+    assert new.recipe.symmetrize is True and len(new) == 64 and (out / "embeddings.parquet").is_file()
+    assert new.recipe.scales == (4, 16, 64) and new.dim == 3 * 32  # multi-scale: one normalised block per scale
     np.testing.assert_allclose(new.vectors([0, 7]), idx.vectors([0, 7]), atol=1e-5)  # the same pooled embeddings
     single = tmp_path / "single"
     assert main([*args[:-4], "--out", str(single), "--map", "none", "--scales", "none", "--no-progress"]) == 0
-    assert si.load_index(single).meta["scales"] is None and si.load_index(single).dim == 32  # the paper's one mean
-    assert main(["index", "--model", idx.meta["model"], "--out", str(tmp_path / "x")]) == 2
+    assert si.load_index(single).recipe.scales is None and si.load_index(single).dim == 32  # the paper's one mean
+    assert main(["index", "--model", idx.recipe.model, "--out", str(tmp_path / "x")]) == 2
     assert "--model needs --data" in capsys.readouterr().err

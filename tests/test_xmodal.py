@@ -126,13 +126,14 @@ def aligned(mock_survey, tmp_path_factory):
 
 
 def test_embed_of_an_alignment_run_matches_eval_align(aligned):
+    from astrolom.align.encoder import load_aligned
     from astrolom.align.evaluate import aligned_embeddings
     from astrolom.align.features import FeatureCache
-    from astrolom.align.train import FEATURES_NAME, load_aligned
+    from astrolom.align.train import FEATURES_NAME
 
     survey, idx_dir, run = aligned
     t = load_embeddings(run.parent / "aligned.parquet")
-    assert len(t) == 64 and t.metadata["aligned"] == str(run.resolve())
+    assert len(t) == 64 and t.recipe.aligned and t.recipe.model == str(run.resolve())
     has = ~np.isnan(t.modalities["spectra"]).any(1)
     assert 10 < has.sum() < 64  # null where the mock object has no spectrum
     np.testing.assert_array_equal(t.X, t.modalities["images"])  # `embedding` = image
@@ -159,7 +160,7 @@ def test_embed_and_index_commands_take_an_alignment_run(aligned, tmp_path, capsy
     idx = si.load_index(tmp_path / "i")
     assert idx.aligned and set(idx.modalities) == {"images", "spectra"} and len(idx) == 64
     assert main(["embed", "--model", str(run), "--data", str(survey), "--out", str(out), "--symmetrize"]) == 2
-    assert "do not apply to an alignment run" in capsys.readouterr().err
+    assert "--symmetrize does not apply to an alignment run" in capsys.readouterr().err
 
 
 def test_queries_by_spectrum_and_image_file(aligned, tmp_path, capsys):
@@ -169,7 +170,7 @@ def test_queries_by_spectrum_and_image_file(aligned, tmp_path, capsys):
 
     survey, idx_dir, run = aligned
     idx = si.load_index(idx_dir)
-    assert idx.aligned and idx.meta["model"] == str(run.resolve())
+    assert idx.aligned and idx.recipe.model == str(run.resolve())
     store = sq.open_store(idx)
     oid = str(idx.object_id[idx.space("spectra").rows[3]])
     rec = store.get(oid)

@@ -1,17 +1,18 @@
-"""Shared-space embeddings from an alignment run: `astrolom embed --model ALIGN_RUN --data DIR --out EMB.parquet`.
+"""`astrolom embed --model RUN --data DIR --out EMB.parquet`: embed a data set with whatever encoder RUN holds.
 
-`AlignedEncoder` is an alignment run ready to embed new objects: both encoders (the frozen ones the run recorded,
-with the fine-tuned weights where the run trained them) and the heads. It runs the same feature extractors as
-training (`features.image_token_features`, `features.spectrum_token_features`: stamp itself, central tokens) and the
-heads' `encode`, so an object embedded here lands exactly where `eval-align`'s `aligned_embeddings` puts it.
+`load_encoder` (`astrolom.align.encoder`) says what that is, and `embed` goes to its embedder:
 
-The embedding file has one row per object of the data set (with or without a spectrum): `embedding_images`,
-`embedding_spectra` (null without a usable spectrum) and `embedding` (= the image one, so every tool that reads
-`embedding` uses it unchanged). Its metadata records the alignment run (`aligned`, `model`), so that `astrolom
-index` builds one index per modality and `astrolom search` embeds new images and spectra with the same run.
+- an images-only AstroPT: `astrolom.eval.embed` (the paper's readout; `--scales`, `--symmetrize`, `--random-init`);
+- an images + spectra AstroPT: `astrolom.eval.multimodal` (per-modality and joint columns);
+- an alignment run: its shared space (`embed_aligned_dataset` below). One row per object of the data set (with or
+  without a spectrum): `embedding_images`, `embedding_spectra` (null without a usable spectrum) and `embedding`
+  (= the image one, so every tool that reads `embedding` uses it unchanged).
 
-`astrolom embed` lands here first: an alignment run is embedded as above, any other model goes on to
-`astrolom.eval.embed` unchanged.
+All three write through one body (`astrolom.eval.embed.write_embeddings`) and record their `EmbeddingRecipe`, so
+that `astrolom index` builds one index per modality and `astrolom search` embeds new images and spectra the same
+way. `astrolom index --model` embeds through `embed_with` here too. `--skip-bad` skips unreadable records (listed
+with the embeddings and carried into the index); `--part-rows N` writes a resumable parts directory and
+`--resume` continues a killed job; under torchrun every rank writes its own parts (docs/embeddings.md).
 """
 
 from __future__ import annotations
@@ -19,142 +20,78 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
-from astrolom.align.features import _flux, _load_encoder, image_token_features, spectrum_token_features
-from astrolom.align.model import AlignModel
-from astrolom.align.train import aligned_dir, is_aligned, load_aligned
-from astrolom.data.multimodal import SpectrumTokeniser
+from astrolom.align.encoder import AlignedEncoder, ModelEncoder, load_encoder, record_flux
 from astrolom.data.records import SPLITS, Record
-from astrolom.eval.multimodal import (
-    MultimodalEmbeddingWriter,
-    model_records,
-    spectrum_tokeniser_from_config,
-    write_embedding_columns,
-)
-from astrolom.model.astropt import AstroPT
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_metadata, recipe_of
+from astrolom.eval.multimodal import batched_columns, source_settings
 
-COLUMNS = {"embedding": "images", "embedding_images": "images", "embedding_spectra": "spectra"}
-
-
-@dataclass
-class AlignedEncoder:
-    """Encoders + heads of an alignment run (module docstring); embeddings are L2-normalised, (B, embed_dim)."""
-
-    heads: AlignModel
-    image: AstroPT
-    image_cfg: dict
-    spectrum: AstroPT
-    spectrum_cfg: dict
-    tokeniser: SpectrumTokeniser
-    tokens: int
-    run: Path
-    config: dict
-    tuned: bool = False  # the run fine-tuned its encoders (--finetune-backbones): their weights are the run's
-
-    @property
-    def wavelength(self) -> np.ndarray:
-        """The spectrum encoder's wavelength grid (Å): spectra are put on it before tokenising."""
-        return self.tokeniser.wavelength
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.image.config.patch_size)
-
-    @torch.no_grad()
-    def embed_images(self, records: list[Record]) -> np.ndarray:
-        feats = image_token_features(self.image, self.image_cfg, records, self.tokens)  # (B, T, Ci)
-        return self.heads.encode("images", feats).numpy()
-
-    @torch.no_grad()
-    def embed_spectra(self, flux: list[np.ndarray], ids: list[str]) -> np.ndarray:
-        """Spectra on `wavelength` with NaN at bad pixels (each with at least one good pixel)."""
-        feats, mask = spectrum_token_features(self.spectrum, self.tokeniser, flux, ids)  # (B, Ts, Cs), (B, Ts)
-        return self.heads.encode("spectra", feats, mask).numpy()
+COLUMNS = {EMBEDDING: "images", "embedding_images": "images", "embedding_spectra": "spectra"}
+# what `astrolom embed` says it wrote, by encoder kind
+WRITTEN = {
+    "astropt": "",
+    "multimodal": " (images, spectra, joint columns)",
+    "aligned": " in the aligned space (images, spectra columns)",
+}
 
 
-def aligned_metadata(run: str | Path, cfg: dict) -> dict:
-    """What an embedding file of run `run` (config.json `cfg`) records, so that an index built on it embeds new
-    queries with the same run (`astrolom search --image/--spectrum`)."""
-    enc = cfg.get("features") or {}
-    run = str(Path(run).resolve())
-    return {
-        "model": run,
-        "aligned": run,
-        "image_model": enc.get("image_model"),
-        "spectrum_model": enc.get("spectrum_model"),
-        "tokens": enc.get("tokens"),
-        "embed_dim": (cfg.get("align") or {}).get("embed_dim"),
-        "columns": dict(COLUMNS),
-    }
-
-
-def has_tuned_backbones(run: str | Path) -> bool:
-    """Whether an alignment run trained its encoders (`--finetune-backbones`): its weights include theirs."""
-    from safetensors import safe_open
-
-    with safe_open(str(aligned_dir(run) / "model.safetensors"), framework="pt") as f:
-        return any(k.startswith("backbones.") for k in f.keys())  # noqa: SIM118 (safe_open is not a mapping)
-
-
-def load_aligned_encoder(run: str | Path) -> AlignedEncoder:
-    """An alignment run (RUN, RUN/best or RUN/final) with its two encoders, ready to embed."""
-    heads, cfg = load_aligned(run)
-    enc = cfg.get("features") or {}
-    if not enc.get("image_model") or not enc.get("spectrum_model"):
-        raise ValueError(f"{run}: the alignment run does not record its image and spectrum encoders")
-    image, image_cfg, _ = _load_encoder(enc["image_model"], "images")
-    spectrum, spectrum_cfg, _ = _load_encoder(enc["spectrum_model"], "spectra")
-    state = load_file(str(aligned_dir(run) / "model.safetensors"))
-    tuned_any = False
-    for prefix, model in (("backbones.image.", image), ("backbones.spectrum.", spectrum)):
-        tuned = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if tuned:  # --finetune-backbones: the run's own encoder weights, not the frozen starting point
-            model.load_state_dict(tuned, strict=True)
-            tuned_any = True
-    return AlignedEncoder(
-        heads,
-        image.eval(),
-        image_cfg,
-        spectrum.eval(),
-        spectrum_cfg,
-        spectrum_tokeniser_from_config(spectrum_cfg),
-        int(enc.get("tokens") or 64),
-        Path(run).resolve(),
-        cfg,
-        tuned_any,
-    )
+def aligned_recipe(run: str | Path, cfg: dict) -> EmbeddingRecipe:
+    """The recipe of the embeddings of alignment run `run` (config.json `cfg`), so that an index built on them
+    embeds new queries with the same run (`astrolom search --image/--spectrum`)."""
+    tokens = int((cfg.get("features") or {}).get("tokens") or 64)
+    return EmbeddingRecipe(encoder="aligned", model=str(Path(run).resolve()), tokens=tokens, columns=dict(COLUMNS))
 
 
 def embed_aligned_dataset(
-    run: str | Path,
+    run: str | Path | AlignedEncoder,
     data: str,
     out: str | Path,
     *,
     splits: Iterable[str] = SPLITS,
     batch_size: int = 64,
     max_per_split: int | None = None,
+    skip_bad: bool = False,
+    part_rows: int | None = None,
+    resume: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Embed every object of `splits` of `data` into the shared space of an alignment run (module docstring)."""
-    enc = load_aligned_encoder(run)
-    splits = list(splits)
-    # the image run's split settings, the spectrum run's wavelength grid
-    cfg = {"data": enc.image_cfg.get("data") or {}, "tokens": enc.spectrum_cfg.get("tokens") or {}}
-    meta = {**aligned_metadata(enc.run, enc.config), "data": str(data), "splits": splits}
-    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    writer = MultimodalEmbeddingWriter(out, meta, embedding_column="embedding_images")
-    it = model_records(data, cfg, splits, max_per_split)
+    """Embed every object of `splits` of `data` into the shared space of an alignment run (module docstring).
+
+    `skip_bad`, `part_rows`, `resume`, ranks: as `astrolom.eval.embed.embed_dataset`."""
+    from astrolom.data.sources import open_source
+    from astrolom.eval.embed import check_splits, write_embeddings
+    from astrolom.train import parallel
+
+    enc = run if isinstance(run, AlignedEncoder) else load_encoder(run)
+    if not isinstance(enc, AlignedEncoder):
+        raise ValueError(f"{run}: not an alignment run")
+    splits = check_splits(splits)
+    env = parallel.read_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
+    cfg = enc.config
+    meta = {
+        "recipe": aligned_recipe(enc.run, enc.config).to_json(),
+        "image_model": (cfg.get("features") or {}).get("image_model"),
+        "spectrum_model": (cfg.get("features") or {}).get("spectrum_model"),
+        "embed_dim": (cfg.get("align") or {}).get("embed_dim"),
+        "data": str(data),
+        "splits": splits,
+        "max_per_split": max_per_split,
+        "skip_bad": skip_bad,
+        "world_size": world_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     dim = enc.heads.config.embed_dim
 
     def embed(batch: list[Record]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         img = enc.embed_images(batch)
-        flux = [_flux(r) if r.spectrum is not None else None for r in batch]
+        flux = [record_flux(r) if r.spectrum is not None else None for r in batch]
         has = np.array([f is not None and bool(np.isfinite(f).any()) for f in flux])
         spec = np.zeros((len(batch), dim), np.float32)
         if has.any():
@@ -162,8 +99,88 @@ def embed_aligned_dataset(
             spec[rows] = enc.embed_spectra([flux[i] for i in rows], [str(batch[i].object_id) for i in rows])
         return {"embedding_images": (img, np.ones(len(batch), bool)), "embedding_spectra": (spec, has)}
 
-    return write_embedding_columns(writer, it, embed, batch_size, "embed[aligned]", progress,
-                                   f"{data}: no records in split(s) {splits}")  # fmt: skip
+    # the image run's split settings, the spectrum run's wavelength grid
+    settings = source_settings({"data": enc.image_cfg.get("data") or {}, "tokens": enc.spectrum_cfg.get("tokens")})
+    source = open_source(data, spectra=True, skip_bad=skip_bad, **settings)
+    try:
+        return write_embeddings(out, meta, source, splits, batched_columns(embed, batch_size), rank=rank,
+                                world_size=world_size, max_per_split=max_per_split, part_rows=part_rows,
+                                resume=resume, alias="embedding_images", desc="embed[aligned]",
+                                progress=progress)  # fmt: skip
+    finally:
+        source.close()
+
+
+def embed_with(
+    model: str | Path | ModelEncoder | AlignedEncoder,
+    data: str,
+    out: str | Path,
+    *,
+    splits: Iterable[str] = SPLITS,
+    batch_size: int | None = None,
+    layer: int | None = None,
+    tokens: int | None = None,
+    scales: tuple[int, ...] | None = None,
+    symmetrize: bool = False,
+    spectrum_segments: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+    max_per_split: int | None = None,
+    skip_bad: bool = False,
+    part_rows: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Embed `data` with the encoder at `model` (an AstroPT of any modalities, or an alignment run; or the encoder
+    `load_encoder` made of one); returns the embeddings written at `out`. Options that do not apply to that encoder
+    are refused, naming it; None means the encoder's default (layer -2 for images-only models, -1 for multimodal
+    ones; 64 tokens)."""
+    from astrolom.eval import embed as em
+    from astrolom.eval import multimodal as mm
+
+    if isinstance(model, ModelEncoder | AlignedEncoder):
+        enc, model = model, model.path
+        if random_init:
+            raise ValueError("random_init: pass the model's path, so that its control is made from its config")
+    else:  # an alignment run has no random-init control: load_encoder refuses it
+        enc = load_encoder(model, random_init=random_init, seed=seed)
+    common = dict(splits=splits, max_per_split=max_per_split, skip_bad=skip_bad, part_rows=part_rows,
+                  resume=resume, progress=progress)  # fmt: skip
+    if isinstance(enc, AlignedEncoder):
+        unused = _given(layer=layer, tokens=tokens, scales=scales, symmetrize=symmetrize,
+                        spectrum_segments=spectrum_segments)  # fmt: skip
+        if unused:
+            raise ValueError(f"{model}: {', '.join(unused)} {'do' if len(unused) > 1 else 'does'} not apply to an "
+                             "alignment run")  # fmt: skip
+        return embed_aligned_dataset(enc, data, out, batch_size=min(batch_size or 64, 64), **common)
+    assert isinstance(enc, ModelEncoder)
+    if enc.kind == "multimodal":
+        unused = _given(scales=scales, symmetrize=symmetrize, random_init=random_init)
+        if unused:
+            raise ValueError(f"{model}: {', '.join(unused)} not supported for multimodal models yet")
+        kw = {k: v for k, v in (("layer", layer), ("n_tokens", tokens), ("spectrum_segments", spectrum_segments))
+              if v is not None}  # fmt: skip
+        return mm.embed_multimodal_dataset(str(enc.path), data, out, batch_size=batch_size or 64, **kw, **common)
+    if spectrum_segments is not None:
+        raise ValueError(f"--spectrum-segments: {model} has no spectra (modalities {enc.model.config.modalities})")
+    return em.embed_dataset(
+        enc.model,
+        data,
+        out,
+        batch_size=batch_size or em.DEFAULT_BATCH,
+        layer=em.DEFAULT_LAYER if layer is None else layer,
+        n_tokens=em.DEFAULT_TOKENS if tokens is None else tokens,
+        device=device,
+        metadata=enc.meta,
+        symmetrize=symmetrize,
+        scales=scales,
+        **common,
+    )
+
+
+def _given(**options) -> list[str]:
+    return [f"--{k.replace('_', '-')}" for k, v in options.items() if v not in (None, False)]
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -176,20 +193,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not is_aligned(args.model):
-        from astrolom.eval import embed
+    from astrolom.eval.embed import parse_scales
 
-        return embed.run(args)
-    if args.random_init or args.symmetrize or args.scales:
-        raise ValueError("--random-init, --symmetrize and --scales do not apply to an alignment run")
-    path = embed_aligned_dataset(
+    path = embed_with(
         args.model,
         args.data,
         args.out,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-        batch_size=min(args.batch_size, 64),
+        batch_size=args.batch_size,
+        layer=args.layer,
+        tokens=args.tokens,
+        scales=parse_scales(args.scales),
+        symmetrize=args.symmetrize,
+        spectrum_segments=args.spectrum_segments,
+        random_init=args.random_init,
+        seed=args.seed,
+        device=args.device,
         max_per_split=args.max_per_split,
+        skip_bad=args.skip_bad,
+        part_rows=args.part_rows,
+        resume=args.resume,
         progress=not args.no_progress,
     )
-    print(f"embedded in the aligned space (images, spectra columns) -> {path}")
+    print(f"embedded{WRITTEN[recipe_of(embedding_metadata(path)).encoder]} -> {path}")
     return 0

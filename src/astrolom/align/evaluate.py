@@ -40,10 +40,11 @@ from sklearn.preprocessing import StandardScaler
 
 from astrolom import layout
 from astrolom.align.baselines import train_spectrum_cnn
-from astrolom.align.embed import aligned_metadata, has_tuned_backbones, load_aligned_encoder
+from astrolom.align.embed import aligned_recipe
+from astrolom.align.encoder import has_tuned_backbones, load_aligned, load_encoder
 from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
-from astrolom.align.train import FEATURES_NAME, load_aligned
+from astrolom.align.train import FEATURES_NAME
 from astrolom.eval.baselines import photometry, train_cnn
 from astrolom.eval.probes import fit_probe
 
@@ -86,29 +87,19 @@ def write_embeddings(
     """Parquet of the shared-space embeddings: object_id, split, labels, `embedding` (= image), per-modality columns.
 
     `embedding` holds the aligned image embedding so the tools that read that column (probe, search) use it as is;
-    `metadata` (`embed.aligned_metadata`: the run) lets `astrolom index` / `search` embed new queries with the run.
+    `metadata` (with `embed.aligned_recipe` of the run) lets `astrolom index` / `search` embed new queries with it.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from astrolom.data.records import Record
+    from astrolom.eval.embeddings import EmbeddingWriter
 
-    def fixed(a: np.ndarray) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1).astype(np.float32)), a.shape[1])
-
-    cols = {"object_id": pa.array(cache.object_ids), "split": pa.array(cache.splits)}
-    cols.update({n: pa.array(cache.label(n)) for n in cache.label_names})
-    cols.update(
-        {
-            "embedding": fixed(emb["images"]),
-            "embedding_images": fixed(emb["images"]),
-            "embedding_spectra": fixed(emb["spectra"]),
-        }
-    )
-    path = Path(path)
-    table = pa.table(cols)
-    if metadata:
-        table = table.replace_schema_metadata({b"astrolom": json.dumps(metadata).encode()})
-    pq.write_table(table, path)
-    return path
+    labels = {n: cache.label(n) for n in cache.label_names}
+    records = [
+        Record(oid, np.empty(0, np.float32), split, {n: float(v[i]) for n, v in labels.items()})
+        for i, (oid, split) in enumerate(zip(cache.object_ids, cache.splits, strict=True))
+    ]
+    with EmbeddingWriter(path, metadata or {}, alias="embedding_images") as writer:
+        writer.write(records, {"embedding_images": (emb["images"], None), "embedding_spectra": (emb["spectra"], None)})
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------------- retrieval
@@ -610,10 +601,10 @@ def evaluate_alignment(
     cache = FeatureCache.load(cache_path)
     # a run that fine-tuned its encoders is scored with them, not with the frozen features of the cache
     if has_tuned_backbones(model_path):
-        emb = tuned_embeddings(load_aligned_encoder(model_path), cache)
+        emb = tuned_embeddings(load_encoder(model_path), cache)
     else:
         emb = aligned_embeddings(model, cache)
-    meta = dict(aligned_metadata(model_path, cfg), data=str(data or trained_on or ""))
+    meta = {"recipe": aligned_recipe(model_path, cfg).to_json(), "data": str(data or trained_on or "")}
     write_embeddings(cache, emb, out / "aligned_embeddings.parquet", meta)
     test = cache.rows("test")
     if len(test) < 2:

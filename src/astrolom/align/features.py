@@ -1,7 +1,7 @@
 """Per-token features of the frozen encoders, computed once and cached (fast head training on a CPU).
 
 The image encoder is an images-only AstroPT run; the spectrum encoder an AstroPT pretrained on spectra alone
-(`model.modalities=spectra`), or an images + spectra model that trained with spectra first (`reads_alone`). Only
+(`model.modalities=spectra`), or an images + spectra model that trained with spectra first (`encoder.reads_alone`). Only
 objects with a usable spectrum form pairs. For every pair the cache holds:
 
 - `image_tokens` (N, V, T, C): the image encoder's penultimate-block features of the first T spiral (central)
@@ -26,16 +26,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from astrolom.align.encoder import (
+    DEFAULT_TOKENS,
+    image_token_features,
+    load_encoder,
+    record_flux,
+    spectrum_token_features,
+)
 from astrolom.data.records import Record
 from astrolom.eval.baselines import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 from astrolom.log import progress as progress_bar
-from astrolom.model.astropt import AstroPT
 
 D4 = tuple((k, flip) for flip in (False, True) for k in range(4))  # (quarter turns, mirror) — the dihedral group
 DEFAULT_VIEWS = 8
 DEFAULT_NOISE = 0.5
-DEFAULT_TOKENS = 64
 TARGETS = ("redshift", "log_mstar", "log_ssfr", "log_zstar", "age_mw_gyr")
 
 
@@ -144,84 +149,10 @@ def _pairs(data: str, split_settings: dict, on_total=None, on_record=None) -> It
                 for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
                     if on_record is not None:
                         on_record()
-                    if rec.spectrum is not None and np.isfinite(_flux(rec)).any():
+                    if rec.spectrum is not None and np.isfinite(record_flux(rec)).any():
                         yield rec
     finally:
         source.close()
-
-
-def _flux(rec: Record) -> np.ndarray:
-    """Flux with masked or zero-inverse-variance pixels set to NaN (the tokeniser's 'bad value')."""
-    flux = np.asarray(rec.spectrum, dtype=np.float32).copy()
-    if rec.spectrum_mask is not None:
-        flux[np.asarray(rec.spectrum_mask, dtype=bool)] = np.nan
-    if rec.spectrum_ivar is not None:
-        flux[np.asarray(rec.spectrum_ivar) <= 0] = np.nan
-    return flux
-
-
-@torch.no_grad()
-def image_token_features(
-    model: AstroPT, cfg_json: dict, records: list[Record], n_tokens: int = DEFAULT_TOKENS, layer: int = -2
-) -> torch.Tensor:
-    """(B, T, C) penultimate-block features of the first `n_tokens` spiral tokens of each record's image."""
-    from astrolom.data.batching import batch_tokens
-    from astrolom.data.stream import tokenize_records
-
-    if model.config.tokens_preset != "astrolom":
-        raise ValueError(
-            f"image encoders with tokens_preset={model.config.tokens_preset!r} (an imported paper model) are not "
-            "supported for alignment yet; embed with `astrolom embed`, which applies the preset"
-        )
-    size = (cfg_json.get("data") or {}).get("image_size")
-    batch = tokenize_records(
-        records, model.config.patch_size, image_size=tuple(size) if isinstance(size, list) else size
-    )
-    # the trainer's token maker, so a flux-aware encoder reads the flux features it was trained with
-    flux = model.config.flux_softening if model.config.flux_features else None
-    tokens = batch_tokens(batch, flux_softening=flux)[:, :n_tokens]
-    return model.forward_features(tokens, layer=layer).float()
-
-
-@torch.no_grad()
-def spectrum_token_features(
-    model: AstroPT, tokeniser, flux: list[np.ndarray], ids: list[str], layer: int = -2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """((B, Ts, C) features, (B, Ts) real-token mask) of spectra from a spectra-only encoder."""
-    inputs = tokeniser(flux, ids)
-    feats = model.forward_features(inputs, layer=layer)["spectra"].float()
-    return feats, inputs["spectra_mask"].bool() & inputs["spectra_present"].bool()[:, None]
-
-
-def _load_encoder(path: str, modality: str) -> tuple[AstroPT, dict, str]:
-    from astrolom.train.checkpoint import from_pretrained, read_config, resolve_model_dir
-
-    d = resolve_model_dir(path)
-    model, cfg = from_pretrained(d), read_config(d)
-    if not reads_alone(model.config, modality):
-        mods, order = tuple(model.config.modalities), model.config.modality_order
-        raise ValueError(
-            f"{d}: the {modality} encoder must have been pretrained on {modality} alone, or be a multimodal spectra "
-            f"encoder that trained with spectra first in the sequence (modality_order random, or fixed with spectra "
-            f"first); got modalities {mods}, order {order!r}"
-        )
-    return model, cfg, str(d)
-
-
-def reads_alone(config, modality: str) -> bool:
-    """Whether a model's pass over `modality` alone is one it was pretrained on.
-
-    True for a single-modality model of that modality. A multimodal model qualifies as a *spectrum* encoder when its
-    training sequences began with the spectrum (order random, or fixed with spectra first): the model is causal, so
-    on those samples its spectrum tokens were a spectra-only next-token model, exactly the pass the encoder runs
-    (README "Alignment"). Image encoders read tensors and stay images-only.
-    """
-    mods = tuple(config.modalities)
-    if mods == (modality,):
-        return True
-    if modality != "spectra" or modality not in mods:
-        return False
-    return config.modality_order == "random" or mods[0] == modality
 
 
 def extract_features(
@@ -241,8 +172,10 @@ def extract_features(
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    img_model, img_cfg, img_dir = _load_encoder(image_model, "images")
-    spec_model, spec_cfg, spec_dir = _load_encoder(spectrum_model, "spectra")
+    img = load_encoder(image_model, modality="images")
+    spec = load_encoder(spectrum_model, modality="spectra")
+    img_model, img_cfg, img_dir = img.model, img.config, str(img.path)
+    spec_model, spec_cfg, spec_dir = spec.model, spec.config, str(spec.path)
     tokeniser = spectrum_tokeniser_from_config(spec_cfg)
     d = img_cfg.get("data") or {}
     settings = {}
@@ -276,7 +209,7 @@ def extract_features(
             recs = [replace(r, image=augment(r.image, v, sigma, noise, rng)) for r in buf]
             per_view.append(image_token_features(img_model, img_cfg, recs, n_tokens))
         out["img"].append(torch.stack(per_view, 1))  # (B, V, T, C)
-        flux = [_flux(r) for r in buf]
+        flux = [record_flux(r) for r in buf]
         f, m = spectrum_token_features(spec_model, tokeniser, flux, [r.object_id for r in buf])
         out["spec"].append(f)
         out["mask"].append(m)

@@ -26,9 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from astrolom.align.encoder import (
+    BEST_DIR,
+    MODEL_TYPE,
+    image_token_features,
+    load_encoder,
+    spectrum_token_features,
+)
 from astrolom.align.features import (
     DEFAULT_NOISE,
     DEFAULT_TOKENS,
@@ -36,8 +43,6 @@ from astrolom.align.features import (
     FeatureCache,
     augment,
     extract_features,
-    image_token_features,
-    spectrum_token_features,
 )
 from astrolom.align.model import AlignConfig, AlignModel
 from astrolom.data.records import Record
@@ -45,9 +50,7 @@ from astrolom.log import progress as progress_bar
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
 
-MODEL_TYPE = "astrolom-align"
 FEATURES_NAME = "features.safetensors"
-BEST_DIR = "best"
 
 
 @dataclass
@@ -91,12 +94,11 @@ class _Backbones(nn.Module):
 
     def __init__(self, image_model: str, spectrum_model: str):
         super().__init__()
-        from astrolom.align.features import _load_encoder
         from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 
-        self.image, self.image_cfg, _ = _load_encoder(image_model, "images")
-        self.spectrum, spec_cfg, _ = _load_encoder(spectrum_model, "spectra")
-        self.tokeniser = spectrum_tokeniser_from_config(spec_cfg)
+        image, spectrum = load_encoder(image_model, modality="images"), load_encoder(spectrum_model, modality="spectra")
+        self.image, self.image_cfg, self.spectrum = image.model, image.config, spectrum.model
+        self.tokeniser = spectrum_tokeniser_from_config(spectrum.config)
 
 
 class AlignTrainer:
@@ -368,37 +370,6 @@ def train_align(cfg: AlignTrainConfig, *, resume: bool = False) -> dict:
         return trainer.fit()
     finally:
         parallel.destroy_distributed()
-
-
-def aligned_dir(path: str | Path) -> Path:
-    """The aligned model directory of RUN (RUN/best, else RUN/final), or RUN itself / a checkpoint directory."""
-    path = Path(path)
-    for d in (path / BEST_DIR, path / ckpt.FINAL_DIR, path):
-        if (d / ckpt.WEIGHTS_NAME).is_file():
-            return d
-    raise FileNotFoundError(f"no aligned model in {path} (expected {BEST_DIR}/ or final/ with model.safetensors)")
-
-
-def is_aligned(path: str | Path) -> bool:
-    """Whether `path` holds an alignment run or aligned model (its config.json says model_type astrolom-align)."""
-    try:
-        cfg = json.loads((aligned_dir(path) / ckpt.CONFIG_NAME).read_text())
-    except (FileNotFoundError, ValueError):
-        return False
-    return cfg.get("model_type") == MODEL_TYPE
-
-
-def load_aligned(path: str | Path) -> tuple[AlignModel, dict]:
-    """(heads in eval mode, config.json) from RUN/best, RUN/final, RUN itself or a checkpoint directory."""
-    d = aligned_dir(path)
-    cfg = json.loads((d / ckpt.CONFIG_NAME).read_text())
-    if cfg.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{d / ckpt.CONFIG_NAME} is not an aligned model (model_type={cfg.get('model_type')!r})")
-    model = AlignModel(AlignConfig(**cfg["align"]))
-    state = load_file(str(d / ckpt.WEIGHTS_NAME))
-    heads = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    model.load_state_dict(heads)
-    return model.eval(), cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

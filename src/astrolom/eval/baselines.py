@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
-from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS, embed_dataset
+from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings, split_rows
 from astrolom.eval.probes import CLASSIFICATION, make_tasks
 from astrolom.model.pretrained import load_model
@@ -60,22 +60,22 @@ def random_init_embeddings(
     if not data:
         raise ValueError("the random-init control needs the data set: pass --data")
     model, meta = load_model(model_path, random_init=True, seed=seed)
-    m = like.metadata
+    recipe = like.recipe
     embed_dataset(
         model,
         data,
         out,
         splits=splits,
         batch_size=batch_size,
-        layer=m.get("layer", DEFAULT_LAYER),
-        n_tokens=m.get("tokens", DEFAULT_TOKENS),
+        layer=recipe.layer,
+        n_tokens=recipe.tokens,
         device=device,
         rank=0,
         world_size=1,
         metadata=meta,
-        max_per_split=m.get("max_per_split"),
-        symmetrize=bool(m.get("symmetrize", False)),
-        scales=tuple(m["scales"]) if m.get("scales") else None,
+        max_per_split=like.metadata.get("max_per_split"),
+        symmetrize=recipe.symmetrize,
+        scales=recipe.scales,
         progress=progress,
     )
     return load_embeddings(out)

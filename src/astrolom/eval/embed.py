@@ -8,26 +8,33 @@ stamp with 16 px patches costs what its central 128x128 does), and its embedding
 
 Output: the embedding table of `astrolom.eval.embeddings` (one Parquet row per object with `object_id`, `split`,
 every label column of the data, and `embedding`), written batch by batch (memory does not depend on the data size);
-its file metadata records the model, layer, token count, scales and data.
+its metadata holds the `EmbeddingRecipe` (model, layer, token count, scales, symmetry pooling) and the data.
+`write_embeddings` is the one body every embedder writes through (this one, the multimodal and the aligned).
 
 Multi-scale embeddings (`--scales 4,16,64`; what `astrolom index --model` uses by default): the same layer's outputs
 averaged over the central 4, 16 and 64 spiral tokens (2x2, 4x4 and 8x8 patches), each mean L2-normalised (after
 the D4 average with `--symmetrize`), concatenated. The galaxy sits at the centre and the outer tokens are mostly sky,
 so a single 64-token mean moves with every new noise draw; the pyramid weights the centre. Measured on the demo
 model (README "The sky has no up"): a fresh-noise copy is found top-1 among 600 stamps 0.85 -> 0.96 of the time,
-and the linear probes rise too. Models load with
-`astrolom.model.pretrained.load_model`. Under torchrun every rank embeds its share of the
-records (record k goes to rank k % world size) and writes `EMB.parquet/part-<rank>.parquet`; `load_embeddings`
-reads the file or the directory alike.
+and the linear probes rise too.
+
+At scale (docs/embeddings.md): `--part-rows N` writes a directory of parts of N objects, each renamed into place
+when complete, with a progress file per rank; `--resume` continues a killed job after its last finished part. Under
+torchrun every rank embeds its share of the records (record k goes to rank k % world size) into its own parts;
+`load_embeddings` and `astrolom index` read the file or the directory alike.
 
     astrolom embed --model runs/1m --data mock --out emb.parquet --splits val,test
-    torchrun --nproc_per_node 8 -m astrolom embed --model RUN --data DIR --out emb.parquet
+    astrolom embed --model RUN --data DIR --out emb --part-rows 100000 [--resume]
+    torchrun --nproc_per_node 8 -m astrolom embed --model RUN --data DIR --out emb
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -39,11 +46,19 @@ import torch
 from astrolom.data.batching import batch_tokens
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.tokens import PAPER2024, center_crop, eight_bit, prefix_crop, tokenize_paper2024
-from astrolom.eval.embeddings import EMBEDDING, MULTISCALE, EmbeddingWriter, output_path  # noqa: F401
+from astrolom.eval.embeddings import (
+    PROGRESS_GLOB,
+    EmbeddingRecipe,
+    EmbeddingWriter,
+    Vectors,
+    part_path,
+    progress_path,
+    read_progress,
+    write_progress,
+)
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
-from astrolom.model.pretrained import load_model
 from astrolom.train import parallel
 
 log = get_logger(__name__)
@@ -53,6 +68,8 @@ DEFAULT_LAYER = -2
 # only the central <= 64 tokens are computed, so big batches stay small in memory; on CPU 256 is ~1.5x faster than
 # 64 per galaxy (per-op overhead amortised; benchmarks/embed_speed.py)
 DEFAULT_BATCH = 256
+DEFAULT_PART_ROWS = 100_000  # objects per part of a parts directory: ~200 MB of 512-d float32 (bounded memory)
+KILL_AFTER_PART_ENV = "ASTROLOM_EMBED_KILL_AFTER_PART"  # tests: SIGKILL the job once this many parts are finished
 
 
 def tokens_used(model: AstroPT, available: int, n_tokens: int = DEFAULT_TOKENS) -> int:
@@ -190,6 +207,193 @@ def _shape(record: Record) -> tuple[int, ...]:
     return tuple(record.shape) if isinstance(getattr(record, "shape", None), tuple) else tuple(record.image.shape)
 
 
+class SplitStream:
+    """One rank's records of several splits in file order, with a position that resumes exactly.
+
+    Split by split, each a `RecordStream` (record k of a split goes to rank k % world_size); `max_per_split` keeps
+    the first N records of each split (the same objects on every run). `state_dict()` names the record after the
+    last one yielded, so a stream restored with `load_state_dict` continues with exactly that record.
+    """
+
+    def __init__(
+        self,
+        source,
+        splits: list[str],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_per_split: int | None = None,
+    ):
+        self.source, self.splits, self.rank, self.world_size = source, list(splits), rank, world_size
+        self.counts = source.split_counts()
+        # this rank's share of the first max_per_split records of a split (records are dealt round-robin)
+        self.limit = None if max_per_split is None else math.ceil((max_per_split - rank) / world_size)
+        self._pos: dict = {"split": 0, "taken": 0, "stream": None}
+        self._stream = None  # the RecordStream being read; its position is read only when asked for
+
+    def total(self) -> int:
+        """Records this rank reads in all (none read or decoded to count them)."""
+        n = 0
+        for s in self.splits:
+            c = self.counts.get(s, 0)
+            c = min(c, self.limit * self.world_size) if self.limit is not None else c
+            n += c // self.world_size + (self.rank < c % self.world_size)
+        return n
+
+    def __iter__(self) -> Iterator[Record]:
+        from astrolom.data.stream import RecordStream
+
+        if self._stream is not None:  # a new iterator continues after the last record the previous one yielded
+            self._pos["stream"] = self._stream.state_dict()
+        while self._pos["split"] < len(self.splits):
+            i = self._pos["split"]
+            if self.counts.get(self.splits[i], 0):
+                it = RecordStream(self.source, split=self.splits[i], shuffle=False, rank=self.rank,
+                                  world_size=self.world_size, epochs=1)  # fmt: skip
+                if self._pos["stream"] is not None:
+                    it.load_state_dict(self._pos["stream"])
+                self._stream, gen = it, iter(it)
+                while self.limit is None or self._pos["taken"] < self.limit:
+                    rec = next(gen, None)
+                    if rec is None:
+                        break
+                    self._pos["taken"] += 1
+                    yield rec
+            self._stream, self._pos = None, {"split": i + 1, "taken": 0, "stream": None}
+
+    def state_dict(self) -> dict:
+        pos = dict(self._pos)
+        if self._stream is not None:
+            pos["stream"] = self._stream.state_dict()
+        return pos
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pos = {"split": int(state["split"]), "taken": int(state["taken"]), "stream": state.get("stream")}
+
+
+EmbedBatches = Callable[[Iterator[Record]], Iterator[tuple[list[Record], Vectors]]]
+
+
+def write_embeddings(
+    out: str | Path,
+    metadata: dict,
+    source,
+    splits: list[str],
+    embed_batches: EmbedBatches,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_per_split: int | None = None,
+    part_rows: int | None = None,
+    resume: bool = False,
+    alias: str | None = None,
+    desc: str = "embed",
+    progress: bool = True,
+) -> Path:
+    """Embed one rank's records of `splits` of `source` with `embed_batches` and write them; returns the path.
+
+    The one body of every embedder (images-only, multimodal, aligned). One file at `out` for a single process
+    without `part_rows`; otherwise a parts directory (`astrolom.eval.embeddings`): parts of `part_rows` objects,
+    each renamed into place when complete, and this rank's progress file updated after each, so that `resume`
+    continues a killed job after its last finished part (no object twice, none missing). Records skipped as bad
+    (a source opened with skip_bad) are listed in the file's footer or the progress file.
+    `metadata["recipe"]` must hold the `EmbeddingRecipe` (resuming checks it is the same job).
+    """
+    stream = SplitStream(source, splits, rank=rank, world_size=world_size, max_per_split=max_per_split)
+    out = Path(out)
+    tag = f"embed[{rank}]" if world_size > 1 else desc
+    if part_rows is None and world_size == 1:
+        if resume:
+            raise ValueError("--resume continues a parts directory: start the job with --part-rows N")
+        bar = progress_bar(stream.total(), desc=tag, unit="obj", enabled=progress)
+        with EmbeddingWriter(out, metadata, alias) as writer:
+            try:
+                for recs, vecs in embed_batches(iter(stream)):
+                    writer.write(recs, vecs)
+                    bar.update(len(recs))
+            finally:
+                bar.close()
+            if writer.rows == 0:
+                raise ValueError(f"{metadata.get('data')}: no records in split(s) {splits}")
+            writer.close(skipped=_skips(source, (0, 0)))
+        return out
+    return _write_parts(out, metadata, source, stream, embed_batches, part_rows or DEFAULT_PART_ROWS, resume, alias,
+                        tag, progress)  # fmt: skip
+
+
+def _skips(source, since: tuple[int, int]) -> list[dict]:
+    """Records skipped whole and spectra dropped by `source` since it had listed `since` of each."""
+    return [*source.bad[since[0] :], *source.bad_spectra[since[1] :]]
+
+
+def _job(metadata: dict, world_size: int) -> dict:
+    """What a resumed job must share with the one it continues."""
+    keys = ("recipe", "data", "splits", "max_per_split", "skip_bad")
+    return {**{k: metadata.get(k) for k in keys}, "world_size": world_size}
+
+
+def _write_parts(out, metadata, source, stream, embed_batches, part_rows, resume, alias, tag, progress) -> Path:
+    rank, world = stream.rank, stream.world_size
+    out.mkdir(parents=True, exist_ok=True)
+    job = json.loads(json.dumps(_job(metadata, world)))  # as it reads back from JSON
+    prog = progress_path(out, rank)
+    state = None
+    if resume and prog.is_file():
+        state = read_progress(prog)
+        diff = sorted(k for k in job if state.get("job", {}).get(k) != job[k])
+        if diff:
+            raise ValueError(f"{out}: cannot resume a different job (changed: {', '.join(diff)}); start it afresh")
+        if state["position"] is not None:
+            stream.load_state_dict(state["position"])
+        log.info("resuming %s: rank %d has %d objects in %d parts", out, rank, state["rows"], len(state["parts"]))
+    else:
+        prog.unlink(missing_ok=True)
+    listed = set(state["parts"]) if state else set()
+    for f in out.glob(f"part-{rank:05d}-*.parquet"):  # parts of an older job, or written after the last progress
+        if f.name not in listed:
+            f.unlink()
+    if rank == 0:  # a job with fewer ranks than the last one: the extra ranks' files are not part of it
+        for f in (*out.glob(PROGRESS_GLOB), *out.glob("part-*.parquet")):
+            r = f.stem.split("-")[1]
+            if r.isdigit() and int(r) >= world:
+                f.unlink()
+    if state is None:
+        state = {"rank": rank, "world_size": world, "job": job, "parts": [], "rows": 0, "position": None,
+                 "skipped": [], "done": False}  # fmt: skip
+        write_progress(out, state)
+    if state["done"]:
+        log.info("%s: rank %d had already finished", out, rank)
+        return out
+    bar = progress_bar(stream.total(), desc=tag, unit="obj", enabled=progress, initial=state["rows"])
+    kill_after = os.environ.get(KILL_AFTER_PART_ENV)
+    records = iter(stream)  # one iterator for all parts: each part takes the next part_rows records
+    try:
+        while True:
+            since = (len(source.bad), len(source.bad_spectra))
+            writer = EmbeddingWriter(part_path(out, rank, len(state["parts"])), metadata, alias)
+            with writer:
+                for recs, vecs in embed_batches(islice(records, part_rows)):
+                    writer.write(recs, vecs)
+                    bar.update(len(recs))
+                writer.close()
+            state["skipped"] += _skips(source, since)
+            if writer.rows == 0:
+                break
+            state["parts"].append(writer.path.name)
+            state["rows"] += writer.rows
+            state["position"] = stream.state_dict()
+            write_progress(out, state)
+            if kill_after is not None and len(state["parts"]) == int(kill_after):  # fault injection for tests
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+    if state["rows"] == 0:
+        raise ValueError(f"{metadata.get('data')}: no records in split(s) {stream.splits} for rank {rank}")
+    state["done"] = True
+    write_progress(out, state)
+    return out
+
+
 def embed_dataset(
     model: AstroPT,
     data: str,
@@ -206,16 +410,20 @@ def embed_dataset(
     max_per_split: int | None = None,
     symmetrize: bool = False,
     scales: tuple[int, ...] | None = None,
+    skip_bad: bool = False,
+    part_rows: int | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the file written.
+    """Embed `splits` (default all) of the data set at `data` into Parquet at `out`; returns the path written.
 
     `max_per_split` keeps the first N records of each split in file order (the same objects on every run).
-    `metadata` goes into the file; its `split_settings` (from `load_model`: the pretraining run's
-    data.split_fractions / split_seed) decide the splits of data sets that have no split column.
+    `metadata` (from `load_model`) goes into the file: the model directory, random-init seed and the run's
+    split settings (data.split_fractions / split_seed, which decide the splits of data sets that have no split
+    column). `skip_bad`: skip unreadable records (listed with the embeddings) instead of failing. `part_rows` /
+    `resume` and torchrun: a resumable parts directory (`write_embeddings`).
     """
     from astrolom.data.sources import open_source
-    from astrolom.data.stream import RecordStream
 
     env = parallel.read_env()
     rank = env.rank if rank is None else rank
@@ -224,72 +432,61 @@ def embed_dataset(
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     model = model.to(device).eval()
-    splits = list(SPLITS if splits is None else splits)
-    bad = [s for s in splits if s not in SPLITS]
-    if bad:
-        raise ValueError(f"unknown split(s) {bad}; choose from {SPLITS}")
+    splits = check_splits(splits)
+    if model.config.multimodal:
+        raise ValueError(f"{(metadata or {}).get('model')}: a multimodal model; embed it with `astrolom embed`")
     # data without a split column is split by a hash of the object id: use the settings the model trained with
     split_settings = dict((metadata or {}).get("split_settings") or {})
     if "split_fractions" in split_settings:
         split_settings["split_fractions"] = tuple(split_settings["split_fractions"])
-    source = open_source(data, spectra=False, **split_settings)
-    counts = source.split_counts()
-    total = sum(min(counts[s], max_per_split or counts[s]) for s in splits)
-    mine = total // world_size + (rank < total % world_size)
-    path = output_path(out, rank, world_size)
-    n_layer = model.config.n_layer
+    extra = dict(metadata or {})
+    recipe = EmbeddingRecipe(
+        encoder="astropt",
+        model=extra.pop("model", None),
+        layer=layer,
+        tokens=max(scales) if scales else n_tokens,
+        scales=scales,
+        symmetrize=symmetrize,
+        random_init=bool(extra.pop("random_init", False)),
+        seed=extra.pop("seed", None),
+    )
     meta = {
-        "model": None,
+        "recipe": recipe.to_json(),
         "data": str(data),
-        "layer": layer,
-        "layer_index": layer % n_layer if layer < 0 else layer,
-        "n_layer": n_layer,
-        "tokens": max(scales) if scales else n_tokens,
-        "scales": list(scales) if scales else None,
+        "layer_index": layer % model.config.n_layer if layer < 0 else layer,
+        "n_layer": model.config.n_layer,
         "splits": splits,
         "max_per_split": max_per_split,
-        "symmetrize": symmetrize,
-        "rank": rank,
+        "skip_bad": skip_bad,
         "world_size": world_size,
         "model_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(model.config).items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(metadata or {}),
+        **extra,
     }
-    writer = EmbeddingWriter(path, meta)
 
-    def stream() -> Iterator[Record]:
-        for s in splits:
-            if counts[s] == 0:
-                continue
-            it = RecordStream(source, split=s, shuffle=False, rank=rank, world_size=world_size, epochs=1)
-            if max_per_split is not None:
-                it = islice(it, math.ceil((max_per_split - rank) / world_size))
-            yield from it
+    def embed_batches(records: Iterator[Record]) -> Iterator[tuple[list[Record], np.ndarray]]:
+        yield from embed_records(model, records, batch_size=batch_size, layer=layer, n_tokens=n_tokens,
+                                 device=device, symmetrize=symmetrize, scales=scales)  # fmt: skip
 
-    bar = progress_bar(mine, desc=f"embed[{rank}]" if world_size > 1 else "embed", unit="img", enabled=progress)
+    source = open_source(data, spectra=False, skip_bad=skip_bad, **split_settings)
     t0 = time.perf_counter()
     try:
-        for recs, emb in embed_records(
-            model,
-            stream(),
-            batch_size=batch_size,
-            layer=layer,
-            n_tokens=n_tokens,
-            device=device,
-            symmetrize=symmetrize,
-            scales=scales,
-        ):
-            writer.write(recs, emb)
-            bar.update(len(recs))
+        path = write_embeddings(out, meta, source, splits, embed_batches, rank=rank, world_size=world_size,
+                                max_per_split=max_per_split, part_rows=part_rows, resume=resume,
+                                progress=progress)  # fmt: skip
     finally:
-        bar.close()
-        writer.close()
         source.close()
-    if writer.rows == 0:
-        raise ValueError(f"{data}: no records in split(s) {splits} for rank {rank}")
-    dt = time.perf_counter() - t0
-    log.info("embedded %d objects in %.1f s (%.0f/s) -> %s", writer.rows, dt, writer.rows / max(dt, 1e-9), path)
+    log.info("embedded %s in %.1f s -> %s", data, time.perf_counter() - t0, path)
     return path
+
+
+def check_splits(splits: Iterable[str] | None) -> list[str]:
+    """The splits to embed (default all), each a known split name."""
+    splits = list(SPLITS if splits is None else splits)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise ValueError(f"unknown split(s) {bad}; choose from {SPLITS}")
+    return splits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,8 +501,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="block whose outputs are averaged (default -2, the paper's penultimate block; -1, the final block, for "
         "multimodal models: README 'Spectra')",
     )
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="central spiral tokens averaged (64)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"stamps per forward ({DEFAULT_BATCH})")
+    parser.add_argument("--tokens", type=int, default=None, help="central spiral tokens averaged (default 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"stamps per forward (default {DEFAULT_BATCH}; 64 with spectra)"
+    )
     parser.add_argument("--max-per-split", type=int, default=None, help="embed only the first N objects per split")
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: this rank's GPU, else CPU)")
     parser.add_argument(
@@ -329,45 +528,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ranges of the spectrum's tokens, concatenated (default 8, at most the model's spectrum tokens; 1 = one mean "
         "over all tokens; README 'Fibre apertures')",
     )
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.model, random_init=args.random_init, seed=args.seed)
-    if args.spectrum_segments is not None and "spectra" not in model.config.modalities:
-        raise ValueError(f"--spectrum-segments: {args.model} has no spectra (modalities {model.config.modalities})")
-    if model.config.multimodal:  # per-modality and joint columns (astrolom.eval.multimodal)
-        from astrolom.eval.multimodal import embed_multimodal_dataset
-
-        if args.random_init or args.scales:
-            raise ValueError("--random-init and --scales are not supported for multimodal models yet")
-        path = embed_multimodal_dataset(
-            args.model,
-            args.data,
-            args.out,
-            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            batch_size=args.batch_size,
-            **({} if args.layer is None else {"layer": args.layer}),
-            n_tokens=args.tokens,
-            **({} if args.spectrum_segments is None else {"spectrum_segments": args.spectrum_segments}),
-            max_per_split=args.max_per_split,
-            progress=not args.no_progress,
-        )
-        print(f"embedded (images, spectra, joint columns) -> {path}")
-        return 0
-    embed_dataset(
-        model,
-        args.data,
-        args.out,
-        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-        batch_size=args.batch_size,
-        layer=DEFAULT_LAYER if args.layer is None else args.layer,
-        n_tokens=args.tokens,
-        device=args.device,
-        metadata=meta,
-        max_per_split=args.max_per_split,
-        symmetrize=args.symmetrize,
-        scales=parse_scales(args.scales),
-        progress=not args.no_progress,
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable records (truncated or corrupt files, wrong shapes) instead of failing; they are listed "
+        "with the embeddings and counted in an index built from them",
     )
-    return 0
+    parser.add_argument(
+        "--part-rows",
+        type=int,
+        default=None,
+        help="write --out as a directory of parts of this many objects, each complete on disk, so that a killed job "
+        f"can --resume (always parts under torchrun, {DEFAULT_PART_ROWS:,} a part unless given)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted parts directory after its last finished part"
+    )
+    parser.add_argument("--no-progress", action="store_true")

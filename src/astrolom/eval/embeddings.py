@@ -1,28 +1,43 @@
-"""The embedding table on disk: `EmbeddingWriter` writes it, `load_embeddings` reads it, `split_rows` splits it.
+"""The embedding table on disk: `EmbeddingWriter` writes it, `load_embeddings` reads it, `recipe_of` says how it was
+made, `split_rows` splits it.
 
 One Parquet row per object: `object_id`, `split`, every label column of the data, and `embedding`
 (fixed-size list<float32>). A multimodal model's file (`astrolom.eval.multimodal`) and an alignment's
 (`astrolom embed --model ALIGN`, `astrolom eval-align`) add one column per modality, `embedding_<name>`, null where
 the object lacks it; they are read into `EmbeddingTable.modalities` (NaN rows where absent), never taken for labels.
-`load_embedding_columns` reads several of them on the objects that have every one. The file metadata key
-`astrolom` holds JSON describing how the embeddings were made (model, layer, token count, data, split settings).
-Under torchrun every rank writes its own part, `EMB.parquet/part-<rank>.parquet`; `load_embeddings` reads a file
-or such a directory alike.
+`load_embedding_columns` reads several of them on the objects that have every one.
 
-This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the record type.
+The file metadata key `astrolom` holds JSON: `recipe`, the `EmbeddingRecipe` (everything a new object's embedding
+depends on: encoder, model, layer, tokens, scales, symmetry pooling, spectrum segments, columns), plus provenance
+(data, splits, split settings, creation time). `recipe_of` is the one reader of it, for embedding files and index
+metadata alike, and still reads the flat keys of files written before the recipe existed. Records skipped as bad
+(`astrolom embed --skip-bad`) are listed in each file's footer (`astrolom.skipped`), read into `EmbeddingTable.skipped`.
+
+On disk an embedding set is one file (`EMB.parquet`), or a directory of parts (`--part-rows`, and always under
+torchrun): `part-<rank>-<seq>.parquet`, each written to a temporary name and renamed when complete, and one
+`progress-<rank>.json` per rank naming its finished parts, the stream position after them, and whether the rank is
+done. A killed job resumes from the progress files (`astrolom embed --resume`); readers take only the listed parts
+and refuse a set whose ranks have not all finished. Directories of plain `*.parquet` parts (older torchrun output)
+still read.
+
+This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the record type and the
+atomic-write helpers.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY, Record
+from astrolom.layout import atomic_write_text
 
 # multi-scale embeddings (`astrolom.eval.embed`): means over the central 2x2, 4x4 and 8x8 patches; what `astrolom
 # index --model` embeds with by default (here, beside the table format, so the index need not import torch)
@@ -30,7 +45,108 @@ MULTISCALE = (4, 16, 64)
 
 EMBEDDING = "embedding"  # the column that holds the vectors
 EMBEDDING_PREFIX = "embedding_"  # per-modality vectors: embedding_images, embedding_spectra, embedding_joint
+SKIPPED_KEY = b"astrolom.skipped"  # footer key: JSON list of the records skipped as bad while writing the file
 _KEY_COLUMNS = ("object_id", "split")
+
+# --------------------------------------------------------------------------------------------------------- recipe
+
+ENCODERS = ("astropt", "multimodal", "aligned")
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EmbeddingRecipe:
+    """How embeddings were made: embedding a new object the same way needs exactly these settings.
+
+    encoder: `astropt` (a one-modality AstroPT: the paper's readout), `multimodal` (an images + spectra AstroPT:
+    per-modality and joint columns, `astrolom.eval.multimodal`) or `aligned` (an alignment run's shared space).
+    model: the model directory or alignment run that made them (None: unknown).
+    layer / tokens: the block read out and the central spiral tokens averaged; scales: multi-scale token counts
+    (`tokens` is then their maximum); symmetrize: averaged over the D4 rotations/mirrors.
+    spectrum_segments: wavelength ranges of the spectrum readout (multimodal models).
+    columns: vector column -> what it holds (images, spectra or joint); `embedding` is always present.
+    random_init / seed: a randomly initialised control of the model's config (new objects cannot be embedded).
+    """
+
+    encoder: str = "astropt"
+    model: str | None = None
+    layer: int = -2
+    tokens: int = 64
+    scales: tuple[int, ...] | None = None
+    symmetrize: bool = False
+    spectrum_segments: int | None = None
+    columns: dict[str, str] = field(default_factory=lambda: {EMBEDDING: "images"})
+    random_init: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder kind {self.encoder!r}; choose from {', '.join(ENCODERS)}")
+        if EMBEDDING not in self.columns:
+            raise ValueError(f"an embedding recipe must say what its {EMBEDDING!r} column holds: {self.columns}")
+        if self.scales is not None:
+            object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the modalities share one space (an alignment run): cross-modal search means something."""
+        return self.encoder == "aligned"
+
+    @property
+    def main_modality(self) -> str:
+        """What the `embedding` column holds: images, or the joint embedding of a multimodal model."""
+        return self.columns[EMBEDDING]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["scales"] = list(self.scales) if self.scales else None
+        return {"version": RECIPE_VERSION, **out}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EmbeddingRecipe:
+        version = data.get("version", RECIPE_VERSION)
+        if version > RECIPE_VERSION:
+            raise ValueError(f"embedding recipe version {version} is newer than this astrolom ({RECIPE_VERSION})")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def recipe_of(metadata: dict[str, Any]) -> EmbeddingRecipe:
+    """The recipe recorded in an embedding file's metadata or an index's meta.json.
+
+    Metadata written before the typed recipe (flat keys `layer`, `tokens`, `scales`, `symmetrize`,
+    `spectrum_segments`, `columns`, `aligned`, `model`; an index's `embedding_modality` and `modalities`) is read
+    here and nowhere else.
+    """
+    if metadata.get("recipe"):
+        return EmbeddingRecipe.from_json(metadata["recipe"])
+    m = metadata
+    columns = dict(m.get("columns") or {})
+    if not columns:  # an index meta.json: what its main index holds, and one index per modality
+        columns = {EMBEDDING: m.get("embedding_modality") or "images"}
+        columns.update({EMBEDDING_PREFIX + name: name for name in m.get("modalities") or {}})
+    if m.get("aligned"):
+        encoder = "aligned"
+    elif columns[EMBEDDING] == "joint" or m.get("spectrum_segments") is not None:
+        encoder = "multimodal"
+    else:
+        encoder = "astropt"
+    if encoder == "multimodal":
+        layer_default, segments = -1, int(m.get("spectrum_segments") or 1)  # before segments: one mean
+    else:
+        layer_default, segments = -2, None
+    return EmbeddingRecipe(
+        encoder=encoder,
+        model=m.get("model") or m.get("aligned") or None,
+        layer=int(m["layer"]) if m.get("layer") is not None else layer_default,
+        tokens=int(m.get("tokens") or 64),
+        scales=tuple(m["scales"]) if m.get("scales") else None,
+        symmetrize=bool(m.get("symmetrize", False)),
+        spectrum_segments=segments,
+        columns=columns,
+        random_init=bool(m.get("random_init", False)),
+        seed=m.get("seed") if m.get("random_init") else None,
+    )
 
 
 @dataclass
@@ -43,6 +159,11 @@ class EmbeddingTable:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     modalities: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, D_m), NaN rows where absent
+    skipped: list[dict] = field(default_factory=list)  # records skipped as bad when the embeddings were written
+
+    @property
+    def recipe(self) -> EmbeddingRecipe:
+        return recipe_of(self.metadata)
 
     def __len__(self) -> int:
         return len(self.object_id)
@@ -56,6 +177,7 @@ class EmbeddingTable:
             {k: v[mask] for k, v in self.labels.items()},
             self.metadata,
             {k: v[mask] for k, v in self.modalities.items()},
+            self.skipped,
         )
 
     def rows_of(self, object_ids: np.ndarray) -> np.ndarray:
@@ -75,15 +197,54 @@ def is_embedding_column(name: str) -> bool:
 def _files(path: Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"no embeddings at {path}")
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path]
+    progress = sorted(path.glob(PROGRESS_GLOB))
+    files = _finished_parts(path, progress) if progress else sorted(path.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .parquet files")
     return files
 
 
+def _finished_parts(path: Path, progress: list[Path]) -> list[Path]:
+    """The parts listed by the progress files of a parts directory; an error unless every rank has finished."""
+    states = [read_progress(p) for p in progress]
+    world = {s["world_size"] for s in states}
+    if len(world) > 1:
+        raise ValueError(f"{path}: progress files of runs with different world sizes {sorted(world)}")
+    ranks = sorted(s["rank"] for s in states)
+    missing = sorted(set(range(world.pop())) - set(ranks))
+    unfinished = [s for s in states if not s.get("done")]
+    if missing or unfinished:
+        which = [f"rank {r} never started" for r in missing]
+        which += [f"rank {s['rank']} stopped after {s['rows']} objects" for s in unfinished]
+        raise ValueError(
+            f"{path}: the embedding job has not finished ({'; '.join(which)}); continue it with "
+            "`astrolom embed ... --resume` (same --out and world size)"
+        )
+    return [path / name for s in sorted(states, key=lambda s: s["rank"]) for name in s["parts"]]
+
+
 def embedding_columns(path: str | Path) -> list[str]:
     """The vector columns of an embedding file, in file order (reads the schema only)."""
     return [n for n in pq.read_schema(_files(Path(path))[0]).names if is_embedding_column(n)]
+
+
+def embedding_files(path: str | Path) -> list[Path]:
+    """The Parquet files of an embedding set: the file itself, or the finished parts of a parts directory (an error
+    while its job has not finished); what a reader streams through part by part."""
+    return _files(Path(path))
+
+
+def embedding_metadata(path: str | Path) -> dict:
+    """The `astrolom` metadata of an embedding file or set (from any one of its files: every part has the same, so
+    this reads a set whose other ranks are still writing)."""
+    path = Path(path)
+    first = min(path.glob("*.parquet"), default=None) if path.is_dir() else path
+    if first is None or not first.exists():
+        raise FileNotFoundError(f"no embeddings at {path}")
+    raw = (pq.read_schema(first).metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def choose_columns(available: list[str], columns: str | list[str] = "auto") -> list[str]:
@@ -147,7 +308,21 @@ def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, Em
         n.removeprefix(EMBEDDING_PREFIX): (vectors[n][0] if n in vectors else _vectors(table.column(n))[0])[keep]
         for n in modal
     }
-    return {c: EmbeddingTable(object_id, split, X[keep], labels, metadata, modalities) for c, (X, _) in vectors.items()}
+    skipped = [entry for f in files for entry in _skipped_of(f)]
+    return {
+        c: EmbeddingTable(object_id, split, X[keep], labels, metadata, modalities, skipped)
+        for c, (X, _) in vectors.items()
+    }
+
+
+def _skipped_of(file: Path) -> list[dict]:
+    raw = (pq.ParquetFile(file).metadata.metadata or {}).get(SKIPPED_KEY)
+    return json.loads(raw) if raw else []
+
+
+def skipped_records(path: str | Path) -> list[dict]:
+    """The records skipped as bad while writing an embedding file or parts directory (footers only, no vectors)."""
+    return [entry for f in _files(Path(path)) for entry in _skipped_of(f)]
 
 
 def _vectors(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,61 +355,121 @@ def split_rows(table: EmbeddingTable, fit_split: str, test_split: str) -> tuple[
     return fit, test
 
 
-def output_path(out: str | Path, rank: int, world_size: int) -> Path:
-    """EMB.parquet for one process; EMB.parquet/part-<rank>.parquet (a directory) under torchrun."""
-    out = Path(out)
-    if world_size > 1:
-        return out / f"part-{rank:05d}.parquet"
-    return out
+PROGRESS_GLOB = "progress-*.json"
+
+
+def part_path(out: str | Path, rank: int, seq: int) -> Path:
+    """Part `seq` of rank `rank` in a parts directory."""
+    return Path(out) / f"part-{rank:05d}-{seq:05d}.parquet"
+
+
+def progress_path(out: str | Path, rank: int) -> Path:
+    return Path(out) / f"progress-{rank:05d}.json"
+
+
+def read_progress(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable embedding progress file ({err})") from err
+    for key in ("rank", "world_size", "parts", "rows"):
+        if key not in state:
+            raise ValueError(f"{path}: not an embedding progress file (no {key!r})")
+    return state
+
+
+def write_progress(out: str | Path, state: dict) -> None:
+    """Replace a rank's progress file atomically (a reader sees the old state or the new one)."""
+    atomic_write_text(progress_path(out, state["rank"]), json.dumps(state, indent=1))
+
+
+Vectors = np.ndarray | dict[str, tuple[np.ndarray, np.ndarray | None]]
 
 
 class EmbeddingWriter:
-    """Parquet writer for embedding rows; the schema is fixed by the first batch (labels keep their types)."""
+    """The one writer of embedding rows: Parquet written batch by batch to a temporary name, renamed on `close`.
 
-    def __init__(self, path: str | Path, metadata: dict):
+    `write(records, vectors)` takes one (B, D) array for the `embedding` column, or {column: (vectors (B, D),
+    present (B,) bool or None for all)} for several; `alias` names the column that `embedding` repeats (a
+    multimodal model's joint one). The schema is fixed by the first batch (labels keep their types); the metadata
+    goes under the `astrolom` key with the embedding width. `close(skipped=...)` lists skipped records in the
+    footer. A writer that never wrote, or is left by an exception (`with` block), leaves no file.
+    """
+
+    def __init__(self, path: str | Path, metadata: dict, alias: str | None = None):
         self.path = Path(path)
         self.metadata = metadata
+        self.alias = alias
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self.rows = 0
 
-    def write(self, records: list[Record], embeddings: np.ndarray) -> None:
-        dim = embeddings.shape[1]
+    def write(self, records: list[Record], vectors: Vectors) -> None:
+        vecs = {EMBEDDING: (vectors, None)} if isinstance(vectors, np.ndarray) else dict(vectors)
+        if self.alias is not None and self.alias in vecs:
+            vecs = {EMBEDDING: vecs[self.alias], **vecs}
+        if EMBEDDING not in vecs:
+            raise ValueError(f"no {EMBEDDING!r} vectors among {sorted(vecs)}")
         cols: dict[str, pa.Array] = {
             "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
             "split": pa.array([r.split for r in records], pa.string()),
         }
-        names = self._schema.names[2:-1] if self._schema is not None else _label_names(records)
+        vector_names = [EMBEDDING, *(n for n in vecs if n != EMBEDDING)]
+        if self._schema is None:
+            names = _label_names(records)
+        else:
+            names = [n for n in self._schema.names if n not in cols and not is_embedding_column(n)]
         for name in names:
             values = [r.labels.get(name) for r in records]
             typ = self._schema.field(name).type if self._schema is not None else None
             cols[name] = pa.array(values, type=typ) if typ is not None else _infer(values)
-        flat = pa.array(embeddings.reshape(-1), pa.float32())
-        cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(flat, dim)
+        for name in vector_names:
+            values, present = vecs[name]
+            flat = pa.array(np.asarray(values, np.float32).reshape(-1), pa.float32())
+            mask = None if present is None else pa.array(~np.asarray(present, bool))
+            cols[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=mask)
         table = pa.table(cols)
         if self._writer is None:
+            dim = vecs[EMBEDDING][0].shape[1]
             meta = {METADATA_KEY: json.dumps(dict(self.metadata, embedding_dim=dim)).encode()}
             self._schema = table.schema.with_metadata(meta)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, self._schema)
-        self._writer.write_table(table.cast(self._schema))
+            self._writer = pq.ParquetWriter(self._tmp, self._schema)
+        self._writer.write_table(table.select(self._schema.names).cast(self._schema))
         self.rows += len(records)
 
-    def close(self) -> None:
+    def close(self, skipped: list[dict] | None = None) -> None:
+        """Finish the file and rename it into place (nothing is written when no row was)."""
+        if self._writer is None:
+            return
+        if skipped:
+            self._writer.add_key_value_metadata({SKIPPED_KEY: json.dumps(skipped)})
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written; the target path is left as it was."""
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddingWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _label_names(records: list[Record]) -> list[str]:
     names: list[str] = []
     for r in records:
-        names += [k for k in r.labels if k not in names and k not in (*_KEY_COLUMNS, EMBEDDING)]
+        names += [k for k in r.labels if k not in names and k not in _KEY_COLUMNS and not is_embedding_column(k)]
     return names
 
 

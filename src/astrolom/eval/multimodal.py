@@ -49,8 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -58,9 +56,8 @@ from astrolom import layout
 from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
-from astrolom.eval.embeddings import embedding_columns
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_columns
 from astrolom.eval.probes import probe_columns
-from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT
 
 DEFAULT_LAYER = -1  # the final block (after ln_f); images-only `astrolom embed` keeps the paper's -2
@@ -159,54 +156,24 @@ def embed_multimodal(
     return out
 
 
-class MultimodalEmbeddingWriter:
-    """Parquet rows: object_id, split, labels, `embedding` (= `embedding_column`, the joint one by default) and one
-    column per modality (null where absent)."""
-
-    def __init__(self, path: str | Path, metadata: dict, embedding_column: str = "embedding_joint"):
-        self.path, self.metadata, self.embedding_column = Path(path), metadata, embedding_column
-        self._writer: pq.ParquetWriter | None = None
-        self._schema: pa.Schema | None = None
-        self.rows = 0
-
-    def write(self, records: list[Record], embs: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        cols: dict[str, pa.Array] = {
-            "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
-            "split": pa.array([r.split for r in records], pa.string()),
-        }
-        labels = [k for k in records[0].labels if k not in ("object_id", "split", "embedding", *COLUMNS)]
-        for name in labels:
-            cols[name] = pa.array([_py(r.labels.get(name)) for r in records])
-        for name in ("embedding", *COLUMNS):
-            key = self.embedding_column if name == "embedding" else name
-            if key not in embs:
-                continue
-            values, present = embs[key]
-            flat = pa.array(values.reshape(-1), pa.float32())
-            arr = pa.FixedSizeListArray.from_arrays(flat, values.shape[1], mask=pa.array(~present))
-            cols[name] = arr
-        table = pa.table(cols)
-        if self._writer is None:
-            self._schema = table.schema.with_metadata({b"astrolom": json.dumps(self.metadata).encode()})
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, self._schema)
-        self._writer.write_table(table.cast(self._schema))
-        self.rows += len(records)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _py(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
-
-
 def _load(model_path: str) -> tuple[AstroPT, dict, Path]:
     from astrolom.train.checkpoint import from_pretrained, read_config, resolve_model_dir
 
     model_dir = resolve_model_dir(model_path)
     return from_pretrained(model_dir), read_config(model_dir), model_dir
+
+
+def source_settings(cfg_json: dict) -> dict:
+    """`open_source` settings that read data as a model's run did: its split settings (data without a split
+    column), and spectra put on the model's wavelength grid (resampled, flux-conserving)."""
+    d = cfg_json.get("data") or {}
+    settings: dict[str, Any] = {}
+    if "split_fractions" in d:
+        settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
+    grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
+    if grid:
+        settings["wavelength"] = tuple(grid)
+    return settings
 
 
 def model_records(
@@ -216,14 +183,7 @@ def model_records(
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
 
-    d = cfg_json.get("data") or {}
-    settings = {}
-    if "split_fractions" in d:
-        settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
-    grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
-    if grid:  # spectra on another grid are resampled onto the model's (flux-conserving)
-        settings["wavelength"] = tuple(grid)
-    source = open_source(data, spectra=True, **settings)
+    source = open_source(data, spectra=True, **source_settings(cfg_json))
     counts = source.split_counts()
     try:
         for s in splits:
@@ -232,6 +192,18 @@ def model_records(
                 yield from (islice(it, max_per_split) if max_per_split else it)
     finally:
         source.close()
+
+
+def batched_columns(
+    embed: Callable[[list[Record]], dict[str, tuple[np.ndarray, np.ndarray]]], batch_size: int
+) -> Callable[[Iterator[Record]], Iterator[tuple[list[Record], dict]]]:
+    """`embed_batches` for `astrolom.eval.embed.write_embeddings` from a function of one batch of records."""
+
+    def embed_batches(records: Iterator[Record]) -> Iterator[tuple[list[Record], dict]]:
+        while batch := list(islice(records, batch_size)):
+            yield batch, embed(batch)
+
+    return embed_batches
 
 
 def embed_multimodal_dataset(
@@ -245,12 +217,22 @@ def embed_multimodal_dataset(
     n_tokens: int = DEFAULT_TOKENS,
     spectrum_segments: int = DEFAULT_SPECTRUM_SEGMENTS,
     max_per_split: int | None = None,
+    skip_bad: bool = False,
+    part_rows: int | None = None,
+    resume: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Embed a data set with a multimodal model: one row per object, per-modality columns (module docstring).
 
     `spectrum_segments`: wavelength ranges of the spectrum readout (`spectrum_pool`); the default 8 is capped at the
-    model's spectrum token count, a larger explicit value is refused. The file's metadata records the value used."""
+    model's spectrum token count, a larger explicit value is refused. The file's recipe records the value used.
+    `skip_bad`, `part_rows`, `resume`, ranks: as `astrolom.eval.embed.embed_dataset`."""
+    from astrolom.data.sources import open_source
+    from astrolom.eval.embed import check_splits, write_embeddings
+    from astrolom.train import parallel
+
     model, cfg_json, model_dir = _load(model_path)
     if not model.config.multimodal:
         raise ValueError(f"{model_dir} is an images-only model: use `astrolom embed`")
@@ -262,44 +244,33 @@ def embed_multimodal_dataset(
                 f"use at most {spectra.n_tokens}"
             )
         spectrum_segments = spectra.n_tokens  # the default, for a model with fewer tokens: one segment per token
-    splits = list(splits)
-    meta = {"model": str(model_dir), "data": str(data), "layer": layer, "tokens": n_tokens, "splits": splits,
-            "spectrum_segments": spectrum_segments,
-            "columns": {"embedding": "joint", **{c: c.split("_", 1)[1] for c in COLUMNS}},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    splits = check_splits(splits)
+    env = parallel.read_env()
+    rank = env.rank if rank is None else rank
+    world_size = env.world_size if world_size is None else world_size
+    recipe = EmbeddingRecipe(
+        encoder="multimodal",
+        model=str(model_dir),
+        layer=layer,
+        tokens=n_tokens,
+        spectrum_segments=spectrum_segments,
+        columns={EMBEDDING: "joint", **{c: c.split("_", 1)[1] for c in COLUMNS}},
+    )
+    meta = {"recipe": recipe.to_json(), "data": str(data), "splits": splits, "max_per_split": max_per_split,
+            "skip_bad": skip_bad, "world_size": world_size, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
 
     def embed(batch: list[Record]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         _, inputs = record_inputs(batch, model, cfg_json, spectra)
         embs = embed_multimodal(model, inputs, layer, n_tokens, spectrum_segments)
         return {k: (v.numpy(), p.numpy()) for k, (v, p) in embs.items()}
 
-    it = model_records(data, cfg_json, splits, max_per_split)
-    return write_embedding_columns(MultimodalEmbeddingWriter(out, meta), it, embed, batch_size, "embed", progress,
-                                   f"{data}: no records in split(s) {splits}")  # fmt: skip
-
-
-def write_embedding_columns(
-    writer: MultimodalEmbeddingWriter,
-    records: Iterator[Record],
-    embed: Callable[[list[Record]], dict[str, tuple[np.ndarray, np.ndarray]]],
-    batch_size: int,
-    desc: str,
-    progress: bool,
-    empty_error: str,
-) -> Path:
-    """Embed `records` batch by batch with `embed` ({column: (vectors, present)}) into `writer`, with a progress bar;
-    a ValueError `empty_error` when there were no records. Shared by the multimodal and the aligned embedders."""
-    bar = progress_bar(desc=desc, unit="obj", enabled=progress)
+    source = open_source(data, spectra=True, skip_bad=skip_bad, **source_settings(cfg_json))
     try:
-        while batch := list(islice(records, batch_size)):
-            writer.write(batch, embed(batch))
-            bar.update(len(batch))
+        return write_embeddings(out, meta, source, splits, batched_columns(embed, batch_size), rank=rank,
+                                world_size=world_size, max_per_split=max_per_split, part_rows=part_rows,
+                                resume=resume, alias="embedding_joint", progress=progress)  # fmt: skip
     finally:
-        bar.close()
-        writer.close()
-    if writer.rows == 0:
-        raise ValueError(empty_error)
-    return writer.path
+        source.close()
 
 
 def probe_modalities(

@@ -21,16 +21,18 @@ An index is a directory:
     IDX/index.faiss    the FAISS index (row i = row i of objects.parquet); memory-mapped on load (IO_FLAG_MMAP_IFC)
     IDX/objects.parquet object_id, split and every label column of the embeddings
     IDX/meta.json      kind, factory string, search settings, and where the vectors came from: the embedding file,
-                       the model directory that made them (queries by new image are embedded with it), its layer,
-                       tokens and symmetry pooling, the data set (cutouts for figures and the web explorer)
+                       their `recipe` (`astrolom.eval.embeddings.EmbeddingRecipe`: the model that made them, with
+                       which queries by new image or spectrum are embedded, its layer, tokens, scales, symmetry
+                       pooling), the data set (cutouts for figures and the web explorer), and the records skipped
+                       as bad while embedding (`skipped`: counts and entries)
     IDX/map.npy        (optional) 2-D map of the embeddings (UMAP) for the web explorer
     IDX/index-<m>.faiss, IDX/rows-<m>.npy
                        (embeddings with per-modality columns, `embedding_<m>`) one index per modality m over the
                        objects that have it (rows-<m>.npy: their rows of objects.parquet, absent when all do); a
                        modality whose vectors are the `embedding` column reuses index.faiss. meta.json `modalities`
-                       lists them, `aligned` says whether they share one space (an alignment run: cross-modal
-                       search). Aligned spaces are searched by the raw cosine, the similarity their heads were
-                       trained for: z-scoring each modality on its own would move the two apart.
+                       lists them; an alignment run's recipe says they share one space (cross-modal search).
+                       Aligned spaces are searched by the raw cosine, the similarity their heads were trained for:
+                       z-scoring each modality on its own would move the two apart.
 
     astrolom index --model runs/demo/run --data runs/demo/survey --out runs/demo/index   # embed (D4-pooled) + index
     astrolom index --embeddings runs/demo/embeddings.parquet --out runs/demo/index       # from existing embeddings
@@ -50,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from astrolom.eval.embeddings import MULTISCALE, EmbeddingTable, load_embeddings
+from astrolom.eval.embeddings import MULTISCALE, EmbeddingRecipe, EmbeddingTable, load_embeddings, recipe_of
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 
@@ -280,7 +282,8 @@ def build_index(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     emb_meta = table.metadata or {}
-    aligned = bool(emb_meta.get("aligned")) and {"images", "spectra"} <= set(table.modalities)
+    recipe = table.recipe
+    aligned = recipe.aligned and {"images", "spectra"} <= set(table.modalities)
     if aligned and standardize:
         standardize = False
         if log:
@@ -291,7 +294,7 @@ def build_index(
     index, settings = build_faiss(X, kind, **build)
     import faiss
 
-    if log and emb_meta.get("model") and not emb_meta.get("symmetrize"):
+    if log and recipe.encoder == "astropt" and recipe.model and not recipe.symmetrize:
         log(
             "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
             "its neighbour; `astrolom embed --symmetrize` (or `astrolom index --model`) makes them invariant"
@@ -300,21 +303,14 @@ def build_index(
         **settings,
         "faiss_version": faiss.__version__,
         "embeddings": str(Path(source).resolve()) if source else None,
-        "model": emb_meta.get("model"),
-        "random_init": emb_meta.get("random_init", False),
+        "recipe": recipe.to_json(),  # read back with `recipe_of` (SearchIndex.recipe)
         "data": data or emb_meta.get("data"),
-        "layer": emb_meta.get("layer"),
-        "tokens": emb_meta.get("tokens"),
-        "scales": emb_meta.get("scales"),
-        "spectrum_segments": emb_meta.get("spectrum_segments"),
-        "symmetrize": bool(emb_meta.get("symmetrize", False)),
         "labels": list(table.labels),
         "standardize": stats,
-        "embedding_modality": (emb_meta.get("columns") or {}).get("embedding") or "images",
+        "skipped": skipped_summary(table.skipped),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if table.modalities:
-        meta["aligned"] = aligned
         meta["modalities"] = {
             name: _build_modality(out, name, V, table.X, settings, stats, kind, standardize, build, log)
             for name, V in table.modalities.items()
@@ -334,6 +330,16 @@ def build_index(
             f"in {meta['build_s']} s -> {out}"
         )
     return out
+
+
+def skipped_summary(skipped: list[dict], keep: int = 1000) -> dict:
+    """meta.json's account of the records skipped as bad when the embeddings were made (`astrolom embed
+    --skip-bad`): counts, and the first `keep` entries (all of them stay in the embedding files)."""
+    return {
+        "records": sum(e.get("dropped", "record") == "record" for e in skipped),
+        "spectra": sum(e.get("dropped") == "spectrum" for e in skipped),
+        "entries": skipped[:keep],
+    }
 
 
 def _write_faiss(index, path: Path) -> None:
@@ -414,6 +420,7 @@ class SearchIndex:
         self.label_names = [c for c in self.objects.column_names if c not in ("object_id", "split")]
         self._row = {oid: i for i, oid in enumerate(self.object_id)}
         self._labels: dict[str, list] | None = None
+        self.recipe: EmbeddingRecipe = recipe_of(self.meta)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -430,12 +437,12 @@ class SearchIndex:
     @property
     def aligned(self) -> bool:
         """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
-        return bool(self.meta.get("aligned"))
+        return self.recipe.aligned and {"images", "spectra"} <= set(self.modalities)
 
     @property
     def main_modality(self) -> str:
         """What the `embedding` column (index.faiss) holds: images, or the joint embedding of a multimodal model."""
-        return str(self.meta.get("embedding_modality") or "images")
+        return self.recipe.main_modality
 
     def space(self, modality: str | None = None) -> _Space:
         """The searchable vectors of a modality (None: the `embedding` column), loaded on first use."""
@@ -605,6 +612,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rotated copy is found 0.96 of the time vs 0.85 for one 64-token mean; `none`: the paper's single mean)",
     )
     parser.add_argument("--splits", default="train,val,test", help="with --model: splits to embed")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="with --model: skip unreadable records (counted in meta.json `skipped`) instead of failing",
+    )
     parser.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default: chosen by size)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default ~1.5%%)")
     parser.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth")
@@ -621,33 +633,24 @@ def run(args: argparse.Namespace) -> int:
     embeddings = args.embeddings
     if args.model and not args.data:
         raise ValueError("--model needs --data (the data set to embed)")
-    from astrolom.align.train import is_aligned
+    if args.model:
+        from astrolom.align.embed import embed_with
+        from astrolom.align.encoder import load_encoder
+        from astrolom.eval.embed import parse_scales
 
-    if args.model and is_aligned(args.model):  # an alignment run: its shared space, one index per modality
-        from astrolom.align.embed import embed_aligned_dataset
-
-        embeddings = embed_aligned_dataset(
-            args.model,
+        encoder = load_encoder(args.model)
+        # images-only models: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
+        # a new noise draw moves a galaxy away from itself (docs/embeddings.md); multimodal models and alignment
+        # runs embed with their own readout, one index per modality
+        plain = encoder.kind == "astropt"
+        embeddings = embed_with(
+            encoder,
             args.data,
             Path(args.out) / "embeddings.parquet",
             splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            progress=not args.no_progress,
-        )
-    elif args.model:
-        # the default index: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
-        # a new noise draw moves a galaxy away from itself (README "The sky has no up")
-        from astrolom.eval.embed import embed_dataset, parse_scales
-        from astrolom.model.pretrained import load_model
-
-        model, meta = load_model(args.model)
-        embeddings = embed_dataset(
-            model,
-            args.data,
-            Path(args.out) / "embeddings.parquet",
-            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            metadata=meta,
-            symmetrize=not args.no_symmetrize,
-            scales=parse_scales(args.scales),
+            symmetrize=plain and not args.no_symmetrize,
+            scales=parse_scales(args.scales) if plain else None,
+            skip_bad=args.skip_bad,
             progress=not args.no_progress,
         )
     build_index(

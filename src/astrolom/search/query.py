@@ -82,27 +82,18 @@ class SearchResult:
 
 
 @lru_cache(maxsize=2)
-def _model(model_dir: str):
-    from astrolom.model.pretrained import load_model
+def _encoder(path: str):
+    from astrolom.align.encoder import load_encoder
 
-    model, _ = load_model(model_dir)
-    return model
-
-
-@lru_cache(maxsize=2)
-def _aligned(run: str):
-    from astrolom.align.embed import load_aligned_encoder
-
-    return load_aligned_encoder(run)
+    return load_encoder(path)
 
 
 @lru_cache(maxsize=2)
-def _spectrum_model(model_dir: str):
-    """(multimodal AstroPT, its spectrum tokeniser) of a model directory."""
+def _spectrum_tokeniser(model_dir: str):
+    """The spectrum tokeniser of a multimodal AstroPT's directory."""
     from astrolom.eval.multimodal import spectrum_tokeniser_from_config
-    from astrolom.model.pretrained import read_config
 
-    return _model(model_dir), spectrum_tokeniser_from_config(read_config(model_dir))
+    return spectrum_tokeniser_from_config(_encoder(model_dir).config)
 
 
 def read_image_file(path: str | Path) -> Record:
@@ -155,39 +146,42 @@ def read_image_bytes(data: bytes, name: str = "upload") -> Record:
 
 
 def model_dir_of(index: SearchIndex) -> str:
-    model = index.meta.get("model")
-    if not model:
+    """The model directory or alignment run that made an index's embeddings (its recipe), or an error saying why new
+    objects cannot be embedded for it."""
+    recipe = index.recipe
+    if not recipe.model:
         raise ValueError(
             f"{index.path}: the index does not record the model that made its embeddings; "
             "query by --id, or rebuild it from embeddings written by `astrolom embed`"
         )
-    if index.meta.get("random_init"):
+    if recipe.random_init:
         raise ValueError(f"{index.path}: built from random-init control embeddings; new images cannot be embedded")
-    if not Path(model).exists():
-        raise FileNotFoundError(f"{index.path}: the model {model} recorded in the index is not there")
-    return str(model)
+    if not Path(recipe.model).exists():
+        raise FileNotFoundError(f"{index.path}: the model {recipe.model} recorded in the index is not there")
+    return str(recipe.model)
 
 
 def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
-    """(D,) embedding of a new cutout, made exactly as the indexed embeddings were (model, layer, tokens, pooling)."""
+    """(D,) embedding of a new cutout, made exactly as the indexed embeddings were (the index's recipe: model,
+    layer, tokens, pooling); for a multimodal model, its image embedding (the `images` modality)."""
     from astrolom.eval.embed import embed_records
+    from astrolom.eval.multimodal import embed_multimodal, record_inputs
 
-    if index.aligned:
-        enc = _aligned(model_dir_of(index))
+    recipe = index.recipe
+    enc = _encoder(model_dir_of(index))
+    if recipe.aligned:
         _check_size(record, enc.patch_size)
         return enc.embed_images([record])[0]
-    model = _model(model_dir_of(index))
-    _check_size(record, model.config.patch_size)
-    kw = {}
-    if index.meta.get("layer") is not None:
-        kw["layer"] = int(index.meta["layer"])
-    if index.meta.get("tokens") is not None:
-        kw["n_tokens"] = int(index.meta["tokens"])
-    if index.meta.get("symmetrize"):
-        kw["symmetrize"] = True
-    if index.meta.get("scales"):
-        kw["scales"] = tuple(int(s) for s in index.meta["scales"])
-    (_, emb), *_ = embed_records(model, [record], batch_size=1, **kw)
+    _check_size(record, enc.model.config.patch_size)
+    if recipe.encoder == "multimodal":
+        tokeniser = _spectrum_tokeniser(model_dir_of(index)) if "spectra" in enc.model.config.modalities else None
+        _, inputs = record_inputs([record], enc.model, enc.config, tokeniser)
+        embs = embed_multimodal(enc.model, inputs, recipe.layer, recipe.tokens, recipe.spectrum_segments or 1)
+        return embs["embedding_images"][0][0].numpy()
+    (_, emb), *_ = embed_records(
+        enc.model, [record], batch_size=1, layer=recipe.layer, n_tokens=recipe.tokens,
+        symmetrize=recipe.symmetrize, scales=recipe.scales,
+    )  # fmt: skip
     if emb.shape[1] != index.dim:
         raise ValueError(f"the model embeds to {emb.shape[1]} dimensions but the index holds {index.dim}")
     return emb[0]
@@ -257,7 +251,7 @@ def _spectrum_embedder(index: SearchIndex) -> str:
     if "spectra" not in index.modalities:
         raise ValueError(
             f"{index.path} has no spectra index (it holds {', '.join(index.modalities) or index.main_modality} "
-            f"embeddings of {index.meta.get('model')}); build it from embeddings with an embedding_spectra column: "
+            f"embeddings of {index.recipe.model}); build it from embeddings with an embedding_spectra column: "
             "`astrolom embed` of a model pretrained with spectra or of an alignment run"
         )
     return model_dir_of(index)
@@ -271,15 +265,13 @@ def embed_spectrum(index: SearchIndex, spectrum, name: str = "spectrum") -> np.n
     model_dir = _spectrum_embedder(index)
     if isinstance(spectrum, str | Path):
         name, spectrum = str(spectrum), read_spectrum_file(spectrum)
-    if index.aligned:
-        enc = _aligned(model_dir)
+    enc, recipe = _encoder(model_dir), index.recipe
+    if recipe.aligned:
         return enc.embed_spectra([spectrum_on_grid(spectrum, enc.wavelength, name)], [name])[0]
-    model, tokeniser = _spectrum_model(model_dir)
+    tokeniser = _spectrum_tokeniser(model_dir)
     inputs = tokeniser([spectrum_on_grid(spectrum, tokeniser.wavelength, name)], [name])
-    layer = int(index.meta["layer"]) if index.meta.get("layer") is not None else -2
-    # embeddings written before the segmented readout (no "spectrum_segments") are one mean over all tokens
-    segments = int(index.meta.get("spectrum_segments") or 1)
-    emb, _ = embed_multimodal(model, inputs, layer=layer, spectrum_segments=segments)["embedding_spectra"]
+    segments = recipe.spectrum_segments or 1
+    emb, _ = embed_multimodal(enc.model, inputs, layer=recipe.layer, spectrum_segments=segments)["embedding_spectra"]
     return emb[0].numpy()
 
 

@@ -36,6 +36,7 @@ from astrolom.search.outliers import outlier_scores
 from astrolom.search.query import (
     MODALITIES,
     can_embed_spectra,
+    model_dir_of,
     open_store,
     read_image_bytes,
     read_spectrum_bytes,
@@ -117,8 +118,11 @@ class Explorer:
         return self._scores[k]
 
     def can_embed_images(self) -> bool:
-        m = self.index.meta.get("model")
-        return bool(m) and not self.index.meta.get("random_init") and Path(m).exists()
+        try:
+            model_dir_of(self.index)
+        except (ValueError, FileNotFoundError):
+            return False
+        return True
 
     def modalities(self) -> list[str]:
         return self.index.modalities or [self.index.main_modality]
@@ -203,10 +207,10 @@ def create_app(
             "dim": idx.dim,
             "kind": idx.meta.get("kind"),
             "factory": idx.meta.get("factory"),
-            "model": idx.meta.get("model"),
+            "model": idx.recipe.model,
             "data": ex.data,
-            "symmetrize": bool(idx.meta.get("symmetrize")),
-            "scales": idx.meta.get("scales"),
+            "symmetrize": idx.recipe.symmetrize,
+            "scales": list(idx.recipe.scales) if idx.recipe.scales else None,
             "labels": labels,
             "upload_image": ex.can_embed_images(),
             "upload_spectrum": can_embed_spectra(idx),
