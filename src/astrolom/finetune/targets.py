@@ -213,8 +213,9 @@ class Targets:
                 if voters is None:
                     raise ValueError(
                         f"target {name!r} is a vote fraction, but {where} does not say how many volunteers voted "
-                        "(no 'vote_volunteers' in its metadata): its vote counts cannot be rebuilt; "
-                        "regress the fractions instead (--no-vote-counts)"
+                        "(no 'vote_volunteers' in its metadata), so its vote counts cannot be rebuilt: regenerate a "
+                        "mock survey written before 2026-12-04 with `astrolom survey`, or regress the fractions "
+                        "instead (--no-vote-counts)"
                     )
                 vote_counts(labels, q, voters)  # validates the fractions (clear error if they are not k / n)
                 specs.append(TargetSpec(name, VOTES, question=q))

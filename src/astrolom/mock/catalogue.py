@@ -91,6 +91,7 @@ def _binomial(u: np.ndarray, n: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def object_id(seed: int, index: int) -> str:
+    """The id of object `index` of the survey drawn with `seed` (ids set the splits: `records.split_of`)."""
     return f"mls-{seed}-{index:09d}"
 
 
@@ -227,7 +228,7 @@ def sample_catalogue(
     c["has_bar"] = is_disc & (logm > 9.8) & (U["bar"] < 0.35)
     c["_bar_len"] = 0.6 + 0.6 * U["bar_len"]  # bar half-light radius in disc half-light radii
 
-    # observing conditions: each telescope's own seeing, depth, pixels and filters (see "Instrument realism")
+    # observing conditions: each telescope's own seeing, depth, pixels and filters (see `astrolom.mock.instruments`)
     north_is = {e: north & (e in instrument) for e in INSTRUMENT_EFFECTS}  # north objects that get each difference
     S_, N_ = TELESCOPES["south"], TELESCOPES["north"]
 

@@ -59,7 +59,7 @@ NORTH_DEC = 32.375  # deg: BASS/MzLS above, DECaLS below
 
 # Telescopes: what differs between the north (BASS g, r on the Bok 2.3 m / 90Prime; MzLS z on the Mayall 4 m /
 # Mosaic-3, both at Kitt Peak) and the south (DECaLS g, r, z on the Blanco 4 m / DECam at Cerro Tololo). Sources and
-# the switch that turns each difference off are in the module docstring ("Instrument realism").
+# the switch that turns each difference off are in the module docstring ("Two telescopes").
 #   filters: speclite names of the filter curves the images are taken through (labels always stay on DECam);
 #   fwhm: median delivered seeing per band (arcsec); seeing_scatter: log-normal scatter of the per-camera seeing;
 #   camera: bands sharing a camera share their seeing draw (taken on the same nights and site);
@@ -90,7 +90,7 @@ SKY_MAG = (22.0, 21.0, 19.8)
 # north take the south's value for it.
 INSTRUMENT_EFFECTS = ("filters", "psf", "depth", "pixels")
 LANCZOS_A = 3  # Lanczos-3 resampling kernel (legacypipe resamples every exposure onto the coadd grid with it)
-# DESI spectra see a fibre, not the whole galaxy (see "Spectra" in the module docstring): 1.5" diameter fibres
+# DESI spectra see a fibre, not the whole galaxy (see "Fibre aperture" in the module docstring): 1.5" diameter fibres
 # (107 um at the Mayall's prime focus), observed in the Mayall's own seeing, flux-calibrated on standard stars (point
 # sources), so a galaxy's spectrum carries its total flux times fibre acceptance(galaxy) / acceptance(point source).
 FIBER_DIAMETER = 1.5  # arcsec
@@ -131,6 +131,7 @@ def parse_instrument(text: str) -> tuple[str, ...]:
 
 
 def check_spectrum_aperture(aperture: str) -> str:
+    """`aperture` if it is one of SPECTRUM_APERTURES; else a ValueError naming the choices."""
     if aperture not in SPECTRUM_APERTURES:
         raise ValueError(f"unknown spectrum aperture {aperture!r}; choose from {', '.join(SPECTRUM_APERTURES)}")
     return aperture
@@ -187,7 +188,7 @@ def fiber_fraction(
         unknown = ~np.isin(np.round(n_bulge[sl] * 2) / 2, list(sersic)) & (bt[sl] > 0)
         if unknown.any():
             raise ValueError(f"fiber_fraction: bulge index {n_bulge[sl][unknown][0]} not in {sorted(sersic)}")
-        # row sums, not BLAS: an object's value must not depend on how many share its batch (see _combine)
+        # row sums, not BLAS: an object's value must not depend on how many share its batch (see images._combine)
         out[sl] = (gal * psf * kernel).sum(axis=1) / (psf * kernel).sum(axis=1)
     return np.clip(out, 0.0, 1.0)
 
@@ -204,11 +205,13 @@ def _lanczos_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 def lanczos_ft(u: np.ndarray) -> np.ndarray:
+    """Transfer function of the Lanczos-3 kernel at frequency u (cycles per input pixel), 1 at u = 0."""
     ut, ft = _lanczos_table()
     return np.interp(np.abs(u), ut, ft, right=0.0)
 
 
 def is_resampled(native: float) -> bool:
+    """Whether a camera with `native`-arcsec pixels is resampled onto the coarser-than-native 0.262" coadd grid."""
     return native > PIXEL_SCALE * (1 + 1e-6)
 
 

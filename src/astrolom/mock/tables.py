@@ -28,6 +28,8 @@ M_SUN_R = 4.64  # AB absolute magnitude of the Sun in r
 # --- precomputed tables (templates, filters, cosmology), built once per process ---------------------------------
 @dataclass
 class Tables:
+    """Per-process lookup tables: templates through the filters on a redshift grid, distances, the mass function."""
+
     z_grid: np.ndarray  # (Z,)
     dist_mod: np.ndarray  # (Z,) distance modulus
     lum_dist_cm: np.ndarray  # (Z,)
@@ -131,6 +133,7 @@ _TABLES: Tables | None = None
 
 
 def get_tables() -> Tables:
+    """The tables of this process, built on first use (or handed over by the pool initialiser)."""
     global _TABLES
     if _TABLES is None:
         _TABLES = _build_tables()
@@ -146,7 +149,7 @@ def init_worker(tables: Tables) -> None:
     galsim.utilities.set_omp_threads(1)
 
 
-def log_ml_r(g_minus_r_rest):
+def log_ml_r(g_minus_r_rest: np.ndarray) -> np.ndarray:
     """Bell & de Jong (2003) r-band mass-to-light ratio from rest-frame g - r, shifted to a Chabrier IMF."""
     return -0.306 + 1.097 * np.asarray(g_minus_r_rest) - 0.093
 
@@ -183,10 +186,12 @@ def uniforms(seed: int, index: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def normal(u: np.ndarray) -> np.ndarray:
+    """Standard normal deviates from uniforms (inverse CDF: deterministic in u)."""
     return special.ndtri(u)
 
 
-def sigmoid(x):
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -200,6 +205,7 @@ def spectrum_uniforms(seed: int, index: np.ndarray) -> dict[str, np.ndarray]:
 
 @lru_cache(maxsize=1)
 def universe_age_table() -> tuple[np.ndarray, np.ndarray]:
+    """(z, age of the universe in Gyr) on a grid z = 0..1, Planck18."""
     from astropy.cosmology import Planck18
 
     z = np.linspace(0.0, 1.0, 201)

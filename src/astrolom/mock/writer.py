@@ -69,7 +69,7 @@ JPEG_LAYER = "ls-dr9"  # the viewer layer whose rendering the JPEGs follow (astr
 
 @dataclass
 class SurveyConfig:
-    """Settings of one generated survey (the physics is fixed by the module constants)."""
+    """Settings of one generated survey (the physics is fixed by the constants of the mock's modules)."""
 
     n: int = 2000
     size: int = 64
