@@ -18,7 +18,8 @@ Every object is drawn from physics that hangs together; one module per stage:
 
 Determinism: each object's randomness derives from (seed, index) only, so an object is the same whatever the
 number of objects, workers or shard size. Splits come from a hash of the object id (`records.split_of`).
-The paper splits its 8.6M galaxies 98/1/1; the default here is 80/10/10 because the mock is usually small."""
+The paper splits its 8.6M galaxies 98/1/1; the default here is 80/10/10 because the mock is usually small.
+"""
 
 from astrolom.mock.catalogue import LINES, N_VOLUNTEERS, catalogue_row, object_id, sample_catalogue
 from astrolom.mock.images import render_image
