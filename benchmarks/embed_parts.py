@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = args.data
         if data is None:
-            from astrolom.data.survey import generate_survey
+            from astrolom.mock import generate_survey
 
             data = str(generate_survey(tmp / "survey", n=int(args.n * 1.6), size=args.size, seed=0, progress=False))
         model_dir = _model(args.preset, args.patch, args.size, tmp / "model")

@@ -1,7 +1,7 @@
 """How large must the north/south difference be for telescope islands? The demo on a counterfactual mock survey.
 
-The mock's north differs from the south only as BASS/MzLS and DECam do (`astrolom.data.survey`, "Instrument
-realism"); with those differences the demo's embedding tells the telescopes apart linearly (≈ 0.92-0.94) but its
+The mock's north differs from the south only as BASS/MzLS and DECam do (`astrolom.mock.instruments`, "Two
+telescopes"); with those differences the demo's embedding tells the telescopes apart linearly (≈ 0.92-0.94) but its
 UMAP shows no islands. This benchmark makes one difference larger than the real surveys' — the north's seeing
 multiplied by `--fwhm-scale` in every band, and/or its 5σ depths made `--depth-shift` mag shallower — renders the
 demo's survey with it (8,000 galaxies, seed 0, one worker: the change is a module-level edit that spawned workers
@@ -26,7 +26,7 @@ from pathlib import Path
 from mock_fibre_islands import islands  # the neighbour-agreement table (benchmarks/ is on sys.path)
 
 from astrolom import layout
-from astrolom.data import survey as S
+from astrolom import mock as S
 
 
 def render(out: Path, n: int, fwhm_scale: float, depth_shift: float) -> None:

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from astrolom.data import survey as S
+from astrolom import mock as S
 
 
 def fibre(n: int, n_spec: int) -> None:

@@ -38,7 +38,7 @@ class _FreshNoise:
 
 
 def render(row: dict, size: int, noise_seed: int | None) -> np.ndarray:
-    from astrolom.data.survey import render_image
+    from astrolom.mock import render_image
 
     base = np.random.default_rng([int(row["_seed"]), int(row["_index"]), 1])  # render_image's own default
     rng = base if noise_seed is None else _FreshNoise(base, np.random.default_rng([noise_seed, int(row["_index"])]))
@@ -117,8 +117,8 @@ def main() -> None:
     import torch
 
     from astrolom.data.augment import d4
-    from astrolom.data.survey import catalogue_row, sample_catalogue
     from astrolom.eval.embed import load_model
+    from astrolom.mock import catalogue_row, sample_catalogue
 
     torch.set_num_threads(2)
     meta = json.load(open(f"{args.data}/_survey.json"))["config"]

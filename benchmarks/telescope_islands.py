@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from astrolom.data import survey as S
+from astrolom import mock as S
 from astrolom.eval.baselines import aperture_fluxes, photometry
 
 VARIANTS = {

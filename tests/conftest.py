@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def mock_survey(tmp_path_factory):
     """64 objects of the embedded mock Legacy Survey, 32x32 px, g/r/z (about 2 s on one core)."""
-    from astrolom.data.survey import generate_survey
+    from astrolom.mock import generate_survey
 
     return generate_survey(tmp_path_factory.mktemp("mock_survey"), n=64, size=32, seed=1, workers=1, progress=False)

@@ -32,7 +32,7 @@ def make_aligned_index(survey: Path, tmp: Path) -> tuple[Path, Path]:
     from astrolom.align.model import AlignConfig
     from astrolom.align.train import AlignTrainConfig, AlignTrainer
     from astrolom.data.multimodal import SpectrumTokeniser
-    from astrolom.data.survey import spectrum_wavelength
+    from astrolom.mock import spectrum_wavelength
     from astrolom.model.astropt import AstroPT, ModelConfig
     from astrolom.search.index import build_index
     from astrolom.train.checkpoint import save_pretrained

@@ -11,7 +11,7 @@ from astrolom.align.features import FeatureCache, extract_features
 from astrolom.align.model import AlignConfig
 from astrolom.align.train import AlignTrainConfig, AlignTrainer
 from astrolom.data.multimodal import SpectrumTokeniser
-from astrolom.data.survey import generate_survey, spectrum_wavelength
+from astrolom.mock import generate_survey, spectrum_wavelength
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import save_pretrained
 
@@ -105,7 +105,7 @@ def test_flux_aware_image_encoder_reads_its_flux_features():
     from astrolom.align.features import image_token_features
     from astrolom.data.batching import batch_tokens
     from astrolom.data.stream import tokenize_records
-    from astrolom.data.survey import generate_objects
+    from astrolom.mock import generate_objects
 
     torch.manual_seed(0)
     model = AstroPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, patch_size=8, flux_features=True))

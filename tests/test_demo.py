@@ -134,10 +134,10 @@ def test_align_steps_flag_follows_the_multimodal_stage(tmp_path):
 def test_multimodal_stage_probes_each_column_and_generates_spectra(tmp_path):
     from dataclasses import replace
 
-    from astrolom.data.survey import generate_survey
     from astrolom.eval.embeddings import load_embeddings
     from astrolom.eval.probes import load_columns
     from astrolom.eval.report import build_report
+    from astrolom.mock import generate_survey
 
     survey = generate_survey(tmp_path / "survey", n=200, size=32, seed=3, workers=1, progress=False)
     cfg = replace(demo_mod.TINY, spectra_steps=3, batch_size=8, methods=("linear",))

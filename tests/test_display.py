@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from astrolom import cli
-from astrolom.data import survey as S
+from astrolom import mock as S
 from astrolom.data.display import to_8bit, viewer_jpeg, viewer_rgb
 from astrolom.data.sources import open_source
 

@@ -173,7 +173,7 @@ def test_a_skip_bad_run_is_embedded_and_indexed_with_its_skips_counted(tmp_path)
 def test_index_model_of_an_images_and_spectra_run(tmp_path):
     """Issue 22 #11: `astrolom index --model` of a multimodal run used to fail with 'pass a dict of tensors'."""
     from astrolom.data.multimodal import SpectrumTokeniser
-    from astrolom.data.survey import generate_survey, spectrum_wavelength
+    from astrolom.mock import generate_survey, spectrum_wavelength
     from astrolom.search import query as sq
     from astrolom.search.index import load_index
 

@@ -29,7 +29,7 @@ TARGETS = "smooth,disc,spiral,redshift,edge_on"
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """160 mock galaxies (32x32 px) and a small AstroPT (8 px patches -> 16 tokens) saved as a pretrained model."""
-    from astrolom.data.survey import generate_survey
+    from astrolom.mock import generate_survey
 
     root = tmp_path_factory.mktemp("ft")
     generate_survey(root / "survey", n=160, size=32, seed=3, workers=1, progress=False)
@@ -50,11 +50,13 @@ def test_vote_counts_are_rebuilt_exactly_and_the_loss_is_dirichlet_multinomial()
     # a small tree by hand: 40 volunteers; 10 say disc, 2 of those edge-on, 3 of the 8 face-on see spiral arms
     labels = {"smooth": np.array([29 / 40]), "disc": np.array([10 / 40]), "artefact": np.array([1 / 40]),
               "edge_on_vote": np.array([2 / 10]), "spiral": np.array([3 / 8]), "bar": np.array([0.0])}  # fmt: skip
-    assert vote_counts(labels, "smooth_or_featured").tolist() == [[29, 10, 1]]
-    assert vote_counts(labels, "edge_on").tolist() == [[2, 8]]
-    assert vote_counts(labels, "spiral").tolist() == [[3, 5]]
+    assert vote_counts(labels, "smooth_or_featured", 40).tolist() == [[29, 10, 1]]
+    assert vote_counts(labels, "edge_on", 40).tolist() == [[2, 8]]
+    assert vote_counts(labels, "spiral", 40).tolist() == [[3, 5]]
     with pytest.raises(ValueError, match="not a whole number of votes"):
-        vote_counts({**labels, "spiral": np.array([0.3])}, "spiral")
+        vote_counts({**labels, "spiral": np.array([0.3])}, "spiral", 40)
+    with pytest.raises(ValueError, match="of 20 voters is not a whole number"):  # the count is the data set's
+        vote_counts({**labels, "smooth": np.array([29 / 40])}, "smooth_or_featured", 20)
 
     alpha = torch.tensor([[2.0, 5.0, 1.5], [1.0, 1.0, 1.0]])
     counts = torch.tensor([[29.0, 10.0, 1.0], [0.0, 0.0, 0.0]])
@@ -74,6 +76,11 @@ def test_targets_know_their_kinds_and_share_a_question_block(labelled):
     assert ft.targets.n_outputs == len(MOCK_QUESTIONS["smooth_or_featured"]) + 2 + 1 + 2
     regressed = Targets.build(["smooth"], ft.train.labels, votes=False)
     assert regressed.specs[0].kind == "regression"
+    # the volunteer count comes from the survey's own metadata, not from the simulator's code
+    assert ft.train.meta["vote_volunteers"] == 40 and ft.targets.voters == 40
+    assert Targets.from_json(ft.targets.to_json()).voters == 40
+    with pytest.raises(ValueError, match=r"'smooth' is a vote fraction, but elsewhere does not say how many"):
+        Targets.build(["smooth"], ft.train.labels, where="elsewhere")
 
 
 def test_bad_target_names_the_column_and_the_data(labelled, capsys):

@@ -20,6 +20,7 @@ LAYERS = [
     "log",
     "config",
     "data",
+    "mock",  # the simulator: beside data/ (it may import data/), imported by nothing in the library but the demo
     "model",
     "train",
     "eval",
@@ -41,8 +42,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> astrolom modules it imports anywhere in its body (module level or inside functions)."""
+def import_graph(packages: bool = False) -> dict[str, set[str]]:
+    """Module -> astrolom modules it imports anywhere in its body (module level or inside functions); with
+    `packages`, imports of a package itself (`from astrolom.mock import x`) count as well."""
     modules = {_module_name(p): p for p in SRC.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -59,7 +61,7 @@ def import_graph() -> dict[str, set[str]]:
                     t = t.rpartition(".")[0]
                 if t and t != name and t.startswith("astrolom") and t != "astrolom":
                     deps.add(t)
-        graph[name] = {d for d in deps if not modules[d].name == "__init__.py"}
+        graph[name] = {d for d in deps if packages or not modules[d].name == "__init__.py"}
     return graph
 
 
@@ -110,6 +112,22 @@ def test_no_import_cycles_and_layers_point_one_way():
     assert not any(
         d.startswith("astrolom.eval") or d.startswith("astrolom.demo") for d in graph["astrolom.train.trainer"]
     )
+
+
+def test_the_mock_is_a_simulator_beside_data_that_only_the_demo_imports():
+    """The library reads data; it never imports the simulator (its facts come from the data set's metadata)."""
+    graph = import_graph(packages=True)
+    mock = {m for m in graph if m == "astrolom.mock" or m.startswith("astrolom.mock.")}
+    assert {"astrolom.mock.catalogue", "astrolom.mock.writer", "astrolom.mock.cli"} <= mock
+    importers = sorted(m for m, deps in graph.items() if m not in mock and any(d in mock for d in deps))
+    assert importers == ["astrolom.demo"]
+    below = ("astrolom.data", "astrolom.log", "astrolom.layout", "astrolom.config", "astrolom.mock")
+    reaches = sorted({d for m in mock for d in graph[m] if not d.startswith(below)})
+    assert reaches == []
+    # the CLI maps `astrolom survey` to the mock by name (imported only when that command runs)
+    from astrolom.cli import COMMANDS
+
+    assert COMMANDS["survey"][0] == "astrolom.mock.cli"
 
 
 EVAL_MODULES = sorted(_module_name(p) for p in (SRC / "eval").glob("*.py") if p.name != "__init__.py")

@@ -11,9 +11,9 @@ import torch
 
 from astrolom.cli import main
 from astrolom.data.multimodal import SpectrumTokeniser
-from astrolom.data.survey import generate_objects, generate_survey, spectrum_wavelength
 from astrolom.eval.embeddings import recipe_of
-from astrolom.eval.multimodal import embed_multimodal, evaluate_generation, record_inputs
+from astrolom.eval.multimodal import _emission_lines, embed_multimodal, evaluate_generation, record_inputs
+from astrolom.mock import generate_objects, generate_survey, spectrum_wavelength
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import save_pretrained
 
@@ -128,6 +128,9 @@ def test_generation_metrics_and_figure(setup, tmp_path):
     m = evaluate_generation(str(model_dir), str(survey), "images", "spectra", tmp_path / "g", split="train", n=4)
     assert m["objects"] == 4 and m["huber_model"] > 0 and m["huber_mean_baseline"] > 0
     assert (tmp_path / "g" / "generated_spectra.png").stat().st_size > 10_000
+    # the figure's line markers come from the survey's metadata (rest-frame vacuum Å), not from the simulator's code
+    lines = _emission_lines(str(survey))
+    assert len(lines) == 7 and lines[0] == pytest.approx(3728.48) and lines[-1] == pytest.approx(6585.27)
     assert json.loads((tmp_path / "g" / "metrics.json").read_text())["to"] == "spectra"
     rc = main(["generate", "--model", str(model_dir), "--data", str(survey), "--from", "spectra", "--to", "images",
                "--out", str(tmp_path / "g2"), "--split", "train", "--n", "3", "--image-tokens", "4"])  # fmt: skip

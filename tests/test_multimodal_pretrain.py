@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, spectrum_matrix
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
-from astrolom.data.survey import generate_survey
+from astrolom.mock import generate_survey
 from astrolom.train import checkpoint as ckpt
 from astrolom.train.trainer import KILL_AFTER_STEP_ENV
 

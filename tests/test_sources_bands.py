@@ -18,8 +18,8 @@ import yaml
 from astropy.io import fits
 
 from astrolom import cli
+from astrolom import mock as S
 from astrolom.config import apply_overrides
-from astrolom.data import survey as S
 from astrolom.data.sources import BadRecordError, SourceOptions, open_source
 from astrolom.train.config import PretrainConfig
 

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
-from astrolom.data import survey as S
+from astrolom import mock as S
 from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM
+from astrolom.mock import catalogue
+from astrolom.mock.tables import get_tables
 
 REQUIRED = (
     "object_id split redshift log_mstar log_ssfr g_minus_r r_minus_z abs_mag_g abs_mag_z mag_r r_half_arcsec "
@@ -61,7 +63,7 @@ def test_labels_present_and_in_physical_range(cat):
         "r_half_arcsec": (0.05, 40.0),
         "sersic_n": (1.0, 5.5),
         "bulge_frac": (0.0, 1.0),
-        "axis_ratio": (S.DISC_Q0, 1.0),
+        "axis_ratio": (catalogue.DISC_Q0, 1.0),
         "inclination_deg": (0.0, 90.0),
         "psf_fwhm_r": (0.7, 3.5),
         "noise_r": (1e-3, 0.1),
@@ -160,7 +162,7 @@ def test_morphology_follows_star_formation(cat):
 def test_inclination_prior_edge_on_fraction_and_axis_ratio(cat):
     disc = cat["bulge_frac"] < 0.5
     n = disc.sum()
-    expected = math.cos(math.radians(S.EDGE_ON_DEG))  # isotropic: P(i > i0) = cos(i0)
+    expected = math.cos(math.radians(catalogue.EDGE_ON_DEG))  # isotropic: P(i > i0) = cos(i0)
     frac = cat["edge_on"][disc].mean()
     assert abs(frac - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
     assert not cat["edge_on"][~disc].any()
@@ -208,7 +210,7 @@ def _synthetic_offsets(row: dict) -> np.ndarray:
     """North-filter minus DECam magnitudes of an object's SED by speclite synthetic photometry (independent grid)."""
     from speclite import filters
 
-    T = S._tables()
+    T = get_tables()
     i0, w1, z = int(row["_t0"]), row["_w1"], row["redshift"]
     rest = (1 - w1) * T.tmpl_flux[i0] + w1 * T.tmpl_flux[i0 + 1]
     wave = np.arange(3300.0, 11000.0, 1.0)
@@ -234,7 +236,7 @@ def test_north_filter_offsets_match_speclite_synthetic_photometry(cat):
     for band in S.BANDS:  # the south is DECam: its images carry the labels' magnitudes
         assert np.all(cat[f"_zp_offset_{band}"][~north] == 0.0) and np.all(cat[f"_star_offset_{band}"][~north] == 0)
     # stars: blackbodies spanning the drawn colours, with the same kind of colour term in g
-    T = S._tables()
+    T = get_tables()
     assert T.star_gr.min() < 0.3 and T.star_gr.max() > 1.4 and np.all(np.diff(T.star_gr) > 0)
     star = cat["has_star"] & north
     assert spearmanr(cat["_star_gr"][star], cat["_star_offset_g"][star])[0] > 0.9
@@ -433,7 +435,7 @@ def test_spectra_match_photometry_and_lines_match_sfr():
     # emission lines scale with SFR: Halpha flux * 4 pi d_L^2 tracks SFR (dust aside)
     big = S.sample_catalogue(5000, seed=9)
     sf = ~big["quenched"]
-    dl = np.interp(big["redshift"], S._tables().z_grid, S._tables().lum_dist_cm)
+    dl = np.interp(big["redshift"], get_tables().z_grid, get_tables().lum_dist_cm)
     lum = np.log10(big["flux_ha"] * 1e-17 * 4 * np.pi * dl**2)
     assert spearmanr(big["log_sfr"][sf], lum[sf])[0] > 0.8
 
@@ -452,6 +454,12 @@ def test_shards_schema_and_metadata(survey_dir):
     assert meta["bands"] == ["g", "r", "z"] and meta["pixel_scale"] == 0.262
     assert meta["image_shape"] == [32, 32, 3] and meta["image_units"] == "nanomaggies"
     assert meta["seed"] == 4 and meta["generator"]["config"]["n"] == 23
+    assert meta["generator"]["module"] == "astrolom.mock"
+    # the facts the library reads from the data set instead of importing the mock (fine-tuning, figures)
+    assert meta["vote_volunteers"] == 40
+    assert meta["emission_lines"]["ha"] == 6564.61 and len(meta["emission_lines"]) == 7
+    votes = np.array([r["smooth"] for r in table.select(["smooth"]).to_pylist()]) * meta["vote_volunteers"]
+    np.testing.assert_allclose(votes, np.round(votes), atol=1e-9)
     wave = np.array(meta["wavelength"])
     assert wave.size == 3101 and wave[0] == 3600.0 and np.all(np.diff(wave) == 2.0)
     rows = table.to_pylist()

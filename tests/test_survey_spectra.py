@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from astrolom.data import survey as S
+from astrolom import mock as S
 from astrolom.data.spectra import tokenize_spectra
+from astrolom.mock import catalogue
+from astrolom.mock.spectra import ABSORPTION
+from astrolom.mock.tables import universe_age_table
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_tokens_of_an_observed_spectrum_exclude_its_masked_pixels(rows):
 
 def test_about_30_percent_have_no_spectrum_at_random(big):
     has = big["has_spectrum"]
-    assert has.mean() == pytest.approx(1 - S.SPEC_MISSING_FRACTION, abs=0.025)
+    assert has.mean() == pytest.approx(1 - catalogue.SPEC_MISSING_FRACTION, abs=0.025)
     # missing completely at random: no dependence on mass or redshift
     assert abs(big["log_mstar"][has].mean() - big["log_mstar"][~has].mean()) < 0.05
     assert abs(big["redshift"][has].mean() - big["redshift"][~has].mean()) < 0.01
@@ -83,7 +86,7 @@ def test_absorption_depth_follows_metallicity_and_age(rows):
     z = row["redshift"]
     wave = S.spectrum_wavelength()
     rest = wave / (1 + z)
-    win = np.abs(rest - S.ABSORPTION["g_band"][0]) < 40
+    win = np.abs(rest - ABSORPTION["g_band"][0]) < 40
 
     def ew(r):
         plain = {k: v for k, v in r.items() if k != "log_zstar"}  # no absorption without a metallicity
@@ -102,7 +105,7 @@ def test_ages_follow_the_template_mix_and_the_age_of_the_universe(big):
     assert stats.spearmanr(sed, age).statistic < -0.8
     q = big["quenched"]
     assert np.median(age[q]) > np.median(age[~q]) + 3.0
-    zt, at = S._universe_age_table()
+    zt, at = universe_age_table()
     assert (age <= 0.95 * np.interp(big["redshift"], zt, at) + 1e-9).all()
     # a pure early-type (sed_type 0) at redshift z is ~10 Gyr * t(z) / t(0)
     e = sed < 0.01

@@ -214,8 +214,8 @@ def test_spectrum_query_with_a_multimodal_astropt(mock_survey, tmp_path):
     from search_helpers import write_fits_spectrum
 
     from astrolom.data.multimodal import SpectrumTokeniser
-    from astrolom.data.survey import spectrum_wavelength
     from astrolom.eval.multimodal import embed_multimodal_dataset
+    from astrolom.mock import spectrum_wavelength
     from astrolom.model.astropt import AstroPT, ModelConfig
     from astrolom.train.checkpoint import save_pretrained
 

@@ -14,7 +14,7 @@ from astrolom.log import configure as configure_logging
 
 # name -> (module, one-line help). Order is the order of the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "survey": ("astrolom.data.survey", "generate the embedded mock DESI Legacy Survey (GalSim)"),
+    "survey": ("astrolom.mock.cli", "generate the embedded mock DESI Legacy Survey (GalSim)"),
     "inspect": (
         "astrolom.data.sources",
         "read any supported data set and summarise it (format, count, shapes)",

@@ -51,7 +51,6 @@ import torch
 
 from astrolom import layout
 from astrolom.data.sources import open_source
-from astrolom.data.survey import generate_survey, parse_instrument
 from astrolom.eval import baselines as bl
 from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
@@ -69,6 +68,7 @@ from astrolom.eval.probes import (
 )
 from astrolom.eval.report import build_report
 from astrolom.log import get_logger
+from astrolom.mock import generate_survey, parse_instrument
 from astrolom.model.pretrained import load_model
 from astrolom.search.index import build_index, load_index
 from astrolom.search.outliers import outlier_scores, outliers_figure, precision_at, top_outliers

@@ -375,18 +375,29 @@ def evaluate_generation(
         "fraction_better_than_baseline": float((model_loss < base_loss).float().mean()),
     }
     if shown:
-        metrics["figure"] = str(_spectra_figure(shown, spectra, out / layout.GENERATED_SPECTRA_PNG))
+        lines = _emission_lines(data)
+        metrics["figure"] = str(_spectra_figure(shown, spectra, lines, out / layout.GENERATED_SPECTRA_PNG))
     (out / layout.GENERATION_JSON).write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
-def _spectra_figure(shown, spectra: SpectrumTokeniser, path: Path) -> Path:
+def _emission_lines(data: str) -> list[float]:
+    """Rest-frame wavelengths (Å) of the emission lines the data set's metadata lists (the mock survey writes
+    `emission_lines`); none for data sets that list none, whose figures then mark no lines."""
+    from astrolom.data.sources import open_source
+
+    source = open_source(data, spectra=False)
+    try:
+        return sorted(float(lam) for lam in (source.metadata.get("emission_lines") or {}).values())
+    finally:
+        source.close()
+
+
+def _spectra_figure(shown, spectra: SpectrumTokeniser, lines: list[float], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from astrolom.data.survey import LINES
 
     wave = spectra.wavelength
     fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.2 * len(shown)), squeeze=False)
@@ -396,7 +407,7 @@ def _spectra_figure(shown, spectra: SpectrumTokeniser, path: Path) -> Path:
         ax.plot(wave, flux.numpy(), lw=0.8, color="C3", label="predicted from image")
         z = rec.labels.get("redshift")
         if z is not None:
-            for lam, _ in LINES.values():
+            for lam in lines:
                 if wave[0] < lam * (1 + z) < wave[-1]:
                     ax.axvline(lam * (1 + z), color="C0", lw=0.5, ls=":")
             ax.set_title(f"{rec.object_id}  z = {z:.3f}", fontsize=8)

@@ -13,11 +13,11 @@ Three kinds of target, each a block of head outputs:
   was asked about (0 votes) carries no information. The prediction for an answer is its expected fraction
   alpha_k / sum(alpha).
 
-Vote counts. The mock survey (`astrolom.data.survey`) stores fractions k / n of its `N_VOLUNTEERS` (40) simulated
-volunteers along a fixed tree, so the counts are recovered exactly from the fractions and the tree:
-smooth/disc/artefact are fractions of all 40; `edge_on_vote` of the `disc` voters; `spiral` and `bar` of the face-on
-disc voters (disc minus edge-on). `vote_counts` rebuilds them and refuses fractions that are not k / n. Data sets
-from elsewhere get the regression loss for their fraction columns.
+Vote counts. The mock survey (`astrolom.mock`) stores fractions k / n of its simulated volunteers (their number is in
+the data set's metadata, `vote_volunteers`: 40) along a fixed tree, so the counts are recovered exactly from the
+fractions and the tree: smooth/disc/artefact are fractions of all volunteers; `edge_on_vote` of the `disc` voters;
+`spiral` and `bar` of the face-on disc voters (disc minus edge-on). `vote_counts` rebuilds them and refuses fractions
+that are not k / n. Data sets from elsewhere get the regression loss for their fraction columns.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from astrolom.data.survey import N_VOLUNTEERS
 from astrolom.eval import probes
 
 VOTES = "votes"
@@ -77,8 +76,9 @@ def _counts(frac: np.ndarray, n: np.ndarray, what: str) -> np.ndarray:
     return np.rint(k).astype(np.int64)
 
 
-def vote_counts(labels: dict[str, np.ndarray], question: str, voters: int = N_VOLUNTEERS) -> np.ndarray:
-    """(N, K) vote counts of one mock-survey question, rebuilt exactly from its stored fractions (see module doc)."""
+def vote_counts(labels: dict[str, np.ndarray], question: str, voters: int) -> np.ndarray:
+    """(N, K) vote counts of one mock-survey question, rebuilt exactly from its stored fractions (see module doc);
+    `voters`: the volunteers asked the first question (the data set's `vote_volunteers`)."""
     missing = [c for c in count_columns(question) if c not in labels]
     if missing:
         raise ValueError(f"vote counts of {question!r} need the label column(s) {missing}")
@@ -137,11 +137,12 @@ class _Group:
 class Targets:
     """The head's output layout, the encoding of labels, the loss and the decoding of predictions."""
 
-    def __init__(self, specs: list[TargetSpec], regression_loss: str = "mse"):
+    def __init__(self, specs: list[TargetSpec], regression_loss: str = "mse", voters: int | None = None):
         if regression_loss not in REGRESSION_LOSSES:
             raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {regression_loss!r}")
         self.specs = specs
         self.regression_loss = regression_loss
+        self.voters = voters  # volunteers behind the vote fractions (vote targets only)
         self.groups: list[_Group] = []
         start = 0
         for s in specs:
@@ -181,6 +182,7 @@ class Targets:
         votes: bool = True,
         classify: tuple[str, ...] = (),
         regression_loss: str = "mse",
+        voters: int | None = None,
         where: str = "the data",
     ) -> Targets:
         """Target specs from the training labels.
@@ -190,6 +192,8 @@ class Targets:
             labels: training labels {column: values}.
             votes: treat the mock tree's vote fractions as vote counts (Dirichlet-multinomial); else regression.
             classify: targets to treat as classes whatever their values look like.
+            voters: volunteers behind the vote fractions (the data set's metadata `vote_volunteers`); needed for
+                vote targets when `votes` is on.
             where: the data set, for error messages.
         """
         if not names:
@@ -206,7 +210,14 @@ class Targets:
             values = np.asarray(labels[name])
             q = question_of(name) if votes else None
             if q is not None:
-                vote_counts(labels, q)  # validates the fractions (clear error if they are not k / n)
+                if voters is None:
+                    raise ValueError(
+                        f"target {name!r} is a vote fraction, but {where} does not say how many volunteers voted "
+                        "(no 'vote_volunteers' in its metadata), so its vote counts cannot be rebuilt: regenerate a "
+                        "mock survey written before 2026-12-04 with `astrolom survey`, or regress the fractions "
+                        "instead (--no-vote-counts)"
+                    )
+                vote_counts(labels, q, voters)  # validates the fractions (clear error if they are not k / n)
                 specs.append(TargetSpec(name, VOTES, question=q))
                 continue
             kind = probes.CLASSIFICATION if name in classify else probes.target_kind(_numeric_or_str(values))
@@ -221,14 +232,18 @@ class Targets:
                 if v.size < 2:
                     raise ValueError(f"target {name!r} has fewer than 2 finite training labels in {where}")
                 specs.append(TargetSpec(name, probes.REGRESSION, mean=float(v.mean()), std=float(v.std()) or 1.0))
-        return cls(specs, regression_loss)
+        return cls(specs, regression_loss, voters)
 
     def to_json(self) -> dict:
-        return {"regression_loss": self.regression_loss, "specs": [dataclasses.asdict(s) for s in self.specs]}
+        return {
+            "regression_loss": self.regression_loss,
+            "voters": self.voters,
+            "specs": [dataclasses.asdict(s) for s in self.specs],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Targets:
-        return cls([TargetSpec(**s) for s in data["specs"]], data.get("regression_loss", "mse"))
+        return cls([TargetSpec(**s) for s in data["specs"]], data.get("regression_loss", "mse"), data.get("voters"))
 
     def label_columns(self) -> list[str]:
         """Every label column the encoding reads (targets plus the columns vote counts depend on)."""
@@ -246,7 +261,7 @@ class Targets:
         out = {}
         for g in self.groups:
             if g.kind == VOTES:
-                out[g.key] = torch.as_tensor(vote_counts(labels, g.key), dtype=torch.float32)
+                out[g.key] = torch.as_tensor(vote_counts(labels, g.key, self.voters), dtype=torch.float32)
             elif g.kind == probes.CLASSIFICATION:
                 index = {c: i for i, c in enumerate(self.spec(g.key).classes)}
                 codes = [index.get(str(v), IGNORE) if _present(v) else IGNORE for v in labels[g.key]]

@@ -39,7 +39,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -144,18 +144,21 @@ class FinetuneConfig:
 
 @dataclass
 class LabelledSet:
-    """Centre-cropped images (N, h, w, C) float32 with their labels and ids, in file order."""
+    """Centre-cropped images (N, h, w, C) float32 with their labels and ids, in file order, and the data set's
+    metadata (`vote_volunteers` for vote targets)."""
 
     images: np.ndarray
     labels: dict[str, np.ndarray]
     object_id: np.ndarray
+    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> LabelledSet:
         idx = np.asarray(idx)
-        return LabelledSet(self.images[idx], {k: v[idx] for k, v in self.labels.items()}, self.object_id[idx])
+        labels = {k: v[idx] for k, v in self.labels.items()}
+        return LabelledSet(self.images[idx], labels, self.object_id[idx], self.meta)
 
 
 def _label_array(values: list) -> np.ndarray:
@@ -205,7 +208,7 @@ def load_labelled(
         )
     names = list(dict.fromkeys(k for lab in labels for k in lab))
     cols = {k: _label_array([lab.get(k) for lab in labels]) for k in names}
-    return LabelledSet(np.stack(images), cols, np.asarray(ids, dtype=object))
+    return LabelledSet(np.stack(images), cols, np.asarray(ids, dtype=object), dict(source.metadata))
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -277,6 +280,7 @@ class Finetuner:
             votes=cfg.vote_counts,
             classify=cfg.classify,
             regression_loss=cfg.regression_loss,
+            voters=self.train.meta.get("vote_volunteers"),
             where=cfg.data,
         )
         self.y_train = self.targets.encode(self.train.labels)
