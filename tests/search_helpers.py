@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -72,3 +73,34 @@ def write_fits_spectrum(path: Path, wavelength, flux) -> Path:
     hdus.append(fits.ImageHDU(np.asarray(flux, np.float32), name="FLUX"))
     fits.HDUList(hdus).writeto(path, overwrite=True)
     return path
+
+
+@contextlib.contextmanager
+def serving(index_dir: Path, **kwargs):
+    """`astrolom serve` of an index in a thread on a free 127.0.0.1 port (create_app kwargs); yields the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from astrolom.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(index_dir, **kwargs), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # wait until it accepts connections (bounded)
+        if srv.started:
+            break
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("astrolom.search.index", "build a FAISS similarity-search index over embeddings"),
     "search": ("astrolom.search.query", "nearest neighbours of an object id, a new cutout or a spectrum"),
     "outliers": ("astrolom.search.outliers", "rank objects by how unusual they are (k-th neighbour distance)"),
+    "marks": (
+        "astrolom.search.labels",
+        "mark objects interesting or not, rank the rest by a classifier of the marks, export marks or rankings",
+    ),
     "serve": ("astrolom.serve.app", "local web explorer of an index: map, neighbours, uploads, outliers"),
     "demo": ("astrolom.demo", "mock survey -> pretrain -> embed -> probe -> report, on a laptop CPU"),
 }

@@ -137,8 +137,8 @@ def read_image_bytes(data: bytes, name: str = "upload") -> Record:
         f.write_bytes(data)
         try:
             rec = read_image_file(f)
-        except ValueError as err:
-            raise ValueError(f"{name}: {str(err).split(': ', 1)[-1]}") from err
+        except ValueError as err:  # the temporary file is ours, not the caller's: never name it
+            raise ValueError(f"{name}: {str(err).split(': ', 1)[-1]}".replace(str(f), name).replace(tmp, "")) from err
     image = np.asarray(rec.image, dtype=np.float32)
     if image.ndim != 3 or not np.isfinite(image).all():
         raise ValueError(f"{name}: image must be (H, W, C) with finite pixels, got shape {image.shape}")
@@ -170,9 +170,9 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
     recipe = index.recipe
     enc = _encoder(model_dir_of(index))
     if recipe.aligned:
-        _check_size(record, enc.patch_size)
+        _check_size(record, enc.patch_size, enc.image.config.n_chan)
         return enc.embed_images([record])[0]
-    _check_size(record, enc.model.config.patch_size)
+    _check_size(record, enc.model.config.patch_size, enc.model.config.n_chan)
     if recipe.encoder == "multimodal":
         tokeniser = _spectrum_tokeniser(model_dir_of(index)) if "spectra" in enc.model.config.modalities else None
         _, inputs = record_inputs([record], enc.model, enc.config, tokeniser)
@@ -187,8 +187,18 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
     return emb[0]
 
 
-def _check_size(record: Record, p: int) -> None:
-    h, w = record.image.shape[:2]
+class BandError(ValueError):
+    """An image with another number of bands than the model embeds (`got`, `want`)."""
+
+    def __init__(self, name: str, got: int, want: int):
+        super().__init__(f"{name}: a {got}-band image, but the model embeds {want}-band images")
+        self.got, self.want = got, want
+
+
+def _check_size(record: Record, p: int, bands: int) -> None:
+    h, w, c = record.image.shape
+    if c != bands:
+        raise BandError(str(record.object_id), c, bands)
     if h < p or w < p:
         raise ValueError(f"{record.object_id}: a {h}x{w} image is smaller than one {p}x{p} patch of the model")
 
@@ -407,6 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=10, help="neighbours to return (10)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--figure", default=None, help="write query + neighbour cutouts to this PNG/PDF")
+    parser.add_argument(
+        "--export", default=None, help="write the neighbours (id, ra/dec, similarity, mark, labels) to a .csv/.parquet"
+    )
     parser.add_argument("--data", default=None, help="data set with the cutouts (default: recorded in the index)")
     parser.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
 
@@ -438,6 +451,13 @@ def run(args: argparse.Namespace) -> int:
         if res.cross_modal:
             print(f"# {res.query_modality} -> {res.target_modality} (cross-modal)")
         print(format_table(hits))
+    if args.export:
+        from astrolom.search.labels import Marks, export_table, marks_path, write_table
+
+        sims = {h.object_id: h.similarity for h in hits}
+        marks = Marks(marks_path(args.index)).items()
+        table = export_table(index, list(sims), marks=marks, scores=sims, score_name="similarity")
+        print(f"{table.num_rows} neighbours -> {write_table(table, args.export)}", file=sys.stderr)
     if args.figure:
         store = open_store(index, args.data)
         if args.id is not None and store is not None:

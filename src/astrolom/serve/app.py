@@ -7,21 +7,30 @@ aligned image and spectrum embeddings (an alignment run) every search takes `tar
 offers a cross-modal toggle: an image query searches the spectra, a spectrum query the images. The same functions
 as the `astrolom search` and `astrolom outliers` commands answer every request.
 
+Labels from the person at the screen (`astrolom.search.labels`): marks of objects as interesting or not, kept in
+IDX/marks.json, a classifier of them ranking the unmarked objects and suggesting the next to label, and exports of
+marks, neighbour lists and selections as CSV or Parquet.
+
 Security model (each point has a test in tests/test_serve.py):
 - binds 127.0.0.1 unless --host is given, and then warns that the data is exposed to the network;
-- read-only: no endpoint writes the data or the index (the map and outlier scores are cached in memory);
-- objects are addressed by id only, looked up in the index; no endpoint takes a path;
+- answers only to its own host names (DNS rebinding), takes writes only from its own page, bounds every request
+  body before buffering it and sends a strict Content-Security-Policy on every response (`serve.security`);
+- writes nothing but the marks file: no endpoint writes the data or the index (the map and outlier scores are cached
+  in memory);
+- objects are addressed by id only, looked up in the index; no endpoint takes a path, no error names one;
 - uploads are limited in size (--max-upload-mb, 413 beyond) and type (images PNG/JPEG/FITS/.npy, spectra FITS/.npy,
   recognised from the content's magic bytes, never the file name: 415 otherwise), and image dimensions are capped
-  before decoding;
+  from the header before decoding (`serve.uploads`); an image with the wrong number of bands is a 400 naming the
+  bands the model takes;
 - malformed input gets a 4xx with a message; anything unexpected a 500 with a generic message, never a traceback.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoint annotations (UploadFile, imported inside
 # create_app so that the rest of the package does not need fastapi) when the functions are defined
 import argparse
-import io
 import logging
+import re
+import tempfile
 import threading
 from collections import OrderedDict
 from importlib import resources
@@ -30,11 +39,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from astrolom.search import labels as lb
 from astrolom.search.cutouts import png_bytes
 from astrolom.search.index import SearchIndex, compute_map, load_index
 from astrolom.search.outliers import outlier_scores
 from astrolom.search.query import (
     MODALITIES,
+    BandError,
     can_embed_spectra,
     model_dir_of,
     open_store,
@@ -46,6 +57,8 @@ from astrolom.search.query import (
     sniff_image,
     sniff_spectrum,
 )
+from astrolom.serve.security import Guard, allowed_hosts, content_security_policy
+from astrolom.serve.uploads import UploadError, check_dimensions
 
 log = logging.getLogger("astrolom.serve")
 MAX_UPLOAD_MB = 4.0
@@ -53,6 +66,9 @@ MAX_PIXELS = 1024 * 1024  # per band: larger uploads are refused before decoding
 MAX_K = 100
 THUMB_SIZES = (32, 64, 128, 256)
 CATEGORICAL_MAX = 24  # a label with at most this many distinct values is coloured by category
+UPLOAD_PATHS = ("/api/search/image", "/api/search/spectrum")
+MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around an upload of the maximum size
+JSON_BODY_MAX = 8 * 1024 * 1024  # an export of MAX_EXPORT ids of typical length fits
 
 
 class LRU:
@@ -127,6 +143,13 @@ class Explorer:
     def modalities(self) -> list[str]:
         return self.index.modalities or [self.index.main_modality]
 
+    def bands(self) -> tuple[str, ...] | None:
+        """Band names of the indexed data set, where it is there and names them."""
+        try:
+            return self.store.bands if self.store is not None else None
+        except (OSError, ValueError):
+            return None
+
     def cross_modal(self) -> bool:
         return self.index.aligned and set(MODALITIES) <= set(self.index.modalities)
 
@@ -137,25 +160,56 @@ def create_app(
     *,
     max_upload_mb: float = MAX_UPLOAD_MB,
     map_method: str = "umap",
+    host: str | None = None,
+    allow_hosts: tuple[str, ...] = (),
 ):
-    """The FastAPI app over an index directory (or loaded index) and its data set."""
+    """The FastAPI app over an index directory (or loaded index) and its data set.
+
+    Args:
+        host: the address the server binds (accepted in the Host header besides the loopback names).
+        allow_hosts: more host names to answer to (`--allow-host`).
+    """
     from fastapi import FastAPI, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from pydantic import BaseModel, Field, StringConstraints
 
     # which modality's vectors to search; None: the query's own
     Target = Annotated[Literal["images", "spectra"] | None, Query()]
+    ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=lb.MAX_ID_LENGTH)]
     idx = index if isinstance(index, SearchIndex) else load_index(index)
     ex = Explorer(idx, data, map_method=map_method)
+    marks = lb.Marks(lb.marks_path(idx.path), idx)
     max_bytes = int(max_upload_mb * 1024 * 1024)
+    html = resources.files("astrolom.serve").joinpath("static/index.html").read_text()
+    scrub = _path_scrubber(idx, ex.data)
+
+    class _App(FastAPI):
+        def build_middleware_stack(self):
+            # outside FastAPI's own error middleware, so that its 500s carry the security headers too
+            return Guard(
+                super().build_middleware_stack(),
+                hosts=allowed_hosts(host, allow_hosts),
+                csp=content_security_policy(html),
+                body_limit=body_limit,
+            )
+
+    def body_limit(path: str) -> int:
+        return max_bytes + MULTIPART_SLACK if path in UPLOAD_PATHS else JSON_BODY_MAX
+
     # the interactive /docs page loads Swagger UI from a CDN, which cannot work offline: serve the schema only
-    app = FastAPI(title="astrolom explorer", version="1", docs_url=None, redoc_url=None)
+    app = _App(title="astrolom explorer", version="1", docs_url=None, redoc_url=None)
     app.state.explorer = ex
+    app.state.marks = marks
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # never leak a traceback to the client
         log.exception("error serving %s", request.url.path)
         return JSONResponse({"detail": "internal error (see the server log)"}, status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def _refused(request: Request, exc: HTTPException):
+        return JSONResponse({"detail": scrub(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -190,7 +244,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return resources.files("astrolom.serve").joinpath("static/index.html").read_text()
+        return html  # the text whose inline blocks the Content-Security-Policy admits by hash
 
     @app.get("/api/info")
     def info():
@@ -307,13 +361,23 @@ def create_app(
         ext = sniff_image(data)
         if ext is None:
             raise HTTPException(415, "unsupported content: upload a PNG, JPEG, FITS or .npy image")
-        _check_dimensions(data, ext)
+        try:
+            check_dimensions(data, ext, MAX_PIXELS)
+        except UploadError as err:
+            raise HTTPException(err.status, str(err)) from err
         if not ex.can_embed_images():
             raise HTTPException(409, "this index does not record a model that can embed new images")
         capable(target or ("images" if idx.modalities else None), "images")
         try:
             rec = read_image_bytes(data, name="upload")
             res = search_image(idx, rec, k, target)
+        except BandError as err:
+            bands = f" ({', '.join(map(str, ex.bands()))})" if len(ex.bands() or ()) == err.want else ""
+            raise HTTPException(
+                400,
+                f"cannot use the upload: it has {err.got} band(s), the model takes {err.want}"
+                f"{bands}, in the order of the indexed data set",
+            ) from err
         except (ValueError, OSError, KeyError, IndexError, TypeError) as err:
             raise HTTPException(400, f"cannot use the upload: {err}") from err
         return {**res.as_dict(), "format": ext.lstrip("."), "shape": list(rec.image.shape)}
@@ -351,33 +415,82 @@ def create_app(
             "outliers": [dict(obj(int(r)), rank=i + 1, score=round(float(s[r]), 6)) for i, r in enumerate(order)],
         }
 
+    class MarkBody(BaseModel):
+        id: ObjectId
+        mark: Literal[0, 1] | None
+
+    class RankBody(BaseModel):
+        n: int = Field(100, ge=1, le=lb.MAX_RANK)
+
+    class ExportBody(BaseModel):
+        ids: list[ObjectId] = Field(max_length=lb.MAX_EXPORT)
+        format: Literal["csv", "parquet"] = "csv"
+        scores: dict[ObjectId, float] | None = Field(None, max_length=lb.MAX_EXPORT)
+
+    @app.get("/api/marks")
+    def get_marks():
+        """The marks: objects flagged interesting (1) or not (0), with the count of each."""
+        return marks.as_dict()
+
+    @app.post("/api/marks")
+    def set_mark(body: MarkBody):
+        """Mark an object 1 (interesting) or 0 (not), or remove its mark (null); saved before the answer."""
+        row_of(body.id)
+        try:
+            marks.set(body.id, body.mark)
+        except ValueError as err:
+            raise HTTPException(409, str(err)) from err
+        return marks.as_dict()
+
+    @app.post("/api/rank")
+    def rank(body: RankBody):
+        """The n best unmarked objects by a classifier of the marks, and the 10 to label next (most uncertain)."""
+        try:
+            return lb.rank(idx, marks.items(), body.n).as_dict(idx)
+        except ValueError as err:
+            raise HTTPException(409, str(err)) from err
+
+    def download(table, fmt: str, stem: str):
+        media = "text/csv" if fmt == "csv" else "application/vnd.apache.parquet"
+        headers = {"Content-Disposition": f'attachment; filename="{stem}.{fmt}"'}
+        return Response(lb.table_bytes(table, fmt), media_type=media, headers=headers)
+
+    @app.post("/api/export", responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+    def export(body: ExportBody):
+        """A selection or neighbour list as a CSV or Parquet download: id, ra/dec, mark, score, labels."""
+        for oid in body.ids:
+            row_of(oid)
+        table = lb.export_table(idx, body.ids, marks=marks.items(), scores=body.scores)
+        return download(table, body.format, "astrolom-selection")
+
+    @app.get("/api/marks/export", responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+    def export_marks(format: Literal["csv", "parquet"] = Query("csv")):  # noqa: A002 (the query parameter's name)
+        """The marks as a CSV or Parquet download, with ra/dec and the labels of each object."""
+        m = marks.items()
+        try:
+            table = lb.export_table(idx, list(m), marks=m)
+        except ValueError as err:
+            raise HTTPException(409, str(err)) from err
+        return download(table, format, "astrolom-marks")
+
     return app
 
 
-def _check_dimensions(data: bytes, ext: str) -> None:
-    """Refuse images whose header declares more than MAX_PIXELS per band, before decoding them (4xx)."""
-    from fastapi import HTTPException
+def _path_scrubber(index: SearchIndex, data: str | None):
+    """A function that replaces the server's paths (index, data set, model, temporary directory) in an error text
+    with what they are: a message to a client never names a place on the server's disk."""
+    places = {str(index.path.resolve()): "the index", str(index.path): "the index"}
+    for path, what in ((data, "the data set"), (index.meta.get("model"), "the model")):
+        if path and "://" not in str(path):
+            places[str(Path(path).resolve())] = places[str(path)] = what
+    places[tempfile.gettempdir()] = "a temporary file"
+    roots = sorted((p for p in places if len(p) > 1), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(r) + r"[^\s'\"),;]*" for r in roots))
 
-    h = w = None
-    try:
-        if ext in (".png", ".jpg"):
-            from PIL import Image
+    def scrub(text: str) -> str:
+        return pattern.sub(lambda m: next(places[r] for r in roots if m.group().startswith(r)), text)
 
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-        elif ext == ".npy":
-            from numpy.lib import format as npformat
-
-            f = io.BytesIO(data)
-            version = npformat.read_magic(f)
-            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-            shape, _, _ = read(f)
-            dims = [d for d in shape if d > 4] or [1]
-            h, w = dims[0], dims[1] if len(dims) > 1 else 1
-    except Exception as err:  # a header that cannot be parsed is a malformed upload
-        raise HTTPException(400, f"malformed {ext.lstrip('.')} upload: {err}") from err
-    if h is not None and h * w > MAX_PIXELS:
-        raise HTTPException(413, f"image of {w}x{h} pixels exceeds the {MAX_PIXELS}-pixel limit")
+    return scrub
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -388,6 +501,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data set with the cutouts (default: recorded in the index)")
     parser.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer to this host name (repeatable); by default only loopback names and the bound address",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="upload size limit (4 MiB)")
     parser.add_argument("--map", choices=("umap", "pca"), default="umap", help="map method if the index has none")
 
@@ -404,7 +524,20 @@ def run(args: argparse.Namespace) -> int:
             "and its cutouts and run searches; there is no authentication",
             file=sys.stderr,
         )
-    app = create_app(args.index, args.data, max_upload_mb=args.max_upload_mb, map_method=args.map)
+    if host in ("0.0.0.0", "::") and not args.allow_host:
+        print(
+            f"astrolom serve: bound to every interface ({host}) but answering only to loopback names: pass "
+            "--allow-host NAME for each name or address clients use to reach this machine",
+            file=sys.stderr,
+        )
+    app = create_app(
+        args.index,
+        args.data,
+        max_upload_mb=args.max_upload_mb,
+        map_method=args.map,
+        host=host,
+        allow_hosts=tuple(args.allow_host),
+    )
     print(f"astrolom explorer on http://{host}:{args.port}/  (API schema: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
     return 0
