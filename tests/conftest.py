@@ -11,3 +11,12 @@ def mock_survey(tmp_path_factory):
     from astrolom.mock import generate_survey
 
     return generate_survey(tmp_path_factory.mktemp("mock_survey"), n=64, size=32, seed=1, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_index(mock_survey, tmp_path_factory):
+    """An index of `mock_survey` embedded by a random 2-layer AstroPT (search_helpers.make_model_index), read-only:
+    shared by the explorer's tests."""
+    from search_helpers import make_model_index
+
+    return make_model_index(mock_survey, tmp_path_factory.mktemp("model_index"))

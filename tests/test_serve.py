@@ -16,10 +16,8 @@ BASE = "http://127.0.0.1:8000"  # a loopback name: the server answers to no othe
 
 
 @pytest.fixture(scope="module")
-def index_dir(mock_survey, tmp_path_factory):
-    from search_helpers import make_model_index
-
-    return make_model_index(mock_survey, tmp_path_factory.mktemp("serve_model"))
+def index_dir(model_index):
+    return model_index
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,8 @@ BASE = "http://127.0.0.1:8000"
 
 
 @pytest.fixture(scope="module")
-def index_dir(mock_survey, tmp_path_factory):
-    from search_helpers import make_model_index
-
-    return make_model_index(mock_survey, tmp_path_factory.mktemp("serve_security"))
-
-
-@pytest.fixture(scope="module")
-def client(index_dir):
-    return TestClient(sa.create_app(index_dir, max_upload_mb=0.5), base_url=BASE, raise_server_exceptions=False)
+def client(model_index):
+    return TestClient(sa.create_app(model_index, max_upload_mb=0.5), base_url=BASE, raise_server_exceptions=False)
 
 
 def _npy(arr) -> bytes:
@@ -133,19 +126,19 @@ def test_host_allow_list(client, host, status):
         assert "--allow-host" in r.json()["detail"] and "evil" not in r.text and "n" not in r.json()
 
 
-def test_allow_host_widens_the_list(index_dir, monkeypatch):
+def test_allow_host_widens_the_list(model_index, monkeypatch):
     import uvicorn
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
     from astrolom.cli import main
 
-    assert main(["serve", "--index", str(index_dir), "--allow-host", "astro.lan", "--allow-host", "10.0.0.7"]) == 0
+    assert main(["serve", "--index", str(model_index), "--allow-host", "astro.lan", "--allow-host", "10.0.0.7"]) == 0
     client = TestClient(apps[-1], base_url=BASE)
     assert client.get("/api/info", headers={"host": "astro.lan:8000"}).status_code == 200
     assert client.get("/api/info", headers={"host": "10.0.0.7"}).status_code == 200
     assert client.get("/api/info", headers={"host": "other.lan"}).status_code == 400
-    assert main(["serve", "--index", str(index_dir), "--host", "192.168.1.5"]) == 0  # the bound address is allowed
+    assert main(["serve", "--index", str(model_index), "--host", "192.168.1.5"]) == 0  # the bound address is allowed
     assert TestClient(apps[-1], base_url="http://192.168.1.5:8000").get("/api/info").status_code == 200
 
 
@@ -276,13 +269,13 @@ def _raw(port: int, head: str, body_chunks=(), timeout: float = 10.0) -> tuple[b
     return reply, sent
 
 
-def test_real_server_refuses_huge_and_endless_uploads(index_dir):
+def test_real_server_refuses_huge_and_endless_uploads(model_index):
     head = (
         "POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n{}\r\n"
     )
     from search_helpers import serving
 
-    with serving(index_dir, max_upload_mb=0.5) as url:
+    with serving(model_index, max_upload_mb=0.5) as url:
         port = int(url.rsplit(":", 1)[1])
         t0 = time.perf_counter()
         reply, _ = _raw(port, head.format("Content-Length: 53687091200\r\n"), timeout=5)
@@ -316,8 +309,8 @@ def test_wrong_band_count_is_a_400_naming_the_bands(client, payload):
     assert "the model takes 3 (g, r, z)" in detail, detail
 
 
-def test_fits_uploads_are_under_the_pixel_cap(index_dir):
-    big = TestClient(sa.create_app(index_dir, max_upload_mb=8), base_url=BASE)
+def test_fits_uploads_are_under_the_pixel_cap(model_index):
+    big = TestClient(sa.create_app(model_index, max_upload_mb=8), base_url=BASE)
     r = _upload(big, _fits(np.zeros((3, 1100, 1000), np.uint8)))  # 3 x 1.1 Mpx, 3.3 MB: under the size limit
     assert r.status_code == 413 and "1000x1100 pixels exceeds" in r.json()["detail"]
     # a header that declares a huge image is refused from the header, before its (absent) data is read
@@ -340,15 +333,15 @@ def test_fits_uploads_are_under_the_pixel_cap(index_dir):
     ],
     ids=["png-head", "png-tail", "jpeg", "fits"],
 )
-def test_error_texts_never_name_server_paths(client, index_dir, payload):
+def test_error_texts_never_name_server_paths(client, model_index, payload):
     r = _upload(client, payload)
     assert 400 <= r.status_code < 500, r.text
-    for place in (tempfile.gettempdir(), str(index_dir), "query.", "tmp"):
+    for place in (tempfile.gettempdir(), str(model_index), "query.", "tmp"):
         assert place not in r.text, (place, r.text)
 
 
-def test_refusals_from_the_library_do_not_name_the_index_directory(client, index_dir):
+def test_refusals_from_the_library_do_not_name_the_index_directory(client, model_index):
     oid = client.get("/api/map").json()["ids"][0]
     r = client.get(f"/api/neighbours/{oid}?target=spectra")
     assert r.status_code == 409 and "no spectra index" in r.json()["detail"]
-    assert str(index_dir) not in r.text and "the index" in r.text
+    assert str(model_index) not in r.text and "the index" in r.text
