@@ -11,7 +11,7 @@ Labels from the person at the screen (`astrolom.search.labels`): marks of object
 IDX/marks.json, a classifier of them ranking the unmarked objects and suggesting the next to label, and exports of
 marks, neighbour lists and selections as CSV or Parquet.
 
-Security model (each point has a test in tests/test_serve.py):
+Security model (each point has a test in tests/test_serve.py or tests/test_serve_security.py):
 - binds 127.0.0.1 unless --host is given, and then warns that the data is exposed to the network;
 - answers only to its own host names (DNS rebinding), takes writes only from its own page, bounds every request
   body before buffering it and sends a strict Content-Security-Policy on every response (`serve.security`);
@@ -179,7 +179,8 @@ def create_app(
     ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=lb.MAX_ID_LENGTH)]
     idx = index if isinstance(index, SearchIndex) else load_index(index)
     ex = Explorer(idx, data, map_method=map_method)
-    marks = lb.Marks(lb.marks_path(idx.path), idx)
+    # the directory the user named, not a generation inside it: marks outlive a rebuild of the index
+    marks = lb.Marks(lb.marks_path(idx.path if isinstance(index, SearchIndex) else index), idx)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     html = resources.files("astrolom.serve").joinpath("static/index.html").read_text()
     scrub = _path_scrubber(idx, ex.data)
@@ -482,7 +483,9 @@ def _path_scrubber(index: SearchIndex, data: str | None):
     places = {str(index.path.resolve()): "the index", str(index.path): "the index"}
     for path, what in ((data, "the data set"), (index.meta.get("model"), "the model")):
         if path and "://" not in str(path):
-            places[str(Path(path).resolve())] = places[str(path)] = what
+            places[str(Path(path).resolve())] = what
+            if "/" in str(path):  # a bare relative name ("survey") is a word, not a place
+                places[str(path)] = what
     places[tempfile.gettempdir()] = "a temporary file"
     roots = sorted((p for p in places if len(p) > 1), key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(r) + r"[^\s'\"),;]*" for r in roots))
