@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from pretrain_helpers import TINY, run_pretrain, subprocess_env
 
 from astrolom.cli import main
+from astrolom.data.records import Record
 from astrolom.eval import embed as em
-from astrolom.eval.embeddings import EmbeddingRecipe, load_embeddings, recipe_of, skipped_records
+from astrolom.eval.embeddings import EmbeddingRecipe, EmbeddingWriter, load_embeddings, recipe_of, skipped_records
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.model.pretrained import load_model, save_pretrained
 
@@ -97,6 +100,85 @@ def test_a_killed_embedding_job_resumes_without_duplicates_or_gaps(mock_survey, 
     rc = main(["embed", "--model", str(model_dir), "--data", str(mock_survey), "--out", str(tmp_path / "x.parquet"),
                "--resume", "--no-progress"])  # fmt: skip
     assert rc == 2 and not (tmp_path / "x.parquet").exists()
+
+
+# ----------------------------------------------------------------------------------- labels that appear late
+
+
+def _rec(oid: str, **labels):
+    return Record(oid, np.zeros((1, 1, 1), np.float32), "test", labels)
+
+
+def test_a_label_first_seen_in_a_later_batch_is_kept(tmp_path):
+    """The readers set `spectrum_coverage` only on resampled spectra and an SDSS `redshift` only where SPECOBJ has
+    one: such a label first appearing after rows were written widens the file instead of being dropped."""
+    out = tmp_path / "emb.parquet"
+    X = np.arange(24, dtype=np.float32).reshape(8, 3)
+    with EmbeddingWriter(out, {"recipe": EmbeddingRecipe().to_json()}) as w:
+        w.write([_rec("a0", mag=20.5, n_exp=2), _rec("a1", mag=21.0, n_exp=3, empty=None)], X[:2])
+        w.write([_rec("b0", mag=19.0, n_exp=2.5), _rec("b1", mag=18.0, spectrum_coverage=0.25)], X[2:4])
+        w.write([_rec("c0", mag=17.0, survey="sdss", empty="x"), _rec("c1", mag=np.float32(16.5))], X[4:6])
+        w.write([_rec("d0"), _rec("d1", spectrum_coverage=1)], X[6:])
+    f = pq.ParquetFile(out)
+    assert f.metadata.num_row_groups == 4 and f.metadata.num_rows == 8  # rewritten row group by row group
+    assert f.schema_arrow.names == ["object_id", "split", "mag", "n_exp", "empty", "spectrum_coverage", "survey",
+                                    "embedding"]  # fmt: skip
+    assert f.schema_arrow.field("n_exp").type == pa.float64()  # integers, then a float: the column is float
+    t = load_embeddings(out)
+    np.testing.assert_array_equal(t.X, X)
+    nan = np.nan
+    np.testing.assert_array_equal(t.labels["spectrum_coverage"], [nan, nan, nan, 0.25, nan, nan, nan, 1.0])
+    np.testing.assert_array_equal(t.labels["n_exp"], [2, 3, 2.5, nan, nan, nan, nan, nan])
+    np.testing.assert_array_equal(t.labels["mag"], [20.5, 21.0, 19.0, 18.0, 17.0, 16.5, nan, nan])
+    assert list(t.labels["survey"]) == ["", "", "", "", "sdss", "", "", ""]
+    assert list(t.labels["empty"]) == ["", "", "", "", "x", "", "", ""]  # all-null at first, text later
+    assert [p.name for p in tmp_path.iterdir()] == ["emb.parquet"]  # no temporary file left behind
+
+    # a label that changes type is an error naming the label and the record; no file is left
+    bad = tmp_path / "bad.parquet"
+    message = r"bad\.parquet: label 'redshift' of record 'z1' is string, but earlier records gave it as double"
+    with pytest.raises(ValueError, match=message):
+        with EmbeddingWriter(bad, {}) as w:
+            w.write([_rec("z0", redshift=0.1)], X[:1])
+            w.write([_rec("z1", redshift="0.2")], X[1:2])
+    assert [p.name for p in tmp_path.iterdir()] == ["emb.parquet"]
+
+
+@pytest.mark.parametrize("part_rows", [None, 5])
+def test_late_labels_reach_the_file_and_every_part(mock_survey, tmp_path, part_rows):
+    from astrolom.data.sources import open_source
+
+    late = {7: 0.5, 12: 0.75}  # stream position -> coverage: the 8th and 13th objects only
+
+    def embed_batches(records):
+        batch = []
+        for rec in records:
+            if seen[0] in late:
+                rec.labels["spectrum_coverage"] = late[seen[0]]
+            seen[0] += 1
+            batch.append(rec)
+            if len(batch) == 3:
+                yield batch, np.ones((3, 4), np.float32)
+                batch = []
+        if batch:
+            yield batch, np.ones((len(batch), 4), np.float32)
+
+    seen = [0]
+    source = open_source(mock_survey)
+    meta = {"recipe": EmbeddingRecipe().to_json(), "data": str(mock_survey)}
+    out = em.write_embeddings(tmp_path / "emb", meta, source, ["train"], embed_batches, part_rows=part_rows,
+                              progress=False)  # fmt: skip
+    t = load_embeddings(out)
+    n = int((t.split == "train").sum())
+    assert n == len(t) > 13
+    expected = np.full(n, np.nan)
+    expected[list(late)] = list(late.values())
+    np.testing.assert_array_equal(t.labels["spectrum_coverage"], expected)
+    assert "redshift" in t.labels and np.isfinite(t.labels["redshift"]).all()
+    if part_rows:  # parts after the label's first appearance carry its column; the one before it is filled in
+        names = [pq.read_schema(f).names for f in sorted(out.glob("part-*.parquet"))]
+        assert len(names) == -(-n // 5)
+        assert ["spectrum_coverage" in x for x in names] == [False] + [True] * (len(names) - 1)
 
 
 @pytest.mark.slow  # two torchrun ranks on a loaded 2-core machine

@@ -367,15 +367,17 @@ def _write_parts(out, metadata, source, stream, embed_batches, part_rows, resume
     bar = progress_bar(stream.total(), desc=tag, unit="obj", enabled=progress, initial=state["rows"])
     kill_after = os.environ.get(KILL_AFTER_PART_ENV)
     records = iter(stream)  # one iterator for all parts: each part takes the next part_rows records
+    labels: dict = {}  # each part starts with the label columns of the parts before it
     try:
         while True:
             since = (len(source.bad), len(source.bad_spectra))
-            writer = EmbeddingWriter(part_path(out, rank, len(state["parts"])), metadata, alias)
+            writer = EmbeddingWriter(part_path(out, rank, len(state["parts"])), metadata, alias, labels)
             with writer:
                 for recs, vecs in embed_batches(islice(records, part_rows)):
                     writer.write(recs, vecs)
                     bar.update(len(recs))
                 writer.close()
+            labels = writer.label_types
             state["skipped"] += _skips(source, since)
             if writer.rows == 0:
                 break

@@ -20,8 +20,14 @@ done. A killed job resumes from the progress files (`astrolom embed --resume`); 
 and refuse a set whose ranks have not all finished. Directories of plain `*.parquet` parts (older torchrun output)
 still read.
 
-This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the record type and the
-atomic-write helpers.
+Labels: every label any record carries becomes a column, null where a record lacks it (a label such as
+`spectrum_coverage` or an SDSS `redshift` may first appear after many rows). A label first seen after rows were
+written widens the file: the rows so far are copied, row group by row group, into a new temporary file with the
+column added (logged). A part continues the label columns of the part before it; readers fill columns a part lacks
+with nulls. A label whose values change type (text after numbers) is an error naming the label and the record.
+
+This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the record type, the
+atomic-write helpers and the logger.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY, Record
 from astrolom.layout import atomic_write_text
+from astrolom.log import get_logger
+
+log = get_logger(__name__)
 
 # multi-scale embeddings (`astrolom.eval.embed`): means over the central 2x2, 4x4 and 8x8 patches; what `astrolom
 # index --model` embeds with by default (here, beside the table format, so the index need not import torch)
@@ -279,7 +288,7 @@ def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, Em
     path = Path(path)
     files = _files(path)
     tables = [pq.read_table(f) for f in files]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    table = _concat_parts(tables) if len(tables) > 1 else tables[0]
     for col in (*columns, *_KEY_COLUMNS):
         if col not in table.column_names:
             raise ValueError(f"{path} has no {col!r} column; was it written by `astrolom embed`?")
@@ -313,6 +322,22 @@ def load_embedding_columns(path: str | Path, columns: list[str]) -> dict[str, Em
         c: EmbeddingTable(object_id, split, X[keep], labels, metadata, modalities, skipped)
         for c, (X, _) in vectors.items()
     }
+
+
+def _concat_parts(tables: list[pa.Table]) -> pa.Table:
+    """Parts as one table: a label column a part lacks, or holds only nulls in, is null there and takes the type the
+    other parts give it (integers widen to floats; a label null everywhere reads as float)."""
+    untyped = []
+    for t in tables:
+        for i, name in enumerate(t.column_names):
+            if not is_embedding_column(name) and name not in _KEY_COLUMNS and t[name].null_count == len(t):
+                t = t.set_column(i, name, pa.nulls(len(t), pa.null()))
+        untyped.append(t)
+    table = pa.concat_tables(untyped, promote_options="permissive")
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type):
+            table = table.set_column(i, f.name, table[f.name].cast(pa.float64()))
+    return table
 
 
 def _skipped_of(file: Path) -> list[dict]:
@@ -391,19 +416,31 @@ class EmbeddingWriter:
 
     `write(records, vectors)` takes one (B, D) array for the `embedding` column, or {column: (vectors (B, D),
     present (B,) bool or None for all)} for several; `alias` names the column that `embedding` repeats (a
-    multimodal model's joint one). The schema is fixed by the first batch (labels keep their types); the metadata
-    goes under the `astrolom` key with the embedding width. `close(skipped=...)` lists skipped records in the
-    footer. A writer that never wrote, or is left by an exception (`with` block), leaves no file.
+    multimodal model's joint one). Every label any record carries is a column, null where a record lacks it; a label
+    first seen after rows were written widens the file (module docstring). `labels` (name -> type, None while only
+    nulls were seen) starts from the label columns of an earlier part; `label_types` is what this writer ends with.
+    The metadata goes under the `astrolom` key with the embedding width. `close(skipped=...)` lists skipped records
+    in the footer. A writer that never wrote, or is left by an exception (`with` block), leaves no file.
     """
 
-    def __init__(self, path: str | Path, metadata: dict, alias: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        metadata: dict,
+        alias: str | None = None,
+        labels: dict[str, pa.DataType | None] | None = None,
+    ):
         self.path = Path(path)
         self.metadata = metadata
         self.alias = alias
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.label_types: dict[str, pa.DataType | None] = dict(labels or {})
+        self._tmp = self._tmp_name(0)
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self.rows = 0
+
+    def _tmp_name(self, generation: int) -> Path:
+        return self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{generation}"
 
     def write(self, records: list[Record], vectors: Vectors) -> None:
         vecs = {EMBEDDING: (vectors, None)} if isinstance(vectors, np.ndarray) else dict(vectors)
@@ -415,16 +452,11 @@ class EmbeddingWriter:
             "object_id": pa.array([str(r.object_id) for r in records], pa.string()),
             "split": pa.array([r.split for r in records], pa.string()),
         }
-        vector_names = [EMBEDDING, *(n for n in vecs if n != EMBEDDING)]
-        if self._schema is None:
-            names = _label_names(records)
-        else:
-            names = [n for n in self._schema.names if n not in cols and not is_embedding_column(n)]
-        for name in names:
-            values = [r.labels.get(name) for r in records]
-            typ = self._schema.field(name).type if self._schema is not None else None
-            cols[name] = pa.array(values, type=typ) if typ is not None else _infer(values)
-        for name in vector_names:
+        for name in _label_names(records):
+            self.label_types.setdefault(name, None)
+        for name in self.label_types:
+            cols[name] = self._label_column(name, records)
+        for name in [EMBEDDING, *(n for n in vecs if n != EMBEDDING)]:
             values, present = vecs[name]
             flat = pa.array(np.asarray(values, np.float32).reshape(-1), pa.float32())
             mask = None if present is None else pa.array(~np.asarray(present, bool))
@@ -436,8 +468,60 @@ class EmbeddingWriter:
             self._schema = table.schema.with_metadata(meta)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self._tmp, self._schema)
-        self._writer.write_table(table.select(self._schema.names).cast(self._schema))
+        elif not table.schema.equals(self._schema):  # a new label column, or the first values of an all-null one
+            self._widen(table.schema.with_metadata(self._schema.metadata))
+        self._writer.write_table(table.cast(self._schema))
         self.rows += len(records)
+
+    def _label_column(self, name: str, records: list[Record]) -> pa.Array:
+        """One label of a batch, typed like the rows before it (floats where earlier values were all integers)."""
+        values = [r.labels.get(name) for r in records]
+        try:
+            arr = pa.array([v.item() if isinstance(v, np.generic) else v for v in values])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise ValueError(
+                f"{self.path}: label {name!r} mixes types within records {_ids(records)} ({err})"
+            ) from None
+        have = self.label_types[name]
+        if pa.types.is_null(arr.type):
+            return pa.nulls(len(arr), have or pa.float64())  # all-null columns are stored as float (read as NaN)
+        if have is None or have == arr.type:
+            self.label_types[name] = arr.type
+            return arr
+        if pa.types.is_integer(have) and pa.types.is_floating(arr.type):
+            self.label_types[name] = pa.float64()  # the integer rows so far become floats when the file widens
+            return arr
+        if pa.types.is_floating(have) and pa.types.is_integer(arr.type):
+            return arr.cast(have)
+        first = next(r.object_id for r, v in zip(records, values, strict=True) if v is not None)
+        raise ValueError(
+            f"{self.path}: label {name!r} of record {first!r} is {arr.type}, but earlier records gave it as {have}"
+        )
+
+    def _widen(self, schema: pa.Schema) -> None:
+        """Copy the rows written so far, row group by row group, into a new temporary file with `schema`."""
+        added = [n for n in schema.names if n not in self._schema.names]
+        log.info("%s: label column(s) %s widened at row %d; rewriting the rows so far", self.path, added or
+                 [f.name for f in schema if f.type != self._schema.field(f.name).type], self.rows)  # fmt: skip
+        self._writer.close()
+        self._writer = None
+        old, new = self._tmp, self._tmp_name(int(self._tmp.name.rsplit("-", 1)[1]) + 1)
+        writer = pq.ParquetWriter(new, schema)
+        try:
+            written = pq.ParquetFile(old)
+            for i in range(written.num_row_groups):
+                part = written.read_row_group(i)
+                columns = [
+                    part[f.name].cast(f.type) if f.name in part.column_names else pa.nulls(len(part), f.type)
+                    for f in schema
+                ]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+        except BaseException:
+            writer.close()
+            new.unlink(missing_ok=True)
+            raise
+        old.unlink()
+        self._writer, self._tmp, self._schema = writer, new, schema
 
     def close(self, skipped: list[dict] | None = None) -> None:
         """Finish the file and rename it into place (nothing is written when no row was)."""
@@ -473,6 +557,6 @@ def _label_names(records: list[Record]) -> list[str]:
     return names
 
 
-def _infer(values: list) -> pa.Array:
-    arr = pa.array([v.item() if isinstance(v, np.generic) else v for v in values])
-    return arr.cast(pa.float64()) if pa.types.is_null(arr.type) else arr
+def _ids(records: list[Record], n: int = 3) -> str:
+    """The first object ids of a batch, for messages."""
+    return ", ".join(repr(str(r.object_id)) for r in records[:n]) + (", ..." if len(records) > n else "")
