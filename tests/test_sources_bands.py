@@ -109,14 +109,18 @@ def test_a_file_that_names_no_bands_cannot_be_selected_from(tmp_path):
         list(open_source(tmp_path / "anon.fits", bands=("g",)).records())
 
 
-def test_pretrain_with_data_bands_on_griz_cutouts(tmp_path):
+def test_pretrain_with_data_bands_on_griz_cutouts_and_embed_with_them(tmp_path, capsys):
     from pretrain_helpers import TINY, read_metrics, run_pretrain
+
+    from astrolom.eval.embeddings import load_embeddings
+    from astrolom.model.pretrained import load_model
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "cutouts"
     folder.mkdir()
-    for k in range(16):
-        write_viewer_cutout(folder / f"obj{k:02d}.fits", rng.normal(0.0, 0.05, (4, 32, 32)), "griz")
+    cubes = {f"obj{k:02d}": rng.normal(0.0, 0.05, (4, 32, 32)) for k in range(16)}
+    for name, cube in cubes.items():
+        write_viewer_cutout(folder / f"{name}.fits", cube, "griz")
     out = tmp_path / "run"
     args = ["--data", str(folder), "--out", str(out), "--preset", "debug", "--max-steps", "2", *TINY]
     args += ["train.batch_size=4", "train.micro_batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0"]
@@ -125,4 +129,33 @@ def test_pretrain_with_data_bands_on_griz_cutouts(tmp_path):
     assert len([r for r in read_metrics(out) if "loss" in r]) == 2
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["model"]["n_chan"] == 3 and cfg["data"]["n_chan"] == 3  # g, r, z of the four planes
+    assert cfg["data"]["bands"] == ["g", "r", "z"]  # what embedding reads from data sets with more bands
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["bands"] == ["g", "r", "z"]  # the run's config
+
+    # embedding reads the data as the run did: the grz model takes g, r, z by name from the griz cutouts, so its
+    # embeddings are those of the same objects cut out in g, r, z only
+    _, meta = load_model(out)
+    assert meta["split_settings"]["bands"] == ("g", "r", "z")
+    solo = tmp_path / "solo"  # the model directory alone (no RUN/config.yaml beside it) keeps its bands
+    solo.mkdir()
+    for f in (out / "final").iterdir():
+        (solo / f.name).write_bytes(f.read_bytes())
+    assert load_model(solo)[1]["split_settings"]["bands"] == ("g", "r", "z")
+    grz = tmp_path / "grz"
+    grz.mkdir()
+    for name, cube in cubes.items():
+        write_viewer_cutout(grz / f"{name}.fits", cube[[0, 1, 3]], "grz")
+    embed = ["embed", "--model", str(out), "--splits", "train,val,test", "--no-progress"]
+    assert cli.main([*embed, "--data", str(folder), "--out", str(tmp_path / "griz.parquet")]) == 0
+    assert cli.main([*embed, "--data", str(grz), "--out", str(tmp_path / "grz.parquet")]) == 0
+    from_griz, from_grz = load_embeddings(tmp_path / "griz.parquet"), load_embeddings(tmp_path / "grz.parquet")
+    assert sorted(from_griz.object_id) == sorted(cubes) and list(from_griz.object_id) == list(from_grz.object_id)
+    np.testing.assert_allclose(from_griz.X, from_grz.X, atol=1e-6)
+    assert from_griz.metadata["split_settings"]["bands"] == ["g", "r", "z"]
+    # a cutout without one of the model's bands: an error naming the file, the band and the bands it has
+    write_viewer_cutout(folder / "obj99.fits", rng.normal(0.0, 0.05, (4, 32, 32)), "griy", invvar=False)
+    capsys.readouterr()
+    assert cli.main([*embed, "--data", str(folder), "--out", str(tmp_path / "bad.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "obj99.fits: has no band z (bands asked for: g,r,z); it has bands g,r,i,y" in err, err
+    assert not (tmp_path / "bad.parquet").exists()

@@ -59,6 +59,7 @@ from astrolom.data.spectra import detokenize_spectra
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_columns
 from astrolom.eval.probes import probe_columns
 from astrolom.model.astropt import AstroPT
+from astrolom.model.pretrained import data_settings
 
 DEFAULT_LAYER = -1  # the final block (after ln_f); images-only `astrolom embed` keeps the paper's -2
 DEFAULT_TOKENS = 64
@@ -165,11 +166,9 @@ def _load(model_path: str) -> tuple[AstroPT, dict, Path]:
 
 def source_settings(cfg_json: dict) -> dict:
     """`open_source` settings that read data as a model's run did: its split settings (data without a split
-    column), and spectra put on the model's wavelength grid (resampled, flux-conserving)."""
-    d = cfg_json.get("data") or {}
-    settings: dict[str, Any] = {}
-    if "split_fractions" in d:
-        settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
+    column) and bands (`astrolom.model.pretrained.data_settings`), and spectra put on the model's wavelength grid
+    (resampled, flux-conserving)."""
+    settings: dict[str, Any] = data_settings(cfg_json)
     grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
     if grid:
         settings["wavelength"] = tuple(grid)

@@ -139,19 +139,33 @@ def load_model(path: str | Path, *, random_init: bool = False, seed: int = 0) ->
 
 
 def split_settings(model_dir: str | Path) -> dict:
-    """data.split_fractions / split_seed of the run a model came from, or {} if unknown.
+    """How the run a model came from read its data, as `open_source` keywords (`data_settings`), or {} if unknown.
 
     Read from the model's config.json (written since the trainer records it there), else from RUN/config.yaml.
     """
     model_dir = Path(model_dir)
     cfg_json = model_dir / CONFIG_NAME
-    candidates = []
-    if cfg_json.is_file():
-        candidates.append(json.loads(cfg_json.read_text()).get("data", {}))
-    for d in (model_dir.parent, model_dir.parent.parent):
-        if (d / RUN_CONFIG_YAML).is_file():
-            candidates.append((yaml.safe_load((d / RUN_CONFIG_YAML).read_text()) or {}).get("data", {}))
+    cfg = json.loads(cfg_json.read_text()) if cfg_json.is_file() else {}
+    runs = [
+        (yaml.safe_load((d / RUN_CONFIG_YAML).read_text()) or {}).get("data", {})
+        for d in (model_dir.parent, model_dir.parent.parent)
+        if (d / RUN_CONFIG_YAML).is_file()
+    ]
+    return data_settings(cfg, *runs)
+
+
+def data_settings(cfg_json: dict, *run_data: dict) -> dict:
+    """`open_source` keywords that read data as a model's run did, from its config.json (and the `data` sections of
+    its run's config.yaml): `split_fractions` / `split_seed` (data without a split column is split the same way)
+    and `bands` (`data.bands`: a g,r,z model takes g, r and z by name from griz cutouts; a file without one of them
+    is a bad record naming the file and the bands it has). Keys the run did not record are left out."""
+    candidates = [cfg_json.get("data") or {}, (cfg_json.get("pretrain_config") or {}).get("data") or {}, *run_data]
+    settings: dict = {}
     for data in candidates:
         if "split_fractions" in data:
-            return {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
-    return {}
+            settings = {"split_fractions": tuple(data["split_fractions"]), "split_seed": int(data.get("split_seed", 0))}
+            break
+    bands = next((data["bands"] for data in candidates if "bands" in data), None)
+    if bands:
+        settings["bands"] = tuple(bands)
+    return settings

@@ -391,6 +391,7 @@ class Trainer:
         data = {
             "image_size": height if height == width else [height, width],
             "n_chan": self.data.n_chan,
+            "bands": list(c.bands) if c.bands else None,  # by name (data.bands): embedding takes the same ones
             "normalisation": "per-patch standardisation (mean 0, std 1 over each patch's values)",
             "path": c.path,
             # how objects without a split column were split, so embedding/probing keeps the same held-out sets
