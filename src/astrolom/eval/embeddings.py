@@ -434,13 +434,14 @@ class EmbeddingWriter:
         self.metadata = metadata
         self.alias = alias
         self.label_types: dict[str, pa.DataType | None] = dict(labels or {})
-        self._tmp = self._tmp_name(0)
+        self._generation = 0  # of the temporary file: each widening writes the next
+        self._tmp = self._tmp_name()
         self._writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self.rows = 0
 
-    def _tmp_name(self, generation: int) -> Path:
-        return self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{generation}"
+    def _tmp_name(self) -> Path:
+        return self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{self._generation}"
 
     def write(self, records: list[Record], vectors: Vectors) -> None:
         vecs = {EMBEDDING: (vectors, None)} if isinstance(vectors, np.ndarray) else dict(vectors)
@@ -505,7 +506,8 @@ class EmbeddingWriter:
                  [f.name for f in schema if f.type != self._schema.field(f.name).type], self.rows)  # fmt: skip
         self._writer.close()
         self._writer = None
-        old, new = self._tmp, self._tmp_name(int(self._tmp.name.rsplit("-", 1)[1]) + 1)
+        self._generation += 1
+        old, new = self._tmp, self._tmp_name()
         writer = pq.ParquetWriter(new, schema)
         try:
             written = pq.ParquetFile(old)
