@@ -193,6 +193,23 @@ def test_points_tooltip_and_spectrum_axes(server):
         assert ticks == sorted(set(ticks)) and wl.min() <= ticks[0] and ticks[-1] <= wl.max()
         assert all(a["right"] < b["left"] for a, b in zip(axes["x"], axes["x"][1:], strict=False))  # no overlap
         assert len(axes["y"]) >= 2 and len({a["text"] for a in axes["y"]}) == len(axes["y"])
+        # a lasso drawn around a region of the map selects the points inside it, and Escape clears it
+        m = _get(url + "/api/map")
+        mx, my = np.asarray(m["x"]), np.asarray(m["y"])
+        xa, xb, ya, yb = _gap_edges(mx, 8, 24), _gap_edges(mx, 40, 56), _gap_edges(my, 8, 24), _gap_edges(my, 40, 56)
+        inside = int(((mx > xa) & (mx < xb) & (my > ya) & (my < yb)).sum())
+        corners = page.evaluate(
+            f"() => [[{xa}, {yb}], [{xb}, {yb}], [{xb}, {ya}], [{xa}, {ya}]].map(p => explorer.pageOf(...p))"
+        )
+        page.keyboard.press("l")
+        page.mouse.move(*corners[0])
+        page.mouse.down()
+        for corner in [*corners[1:], corners[0]]:
+            page.mouse.move(*corner, steps=4)
+        page.mouse.up()
+        assert page.locator("#selcount").inner_text() == f"{inside} selected" and 4 <= inside < 64
+        page.keyboard.press("Escape")
+        assert page.locator("#selbar").is_hidden() and page.evaluate("() => explorer.selection") is None
         assert page.errors == []
 
 
