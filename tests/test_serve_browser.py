@@ -213,27 +213,36 @@ def test_points_tooltip_and_spectrum_axes(server):
         assert page.errors == []
 
 
-@pytest.mark.parametrize("width", [800, 1400])
-def test_layout_toolbar_never_covers_the_map(server, width):
-    """From 800 px to a wide screen: the toolbar sits above the map, the gallery and side panel are on screen, and
-    the status line stays in view when the page scrolls."""
+def test_layout_from_800_px_to_wide_screens(server):
+    """The toolbar sits above the map, never over it; the side panel is beside the map; the gallery is the centre
+    column on a wide screen and under the map at 800 px; the status line stays in view when the page scrolls."""
     url, _ = server
-    with _page(url, width=width, height=800) as page:
-        bar = page.locator("#bar").bounding_box()
-        cmap = page.locator("#map").bounding_box()
-        side = page.locator("#side").bounding_box()
-        gallery = page.locator("#gallerypanel").bounding_box()
-        assert bar["y"] + bar["height"] <= cmap["y"] + 0.5
-        assert cmap["width"] >= 300 and cmap["height"] >= 300
-        assert side["x"] >= cmap["x"] + cmap["width"] - 0.5  # beside the map, never over it
-        assert gallery["width"] >= 380
+    with _page(url, width=1400, height=800) as page:
         x, y = page.evaluate("() => explorer.screenOf(3)")
         page.mouse.click(x, y)
         page.wait_for_function("() => document.getElementById('gallery').dataset.kind === 'neighbours'")
-        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
-        status = page.locator("#status").bounding_box()
-        assert 0 <= status["y"] and status["y"] + status["height"] <= 800
-        assert page.locator("#status").inner_text().endswith("24 neighbours")
+        for width in (1400, 1100, 800):
+            page.set_viewport_size({"width": width, "height": 800})
+            page.evaluate("() => window.scrollTo(0, 0)")
+            bar, cmap, side, gallery = (
+                page.locator(sel).bounding_box() for sel in ("#bar", "#map", "#side", "#gallerypanel")
+            )
+            assert bar["y"] + bar["height"] <= cmap["y"] + 0.5, width
+            assert cmap["width"] >= 300 and cmap["height"] >= 300, width
+            assert side["x"] >= cmap["x"] + cmap["width"] - 0.5, width  # beside the map
+            assert gallery["width"] >= 380, width
+            if width > 1100:  # map | gallery | side
+                assert (
+                    cmap["x"] + cmap["width"] <= gallery["x"] + 0.5
+                    and gallery["x"] + gallery["width"] <= side["x"] + 0.5
+                )
+            else:  # the gallery under the map, at full width
+                assert gallery["y"] >= cmap["y"] + cmap["height"] - 0.5 and gallery["width"] >= width - 20
+            assert page.evaluate("() => document.documentElement.scrollWidth") <= width  # no sideways scrolling
+            page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+            status = page.locator("#status").bounding_box()
+            assert 0 <= status["y"] and status["y"] + status["height"] <= 800, width
+            assert page.locator("#status").inner_text().endswith("24 neighbours")
         assert page.errors == []
 
 
