@@ -68,13 +68,15 @@ def _serve(idx):
 
 
 @contextlib.contextmanager
-def _page(url: str, width: int = 1200, height: int = 800):
-    """A page of a fresh Chromium at `url` once the map is drawn; `page.errors` collects page errors."""
+def _page(url: str, width: int = 1200, height: int = 800, scale: float = 1):
+    """A page of a fresh Chromium at `url` once the map is drawn (`scale`: device pixels per CSS pixel);
+    `page.errors` collects page errors."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+            viewport = {"width": width, "height": height}
+            page = browser.new_page(viewport=viewport, device_scale_factor=scale, accept_downloads=True)
             page.errors = []
             page.on("pageerror", lambda e: page.errors.append(str(e)))
             page.goto(url + "/")
@@ -159,14 +161,17 @@ def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
 
 
 def test_points_tooltip_and_spectrum_axes(server):
-    """Points grow with the zoom; hovering a point shows its id, thumbnail and colour value; the spectrum's axis
-    labels are distinct round wavelengths inside the plotted range that do not overlap."""
+    """On a high-density screen (2 device pixels per CSS pixel, the map drawn at full resolution): points grow with
+    the zoom; hovering a point shows its id, thumbnail and colour value; the spectrum's axis labels are distinct
+    round wavelengths inside the plotted range that do not overlap; a lasso selects the points inside it."""
     from astrolom.search.index import load_index
     from astrolom.search.query import open_store
 
     url, idx_dir = server
     idx = load_index(idx_dir)
-    with _page(url) as page:
+    with _page(url, scale=2) as page:
+        css = page.locator("#map").bounding_box()
+        assert page.evaluate("() => document.getElementById('map').width") == round(2 * css["width"])
         r0 = page.evaluate("() => explorer.radius()")
         box = page.locator("#map").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
