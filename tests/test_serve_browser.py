@@ -139,6 +139,10 @@ def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
         assert page.locator("#gallery .thumb.query").get_attribute("data-id") == oid
         assert page.locator("#objtitle").inner_text() == oid
         assert page.locator("#labels dt").count() > 10
+        ra = idx.labels_of(5)["ra"]  # to 7 significant digits: 0.1 arcsec at ra ~ 100 deg
+        assert page.locator("#labels").get_by_text("ra", exact=True).evaluate("e => e.nextSibling.textContent") == repr(
+            float(f"{ra:.7g}")
+        )
         # cutout thumbnails actually load
         page.wait_for_function("() => document.getElementById('cutout').naturalWidth > 0", timeout=30_000)
         # pivot: click a neighbour, its own neighbours fill the gallery
@@ -440,7 +444,12 @@ def test_labelling_round_search_pivot_select_export_label_rank(model_index, tmp_
         # label these next: the suggestions
         page.keyboard.press("s")
         page.wait_for_function("() => document.getElementById('gallery').dataset.kind === 'suggest'")
-        assert _gallery_ids(page) == [r["id"] for r in ranking["suggest"]] and len(ranking["suggest"]) > 0
+        assert _gallery_ids(page) == [r["id"] for r in ranking["suggest"]] and len(ranking["suggest"]) > 1
+        # the keyboard walks the list: the second suggestion, Enter pivots to it
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("Enter")
+        second = ranking["suggest"][1]["id"]
+        page.wait_for_function(f"() => document.querySelector('#gallery .thumb.query')?.dataset.id === {second!r}")
         # export the marks
         with page.expect_download() as dl:
             page.click("#markcsv")
