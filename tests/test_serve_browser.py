@@ -139,7 +139,7 @@ def test_explore_click_and_upload_in_a_real_browser(server, tmp_path):
         assert page.locator("#gallery .thumb.query").get_attribute("data-id") == oid
         assert page.locator("#objtitle").inner_text() == oid
         assert page.locator("#labels dt").count() > 10
-        ra = idx.labels_of(5)["ra"]  # to 7 significant digits: 0.1 arcsec at ra ~ 100 deg
+        ra = idx.labels_of(5)["ra"]  # to 7 significant digits: 1e-4 degree at ra ~ 100 deg
         assert page.locator("#labels").get_by_text("ra", exact=True).evaluate("e => e.nextSibling.textContent") == repr(
             float(f"{ra:.7g}")
         )
