@@ -14,13 +14,11 @@ import csv
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 
 import numpy as np
 import pytest
+from search_helpers import serving
 
 CHROMIUM = os.environ.get("ASTROLOM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = [
@@ -36,35 +34,6 @@ ARGS = [
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(idx):
-    import uvicorn
-
-    from astrolom.serve.app import create_app
-
-    app = create_app(idx)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):  # wait until it accepts connections (bounded)
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 @contextlib.contextmanager
@@ -96,15 +65,8 @@ def _gallery_ids(page) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model_index(mock_survey, tmp_path_factory):
-    from search_helpers import make_model_index
-
-    return make_model_index(mock_survey, tmp_path_factory.mktemp("browser_model"))
-
-
-@pytest.fixture(scope="module")
 def server(model_index):
-    with _serve(model_index) as url:
+    with serving(model_index) as url:
         yield url, model_index
 
 
@@ -300,7 +262,7 @@ def test_data_is_shown_as_text_never_run(hostile_index, model_index, tmp_path):
     base = load_index(model_index)
     upload = tmp_path / PAYLOADS["file"]
     np.save(upload, open_store(base).get(str(base.object_id[2])).image)
-    with _serve(hostile_index) as url, _page(url) as page:
+    with serving(hostile_index) as url, _page(url) as page:
         dialogs, console = [], []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.on("console", lambda m: console.append(m.text))
@@ -372,16 +334,12 @@ def test_labelling_round_search_pivot_select_export_label_rank(model_index, tmp_
 
     from astrolom.search.index import load_index
     from astrolom.search.query import search_id
-    from astrolom.serve.app import create_app
 
-    routes = {getattr(r, "path", None) for r in create_app(model_index).routes}
-    if not {"/api/marks", "/api/rank", "/api/export", "/api/marks/export"} <= routes:
-        pytest.skip("this server has no labelling endpoints yet (/api/marks, /api/rank, /api/export)")
     # a copy of the index: the marks are written next to it and must start empty
     idx_dir = shutil.copytree(model_index, tmp_path_factory.mktemp("labelling") / "index", symlinks=True)
     idx = load_index(idx_dir)
     ids = [str(i) for i in idx.object_id]
-    with _serve(idx_dir) as url, _page(url) as page:
+    with serving(idx_dir) as url, _page(url) as page:
         # search by id
         query = ids[10]
         page.fill("#idbox", query)
@@ -470,7 +428,7 @@ def test_cross_modal_toggle_and_spectrum_upload(mock_survey, tmp_path_factory, t
     row = int(idx.space("spectra").rows[1])
     oid, store = str(idx.object_id[row]), open_store(idx)
     spec = write_fits_spectrum(tmp_path / "s.fits", store.wavelength(), store.get(oid).spectrum)
-    with _serve(idx_dir) as url, _page(url) as page:
+    with serving(idx_dir) as url, _page(url) as page:
         assert page.locator("#xmodal").is_visible() and page.locator("#specwrap").is_visible()
         # a spectrum upload, in-modal: the object whose spectrum it is comes first
         page.set_input_files("#specupload", str(spec))
