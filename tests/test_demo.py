@@ -52,7 +52,7 @@ def test_tiny_demo(tmp_path, capsys):
     assert "alignment heads: training and validation loss" in report  # the run's loss curves
     top = demo["outliers"]["top_1%"]  # the index + outlier stage ran and scored its ranking against has_star
     assert top["n"] >= 1 and 0.0 <= top["precision"] <= 1.0 and 0.0 < top["base_rate"] < 1.0
-    assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "index.faiss").is_file()
+    assert (tmp_path / "outliers" / "outliers.png").is_file() and (tmp_path / "index" / "CURRENT").is_file()
     assert "<h2>Outliers</h2>" in report
     assert demo["settings"]["preset"] == "debug" and demo["settings"]["flux_features"] is True
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"]["flux_features"] is True

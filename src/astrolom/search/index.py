@@ -1,41 +1,14 @@
-"""A FAISS similarity-search index over embeddings: `astrolom index --embeddings EMB --out IDX`.
+"""A FAISS similarity-search index over embeddings: `astrolom index --embeddings EMB --out IDX`, and its reader.
 
-Similarity is the cosine of standardised embeddings: each dimension is centred and scaled by the mean and standard
-deviation of the indexed set (stored in meta.json and applied to every query), then vectors are L2-normalised and
-searched by inner product, so a score of 1 is the same direction and the distance `1 - score` lies in [0, 2].
-Standardising first stops a few high-variance directions (overall brightness, size) from deciding every
-neighbourhood, as the probes do: on the demo survey it lifts the outlier ranking's precision for stamps with a
-contaminating star from 0.15 to 0.71 at the top 1% (base rate 0.12; see README). The index kind follows the size
-(`--kind auto`):
-
-- `flat` (exact, `IndexFlatIP`) up to 50k vectors: brute force is fast enough and never misses;
-- `ivfflat` (`IVF{nlist},Flat`) up to 4 GiB of float32 vectors: k-means coarse quantiser with nlist ≈ sqrt(N)
-  (a power of two) trained on a sample of 64 points per list, and `nprobe` lists scanned per query;
-- `ivfpq` (`IVF{nlist},PQ{d/8}`) beyond that: 8-bit product quantisation, d/8 bytes per vector (64 B for 512-d),
-  the only kind whose memory stays bounded for billions of vectors;
-- `hnsw` (`HNSW32,Flat`) on request: the lowest latency at high recall, no training, but slow to build and ~1.2x
-  the flat memory.
-
-An index is a directory:
-
-    IDX/index.faiss    the FAISS index (row i = row i of objects.parquet); memory-mapped on load (IO_FLAG_MMAP_IFC)
-    IDX/objects.parquet object_id, split and every label column of the embeddings
-    IDX/meta.json      kind, factory string, search settings, and where the vectors came from: the embedding file,
-                       their `recipe` (`astrolom.eval.embeddings.EmbeddingRecipe`: the model that made them, with
-                       which queries by new image or spectrum are embedded, its layer, tokens, scales, symmetry
-                       pooling), the data set (cutouts for figures and the web explorer), and the records skipped
-                       as bad while embedding (`skipped`: counts and entries)
-    IDX/map.npy        (optional) 2-D map of the embeddings (UMAP) for the web explorer
-    IDX/index-<m>.faiss, IDX/rows-<m>.npy
-                       (embeddings with per-modality columns, `embedding_<m>`) one index per modality m over the
-                       objects that have it (rows-<m>.npy: their rows of objects.parquet, absent when all do); a
-                       modality whose vectors are the `embedding` column reuses index.faiss. meta.json `modalities`
-                       lists them; an alignment run's recipe says they share one space (cross-modal search).
-                       Aligned spaces are searched by the raw cosine, the similarity their heads were trained for:
-                       z-scoring each modality on its own would move the two apart.
+`astrolom.search.build` builds it (vectors streamed in chunks, the index kind chosen by size and memory budget,
+map and outlier scores computed at build time; its docstring describes the vector space and the files) and
+`astrolom.search.store` lays it out on disk as generations, switched with one atomic rename. `SearchIndex` opens
+the live generation, checks it against its manifest, memory-maps the FAISS index and arrays (a second process
+starts in seconds whatever the size), and answers batched queries.
 
     astrolom index --model runs/demo/run --data runs/demo/survey --out runs/demo/index   # embed (D4-pooled) + index
     astrolom index --embeddings runs/demo/embeddings.parquet --out runs/demo/index       # from existing embeddings
+    astrolom index --embeddings released.npy --ids ids.parquet --id-column dr8_id --out IDX  # a released array
 """
 
 from __future__ import annotations
@@ -43,8 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +24,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from astrolom.eval.embeddings import MULTISCALE, EmbeddingRecipe, EmbeddingTable, load_embeddings, recipe_of
-from astrolom.log import get_logger
-from astrolom.log import progress as progress_bar
-
-_log = get_logger(__name__)
-
-KINDS = ("auto", "flat", "ivfflat", "ivfpq", "hnsw")
-INDEX_FILE, OBJECTS_FILE, META_FILE, MAP_FILE = "index.faiss", "objects.parquet", "meta.json", "map.npy"
-EXACT_MAX = 50_000  # above this, an approximate index
-IVFPQ_BYTES = 4 << 30  # above this much float32, product quantisation
-TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss wants >= 39)
-ADD_BATCH = 65_536
-MAP_MAX_DEFAULT = 200_000
+from astrolom.eval.embeddings import MULTISCALE
+from astrolom.search import store
+from astrolom.search.build import (  # noqa: F401  (re-exported: the index's public API lives here)
+    EXACT_MAX,
+    INDEX_FILE,
+    KINDS,
+    MAP_FILE,
+    MEMORY_GB,
+    META_FILE,
+    OBJECTS_FILE,
+    OUTLIER_K,
+    apply_search_params,
+    build_faiss,
+    build_index,
+    choose_kind,
+    compute_map,
+    default_nlist,
+    default_nprobe,
+    factory_string,
+    normalise,
+    search_index,
+    standardise,
+    standardiser,
+)
+from astrolom.search.vectors import npy_source
 
 
 @dataclass
@@ -88,290 +72,6 @@ class Neighbour:
         }
 
 
-def choose_kind(n: int, dim: int) -> str:
-    """The default index kind for n vectors of `dim` float32 (see the module docstring)."""
-    if n <= EXACT_MAX:
-        return "flat"
-    return "ivfpq" if n * dim * 4 > IVFPQ_BYTES else "ivfflat"
-
-
-def default_nlist(n: int) -> int:
-    """Inverted lists for n vectors: sqrt(n) rounded to a power of two, within [16, 65536] and <= n / 39."""
-    nlist = 2 ** round(math.log2(max(math.sqrt(n), 1)))
-    return int(min(max(nlist, 16), 65536, max(16, n // 39)))
-
-
-def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: ~1.5% of them, at least 16 (recall@10 >= 0.95 on clustered data, see BENCHMARKS)."""
-    return int(min(nlist, max(16, nlist // 64)))
-
-
-def factory_string(kind: str, n: int, dim: int) -> str:
-    if kind == "flat":
-        return "Flat"
-    if kind == "hnsw":
-        return "HNSW32,Flat"
-    nlist = default_nlist(n)
-    if kind == "ivfflat":
-        return f"IVF{nlist},Flat"
-    if kind == "ivfpq":
-        m = next(m for m in (dim // 8, dim // 4, dim // 2, dim, 1) if m >= 1 and dim % m == 0)
-        return f"IVF{nlist},PQ{m}"
-    raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Float32, C-contiguous, each row scaled to unit length (zero rows stay zero)."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32).copy()
-    if x.ndim != 2:
-        raise ValueError(f"expected a (N, D) array of vectors, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("vectors contain NaN or infinity")
-    faiss.normalize_L2(x)
-    return x
-
-
-def _apply_search_params(index, meta: dict) -> None:
-    import faiss
-
-    if "nprobe" in meta:
-        faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
-    if "ef_search" in meta:
-        faiss.downcast_index(index).hnsw.efSearch = int(meta["ef_search"])
-
-
-def build_faiss(
-    X: np.ndarray,
-    kind: str = "auto",
-    *,
-    nprobe: int | None = None,
-    ef_search: int = 128,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = _log.info,
-) -> tuple[object, dict]:
-    """A trained and filled FAISS index of the L2-normalised rows of X; returns (index, settings for meta.json)."""
-    import faiss
-
-    X = normalise(X)
-    n, dim = X.shape
-    if n == 0:
-        raise ValueError("no vectors to index")
-    kind = choose_kind(n, dim) if kind == "auto" else kind
-    factory = factory_string(kind, n, dim)
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    settings: dict = {"kind": kind, "factory": factory, "dim": dim, "n": n, "metric": "cosine"}
-    if kind in ("ivfflat", "ivfpq"):
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = seed
-        n_train = min(n, TRAIN_PER_LIST * ivf.nlist)
-        if kind == "ivfpq":
-            n_train = min(n, max(n_train, 256 * 39))  # the PQ codebooks (256 centroids each) need samples too
-        sample = X[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
-        t0 = time.perf_counter()
-        if log:
-            log(f"training {factory} on a sample of {n_train} vectors ...")
-        index.train(sample)
-        settings["train_size"] = n_train
-        settings["train_s"] = round(time.perf_counter() - t0, 2)
-        settings["nprobe"] = int(nprobe or default_nprobe(ivf.nlist))
-    if kind == "hnsw":
-        # the faiss default (40) loses neighbours in tight clusters, where many distances are nearly equal
-        faiss.downcast_index(index).hnsw.efConstruction = 200
-        settings["ef_search"] = int(ef_search)
-    t0 = time.perf_counter()
-    with progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress) as bar:
-        for i in range(0, n, ADD_BATCH):
-            index.add(X[i : i + ADD_BATCH])
-            bar.update(min(ADD_BATCH, n - i))
-    settings["add_s"] = round(time.perf_counter() - t0, 2)
-    _apply_search_params(index, settings)
-    return index, settings
-
-
-def standardiser(X: np.ndarray) -> dict:
-    """Per-dimension mean and standard deviation of a set of embeddings (float64 accumulation, in chunks)."""
-    n = len(X)
-    mean = np.zeros(X.shape[1])
-    sq = np.zeros(X.shape[1])
-    for i in range(0, n, 65_536):
-        c = np.asarray(X[i : i + 65_536], dtype=np.float64)
-        mean += c.sum(0)
-        sq += (c * c).sum(0)
-    mean /= n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 0))
-    std[std < 1e-12 * max(std.max(), 1e-30)] = 1.0  # constant dimensions: leave them unscaled
-    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
-
-
-def standardise(X: np.ndarray, stats: dict | None) -> np.ndarray:
-    """Apply `standardiser` statistics (no-op for None)."""
-    if not stats:
-        return X
-    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-    X = np.atleast_2d(np.asarray(X, dtype=np.float32))
-    if X.shape[1] != len(mean):
-        raise ValueError(f"query vectors have {X.shape[1]} dimensions but the index holds {len(mean)}")
-    return (X - mean) / std
-
-
-def compute_map(X: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT) -> np.ndarray:
-    """(N, 2) float32 map of the embeddings for display: UMAP (cosine), or PCA (fast, for tests and huge sets).
-
-    UMAP is fit on at most `max_fit` rows (a fixed random sample) and the rest are placed with `transform`.
-    """
-    X = normalise(X)
-    if method == "pca" or len(X) < 16:
-        from sklearn.decomposition import PCA
-
-        if len(X) < 3:
-            return np.zeros((len(X), 2), np.float32)
-        return PCA(2, random_state=seed).fit_transform(X).astype(np.float32)
-    if method != "umap":
-        raise ValueError(f"unknown map method {method!r}; choose umap, pca or none")
-    import umap
-
-    reducer = umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed, low_memory=True)
-    if len(X) <= max_fit:
-        return reducer.fit_transform(X).astype(np.float32)
-    fit = np.random.default_rng(seed).choice(len(X), max_fit, replace=False)
-    out = np.empty((len(X), 2), np.float32)
-    out[fit] = reducer.fit_transform(X[fit])
-    rest = np.setdiff1d(np.arange(len(X)), fit)
-    for i in range(0, len(rest), 50_000):
-        out[rest[i : i + 50_000]] = reducer.transform(X[rest[i : i + 50_000]])
-    return out
-
-
-def _objects_table(table: EmbeddingTable) -> pa.Table:
-    cols = {"object_id": pa.array(table.object_id.astype(str)), "split": pa.array(table.split.astype(str))}
-    for name, values in table.labels.items():
-        cols[name] = pa.array(values.tolist() if values.dtype == object else values)
-    return pa.table(cols)
-
-
-def build_index(
-    embeddings: str | Path | EmbeddingTable,
-    out: str | Path,
-    *,
-    kind: str = "auto",
-    nprobe: int | None = None,
-    ef_search: int = 128,
-    map_method: str = "umap",
-    data: str | None = None,
-    standardize: bool = True,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = _log.info,
-) -> Path:
-    """Build an index directory at `out` from an embedding file (or table); returns `out`.
-
-    `data` overrides the data set recorded in the embeddings' metadata (where cutouts are read from).
-    `standardize`: z-score each dimension before the cosine (see the module docstring); False: raw cosine.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-    source = str(embeddings) if not isinstance(embeddings, EmbeddingTable) else None
-    table = load_embeddings(embeddings) if source is not None else embeddings
-    ids, counts = np.unique(table.object_id, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{source or 'embeddings'}: duplicate object ids, e.g. {ids[counts > 1][:3].tolist()}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    emb_meta = table.metadata or {}
-    recipe = table.recipe
-    aligned = recipe.aligned and {"images", "spectra"} <= set(table.modalities)
-    if aligned and standardize:
-        standardize = False
-        if log:
-            log("aligned embeddings: searched by the raw cosine of the shared space (not standardised)")
-    stats = standardiser(table.X) if standardize else None
-    X = standardise(table.X, stats)
-    build = dict(nprobe=nprobe, ef_search=ef_search, seed=seed, progress=progress)
-    index, settings = build_faiss(X, kind, **build)
-    import faiss
-
-    if log and recipe.encoder == "astropt" and recipe.model and not recipe.symmetrize:
-        log(
-            "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
-            "its neighbour; `astrolom embed --symmetrize` (or `astrolom index --model`) makes them invariant"
-        )
-    meta = {
-        **settings,
-        "faiss_version": faiss.__version__,
-        "embeddings": str(Path(source).resolve()) if source else None,
-        "recipe": recipe.to_json(),  # read back with `recipe_of` (SearchIndex.recipe)
-        "data": data or emb_meta.get("data"),
-        "labels": list(table.labels),
-        "standardize": stats,
-        "skipped": skipped_summary(table.skipped),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if table.modalities:
-        meta["modalities"] = {
-            name: _build_modality(out, name, V, table.X, settings, stats, kind, standardize, build, log)
-            for name, V in table.modalities.items()
-        }
-    _write_faiss(index, out / INDEX_FILE)
-    pq.write_table(_objects_table(table), out / OBJECTS_FILE)
-    if map_method != "none":
-        if log:
-            log(f"computing the 2-D map ({map_method}) of {len(table)} embeddings ...")
-        np.save(out / MAP_FILE, compute_map(X, map_method, seed))
-        meta["map"] = map_method
-    meta["build_s"] = round(time.perf_counter() - t0, 2)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    if log:
-        log(
-            f"indexed {settings['n']} vectors ({settings['factory']}, {settings['dim']}-d) "
-            f"in {meta['build_s']} s -> {out}"
-        )
-    return out
-
-
-def skipped_summary(skipped: list[dict], keep: int = 1000) -> dict:
-    """meta.json's account of the records skipped as bad when the embeddings were made (`astrolom embed
-    --skip-bad`): counts, and the first `keep` entries (all of them stay in the embedding files)."""
-    return {
-        "records": sum(e.get("dropped", "record") == "record" for e in skipped),
-        "spectra": sum(e.get("dropped") == "spectrum" for e in skipped),
-        "entries": skipped[:keep],
-    }
-
-
-def _write_faiss(index, path: Path) -> None:
-    import faiss
-
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
-
-
-def _build_modality(
-    out: Path, name: str, V: np.ndarray, X: np.ndarray, main: dict, main_stats, kind, standardize, build, log
-) -> dict:
-    """The index of one modality column over the objects that have it; its meta.json entry."""
-    rows = np.flatnonzero(~np.isnan(V).any(axis=1))
-    if len(rows) == len(V) and np.array_equal(V, X):  # the `embedding` column itself: share its index
-        return {"file": INDEX_FILE, "rows": None, "n": main["n"], "dim": main["dim"], "kind": main["kind"],
-                "standardize": main_stats}  # fmt: skip
-    if len(rows) == 0:
-        raise ValueError(f"the embedding_{name} column is null for every object: nothing to index")
-    stats = standardiser(V[rows]) if standardize else None
-    index, settings = build_faiss(standardise(V[rows], stats), kind, log=log, **build)
-    entry = {**settings, "file": f"index-{name}.faiss", "rows": None, "standardize": stats}
-    _write_faiss(index, out / entry["file"])
-    if len(rows) < len(V):
-        entry["rows"] = f"rows-{name}.npy"
-        np.save(out / entry["rows"], rows.astype(np.int64))
-    if log:
-        log(f"indexed {len(rows)} {name} vectors ({settings['factory']}, {settings['dim']}-d)")
-    return entry
-
-
 @dataclass
 class _Space:
     """One searchable set of vectors: a FAISS index, the object row of each of its vectors, its standardisation."""
@@ -379,6 +79,8 @@ class _Space:
     index: object
     rows: np.ndarray | None  # FAISS id -> object row; None: the same (every object)
     stats: dict | None
+    exact: np.ndarray | None = None  # ivfpq: the exact vectors (memory-mapped) for re-ranking and `vectors`
+    rerank: int = 0
     direct_map: bool = False  # IVF indexes: made on first `vectors` call
 
     def ids_of(self, rows: np.ndarray, what: str) -> np.ndarray:
@@ -392,35 +94,62 @@ class _Space:
 
 
 class SearchIndex:
-    """A loaded index directory: the FAISS index (memory-mapped), the objects table and the metadata."""
+    """A loaded index: the live generation's FAISS index and arrays (memory-mapped), objects table and metadata.
+
+    `path` is the index directory (where the user's files beside it, e.g. marks, live); `generation` the directory
+    of the generation this reader opened: every file is read from it, so a rebuild never mixes into a reader."""
 
     def __init__(self, path: str | Path, *, mmap: bool = True):
         import faiss
 
         self.path = Path(path)
-        for name in (INDEX_FILE, OBJECTS_FILE, META_FILE):
-            if not (self.path / name).is_file():
-                raise FileNotFoundError(
-                    f"{self.path} is not an astrolom index (no {name}); build one with `astrolom index`"
-                )
-        self.meta: dict = json.loads((self.path / META_FILE).read_text())
+        self.generation = store.current_generation(self.path)
+        self.manifest = store.verify_generation(self.generation)
+        self.meta: dict = json.loads(self.file(META_FILE).read_text())
+        for key in ("model", "data", "embeddings", "embeddings_npy", "ids"):  # stored relative to the index
+            if self.meta.get(key):
+                self.meta[key] = _resolve(self.meta[key], self.path)
         # IO_FLAG_MMAP maps only inverted lists; the _IFC variant (faiss >= 1.10) maps flat and HNSW storage too
         flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
         self._flags = flags
-        self.index = faiss.read_index(str(self.path / INDEX_FILE), flags)
-        self._spaces: dict[str | None, _Space] = {None: _Space(self.index, None, self.meta.get("standardize"))}
-        _apply_search_params(self.index, self.meta)
-        self.objects = pq.read_table(self.path / OBJECTS_FILE)
+        self.index = faiss.read_index(str(self.file(INDEX_FILE)), flags)
+        vectors = self._array(self.meta.get("vectors"))
+        self._spaces: dict[str | None, _Space] = {
+            None: _Space(self.index, None, self.meta.get("standardize"), vectors, int(self.meta.get("rerank", 0)))
+        }
+        apply_search_params(self.index, self.meta)
+        self.objects = pq.read_table(self.file(OBJECTS_FILE))
         if self.objects.num_rows != self.index.ntotal:
             raise ValueError(
-                f"{self.path}: {OBJECTS_FILE} has {self.objects.num_rows} rows but the index {self.index.ntotal}"
+                f"{self.generation}: {OBJECTS_FILE} has {self.objects.num_rows} rows but the index {self.index.ntotal}"
             )
-        self.object_id = np.asarray(self.objects.column("object_id").to_pylist(), dtype=str)
-        self.split = np.asarray(self.objects.column("split").to_pylist(), dtype=str)
+        self.object_id = np.asarray(self.objects.column("object_id").to_numpy(zero_copy_only=False), dtype=str)
+        self.split = np.asarray(self.objects.column("split").to_numpy(zero_copy_only=False), dtype=str)
         self.label_names = [c for c in self.objects.column_names if c not in ("object_id", "split")]
-        self._row = {oid: i for i, oid in enumerate(self.object_id)}
+        self._row_map: dict[str, int] | None = None  # made on the first lookup by id
         self._labels: dict[str, list] | None = None
-        self.recipe: EmbeddingRecipe = recipe_of(self.meta)
+        # mapped now, so that they stay readable if a rebuild prunes this generation while the reader lives
+        self._map = self._array(MAP_FILE if self.meta.get("map") else None)
+        self._outliers = {int(k): self._array(e["file"]) for k, e in (self.meta.get("outliers") or {}).items()}
+
+    def file(self, name: str) -> Path:
+        """Path of a file of the opened generation."""
+        return self.generation / name
+
+    def _array(self, name: str | None) -> np.ndarray | None:
+        if not name:
+            return None
+        if name not in self.manifest["files"]:
+            raise ValueError(f"{self.generation}: meta.json names {name}, which the manifest does not")
+        return np.load(self.file(name), mmap_mode="r")
+
+    def stored_outliers(self, k: int) -> np.ndarray | None:
+        """The outlier scores for `k` computed at index time (or kept by `keep_outliers`), else None."""
+        return self._outliers.get(int(k))
+
+    def keep_outliers(self, k: int, scores: np.ndarray) -> None:
+        """Keep scores computed after loading for the life of this reader (a generation is never rewritten)."""
+        self._outliers[int(k)] = scores
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -437,12 +166,12 @@ class SearchIndex:
     @property
     def aligned(self) -> bool:
         """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
-        return self.recipe.aligned and {"images", "spectra"} <= set(self.modalities)
+        return bool(self.meta.get("aligned"))
 
     @property
     def main_modality(self) -> str:
         """What the `embedding` column (index.faiss) holds: images, or the joint embedding of a multimodal model."""
-        return self.recipe.main_modality
+        return str(self.meta.get("embedding_modality") or "images")
 
     def space(self, modality: str | None = None) -> _Space:
         """The searchable vectors of a modality (None: the `embedding` column), loaded on first use."""
@@ -459,10 +188,10 @@ class SearchIndex:
         import faiss
 
         e = entries[modality]
-        index = self.index if e["file"] == INDEX_FILE else faiss.read_index(str(self.path / e["file"]), self._flags)
+        index = self.index if e["file"] == INDEX_FILE else faiss.read_index(str(self.file(e["file"])), self._flags)
         if index is not self.index:
-            _apply_search_params(index, e)
-        rows = np.load(self.path / e["rows"]) if e.get("rows") else None
+            apply_search_params(index, e)
+        rows = np.load(self.file(e["rows"])) if e.get("rows") else None
         self._spaces[modality] = _Space(index, rows, e.get("standardize"))
         return self._spaces[modality]
 
@@ -478,7 +207,9 @@ class SearchIndex:
 
     def row_of(self, object_id: str) -> int:
         """Row of an object id; a ValueError naming the index if it is not there."""
-        row = self._row.get(str(object_id))
+        if self._row_map is None:
+            self._row_map = {oid: i for i, oid in enumerate(self.object_id.tolist())}
+        row = self._row_map.get(str(object_id))
         if row is None:
             close = [o for o in self.object_id[:100_000] if str(object_id) in o][:3]
             hint = f"; similar ids: {', '.join(close)}" if close else f"; ids look like {self.object_id[0]!r}"
@@ -500,17 +231,19 @@ class SearchIndex:
 
     def vectors(self, rows: Sequence[int], modality: str | None = None) -> np.ndarray:
         """The stored (standardised, normalised) vectors of object `rows` in `modality` (None: the `embedding`
-        column); approximate for product-quantised indexes."""
+        column); exact for product-quantised indexes too (from their memory-mapped vectors.npy)."""
         import faiss
 
         space = self.space(modality)
-        if not space.direct_map and faiss.try_extract_index_ivf(space.index) is not None:
-            faiss.extract_index_ivf(space.index).make_direct_map()
-            space.direct_map = True
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"rows out of range for an index of {len(self)} objects")
         ids = np.ascontiguousarray(space.ids_of(rows, modality or self.main_modality), dtype=np.int64)
+        if space.exact is not None:
+            return np.asarray(space.exact[ids], dtype=np.float32)
+        if not space.direct_map and faiss.try_extract_index_ivf(space.index) is not None:
+            faiss.extract_index_ivf(space.index).make_direct_map()
+            space.direct_map = True
         return space.index.reconstruct_batch(ids) if len(ids) else np.zeros((0, space.index.d), np.float32)
 
     def prepare(self, embeddings: np.ndarray, modality: str | None = None) -> np.ndarray:
@@ -531,7 +264,7 @@ class SearchIndex:
         q = normalise(np.atleast_2d(queries)) if prepared else self.prepare(queries, target)
         if q.shape[1] != space.index.d:
             raise ValueError(f"query vectors have {q.shape[1]} dimensions but the index holds {space.index.d}")
-        sims, ids = space.index.search(q, min(k, int(space.index.ntotal)))
+        sims, ids = search_index(space.index, q, min(k, int(space.index.ntotal)), space.exact, space.rerank)
         if space.rows is not None:
             ids = np.where(ids >= 0, space.rows[np.maximum(ids, 0)], -1)
         return sims, ids
@@ -573,8 +306,8 @@ class SearchIndex:
         return Neighbour(rank, row, str(self.object_id[row]), sim, str(self.split[row]), self.labels_of(row))
 
     def map_coords(self) -> np.ndarray | None:
-        f = self.path / MAP_FILE
-        return np.load(f, mmap_mode="r") if f.is_file() else None
+        """(N, 2) map computed at index time (memory-mapped), or None when built with `--map none`."""
+        return self._map
 
 
 def _json_value(v):
@@ -583,6 +316,13 @@ def _json_value(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def _resolve(path: str, root: Path) -> str:
+    """A path recorded in meta.json as absolute: relative ones are relative to the index directory; URLs as is."""
+    if "://" in path or path.startswith("hf:") or Path(path).is_absolute():
+        return path
+    return str((root / path).resolve())
 
 
 def load_index(path: str | Path, *, mmap: bool = True) -> SearchIndex:
@@ -595,7 +335,10 @@ def load_index(path: str | Path, *, mmap: bool = True) -> SearchIndex:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--embeddings", help="embedding Parquet file or directory (`astrolom embed`)")
+    src.add_argument(
+        "--embeddings",
+        help="embedding Parquet file or directory of per-rank parts (`astrolom embed`), or an (N, D) .npy with --ids",
+    )
     src.add_argument(
         "--model",
         help="embed --data with this model (multi-scale and symmetry-pooled by default) or alignment run first, "
@@ -613,14 +356,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--splits", default="train,val,test", help="with --model: splits to embed")
     parser.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="with --model: skip unreadable records (counted in meta.json `skipped`) instead of failing",
+        "--ids",
+        default=None,
+        help="with --embeddings FILE.npy: Parquet or CSV whose row i names row i of the array (its other columns "
+        "become labels)",
+    )
+    parser.add_argument("--id-column", default=None, help="with --ids: the id column (default object_id)")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=MEMORY_GB,
+        help=f"memory budget for the index's vectors (default {MEMORY_GB:g}): --kind auto keeps float32 vectors "
+        "(IVF-Flat) while they fit, else product quantisation with exact re-ranking from disk (IVF-PQ)",
+    )
+    parser.add_argument(
+        "--outlier-k",
+        default=",".join(map(str, OUTLIER_K)),
+        help="k of the outlier scores computed and stored with the index (comma-separated; `none`: skip)",
     )
     parser.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default: chosen by size)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default ~1.5%%)")
     parser.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth")
-    parser.add_argument("--map", choices=("umap", "pca", "none"), default="umap", help="2-D map for the explorer")
+    parser.add_argument(
+        "--map",
+        choices=("umap", "pca", "none"),
+        default="umap",
+        help="2-D map for the explorer, fit on at most 200k objects and applied to the rest in chunks",
+    )
     parser.add_argument("--data", default=None, help="data set with the cutouts (default: the one embedded)")
     parser.add_argument(
         "--raw-cosine", action="store_true", help="cosine of the raw embeddings (default: of standardised ones)"
@@ -633,24 +395,42 @@ def run(args: argparse.Namespace) -> int:
     embeddings = args.embeddings
     if args.model and not args.data:
         raise ValueError("--model needs --data (the data set to embed)")
-    if args.model:
-        from astrolom.align.embed import embed_with
-        from astrolom.align.encoder import load_encoder
-        from astrolom.eval.embed import parse_scales
+    is_npy = bool(embeddings) and Path(embeddings).suffix.lower() == ".npy"
+    if is_npy != bool(args.ids):
+        raise ValueError(
+            "--ids goes with --embeddings FILE.npy (a bare array has no object ids)" if is_npy
+            else "--ids is only for --embeddings FILE.npy (Parquet embeddings carry their ids)"
+        )  # fmt: skip
+    if is_npy:
+        embeddings = npy_source(embeddings, args.ids, args.id_column)
+    outlier_k = () if args.outlier_k.strip().lower() == "none" else tuple(int(k) for k in args.outlier_k.split(","))
+    from astrolom.align.train import is_aligned
 
-        encoder = load_encoder(args.model)
-        # images-only models: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
-        # a new noise draw moves a galaxy away from itself (docs/embeddings.md); multimodal models and alignment
-        # runs embed with their own readout, one index per modality
-        plain = encoder.kind == "astropt"
-        embeddings = embed_with(
-            encoder,
+    if args.model and is_aligned(args.model):  # an alignment run: its shared space, one index per modality
+        from astrolom.align.embed import embed_aligned_dataset
+
+        embeddings = embed_aligned_dataset(
+            args.model,
             args.data,
             Path(args.out) / "embeddings.parquet",
             splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            symmetrize=plain and not args.no_symmetrize,
-            scales=parse_scales(args.scales) if plain else None,
-            skip_bad=args.skip_bad,
+            progress=not args.no_progress,
+        )
+    elif args.model:
+        # the default index: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
+        # a new noise draw moves a galaxy away from itself (README "The sky has no up")
+        from astrolom.eval.embed import embed_dataset, parse_scales
+        from astrolom.model.pretrained import load_model
+
+        model, meta = load_model(args.model)
+        embeddings = embed_dataset(
+            model,
+            args.data,
+            Path(args.out) / "embeddings.parquet",
+            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            metadata=meta,
+            symmetrize=not args.no_symmetrize,
+            scales=parse_scales(args.scales),
             progress=not args.no_progress,
         )
     build_index(
@@ -662,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
         map_method=args.map,
         data=args.data,
         standardize=not args.raw_cosine,
+        memory_gb=args.memory_gb,
+        outlier_k=outlier_k,
         seed=args.seed,
         progress=not args.no_progress,
     )

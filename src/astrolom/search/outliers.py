@@ -5,8 +5,10 @@ Score: the cosine distance (1 - cosine similarity) from an object to its k-th ne
 dense regions of embedding space and have close k-th neighbours; rare ones (a contaminating star, an artefact, an
 unusual galaxy) do not. k = 20 smooths over small groups of similar oddities (on the demo survey, precision at the
 top 1% for stamps with a star: k=5 0.64, k=10 0.71, k=20 0.75, k=50 0.78; base rate 0.12). The neighbours come
-from the index itself, so the score costs one k-NN search per object (exact for flat indexes). Scores are cached
-in IDX/outliers-k{k}.npy when the directory is writable.
+from the index itself, so the score costs one k-NN search per object (exact for flat indexes, re-ranked exactly for
+product-quantised ones). `astrolom index` computes the scores in chunks while it builds (`--outlier-k`, default 20)
+and stores them with the index, so neither this command nor the web explorer waits for them; another k is
+computed on request (not stored: a generation is never modified after it is built).
 """
 
 from __future__ import annotations
@@ -18,37 +20,30 @@ from pathlib import Path
 
 import numpy as np
 
-from astrolom.log import progress as progress_bar
+from astrolom.search.build import kth_neighbour_scores
 from astrolom.search.index import SearchIndex, load_index
 
 BATCH = 4096
 
 
 def outlier_scores(index: SearchIndex, k: int = 20, *, progress: bool = True, cache: bool = True) -> np.ndarray:
-    """(N,) k-th-neighbour cosine distance of every indexed object (higher = more unusual)."""
+    """(N,) k-th-neighbour cosine distance of every indexed object (higher = more unusual): the scores stored at
+    index time for this k, else computed now (and kept in memory for this loaded index when `cache`)."""
+    stored = index.stored_outliers(k)
+    if stored is not None:
+        return stored
     n = len(index)
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in 1..{n - 1} for an index of {n} objects, got {k}")
-    f = index.path / f"outliers-k{k}.npy"
-    if cache and f.is_file():
-        scores = np.load(f)
-        if len(scores) == n:
-            return scores
-    scores = np.empty(n, np.float32)
-    with progress_bar(n, desc="outliers", unit="obj", enabled=progress) as bar:
+
+    def chunks():
         for i in range(0, n, BATCH):
-            rows = np.arange(i, min(i + BATCH, n))
-            sims, nbr = index.search_vectors(index.vectors(rows), k + 1, prepared=True)
-            # the object itself is normally its own first hit; drop it wherever it appears (ties, approximate search)
-            own = nbr == rows[:, None]
-            kth = np.where(own.any(1), np.sort(np.where(own, np.inf, -sims), axis=1)[:, k - 1], -sims[:, k - 1])
-            scores[rows] = 1.0 + kth
-            bar.update(len(rows))
+            yield i, index.vectors(np.arange(i, min(i + BATCH, n)))
+
+    def search(q, kk):
+        return index.search_vectors(q, kk, prepared=True)
+
+    scores = kth_neighbour_scores(search, chunks(), n, k, progress=progress)
     if cache:
-        try:
-            np.save(f, scores)
-        except OSError:
-            pass  # a read-only index: fine, recompute next time
+        index.keep_outliers(k, scores)
     return scores
 
 

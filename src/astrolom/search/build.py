@@ -1,0 +1,467 @@
+"""Building an index: vectors streamed in chunks into FAISS, a 2-D map and outlier scores, one new generation.
+
+Similarity is the cosine of standardised embeddings: each dimension is centred and scaled by the mean and standard
+deviation of the indexed set (stored in meta.json and applied to every query), then vectors are L2-normalised and
+searched by inner product, so a score of 1 is the same direction and the distance `1 - score` lies in [0, 2].
+Standardising first stops a few high-variance directions (overall brightness, size) from deciding every
+neighbourhood, as the probes do: on the demo survey it lifts the outlier ranking's precision for stamps with a
+contaminating star from 0.15 to 0.71 at the top 1% (base rate 0.12; see README).
+
+Vectors are never all in memory: a `VectorSource` (an in-memory table, a memory-mapped `.npy`, or Parquet files
+and per-rank parts read one record batch at a time) is read in passes of `CHUNK` rows: statistics, a training
+sample, adding, the map, the outlier scores. The index kind follows the size and the memory budget
+(`--kind auto`, `--memory-gb`, default 4):
+
+- `flat` (exact, `IndexFlatIP`) up to 50k vectors: brute force is fast enough and never misses;
+- `ivfflat` (`IVF{nlist},Flat`) while the float32 vectors fit the budget: k-means coarse quantiser with
+  nlist ≈ sqrt(N) (a power of two) trained on a sample of 64 points per list, `nprobe` lists scanned per query;
+- `ivfpq` (`IVF{nlist},PQ{d/8}`) beyond: 8-bit product quantisation, d/8 bytes per vector in memory (64 B for
+  512-d), plus the exact vectors in a memory-mapped `vectors.npy` from which the `rerank` x k best PQ candidates
+  are re-scored exactly (FAISS's `IndexRefineFlat` would hold them in RAM);
+- `hnsw` (`HNSW32,Flat`) on request: the lowest latency at high recall, no training, but slow to build.
+
+The files of one generation (see `astrolom.search.store` for the directory layout):
+
+    index.faiss         the FAISS index (row i = row i of objects.parquet); memory-mapped on load
+    objects.parquet     object_id, split and every label column of the embeddings (or of the --ids file)
+    meta.json           kind, factory string, search settings, standardisation, where the vectors came from (model,
+                        layer, tokens, pooling, data set; local paths relative to the index directory)
+    map.npy             (N, 2) map for the web explorer (UMAP or PCA fit on a sample, applied in chunks)
+    outliers-k<k>.npy   (N,) k-th neighbour cosine distance (`astrolom.search.outliers`), computed here in chunks
+    vectors.npy         (ivfpq) the exact standardised, normalised vectors, for re-ranking
+    index-<m>.faiss, rows-<m>.npy
+                        (embeddings with per-modality columns, `embedding_<m>`) one index per modality m over the
+                        objects that have it (rows-<m>.npy: their rows of objects.parquet, absent when all do); a
+                        modality whose vectors are the `embedding` column reuses index.faiss. meta.json `modalities`
+                        lists them, `aligned` says whether they share one space (an alignment run: cross-modal
+                        search). Aligned spaces are searched by the raw cosine, the similarity their heads were
+                        trained for: z-scoring each modality on its own would move the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingTable, embedding_columns, load_embeddings
+from astrolom.log import get_logger
+from astrolom.log import progress as progress_bar
+from astrolom.search import store
+from astrolom.search.vectors import (
+    CHUNK,
+    ArraySource,
+    ParquetSource,
+    VectorSource,
+    _Prepared,
+    _table_objects,
+    normalise,
+    standardise,
+    standardiser,
+)
+
+_log = get_logger(__name__)
+
+KINDS = ("auto", "flat", "ivfflat", "ivfpq", "hnsw")
+INDEX_FILE, OBJECTS_FILE, META_FILE, MAP_FILE = "index.faiss", "objects.parquet", "meta.json", "map.npy"
+VECTORS_FILE = "vectors.npy"
+EXACT_MAX = 50_000  # above this, an approximate index
+MEMORY_GB = 4.0  # default budget for the vectors held in memory: above it, product quantisation
+TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss wants >= 39)
+MAP_MAX_DEFAULT = 200_000
+OUTLIER_K = (20,)
+RERANK = 10  # ivfpq: exact re-scoring of rerank x k PQ candidates
+
+
+def outliers_file(k: int) -> str:
+    return f"outliers-k{int(k)}.npy"
+
+
+# ----------------------------------------------------------------------------------------------------- FAISS
+
+
+def choose_kind(n: int, dim: int, memory_gb: float = MEMORY_GB) -> str:
+    """The default index kind for n vectors of `dim` float32 under a memory budget (see the module docstring)."""
+    if n <= EXACT_MAX:
+        return "flat"
+    return "ivfpq" if n * dim * 4 > memory_gb * (1 << 30) else "ivfflat"
+
+
+def default_nlist(n: int) -> int:
+    """Inverted lists for n vectors: sqrt(n) rounded to a power of two, within [16, 65536] and <= n / 39."""
+    nlist = 2 ** round(math.log2(max(math.sqrt(n), 1)))
+    return int(min(max(nlist, 16), 65536, max(16, n // 39)))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per query: ~1.5% of them, at least 16 (recall@10 >= 0.95 on clustered data, see BENCHMARKS)."""
+    return int(min(nlist, max(16, nlist // 64)))
+
+
+def factory_string(kind: str, n: int, dim: int) -> str:
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return "HNSW32,Flat"
+    nlist = default_nlist(n)
+    if kind == "ivfflat":
+        return f"IVF{nlist},Flat"
+    if kind == "ivfpq":
+        m = next(m for m in (dim // 8, dim // 4, dim // 2, dim, 1) if m >= 1 and dim % m == 0)
+        return f"IVF{nlist},PQ{m}"
+    raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def apply_search_params(index, meta: dict) -> None:
+    import faiss
+
+    if "nprobe" in meta:
+        faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
+    if "ef_search" in meta:
+        faiss.downcast_index(index).hnsw.efSearch = int(meta["ef_search"])
+
+
+def search_index(index, q: np.ndarray, k: int, vectors: np.ndarray | None = None, rerank: int = 0):
+    """(similarities, FAISS ids) of the k best of prepared queries `q`; with `vectors` (the exact stored vectors,
+    memory-mapped) the rerank x k best candidates of an approximate index are re-scored exactly."""
+    if vectors is None or rerank <= 1:
+        return index.search(q, k)
+    _, cand = index.search(q, min(k * rerank, int(index.ntotal)))
+    sims = np.full(cand.shape, -np.inf, np.float32)
+    for i in range(0, len(q), 256):  # bounded memory: 256 queries x rerank*k candidates x D at a time
+        c = cand[i : i + 256]
+        ok = c >= 0
+        rows, inverse = np.unique(c[ok], return_inverse=True)  # sorted rows: sequential reads of the memory map
+        V = np.asarray(vectors[rows], dtype=np.float32)[inverse]
+        s = np.full(c.shape, -np.inf, np.float32)
+        s[ok] = np.einsum("md,md->m", V, np.repeat(q[i : i + 256], ok.sum(1), axis=0))
+        sims[i : i + 256] = s
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(sims, top, 1)
+    ids = np.where(np.isfinite(best), np.take_along_axis(cand, top, 1), -1)
+    return best, ids
+
+
+def build_faiss(
+    X: np.ndarray | _Prepared,
+    kind: str = "auto",
+    *,
+    nprobe: int | None = None,
+    ef_search: int = 128,
+    memory_gb: float = MEMORY_GB,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = _log.info,
+    vectors_out: Path | None = None,
+) -> tuple[object, dict]:
+    """A trained and filled FAISS index of L2-normalised vectors (an array, normalised here, or a prepared source
+    read in chunks); returns (index, settings for meta.json). For ivfpq with `vectors_out`, the exact vectors are
+    written there as they stream past (a memory-mapped .npy for re-ranking)."""
+    import faiss
+
+    src = _Prepared(ArraySource(normalise(X), pa.table({})), None) if isinstance(X, np.ndarray) else X
+    n, dim = src.n, src.dim
+    if n == 0:
+        raise ValueError("no vectors to index")
+    kind = choose_kind(n, dim, memory_gb) if kind == "auto" else kind
+    factory = factory_string(kind, n, dim)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    settings: dict = {"kind": kind, "factory": factory, "dim": dim, "n": n, "metric": "cosine"}
+    if kind in ("ivfflat", "ivfpq"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        n_train = min(n, TRAIN_PER_LIST * ivf.nlist)
+        if kind == "ivfpq":
+            n_train = min(n, max(n_train, 256 * 39))  # the PQ codebooks (256 centroids each) need samples too
+        sample = src.take(np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)))
+        t0 = time.perf_counter()
+        if log:
+            log(f"training {factory} on a sample of {n_train} vectors ...")
+        index.train(sample)
+        del sample
+        settings["train_size"] = n_train
+        settings["train_s"] = round(time.perf_counter() - t0, 2)
+        settings["nprobe"] = int(nprobe or default_nprobe(ivf.nlist))
+    if kind == "hnsw":
+        # the faiss default (40) loses neighbours in tight clusters, where many distances are nearly equal
+        faiss.downcast_index(index).hnsw.efConstruction = 200
+        settings["ef_search"] = int(ef_search)
+    keep = None
+    if kind == "ivfpq" and vectors_out is not None:
+        keep = np.lib.format.open_memmap(vectors_out, mode="w+", dtype=np.float32, shape=(n, dim))
+        settings["vectors"], settings["rerank"] = vectors_out.name, RERANK
+    t0 = time.perf_counter()
+    with progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress) as bar:
+        for start, V in src.chunks():
+            index.add(V)
+            if keep is not None:
+                keep[start : start + len(V)] = V
+            bar.update(len(V))
+    if keep is not None:
+        keep.flush()
+        del keep
+    settings["add_s"] = round(time.perf_counter() - t0, 2)
+    apply_search_params(index, settings)
+    return index, settings
+
+
+def write_faiss(index, path: Path) -> None:
+    import faiss
+
+    faiss.write_index(index, str(path))
+
+
+# --------------------------------------------------------------------------------------------------------- maps
+
+
+def _map_reducer(method: str, seed: int):
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(2, random_state=seed)
+    if method != "umap":
+        raise ValueError(f"unknown map method {method!r}; choose umap, pca or none")
+    import umap
+
+    return umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed, low_memory=True)
+
+
+def map_prepared(
+    src: _Prepared, out: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT,
+    progress: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """Fill `out` (N, 2) with the map of prepared vectors: fit on all of them up to `max_fit`, else fit on a fixed
+    random sample of `max_fit` and place every row with `transform`, chunk by chunk."""
+    n = src.n
+    if n < 3:
+        out[:] = 0
+        return out
+    method = "pca" if n < 16 else method  # UMAP needs more neighbours than a handful of points have
+    reducer = _map_reducer(method, seed)
+    if n <= max_fit:
+        out[:] = reducer.fit_transform(src.take(np.arange(n)))
+        return out
+    reducer.fit(src.take(np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))))
+    with progress_bar(n, desc=f"map[{method}]", unit="obj", enabled=progress) as bar:
+        for start, V in src.chunks(50_000 if method == "umap" else CHUNK):
+            out[start : start + len(V)] = reducer.transform(V)
+            bar.update(len(V))
+    return out
+
+
+def compute_map(X: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT) -> np.ndarray:
+    """(N, 2) float32 map of embeddings for display: UMAP (cosine), or PCA (fast, for tests and huge sets)."""
+    src = _Prepared(ArraySource(np.atleast_2d(X), pa.table({})), None)
+    return map_prepared(src, np.empty((src.n, 2), np.float32), method, seed, max_fit)
+
+
+# ------------------------------------------------------------------------------------------------ outlier scores
+
+
+def kth_neighbour_scores(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    chunks: Iterable[tuple[int, np.ndarray]],
+    n: int,
+    k: int,
+    *,
+    progress: bool = True,
+) -> np.ndarray:
+    """The outlier score (`astrolom.search.outliers`): (n,) cosine distance to the k-th nearest other object, from
+    `search(prepared queries, k) -> (sims, rows)` over `chunks` of (first row, prepared vectors) that cover rows
+    0..n-1 in order."""
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in 1..{n - 1} for an index of {n} objects, got {k}")
+    scores = np.empty(n, np.float32)
+    with progress_bar(n, desc=f"outliers[k={k}]", unit="obj", enabled=progress) as bar:
+        for start, V in chunks:
+            for i in range(0, len(V), 4096):
+                rows = np.arange(start + i, start + min(i + 4096, len(V)))
+                sims, nbr = search(V[i : i + 4096], k + 1)
+                # the object itself is normally its own first hit; drop it wherever it appears (ties, approximate)
+                own = nbr == rows[:, None]
+                kth = np.where(own.any(1), np.sort(np.where(own, np.inf, -sims), axis=1)[:, k - 1], -sims[:, k - 1])
+                scores[rows] = 1.0 + kth
+                bar.update(len(rows))
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------- the build
+
+
+def _portable(path: str | None, root: Path) -> str | None:
+    """A local path resolved now (against the working directory) and stored relative to the index root, so the
+    index can be served and searched from anywhere, and moved together with what it points to; URLs unchanged."""
+    if not path or "://" in str(path) or str(path).startswith("hf:"):
+        return path
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        _log.warning("%s does not exist; recorded as given", path)
+        return str(p)
+    return os.path.relpath(p, root.resolve())
+
+
+def build_index(
+    embeddings: str | Path | EmbeddingTable | VectorSource,
+    out: str | Path,
+    *,
+    kind: str = "auto",
+    nprobe: int | None = None,
+    ef_search: int = 128,
+    map_method: str = "umap",
+    data: str | None = None,
+    standardize: bool = True,
+    memory_gb: float = MEMORY_GB,
+    outlier_k: tuple[int, ...] = OUTLIER_K,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = _log.info,
+) -> Path:
+    """Build an index at `out` as a new generation and switch to it; returns `out`.
+
+    `embeddings`: an embedding Parquet file or directory of parts (streamed unless it has per-modality columns),
+    an `EmbeddingTable`, or a `VectorSource` (e.g. `npy_source` for a released `.npy` + ids).
+    `data` overrides the data set recorded in the embeddings' metadata (where cutouts are read from).
+    `standardize`: z-score each dimension before the cosine (see the module docstring); False: raw cosine.
+    `outlier_k`: the k of the outlier scores stored with the index (those the explorer and `outliers` read).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    table, source = None, embeddings
+    if isinstance(embeddings, str | Path):
+        columns = embedding_columns(embeddings)
+        if any(c != EMBEDDING for c in columns):  # per-modality columns: built in memory, one index per modality
+            table = load_embeddings(embeddings)
+        else:
+            source = ParquetSource(embeddings)
+    elif isinstance(embeddings, EmbeddingTable):
+        table = embeddings
+    if table is not None:
+        name = str(embeddings) if isinstance(embeddings, str | Path) else "embeddings"
+        source = ArraySource(table.X, _table_objects(table), table.metadata, name)
+    objects = source.objects()
+    _check_ids(objects, source)
+    root = Path(out)
+    t0 = time.perf_counter()
+    emb_meta = source.metadata or {}
+    modalities = table.modalities if table is not None else {}
+    aligned = bool(emb_meta.get("aligned")) and {"images", "spectra"} <= set(modalities)
+    if aligned and standardize:
+        standardize = False
+        if log:
+            log("aligned embeddings: searched by the raw cosine of the shared space (not standardised)")
+    if log and emb_meta.get("model") and not emb_meta.get("symmetrize"):
+        log(
+            "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
+            "its neighbour; `astrolom embed --symmetrize` (or `astrolom index --model`) makes them invariant"
+        )
+    stats = standardiser(source) if standardize else None
+    prepared = _Prepared(source, stats)
+    gen = store.new_generation(root)
+    build = dict(nprobe=nprobe, ef_search=ef_search, memory_gb=memory_gb, seed=seed, progress=progress)
+    index, settings = build_faiss(prepared, kind, log=log, vectors_out=gen / VECTORS_FILE, **build)
+    store.boundary("vectors")
+    import faiss
+
+    meta = {
+        **settings,
+        "faiss_version": faiss.__version__,
+        "embeddings": _portable(str(embeddings), root) if isinstance(embeddings, str | Path) else None,
+        **{k: _portable(v, root) for k, v in emb_meta.items() if k in ("embeddings_npy", "ids")},
+        "model": _portable(emb_meta.get("model"), root),
+        "random_init": emb_meta.get("random_init", False),
+        "data": _portable(data or emb_meta.get("data"), root),
+        "layer": emb_meta.get("layer"),
+        "tokens": emb_meta.get("tokens"),
+        "scales": emb_meta.get("scales"),
+        "spectrum_segments": emb_meta.get("spectrum_segments"),
+        "symmetrize": bool(emb_meta.get("symmetrize", False)),
+        "labels": [c for c in objects.column_names if c not in ("object_id", "split")],
+        "standardize": stats,
+        "embedding_modality": (emb_meta.get("columns") or {}).get("embedding") or "images",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if modalities:
+        meta["aligned"] = aligned
+        meta["modalities"] = {
+            name: _build_modality(gen, name, V, table.X, settings, stats, kind, standardize, build, log)
+            for name, V in modalities.items()
+        }
+    write_faiss(index, gen / INDEX_FILE)
+    store.boundary(INDEX_FILE)
+    pq.write_table(objects, gen / OBJECTS_FILE)
+    store.boundary(OBJECTS_FILE)
+    if map_method != "none":
+        if log:
+            log(f"computing the 2-D map ({map_method}) of {source.n} embeddings ...")
+        t1 = time.perf_counter()
+        out_map = np.lib.format.open_memmap(gen / MAP_FILE, mode="w+", dtype=np.float32, shape=(source.n, 2))
+        map_prepared(prepared, out_map, map_method, seed, progress=progress)
+        out_map.flush()
+        del out_map
+        meta["map"], meta["map_s"] = map_method, round(time.perf_counter() - t1, 2)
+        store.boundary(MAP_FILE)
+    meta["outliers"] = {}
+    vectors = np.load(gen / VECTORS_FILE, mmap_mode="r") if settings.get("vectors") else None
+    for k in outlier_k:
+        if not 1 <= k < source.n:
+            if log:
+                log(f"outlier scores with k={k} skipped: the index holds {source.n} objects")
+            continue
+        t1 = time.perf_counter()
+
+        def search(q, kk):
+            return search_index(index, q, kk, vectors, settings.get("rerank", 0))
+
+        scores = kth_neighbour_scores(search, prepared.chunks(), source.n, k, progress=progress)
+        np.save(gen / outliers_file(k), scores)
+        meta["outliers"][str(k)] = {"file": outliers_file(k), "s": round(time.perf_counter() - t1, 2)}
+        store.boundary(outliers_file(k))
+    meta["build_s"] = round(time.perf_counter() - t0, 2)
+    (gen / META_FILE).write_text(json.dumps(meta, indent=2))
+    store.boundary(META_FILE)
+    store.commit_generation(gen)
+    if log:
+        log(f"indexed {settings['n']} vectors ({settings['factory']}, {settings['dim']}-d) in {meta['build_s']} s "
+            f"-> {root} ({gen.name})")  # fmt: skip
+    return root
+
+
+def _check_ids(objects: pa.Table, source: VectorSource) -> None:
+    if objects.num_rows != source.n:
+        raise ValueError(f"{source.name}: {source.n} vectors but {objects.num_rows} objects")
+    ids = objects.column("object_id").combine_chunks()
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        raise ValueError(f"{source.name}: duplicate object ids, e.g. {dup.field('values')[:3].to_pylist()}")
+
+
+def _build_modality(
+    gen: Path, name: str, V: np.ndarray, X: np.ndarray, main: dict, main_stats, kind, standardize, build, log
+) -> dict:
+    """The index of one modality column over the objects that have it; its meta.json entry."""
+    rows = np.flatnonzero(~np.isnan(V).any(axis=1))
+    if len(rows) == len(V) and np.array_equal(V, X):  # the `embedding` column itself: share its index
+        return {"file": INDEX_FILE, "rows": None, "n": main["n"], "dim": main["dim"], "kind": main["kind"],
+                "standardize": main_stats}  # fmt: skip
+    if len(rows) == 0:
+        raise ValueError(f"the embedding_{name} column is null for every object: nothing to index")
+    stats = standardiser(V[rows]) if standardize else None
+    index, settings = build_faiss(standardise(V[rows], stats), kind, log=log, **build)
+    entry = {**settings, "file": f"index-{name}.faiss", "rows": None, "standardize": stats}
+    write_faiss(index, gen / entry["file"])
+    store.boundary(entry["file"])
+    if len(rows) < len(V):
+        entry["rows"] = f"rows-{name}.npy"
+        np.save(gen / entry["rows"], rows.astype(np.int64))
+    if log:
+        log(f"indexed {len(rows)} {name} vectors ({settings['factory']}, {settings['dim']}-d)")
+    return entry
