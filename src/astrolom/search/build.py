@@ -57,7 +57,6 @@ from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.search import store
 from astrolom.search.vectors import (
-    CHUNK,
     ArraySource,
     ParquetSource,
     VectorSource,
@@ -251,7 +250,7 @@ def map_prepared(
         return out
     reducer.fit(src.take(np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))))
     with progress_bar(n, desc=f"map[{method}]", unit="obj", enabled=progress) as bar:
-        for start, V in src.chunks(50_000 if method == "umap" else CHUNK):
+        for start, V in src.chunks(50_000 if method == "umap" else None):
             out[start : start + len(V)] = reducer.transform(V)
             bar.update(len(V))
     return out

@@ -35,6 +35,7 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     META_FILE,
     OBJECTS_FILE,
     OUTLIER_K,
+    RERANK,
     apply_search_params,
     build_faiss,
     build_index,

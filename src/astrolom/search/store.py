@@ -118,7 +118,6 @@ def commit_generation(gen: Path) -> Path:
             continue
         _fsync(p)
         files[p.name] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-        boundary(f"hash {p.name}")
     _write_atomic(gen / MANIFEST, json.dumps({"generation": gen.name, "files": files}, indent=1))
     boundary("manifest")
     _write_atomic(root / CURRENT, gen.name + "\n")

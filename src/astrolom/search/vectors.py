@@ -33,7 +33,7 @@ class VectorSource:
     dim: int
     metadata: dict
 
-    def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+    def chunks(self, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (m, D) float32 block) over all rows in order."""
         raise NotImplementedError
 
@@ -60,7 +60,8 @@ class ArraySource(VectorSource):
         self.X, self._objects, self.metadata, self.name = X, objects, metadata or {}, name
         self.n, self.dim = X.shape
 
-    def chunks(self, size: int = CHUNK):
+    def chunks(self, size: int | None = None):
+        size = size or CHUNK
         for i in range(0, self.n, size):
             yield i, np.asarray(self.X[i : i + size], dtype=np.float32)
 
@@ -89,8 +90,8 @@ class ParquetSource(VectorSource):
             raise ValueError(f"{path}: no rows")
         self.dim = first[1].shape[1]
 
-    def chunks(self, size: int = CHUNK):
-        start = 0
+    def chunks(self, size: int | None = None):
+        start, size = 0, size or CHUNK
         for f in self.files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=size, columns=[self.column]):
                 X, present = _vectors(pa.chunked_array([batch.column(0)]))
@@ -206,8 +207,8 @@ class _Prepared:
     def __init__(self, source: VectorSource, stats: dict | None):
         self.source, self.stats, self.n, self.dim = source, stats, source.n, source.dim
 
-    def chunks(self, size: int = CHUNK):
-        for start, X in self.source.chunks(size):
+    def chunks(self, size: int | None = None):
+        for start, X in self.source.chunks(size):  # size None: the module's CHUNK
             yield start, normalise(standardise(X, self.stats))
 
     def take(self, rows: np.ndarray) -> np.ndarray:
