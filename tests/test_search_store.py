@@ -195,9 +195,7 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys):
     assert [t["object_id"] for t in top] == [t["object_id"] for t in so.top_outliers(native, 3, progress=False)]
     client = TestClient(create_app(tmp_path / "from_npy"), raise_server_exceptions=False)
     assert client.get("/api/info").json()["n"] == N
-    assert [o["object_id"] for o in client.get("/api/outliers?n=3").json()["outliers"]] == [
-        t["object_id"] for t in top
-    ]
+    assert [o["object_id"] for o in client.get("/api/outliers?n=3").json()["outliers"]] == [t["object_id"] for t in top]
     # a count mismatch names both files; a missing id column lists what is there
     short = tmp_path / "short.parquet"
     pq.write_table(pa.table({"object_id": ["a", "b"]}), short)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from astrolom.eval.embeddings import MULTISCALE
+from astrolom.eval.embeddings import MULTISCALE, EmbeddingTable  # noqa: F401  (re-exported for callers)
 from astrolom.search import store
 from astrolom.search.build import (  # noqa: F401  (re-exported: the index's public API lives here)
     EXACT_MAX,
