@@ -206,6 +206,11 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys):
         si.npy_source(npy, csv)
     assert main(["index", "--embeddings", str(npy), "--out", str(tmp_path / "y")]) == 2
     assert "--ids goes with --embeddings FILE.npy" in capsys.readouterr().err
+    X[5, 3] = np.nan
+    bad, _ = write_npy(tmp_path, X, "bad", np.zeros(N))
+    with pytest.raises(ValueError, match=r"bad.npy: the vector of row 5 holds NaN or infinity"):
+        si.build_index(si.npy_source(bad, ids), tmp_path / "z", map_method="none", progress=False, log=None)
+    assert not (tmp_path / "z" / store.CURRENT).exists()
 
 
 def test_parquet_parts_are_streamed_in_chunks(tmp_path, monkeypatch):

@@ -361,7 +361,7 @@ def build_index(
             "note: these embeddings are not pooled over rotations/mirrors, so a rotated copy of a galaxy may not be "
             "its neighbour; `astrolom embed --symmetrize` (or `astrolom index --model`) makes them invariant"
         )
-    stats = standardiser(source) if standardize else None
+    stats = standardiser(source, progress=progress) if standardize else None
     prepared = _Prepared(source, stats)
     gen = store.new_generation(root)
     build = dict(nprobe=nprobe, ef_search=ef_search, memory_gb=memory_gb, seed=seed, progress=progress)

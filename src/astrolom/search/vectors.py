@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingTable, _files, _vectors
+from astrolom.log import progress as progress_bar
 
 CHUNK = 65_536  # rows per pass step: 128 MiB of 512-d float32
 
@@ -172,22 +173,28 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def standardiser(X: np.ndarray | VectorSource) -> dict:
+def standardiser(X: np.ndarray | VectorSource, *, progress: bool = False) -> dict:
     """Per-dimension mean and standard deviation of a set of embeddings (float64 accumulation, in chunks)."""
     source = X if isinstance(X, VectorSource) else ArraySource(X, pa.table({}))
     mean, sq, n = np.zeros(source.dim), np.zeros(source.dim), 0
-    for start, c in source.chunks():
-        c = c.astype(np.float64)
-        if not np.isfinite(c).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(c).all(1))[0])
-            raise ValueError(f"{source.name}: the vector of row {bad} holds NaN or infinity")
-        mean += c.sum(0)
-        sq += (c * c).sum(0)
-        n += len(c)
+    with progress_bar(source.n, desc="statistics", unit="vec", enabled=progress) as bar:
+        for start, c in source.chunks():
+            _accumulate(source, start, c, mean, sq)
+            n += len(c)
+            bar.update(len(c))
     mean /= n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 0))
     std[std < 1e-12 * max(std.max(), 1e-30)] = 1.0  # constant dimensions: leave them unscaled
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+
+
+def _accumulate(source: VectorSource, start: int, c: np.ndarray, mean: np.ndarray, sq: np.ndarray) -> None:
+    c = c.astype(np.float64)
+    if not np.isfinite(c).all():
+        bad = start + int(np.flatnonzero(~np.isfinite(c).all(1))[0])
+        raise ValueError(f"{source.name}: the vector of row {bad} holds NaN or infinity")
+    mean += c.sum(0)
+    sq += (c * c).sum(0)
 
 
 def standardise(X: np.ndarray, stats: dict | None) -> np.ndarray:
