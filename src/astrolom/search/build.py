@@ -40,6 +40,7 @@ The files of one generation (see `astrolom.search.store` for the directory layou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -193,20 +194,22 @@ def build_faiss(
         # the faiss default (40) loses neighbours in tight clusters, where many distances are nearly equal
         faiss.downcast_index(index).hnsw.efConstruction = 200
         settings["ef_search"] = int(ef_search)
-    keep = None
+    offset = None
     if kind == "ivfpq" and vectors_out is not None:
-        keep = np.lib.format.open_memmap(vectors_out, mode="w+", dtype=np.float32, shape=(n, dim))
+        # written through a file handle, not a map: dirty mapped pages would count as resident memory
+        header = np.lib.format.open_memmap(vectors_out, mode="w+", dtype=np.float32, shape=(n, dim))
+        offset = header.offset
+        del header
         settings["vectors"], settings["rerank"] = vectors_out.name, RERANK
     t0 = time.perf_counter()
-    with progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress) as bar:
+    bar = progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress)
+    with bar, open(vectors_out, "r+b") if offset is not None else contextlib.nullcontext() as keep:
         for start, V in src.chunks():
             index.add(V)
             if keep is not None:
-                keep[start : start + len(V)] = V
+                keep.seek(offset + start * dim * 4)
+                keep.write(np.ascontiguousarray(V, dtype=np.float32).tobytes())
             bar.update(len(V))
-    if keep is not None:
-        keep.flush()
-        del keep
     settings["add_s"] = round(time.perf_counter() - t0, 2)
     apply_search_params(index, settings)
     return index, settings
@@ -408,7 +411,6 @@ def build_index(
         meta["map"], meta["map_s"] = map_method, round(time.perf_counter() - t1, 2)
         store.boundary(MAP_FILE)
     meta["outliers"] = {}
-    vectors = np.load(gen / VECTORS_FILE, mmap_mode="r") if settings.get("vectors") else None
     for k in outlier_k:
         if not 1 <= k < source.n:
             if log:
@@ -416,7 +418,8 @@ def build_index(
             continue
         t1 = time.perf_counter()
 
-        def search(q, kk):
+        def search(q, kk):  # the exact vectors mapped per batch, so their pages leave the resident set after it
+            vectors = np.load(gen / VECTORS_FILE, mmap_mode="r") if settings.get("vectors") else None
             return search_index(index, q, kk, vectors, settings.get("rerank", 0))
 
         scores = kth_neighbour_scores(search, prepared.chunks(), source.n, k, progress=progress)

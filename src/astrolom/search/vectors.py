@@ -61,13 +61,20 @@ class ArraySource(VectorSource):
         self.X, self._objects, self.metadata, self.name = X, objects, metadata or {}, name
         self.n, self.dim = X.shape
 
+    def _array(self) -> np.ndarray:
+        # a file-backed array is mapped afresh for each read and unmapped after it: pages read through one long-lived
+        # map stay in this process's resident set, so reading 17 GB once would count 17 GB of RSS
+        if isinstance(self.X, np.memmap) and self.X.filename:
+            return np.load(self.X.filename, mmap_mode="r")
+        return self.X
+
     def chunks(self, size: int | None = None):
         size = size or CHUNK
         for i in range(0, self.n, size):
-            yield i, np.asarray(self.X[i : i + size], dtype=np.float32)
+            yield i, np.array(self._array()[i : i + size], dtype=np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self.X[rows], dtype=np.float32)
+        return np.array(self._array()[rows], dtype=np.float32)
 
     def objects(self) -> pa.Table:
         return self._objects
