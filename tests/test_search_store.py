@@ -162,7 +162,7 @@ def test_relative_model_and_data_work_from_another_directory(tmp_path, monkeypat
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
 
 
-def test_npy_embeddings_index_like_native_ones(tmp_path, capsys):
+def test_npy_embeddings_index_like_native_ones(tmp_path, capsys, monkeypatch):
     from fastapi.testclient import TestClient
 
     from astrolom.cli import main
@@ -193,6 +193,10 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys):
     np.testing.assert_allclose(native.stored_outliers(20), from_npy.stored_outliers(20), atol=1e-6)
     top = so.top_outliers(from_npy, 3, progress=False)
     assert [t["object_id"] for t in top] == [t["object_id"] for t in so.top_outliers(native, 3, progress=False)]
+    def no_recompute(*a, **kw):
+        raise AssertionError("the server recomputed outlier scores stored with the index")
+
+    monkeypatch.setattr(so, "kth_neighbour_scores", no_recompute)  # the first request reads the stored scores
     client = TestClient(create_app(tmp_path / "from_npy"), raise_server_exceptions=False)
     assert client.get("/api/info").json()["n"] == N
     assert [o["object_id"] for o in client.get("/api/outliers?n=3").json()["outliers"]] == [t["object_id"] for t in top]
