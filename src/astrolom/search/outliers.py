@@ -6,9 +6,12 @@ dense regions of embedding space and have close k-th neighbours; rare ones (a co
 unusual galaxy) do not. k = 20 smooths over small groups of similar oddities (on the demo survey, precision at the
 top 1% for stamps with a star: k=5 0.64, k=10 0.71, k=20 0.75, k=50 0.78; base rate 0.12). The neighbours come
 from the index itself, so the score costs one k-NN search per object (exact for flat indexes, re-ranked exactly for
-product-quantised ones). `astrolom index` computes the scores in chunks while it builds (`--outlier-k`, default 20)
-and stores them with the index, so neither this command nor the web explorer waits for them; another k is
-computed on request (not stored: a generation is never modified after it is built).
+product-quantised ones). `astrolom index` computes the scores while it builds (`--outlier-k`, default 20) and stores
+them with the index, so neither this command nor the web explorer waits for them; another k is computed on request
+(not stored: a generation is never modified after it is built). For IVF indexes the build computes them by a list
+self-join (`astrolom.search.build.list_join_scores`: each inverted list against its 4 nearest lists, as matrix
+products), the neighbours of an object then being those among ~4 lists' objects; scores are never below the exact
+ones and on planted anomalies rank the same (tests/test_search_store.py).
 """
 
 from __future__ import annotations
