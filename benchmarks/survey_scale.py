@@ -108,6 +108,27 @@ def exact_top10(idx, Q: np.ndarray, chunk: int = 131_072) -> np.ndarray:
     return best_i
 
 
+def sweep(idx, Q: np.ndarray, truth: np.ndarray) -> None:
+    """Recall@10 and single-query latency of an IVF-PQ index over nprobe x re-rank depth (set at query time)."""
+    import faiss
+
+    space, ivf = idx.space(None), faiss.extract_index_ivf(idx.index)
+    print("\n| nprobe | re-rank | recall@10 | p50 | p99 |\n|---:|---:|---:|---:|---:|")
+    for nprobe in (16, 32):
+        ivf.nprobe = nprobe
+        for rerank in (10, 20, 40):
+            space.rerank = rerank
+            lat = []
+            for q in Q[:100]:
+                t = time.perf_counter()
+                idx.search_vectors(q[None], 10)
+                lat.append((time.perf_counter() - t) * 1e3)
+            _, found = idx.search_vectors(Q, 10)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
+            print(f"| {nprobe} | {rerank}·k | {recall:.3f} | {np.percentile(lat, 50):.2f} ms "
+                  f"| {np.percentile(lat, 99):.1f} ms |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -122,6 +143,7 @@ def main() -> None:
     ap.add_argument("--anchors", default=None, help="Parquet of real embeddings to draw around")
     ap.add_argument("--scratch", required=True, help="where the vectors and the index go (not the repository)")
     ap.add_argument("--keep", action="store_true", help="keep the vectors and index afterwards")
+    ap.add_argument("--sweep", action="store_true", help="ivfpq: recall and latency over nprobe x re-rank depth")
     args = ap.parse_args()
 
     scratch = Path(args.scratch)
@@ -189,6 +211,8 @@ def main() -> None:
         f"| {np.percentile(lat, 50):.2f} / {np.percentile(lat, 99):.2f} ms | {batched_ms:.2f} ms/query "
         f"| {recall:.3f} ({R} queries) | {meta.get('map', '-')} {meta.get('map_s', 0):.0f} s | {outl} |"
     )
+    if args.sweep and meta.get("rerank"):
+        sweep(idx, Qraw[:R], truth)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
         npy.unlink(missing_ok=True)

@@ -153,11 +153,11 @@ def test_relative_model_and_data_work_from_another_directory(tmp_path, monkeypat
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     idx = si.load_index(project / "runs" / "index")
-    assert idx.meta["model"] == str(project / "runs" / "model") and model_dir_of(idx) == idx.meta["model"]
+    assert idx.recipe.model == str(project / "runs" / "model") and model_dir_of(idx) == idx.recipe.model
     assert idx.meta["data"] == str(project / "runs" / "survey")
     moved = tmp_path / "moved"
     shutil.move(project, moved)  # the project moved as a whole: still found
-    assert si.load_index(moved / "runs" / "index").meta["model"] == str(moved / "runs" / "model")
+    assert si.load_index(moved / "runs" / "index").recipe.model == str(moved / "runs" / "model")
     assert main(["search", "--index", str(moved / "runs" / "index"), "--id", "obj0002", "-k", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
 
@@ -193,6 +193,7 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(native.stored_outliers(20), from_npy.stored_outliers(20), atol=1e-6)
     top = so.top_outliers(from_npy, 3, progress=False)
     assert [t["object_id"] for t in top] == [t["object_id"] for t in so.top_outliers(native, 3, progress=False)]
+
     def no_recompute(*a, **kw):
         raise AssertionError("the server recomputed outlier scores stored with the index")
 
@@ -219,14 +220,16 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys, monkeypatch):
 
 def test_parquet_parts_are_streamed_in_chunks(tmp_path, monkeypatch):
     from astrolom.data.records import Record
-    from astrolom.eval.embeddings import EmbeddingWriter, output_path
+    from astrolom.eval.embeddings import EmbeddingWriter, part_path, write_progress
     from astrolom.search import vectors
 
     X = clustered(N, D)
     parts = tmp_path / "emb.parquet"
     for rank, rows in enumerate(np.array_split(np.arange(N), 3)):  # as three torchrun ranks write them
-        with EmbeddingWriter(output_path(parts, rank, 3), {"layer": -2}) as w:
+        with EmbeddingWriter(part_path(parts, rank, 0), {"layer": -2}) as w:
             w.write([Record(f"obj{i:04d}", None, "val") for i in rows], X[rows])
+        state = {"rank": rank, "world_size": 3, "parts": [part_path(parts, rank, 0).name], "rows": len(rows)}
+        write_progress(parts, {**state, "done": True})
     monkeypatch.setattr(vectors, "CHUNK", 37)  # many chunks, crossing part boundaries
     src = vectors.ParquetSource(parts)
     assert (src.n, src.dim, src.metadata["layer"]) == (N, D, -2)

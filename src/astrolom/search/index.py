@@ -24,7 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from astrolom.eval.embeddings import MULTISCALE, EmbeddingTable  # noqa: F401  (re-exported for callers)
+from astrolom.eval.embeddings import (  # noqa: F401  (EmbeddingTable re-exported for callers)
+    MULTISCALE,
+    EmbeddingRecipe,
+    EmbeddingTable,
+    recipe_of,
+)
 from astrolom.search import store
 from astrolom.search.build import (  # noqa: F401  (re-exported: the index's public API lives here)
     EXACT_MAX,
@@ -47,6 +52,7 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     factory_string,
     normalise,
     search_index,
+    skipped_summary,
     standardise,
     standardiser,
 )
@@ -108,9 +114,13 @@ class SearchIndex:
         self.generation = store.current_generation(self.path)
         self.manifest = store.verify_generation(self.generation)
         self.meta: dict = json.loads(self.file(META_FILE).read_text())
-        for key in ("model", "data", "embeddings", "embeddings_npy", "ids"):  # stored relative to the index
+        for key in ("data", "embeddings", "embeddings_npy", "ids"):  # local paths are stored relative to the index
             if self.meta.get(key):
                 self.meta[key] = _resolve(self.meta[key], self.path)
+        for holder in (self.meta, self.meta.get("recipe") or {}):  # the model: in the recipe (or flat, before it)
+            if holder.get("model"):
+                holder["model"] = _resolve(holder["model"], self.path)
+        self.recipe: EmbeddingRecipe = recipe_of(self.meta)
         # IO_FLAG_MMAP maps only inverted lists; the _IFC variant (faiss >= 1.10) maps flat and HNSW storage too
         flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
         self._flags = flags
@@ -168,12 +178,12 @@ class SearchIndex:
     @property
     def aligned(self) -> bool:
         """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
-        return bool(self.meta.get("aligned"))
+        return self.recipe.aligned and {"images", "spectra"} <= set(self.modalities)
 
     @property
     def main_modality(self) -> str:
         """What the `embedding` column (index.faiss) holds: images, or the joint embedding of a multimodal model."""
-        return str(self.meta.get("embedding_modality") or "images")
+        return self.recipe.main_modality
 
     def space(self, modality: str | None = None) -> _Space:
         """The searchable vectors of a modality (None: the `embedding` column), loaded on first use."""
@@ -358,6 +368,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--splits", default="train,val,test", help="with --model: splits to embed")
     parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="with --model: skip unreadable records (counted in meta.json `skipped`) instead of failing",
+    )
+    parser.add_argument(
         "--ids",
         default=None,
         help="with --embeddings FILE.npy: Parquet or CSV whose row i names row i of the array (its other columns "
@@ -406,33 +421,24 @@ def run(args: argparse.Namespace) -> int:
     if is_npy:
         embeddings = npy_source(embeddings, args.ids, args.id_column)
     outlier_k = () if args.outlier_k.strip().lower() == "none" else tuple(int(k) for k in args.outlier_k.split(","))
-    from astrolom.align.train import is_aligned
+    if args.model:
+        from astrolom.align.embed import embed_with
+        from astrolom.align.encoder import load_encoder
+        from astrolom.eval.embed import parse_scales
 
-    if args.model and is_aligned(args.model):  # an alignment run: its shared space, one index per modality
-        from astrolom.align.embed import embed_aligned_dataset
-
-        embeddings = embed_aligned_dataset(
-            args.model,
+        encoder = load_encoder(args.model)
+        # images-only models: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
+        # a new noise draw moves a galaxy away from itself (docs/embeddings.md); multimodal models and alignment
+        # runs embed with their own readout, one index per modality
+        plain = encoder.kind == "astropt"
+        embeddings = embed_with(
+            encoder,
             args.data,
             Path(args.out) / "embeddings.parquet",
             splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            progress=not args.no_progress,
-        )
-    elif args.model:
-        # the default index: multi-scale embeddings pooled over the 8 rotations/mirrors, so neither orientation nor
-        # a new noise draw moves a galaxy away from itself (README "The sky has no up")
-        from astrolom.eval.embed import embed_dataset, parse_scales
-        from astrolom.model.pretrained import load_model
-
-        model, meta = load_model(args.model)
-        embeddings = embed_dataset(
-            model,
-            args.data,
-            Path(args.out) / "embeddings.parquet",
-            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
-            metadata=meta,
-            symmetrize=not args.no_symmetrize,
-            scales=parse_scales(args.scales),
+            symmetrize=plain and not args.no_symmetrize,
+            scales=parse_scales(args.scales) if plain else None,
+            skip_bad=args.skip_bad,
             progress=not args.no_progress,
         )
     build_index(

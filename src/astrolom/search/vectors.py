@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY
-from astrolom.eval.embeddings import EMBEDDING, EmbeddingTable, _files, _vectors
+from astrolom.eval.embeddings import EMBEDDING, EmbeddingTable, _vectors, embedding_files
 from astrolom.log import progress as progress_bar
 
 CHUNK = 65_536  # rows per pass step: 128 MiB of 512-d float32
@@ -85,7 +85,7 @@ class ParquetSource(VectorSource):
 
     def __init__(self, path: str | Path, column: str = EMBEDDING):
         self.name, self.column = str(path), column
-        self.files = _files(Path(path))
+        self.files = embedding_files(path)  # a file, or the finished parts of a parts directory
         schema = pq.read_schema(self.files[0])
         for col in ("object_id", "split", column):
             if col not in schema.names:
