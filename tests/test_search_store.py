@@ -198,7 +198,10 @@ def test_npy_embeddings_index_like_native_ones(tmp_path, capsys, monkeypatch):
         raise AssertionError("the server recomputed outlier scores stored with the index")
 
     monkeypatch.setattr(so, "kth_neighbour_scores", no_recompute)  # the first request reads the stored scores
-    client = TestClient(create_app(tmp_path / "from_npy"), raise_server_exceptions=False)
+    # a loopback Host: the server answers to no other by default
+    client = TestClient(
+        create_app(tmp_path / "from_npy"), base_url="http://127.0.0.1:8000", raise_server_exceptions=False
+    )
     assert client.get("/api/info").json()["n"] == N
     assert [o["object_id"] for o in client.get("/api/outliers?n=3").json()["outliers"]] == [t["object_id"] for t in top]
     # a count mismatch names both files; a missing id column lists what is there
