@@ -22,6 +22,7 @@ from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
 from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer
 from astrolom.eval.embeddings import recipe_of
 from astrolom.train import checkpoint as ckpt
+from astrolom.train.fault import AFTER_STEP, fault_env
 
 
 def test_infonce_known_values():
@@ -162,6 +163,34 @@ def test_resume_is_exact(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def _align_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["--image-model", "-", "--spectrum-model", "-", "--data", "-", "--out", str(out), "--steps", "6",
+            "--batch-size", "16", "--lr", "3e-3", "--embed-dim", "16", "--eval-interval", "3",
+            "--checkpoint-interval", "2", "--no-progress", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "astrolom", "align", *args]
+    return subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=180)
+
+
+def test_sigkill_and_resume_is_exact_and_logs_every_step_once(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+        _synthetic_cache(d)
+    assert _align_cli(whole).returncode == 0
+    killed = _align_cli(cut, env=fault_env(AFTER_STEP, 5))
+    assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5: the latest checkpoint is step 4
+    assert ckpt.latest_checkpoint(cut).name == ckpt.checkpoint_name(4)
+    assert [r["step"] for r in read_metrics(cut)] == [1, 2, 3, 4, 5]
+    resumed = _align_cli(cut, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # step 5 recomputed, its killed row dropped, not repeated
+    assert a == b  # losses, learning rates and validation losses bit for bit
+    wa = load_file(str(whole / "final" / ckpt.WEIGHTS_NAME))
+    wb = load_file(str(cut / "final" / ckpt.WEIGHTS_NAME))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow

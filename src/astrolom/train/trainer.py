@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import queue
 import signal
 import sys
@@ -50,10 +49,10 @@ from astrolom.model.flops import flops_per_token, mfu
 from astrolom.model.pretrained import model_config_json, save_pretrained
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
-from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
+from astrolom.train.config import PretrainConfig, resolve_model_config
+from astrolom.train.engine import CheckpointManager, LRSchedule
+from astrolom.train.fault import AFTER_STEP, fault_point
 from astrolom.train.logging import MetricsLogger
-
-KILL_AFTER_STEP_ENV = "ASTROLOM_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL the main rank after this step
 
 
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
@@ -314,6 +313,13 @@ class Trainer:
             compile=cfg.train.compile,
         )
         self.optimizer = build_optimizer(self.model, cfg, self.env.device, self.strategy == "fsdp")
+        self.schedule = LRSchedule(
+            self.optimizer,
+            warmup=cfg.warmup_steps(),
+            decay=cfg.decay_steps(),
+            min_ratio=cfg.optim.min_lr_ratio,
+            ramp_to_peak=False,
+        )
         torch.manual_seed(cfg.train.seed + 1 + self.env.rank)  # per-rank stream (dropout), distinct from init
 
         self.step = 0
@@ -322,6 +328,9 @@ class Trainer:
         self.last_val_loss: float | None = None
         self._stop = False
         self._log_steps = log_spaced_steps(cfg.train.max_steps, cfg.train.log_checkpoints)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, keep_last=cfg.train.keep_last, protected=self._log_steps, enabled=self.env.is_main
+        )
         self.resumed_from: Path | None = None
         if resume:
             self._resume()
@@ -331,16 +340,6 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.train.batch_size * self.seq_len
-
-    def lr(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(
-            step,
-            peak=c.learning_rate(),
-            warmup=c.warmup_steps(),
-            decay=c.decay_steps(),
-            min_ratio=c.optim.min_lr_ratio,
-        )
 
     def rank_state(self) -> dict:
         """What differs between ranks: RNG states and the data position."""
@@ -353,13 +352,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "flops": self.flops_seen,
             "world_size": self.env.world_size,
-            "scheduler": {
-                "peak_lr": self.cfg.learning_rate(),
-                "warmup_steps": self.cfg.warmup_steps(),
-                "decay_steps": self.cfg.decay_steps(),
-                "min_lr_ratio": self.cfg.optim.min_lr_ratio,
-                "last_lr": self.lr(max(0, self.step - 1)),
-            },
+            "scheduler": self.schedule.describe(self.step),
             "last_val_loss": self.last_val_loss,
             "ranks": parallel.gather_objects(self.rank_state(), self.env),
         }
@@ -409,39 +402,30 @@ class Trainer:
         model_state = parallel.full_model_state(self.model)
         optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
         state = self.state_dict()
-        path = None
-        if self.env.is_main:
-            path = self.run_dir / layout.CHECKPOINTS_DIR / layout.checkpoint_name(self.step)
-            ckpt.save_checkpoint(
-                path,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                trainer_state=state,
-                config_json=self.config_json(),
-            )
-            ckpt.mark_latest(self.run_dir, path)
-            if self.cfg.train.keep_last:
-                ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._log_steps)
+        path = self.checkpoints.save(
+            self.step,
+            model_state=model_state,
+            optimizer_state=optim_state,
+            trainer_state=state,
+            config_json=self.config_json() if self.env.is_main else {},
+        )
         parallel.barrier(self.env)
         return path
 
     def _resume(self) -> None:
-        path = layout.latest_checkpoint(self.run_dir)
-        if path is None:
+        loaded = self.checkpoints.load_latest()
+        if loaded is None:
             return  # nothing saved yet: start from scratch (a run killed before its first checkpoint)
-        loaded = ckpt.load_checkpoint(path)
         parallel.load_full_state(self.model, self.optimizer, loaded["model"], loaded["optimizer"])
         self.load_state_dict(loaded["trainer"])
-        self.resumed_from = path
+        self.resumed_from = loaded["path"]
 
     # -------------------------------------------------------------------------------------------------- loop
 
     def train_step(self) -> dict:
         """One optimiser step over the global batch; returns its metrics (one host sync)."""
         t0 = time.perf_counter()
-        lr = self.lr(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self.schedule.apply(self.step)
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
         batches = [self.data.next_train() for _ in range(self.accum)]
@@ -575,7 +559,6 @@ class Trainer:
         bar = None
         if main and t.progress:
             bar = progress(t.max_steps, initial=self.step, desc="pretrain", unit="step")
-        kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
         last: dict = {}
         try:
             if t.eval_interval and self.step == 0:  # the untrained model's validation loss, the curve's origin
@@ -594,8 +577,8 @@ class Trainer:
                     bar.update(1)
                     val = self.last_val_loss or float("nan")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}", refresh=False)
-                if main and kill_after is not None and self.step == int(kill_after):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if main:
+                    fault_point(AFTER_STEP, self.step)
             finished = self.step >= t.max_steps
             if finished:
                 full = parallel.full_model_state(self.model)
