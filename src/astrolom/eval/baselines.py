@@ -35,6 +35,7 @@ from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings, split_rows
 from astrolom.eval.probes import CLASSIFICATION, make_tasks
 from astrolom.model.pretrained import load_model
+from astrolom.train.engine import EarlyStopping
 
 BASELINES = ("random_init", "pca_pixels", "photometry", "cnn")
 APERTURES = (2.0, 4.0, 8.0, 16.0)  # radii in pixels
@@ -277,7 +278,7 @@ def train_cnn(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, math.ceil(len(train) / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    best, best_state, since = float("inf"), None, 0
+    early = EarlyStopping(patience, min_delta=1e-4)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         net.train()
@@ -292,17 +293,14 @@ def train_cnn(
             net.eval()
             with torch.no_grad():
                 val = float(loss_fn(net(x_fit[hold]), hold))
-            if val < best - 1e-4:
-                best, since = val, 0
-                best_state = {k: v.clone() for k, v in net.state_dict().items()}
-            else:
-                since += 1
+            early.update(val, net)
         if progress and (epoch + 1) % 10 == 0:
-            progress(f"  cnn epoch {epoch + 1}/{epochs}: holdout loss {best:.3f} ({time.perf_counter() - t0:.0f} s)")
-        if n_hold and since >= patience:
+            progress(
+                f"  cnn epoch {epoch + 1}/{epochs}: holdout loss {early.best:.3f} ({time.perf_counter() - t0:.0f} s)"
+            )
+        if early.stop:
             break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    early.restore(net)
     net.eval()
     with torch.no_grad():
         out = torch.cat([net(x_test[i : i + 256]) for i in range(0, len(x_test), 256)])
