@@ -16,7 +16,7 @@ from pretrain_helpers import read_metrics, subprocess_env
 from safetensors.torch import load_file
 
 from astrolom.align.encoder import load_aligned
-from astrolom.align.features import FeatureCache, augment, d4
+from astrolom.align.features import FeatureCache, augment, view_element
 from astrolom.align.loss import ContrastiveLoss, clip_loss
 from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
 from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer
@@ -83,10 +83,14 @@ def test_heads_shapes_and_gradients():
 
 def test_sky_respecting_augmentations():
     img = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
-    views = {d4(img, e).tobytes() for e in range(8)}
+    assert sorted(view_element(v) for v in range(8)) == list(range(8))  # views 0..7 are the eight D4 elements
+    assert view_element(1) == 1 and view_element(5) == 7  # one quarter turn; one turn, then a mirror
+    zero_noise = np.random.default_rng(0)
+    views = {augment(img, v, np.ones(2), 0.0, zero_noise).tobytes() for v in range(8)}
     assert len(views) == 8  # the eight D4 elements are distinct
-    for e in range(8):  # no element moves the centre: the central 2x2 block keeps its pixels
-        assert sorted(d4(img, e)[1:3, 1:3].ravel()) == sorted(img[1:3, 1:3].ravel())
+    for v in range(8):  # no element moves the centre: the central 2x2 block keeps its pixels
+        view = augment(img, v, np.ones(2), 0.0, zero_noise)
+        assert sorted(view[1:3, 1:3].ravel()) == sorted(img[1:3, 1:3].ravel())
     rng = np.random.default_rng(0)
     assert augment(img, 0, np.ones(2), 0.5, rng) is img  # view 0 is the stamp itself
     noisy = augment(img, 8, np.array([1.0, 2.0]), 0.5, rng)  # element 0 (identity) + noise

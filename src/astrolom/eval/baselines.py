@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from astrolom.data.augment import d4, turns_then_mirror
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
@@ -202,12 +203,10 @@ class SmallCNN(nn.Module):
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 90-degree rotation and flip of the whole batch (galaxies have no preferred orientation)."""
-    k = int(torch.randint(4, (1,), generator=gen))
-    x = torch.rot90(x, k, dims=(2, 3))
-    if bool(torch.randint(2, (1,), generator=gen)):
-        x = torch.flip(x, dims=(3,))
-    return x
+    """Random 90-degree rotation and flip of the whole (B, C, H, W) batch (galaxies have no preferred orientation)."""
+    turns = int(torch.randint(4, (1,), generator=gen))
+    mirror = bool(torch.randint(2, (1,), generator=gen))
+    return d4(x, turns_then_mirror(turns, mirror), axes=(2, 3))
 
 
 def train_cnn(

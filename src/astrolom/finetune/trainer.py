@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from astrolom import layout
 from astrolom.data import tokens as tok
+from astrolom.data.augment import d4_batch, turns_then_mirror
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.eval import probes
@@ -212,16 +213,9 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random one of the 8 rotations/flips per galaxy (B, H, W, C); galaxies have no preferred orientation."""
     if images.shape[1] != images.shape[2]:
         return images  # rotations only keep square stamps in shape
-    k = torch.randint(4, (len(images),), generator=gen)
-    flip = torch.randint(2, (len(images),), generator=gen).bool()
-    out = images.clone()
-    for kk in range(4):
-        for ff in (False, True):
-            m = (k == kk) & (flip == ff)
-            if m.any():
-                x = torch.rot90(images[m], kk, dims=(1, 2))
-                out[m] = torch.flip(x, dims=(2,)) if ff else x
-    return out
+    turns = torch.randint(4, (len(images),), generator=gen)
+    mirror = torch.randint(2, (len(images),), generator=gen).bool()
+    return d4_batch(images, turns_then_mirror(turns, mirror), axes=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
