@@ -79,7 +79,11 @@ def main() -> None:
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("ms_per_step", "cpu_ms_per_step")}
            for n, rs in runs.items()}  # fmt: skip
     print(f"load average (1/5/15 min) before and after each run: {' | '.join(loads)}")
-    print(f"threads {runs['ours'][0]['threads']}, {args.steps} steps per run, {args.rounds} rounds\n")
+    print(f"threads {runs['ours'][0]['threads']}, {args.steps} steps per run, {args.rounds} rounds")
+    for name, rs in runs.items():
+        print(f"{name}, each round (wall / CPU ms per step): " + ", ".join(
+            f"{r['ms_per_step']:.0f} / {r['cpu_ms_per_step']:.0f}" for r in rs))  # fmt: skip
+    print()
     print("| | ours | peer | ours / peer |\n|---|---:|---:|---:|")
     for key, label in (("ms_per_step", "wall ms per step"), ("cpu_ms_per_step", "CPU ms per step")):
         ours, peer = med["ours"][key], med["peer"][key]
