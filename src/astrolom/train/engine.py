@@ -196,14 +196,11 @@ class EarlyStopping:
         module.load_state_dict(self.best_state, strict=strict)
         return True
 
+    _STATE = ("best", "best_at", "since", "stop", "best_state")
+
     def state_dict(self) -> dict:
-        return {
-            "best": self.best,
-            "best_at": self.best_at,
-            "since": self.since,
-            "stop": self.stop,
-            "best_state": self.best_state,
-        }
+        """The counters (JSON values) and the best state (tensors)."""
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_at = float(state["best"]), int(state["best_at"])
