@@ -16,12 +16,13 @@ from pretrain_helpers import read_metrics, subprocess_env
 from safetensors.torch import load_file
 
 from astrolom.align.encoder import load_aligned
-from astrolom.align.features import FeatureCache, augment, d4
+from astrolom.align.features import FeatureCache, augment, view_element
 from astrolom.align.loss import ContrastiveLoss, clip_loss
 from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
 from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer
 from astrolom.eval.embeddings import recipe_of
 from astrolom.train import checkpoint as ckpt
+from astrolom.train.fault import AFTER_STEP, fault_env
 
 
 def test_infonce_known_values():
@@ -82,10 +83,14 @@ def test_heads_shapes_and_gradients():
 
 def test_sky_respecting_augmentations():
     img = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
-    views = {d4(img, e).tobytes() for e in range(8)}
+    assert sorted(view_element(v) for v in range(8)) == list(range(8))  # views 0..7 are the eight D4 elements
+    assert view_element(1) == 1 and view_element(5) == 7  # one quarter turn; one turn, then a mirror
+    zero_noise = np.random.default_rng(0)
+    views = {augment(img, v, np.ones(2), 0.0, zero_noise).tobytes() for v in range(8)}
     assert len(views) == 8  # the eight D4 elements are distinct
-    for e in range(8):  # no element moves the centre: the central 2x2 block keeps its pixels
-        assert sorted(d4(img, e)[1:3, 1:3].ravel()) == sorted(img[1:3, 1:3].ravel())
+    for v in range(8):  # no element moves the centre: the central 2x2 block keeps its pixels
+        view = augment(img, v, np.ones(2), 0.0, zero_noise)
+        assert sorted(view[1:3, 1:3].ravel()) == sorted(img[1:3, 1:3].ravel())
     rng = np.random.default_rng(0)
     assert augment(img, 0, np.ones(2), 0.5, rng) is img  # view 0 is the stamp itself
     noisy = augment(img, 8, np.array([1.0, 2.0]), 0.5, rng)  # element 0 (identity) + noise
@@ -162,6 +167,34 @@ def test_resume_is_exact(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def _align_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["--image-model", "-", "--spectrum-model", "-", "--data", "-", "--out", str(out), "--steps", "6",
+            "--batch-size", "16", "--lr", "3e-3", "--embed-dim", "16", "--eval-interval", "3",
+            "--checkpoint-interval", "2", "--no-progress", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "astrolom", "align", *args]
+    return subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=180)
+
+
+def test_sigkill_and_resume_is_exact_and_logs_every_step_once(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+        _synthetic_cache(d)
+    assert _align_cli(whole).returncode == 0
+    killed = _align_cli(cut, env=fault_env(AFTER_STEP, 5))
+    assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5: the latest checkpoint is step 4
+    assert ckpt.latest_checkpoint(cut).name == ckpt.checkpoint_name(4)
+    assert [r["step"] for r in read_metrics(cut)] == [1, 2, 3, 4, 5]
+    resumed = _align_cli(cut, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # step 5 recomputed, its killed row dropped, not repeated
+    assert a == b  # losses, learning rates and validation losses bit for bit
+    wa = load_file(str(whole / "final" / ckpt.WEIGHTS_NAME))
+    wb = load_file(str(cut / "final" / ckpt.WEIGHTS_NAME))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from astrolom.data import tokens as tok
-from astrolom.data.augment import D4_SIZE, d4, d4_tokens, group_for, random_d4_batch
+from astrolom.data.augment import D4_SIZE, d4, d4_batch, d4_tokens, group_for, random_d4_batch, turns_then_mirror
 
 
 @pytest.mark.parametrize("t", range(D4_SIZE))
@@ -18,6 +18,34 @@ def test_token_transform_equals_tokenising_the_transformed_image(t):
     torch.testing.assert_close(d4_tokens(tb.tokens, tb.grid, 8, t), ref.tokens)
     torch.testing.assert_close(d4_tokens(tb.mean, tb.grid, 8, t), ref.mean)
     torch.testing.assert_close(d4_tokens(tb.std, tb.grid, 8, t), ref.std)
+
+
+def _turns_then_mirror_reference(x: torch.Tensor, turns: int, mirror: bool, axes=(0, 1)) -> torch.Tensor:
+    """How fine-tuning, the CNN baseline and alignment transformed stamps in their own copies: rotate, then mirror."""
+    x = torch.rot90(x, turns, dims=axes)
+    return torch.flip(x, dims=(axes[1],)) if mirror else x
+
+
+def test_turns_then_mirror_names_the_transform_the_old_copies_made():
+    img = torch.arange(5 * 5 * 3).reshape(5, 5, 3)
+    made = set()
+    for turns in range(4):
+        for mirror in (False, True):
+            e = turns_then_mirror(turns, mirror)
+            assert torch.equal(d4(img, e), _turns_then_mirror_reference(img, turns, mirror))
+            made.add(e)
+    assert made == set(range(D4_SIZE))
+    # per sample in a batch (fine-tuning), and on the (H, W) axes of a (B, C, H, W) batch (CNN baseline)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(32, 6, 6, 2, generator=g)
+    turns, mirror = torch.randint(4, (32,), generator=g), torch.randint(2, (32,), generator=g).bool()
+    got = d4_batch(batch, turns_then_mirror(turns, mirror), axes=(1, 2))
+    for i in range(32):
+        want = _turns_then_mirror_reference(batch[i], int(turns[i]), bool(mirror[i]))
+        assert torch.equal(got[i], want), i
+    chw = batch.permute(0, 3, 1, 2)
+    assert torch.equal(d4(chw, turns_then_mirror(3, True), axes=(2, 3)),
+                       _turns_then_mirror_reference(chw, 3, True, axes=(2, 3)))  # fmt: skip
 
 
 def test_group_elements_are_distinct_and_closed():

@@ -16,6 +16,7 @@ from astrolom.model.astropt import AstroPT
 from astrolom.model.presets import model_config
 from astrolom.model.pretrained import from_pretrained, model_config_json, save_pretrained
 from astrolom.train import checkpoint as ckpt
+from astrolom.train.fault import IN_CHECKPOINT, fault_env
 
 
 def _model(seed: int = 0) -> AstroPT:
@@ -217,7 +218,7 @@ for step in (1, 2):
         trainer_state={{"step": step, "tokens_seen": 0, "flops": 0.0, "world_size": 1, "ranks": []}})
     ckpt.mark_latest({str(run)!r}, p)
 """
-    proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, ckpt.FAULT_ENV: "2"})
+    proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, **fault_env(IN_CHECKPOINT, 2)})
     assert proc.returncode == -9  # SIGKILL
     assert latest_checkpoint(run).name == "step-000001"
     assert [p.name for p in list_checkpoints(run)] == ["step-000001"]

@@ -22,6 +22,7 @@ from astrolom.finetune.targets import (
 )
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import from_pretrained, save_pretrained
+from astrolom.train.fault import AFTER_STEP, fault_env
 
 TARGETS = "smooth,disc,spiral,redshift,edge_on"
 
@@ -161,7 +162,7 @@ def test_kill_and_resume_gives_the_same_losses(labelled, tmp_path):
            str(labelled / "survey"), "--targets", TARGETS, "--out", str(tmp_path / "cut"), "--epochs", "3",
            "--batch-size", "16", "--lr", "3e-3", "--backbone-lr", "1e-3", "--checkpoint-every", "3",
            "--no-progress"]  # fmt: skip
-    env = {**os.environ, "ASTROLOM_FINETUNE_KILL_AFTER_STEP": "7"}
+    env = {**os.environ, **fault_env(AFTER_STEP, 7)}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr
     logs = []

@@ -14,7 +14,7 @@ from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
 from astrolom.mock import generate_survey
 from astrolom.train import checkpoint as ckpt
-from astrolom.train.trainer import KILL_AFTER_STEP_ENV
+from astrolom.train.fault import AFTER_STEP, fault_env
 
 MM = ["model.modalities=images,spectra", "model.modality_order=random", "model.spectrum_patch=64"]
 
@@ -57,7 +57,7 @@ def test_killed_and_resumed_multimodal_run_matches_an_uninterrupted_one(survey, 
     full, broken = tmp_path / "full", tmp_path / "broken"
     done = run_pretrain([*args, "--out", str(full)])
     assert done.returncode == 0, done.stderr
-    killed = run_pretrain([*args, "--out", str(broken)], env={KILL_AFTER_STEP_ENV: "4"})
+    killed = run_pretrain([*args, "--out", str(broken)], env=fault_env(AFTER_STEP, 4))
     assert killed.returncode == -9, killed.stderr
     assert ckpt.latest_checkpoint(broken).name == "step-000003"
     resumed = run_pretrain([*args, "--out", str(broken), "--resume"])

@@ -11,8 +11,7 @@ from pretrain_helpers import TINY, read_metrics, run_pretrain, write_blobs
 from safetensors.torch import load_file
 
 from astrolom.layout import checkpoint_name, latest_checkpoint
-from astrolom.train import checkpoint as ckpt
-from astrolom.train.trainer import KILL_AFTER_STEP_ENV
+from astrolom.train.fault import AFTER_STEP, IN_CHECKPOINT, fault_env
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     done = run_pretrain([*args, "--out", str(full)])
     assert done.returncode == 0, done.stderr
 
-    killed = run_pretrain([*args, "--out", str(broken)], env={KILL_AFTER_STEP_ENV: "5"})
+    killed = run_pretrain([*args, "--out", str(broken)], env=fault_env(AFTER_STEP, 5))
     assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5; last checkpoint: step 3
     assert latest_checkpoint(broken).name == "step-000003"
     assert max(r["step"] for r in read_metrics(broken)) == 5
 
-    killed = run_pretrain([*args, "--out", str(broken), "--resume"], env={ckpt.FAULT_ENV: "6"})
+    killed = run_pretrain([*args, "--out", str(broken), "--resume"], env=fault_env(IN_CHECKPOINT, 6))
     assert killed.returncode == -9, killed.stderr  # SIGKILL halfway through writing step 6
     assert latest_checkpoint(broken).name == "step-000003"
     assert any(".tmp-" in p.name for p in (broken / "checkpoints").iterdir())

@@ -18,7 +18,8 @@ from astrolom.model.flops import flops_per_token
 from astrolom.model.presets import get_preset
 from astrolom.model.pretrained import from_pretrained, read_config
 from astrolom.train import checkpoint as ckpt
-from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
+from astrolom.train.config import PretrainConfig, resolve_model_config
+from astrolom.train.engine import warmup_cosine
 from astrolom.train.trainer import Trainer, build_optimizer, log_spaced_steps
 
 
@@ -63,7 +64,7 @@ def test_learning_rate_defaults_to_the_preset_and_block_size_to_the_data():
 
 def test_schedule_warmup_then_cosine_to_a_tenth():
     kw = dict(peak=1e-3, warmup=10, decay=100, min_ratio=0.1)
-    lrs = [lr_at(s, **kw) for s in range(120)]
+    lrs = [warmup_cosine(s, **kw) for s in range(120)]
     assert lrs[0] > 0 and all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rising warmup
     assert max(lrs) == pytest.approx(1e-3, rel=1e-2)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then non-increasing

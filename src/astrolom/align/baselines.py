@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from astrolom.train.engine import EarlyStopping
+
 
 class SpectrumCNN(nn.Module):
     """Three strided 1-D conv layers (GELU), global average pooling and a linear head: (B, L) -> (B, n_out)."""
@@ -66,7 +68,7 @@ def train_spectrum_cnn(
         ok = torch.isfinite(target)
         return ((model(x_fit[idx]) - torch.nan_to_num(target)) ** 2 * ok).sum() / ok.sum().clamp_min(1)
 
-    best, best_state, bad = float("inf"), None, 0
+    early = EarlyStopping(patience)
     for _ in range(epochs):
         model.train()
         order = fit[torch.randperm(len(fit), generator=gen)]
@@ -77,12 +79,9 @@ def train_spectrum_cnn(
         model.eval()
         with torch.no_grad():
             val = float(loss_of(hold))
-        if val < best:
-            best, best_state, bad = val, {k: v.clone() for k, v in model.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    model.load_state_dict(best_state)
+        early.update(val, model)
+        if early.stop:
+            break
+    early.restore(model)
     with torch.no_grad():
         return model.eval()(x_test).numpy() * sd + mu

@@ -47,6 +47,7 @@ from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME
 from astrolom.eval.baselines import photometry, train_cnn
 from astrolom.eval.probes import fit_probe
+from astrolom.train.engine import EarlyStopping
 
 KNN_K = 64
 RECALL_KS = (1, 5, 10)
@@ -243,7 +244,7 @@ def fit_flow(
     flow = zuko.flows.NSF(Y.shape[1], X.shape[1], transforms=3, hidden_features=(64, 64))
     opt = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, bad, history = float("inf"), None, 0, []
+    early, history = EarlyStopping(patience), []
     for _ in range(epochs):
         flow.train()
         perm = torch.randperm(len(X), generator=gen)
@@ -257,13 +258,10 @@ def fit_flow(
         with torch.no_grad():
             val = float(-flow(Xv).log_prob(Yv).mean())  # the mean over every val object, not per batch
         history.append(val)
-        if val < best:
-            best, best_state, bad = val, {k: v.clone() for k, v in flow.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    flow.load_state_dict(best_state)
+        early.update(val, flow)
+        if early.stop:
+            break
+    early.restore(flow)
     return flow.eval(), tr, history
 
 

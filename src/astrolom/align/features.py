@@ -33,29 +33,29 @@ from astrolom.align.encoder import (
     record_flux,
     spectrum_token_features,
 )
+from astrolom.data.augment import d4, turns_then_mirror
 from astrolom.data.records import Record
 from astrolom.eval.baselines import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 from astrolom.log import progress as progress_bar
 
-D4 = tuple((k, flip) for flip in (False, True) for k in range(4))  # (quarter turns, mirror) — the dihedral group
 DEFAULT_VIEWS = 8
 DEFAULT_NOISE = 0.5
 TARGETS = ("redshift", "log_mstar", "log_ssfr", "log_zstar", "age_mw_gyr")
 
 
-def d4(image: np.ndarray, element: int) -> np.ndarray:
-    """Apply D4 element `element` (0..7) to an (H, W, C) stamp about its centre."""
-    k, flip = D4[element % 8]
-    out = np.rot90(image, k, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+def view_element(view: int) -> int:
+    """The D4 element (`astrolom.data.augment`) of cached view `view`: (view % 4) quarter turns, then a mirror for
+    view % 8 >= 4 (the order views have always had, so caches and runs stay comparable)."""
+    return turns_then_mirror(view % 4, view % 8 >= 4)
 
 
 def augment(image: np.ndarray, view: int, sigma: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """View `view` of a stamp: 0 = itself; otherwise D4 element view % 8 plus noise * sigma (C,) Gaussian noise."""
+    """View `view` of a stamp: 0 = itself; otherwise D4 element `view_element(view)` plus noise * sigma (C,)
+    Gaussian noise."""
     if view == 0:
         return image
-    out = d4(image, view)
+    out = d4(image, view_element(view))
     return (out + rng.normal(size=out.shape) * (noise * sigma)).astype(np.float32)
 
 

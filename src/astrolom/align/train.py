@@ -10,6 +10,10 @@ needs only the step, the weights and the optimiser state, and resume is exact. U
 slice of the global batch and the loss all-gathers embeddings (negatives = global batch, `loss.py`); DDP averages
 the gradients, which gives the single-process gradient of the global batch.
 
+The loop runs on the shared engine (`astrolom.train.engine`): its warm-up + cosine schedule, checkpoint manager,
+metrics log (cut back to the resumed step on resume) and fault switch, and `parallel.parallelize` for DDP. The heads
+are small and the cached features live in host memory, so alignment trains on the CPU (gloo under torchrun).
+
 Run layout: `RUN/config.json`, `RUN/metrics.jsonl` (loss, lr, scale per step; val_loss at each evaluation),
 `RUN/checkpoints/step-N/` (train/checkpoint.py: safetensors weights + optimiser, atomic), `RUN/best/` (lowest val
 loss) and `RUN/final/`.
@@ -49,6 +53,9 @@ from astrolom.data.records import Record
 from astrolom.log import progress as progress_bar
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
+from astrolom.train.engine import CheckpointManager, LRSchedule
+from astrolom.train.fault import AFTER_STEP, fault_point
+from astrolom.train.logging import MetricsLogger
 
 FEATURES_NAME = "features.safetensors"
 
@@ -108,7 +115,7 @@ class AlignTrainer:
         if not cfg.out:
             raise ValueError("an alignment run needs an output directory (--out)")
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.env = env or parallel.init_distributed("cpu" if not torch.cuda.is_available() else "auto")
+        self.env = env or parallel.init_distributed("cpu")
         if cfg.batch_size % self.env.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.env.world_size} ranks")
         self.cache = self._features()
@@ -128,11 +135,13 @@ class AlignTrainer:
             self.backbones = _Backbones(cfg.image_model, cfg.spectrum_model).train()
             groups.append({"params": list(self.backbones.parameters()), "lr": cfg.backbone_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        self.base_lrs = [g["lr"] for g in groups]
-        self.module: nn.Module = _Joint(self.model, self.backbones)
-        if self.env.distributed:
-            self.module = nn.parallel.DistributedDataParallel(self.module)
+        self.schedule = LRSchedule(
+            self.optimizer, warmup=cfg.warmup_steps, decay=cfg.steps, min_ratio=cfg.min_lr_ratio, ramp_to_peak=True
+        )
+        self.module, _ = parallel.parallelize(_Joint(self.model, self.backbones), self.env, strategy="ddp")
+        self.checkpoints = CheckpointManager(self.out, enabled=self.env.is_main)
         self.step, self.best_val = 0, math.inf
+        self.resumed = False
         if resume:
             self._resume()
 
@@ -205,19 +214,9 @@ class AlignTrainer:
 
     # ---------------------------------------------------------------------------------------------- steps
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
-        c = self.cfg
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
     def train_step(self) -> dict:
         self.module.train()
-        f = self.lr_factor(self.step)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            g["lr"] = base * f
+        lr = self.schedule.apply(self.step)
         rows = self.batch_rows(self.step)
         views = self.batch_views(self.step, len(rows))
         loss = self.module(*self._inputs(self._local(rows), self._local(views), self.step))
@@ -231,7 +230,7 @@ class AlignTrainer:
         return {
             "step": self.step,
             "loss": float(global_loss),
-            "lr": self.base_lrs[0] * f,
+            "lr": lr,
             "scale": float(self.model.loss.scale),
         }
 
@@ -271,19 +270,24 @@ class AlignTrainer:
     def _model_state(self) -> dict[str, torch.Tensor]:
         return parallel.unwrap(self.module).state_dict()
 
+    def state_dict(self) -> dict:
+        """Step and best validation loss: every batch, view and noise draw is a function of (seed, step)."""
+        return {"step": self.step, "best_val": self.best_val}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best_val = int(state["step"]), float(state["best_val"])
+
     def save_checkpoint(self) -> Path | None:
+        """RUN/checkpoints/step-N (written by the main rank; None elsewhere)."""
         if not self.env.is_main:
             return None
-        d = self.out / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(self.step)
-        ckpt.save_checkpoint(
-            d,
+        return self.checkpoints.save(
+            self.step,
             model_state=self._model_state(),
             optimizer_state=self.optimizer.state_dict(),
-            trainer_state={"step": self.step, "best_val": self.best_val},
+            trainer_state=self.state_dict(),
             config_json=self.config_json(),
         )
-        ckpt.mark_latest(self.out, d)
-        return d
 
     def save_model(self, name: str) -> Path:
         """RUN/<name>/: config.json + model.safetensors (heads, and encoders when fine-tuned), atomically."""
@@ -294,13 +298,13 @@ class AlignTrainer:
         return self.out / name
 
     def _resume(self) -> None:
-        latest = ckpt.latest_checkpoint(self.out)
-        if latest is None:
-            return
-        state = ckpt.load_checkpoint(latest)
-        parallel.unwrap(self.module).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.best_val = int(state["trainer"]["step"]), float(state["trainer"]["best_val"])
+        loaded = self.checkpoints.load_latest()
+        if loaded is None:
+            return  # nothing saved yet: start from scratch
+        parallel.unwrap(self.module).load_state_dict(loaded["model"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.load_state_dict(loaded["trainer"])
+        self.resumed = True
 
     # ---------------------------------------------------------------------------------------------- loop
 
@@ -309,7 +313,9 @@ class AlignTrainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ckpt.CONFIG_NAME).write_text(json.dumps(self.config_json(), indent=2) + "\n")
-        log = (self.out / "metrics.jsonl").open("a") if main else None
+        metrics = MetricsLogger(
+            self.out, enabled=main, resume_step=self.step if self.resumed else None, tensorboard=False, columns=None
+        )
         bar = progress_bar(
             self.cfg.steps, initial=self.step, desc="align", unit="step", enabled=main and self.cfg.progress
         )
@@ -325,18 +331,18 @@ class AlignTrainer:
                             self.best_val = val
                             if main:
                                 self.save_model(BEST_DIR)
+                metrics.log(last)
                 if main:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
                     shown = {k: f"{v:.3f}" for k, v in last.items() if k in ("loss", "val_loss")}
                     bar.set_postfix(shown, refresh=False)
                 bar.update(1)
                 if self.cfg.checkpoint_interval and self.step % self.cfg.checkpoint_interval == 0:
                     self.save_checkpoint()
+                if main:
+                    fault_point(AFTER_STEP, self.step)
         finally:
             bar.close()
-            if log:
-                log.close()
+            metrics.close()
         if main:
             self.save_model(ckpt.FINAL_DIR)
             if not (self.out / BEST_DIR).exists():

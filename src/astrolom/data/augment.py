@@ -1,11 +1,13 @@
 """The sky has no "up": the 8 symmetries of the square (the dihedral group D4) for images and token batches.
 
-Element t in 0..7 is `t % 4` counter-clockwise quarter turns, preceded by a left-right mirror when t >= 4.
-A galaxy seen under any of them is the same galaxy, so
+Element t in 0..7 is `t % 4` counter-clockwise quarter turns, preceded by a left-right mirror when t >= 4
+(`turns_then_mirror` names the elements of the other common convention). A galaxy seen under any of them is the
+same galaxy, so
 
 - at embed time, `astrolom embed --symmetrize` averages a stamp's embedding over all 8 (`D4_SIZE`) versions
   (non-square stamps: over the 4 that keep the shape), which makes it exactly invariant to them;
-- at pretraining time, `data.augment=d4` applies one random element per sample to each training batch.
+- at pretraining time, `data.augment=d4` applies one random element per sample to each training batch;
+- fine-tuning, the supervised CNN baseline and the alignment views transform their stamps with `d4` / `d4_batch`.
 
 `d4_tokens` transforms spiral-ordered token batches directly (grid of patches and the pixels inside each patch
 together); it equals tokenising the transformed image because the per-patch standardisation does not depend on the
@@ -34,6 +36,24 @@ def d4(image, t: int, axes: tuple[int, int] = (0, 1)):
     return np.ascontiguousarray(np.rot90(x, t % 4, axes=axes))
 
 
+def turns_then_mirror(turns, mirror):
+    """The element equal to `turns` quarter turns followed by a left-right mirror (if `mirror`); ints or tensors."""
+    if isinstance(turns, torch.Tensor):
+        mirror = torch.as_tensor(mirror, dtype=torch.bool)
+        return torch.where(mirror, 4 + (-turns) % 4, turns % 4)
+    # a mirror after k turns is the mirror before -k turns: M R^k = R^-k M
+    return 4 + (-int(turns)) % 4 if mirror else int(turns) % 4
+
+
+def d4_batch(x: torch.Tensor, elements: torch.Tensor, axes: tuple[int, int] = (1, 2)) -> torch.Tensor:
+    """Element `elements[i]` of D4 applied to sample i of a batch tensor, on its (row, col) `axes`."""
+    out = torch.empty_like(x)
+    for e in elements.unique().tolist():
+        sel = elements == e
+        out[sel] = d4(x[sel], int(e), axes=axes)
+    return out
+
+
 def group_for(height: int, width: int) -> tuple[int, ...]:
     """The D4 elements that map an H x W stamp onto one of the same shape."""
     return tuple(range(D4_SIZE)) if height == width else SHAPE_KEEPING
@@ -57,12 +77,7 @@ def d4_tokens(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, t: i
     raster = torch.empty_like(tokens)
     raster[:, order] = tokens
     raster = raster.reshape(b, nh, nw, p, p, c)
-    out = torch.empty_like(raster)
-    for e in ts.unique().tolist():
-        sel = ts == e
-        x = raster[sel]
-        x = d4(d4(x, e, axes=(1, 2)), e, axes=(3, 4))  # move the patches, and the pixels inside each patch
-        out[sel] = x
+    out = d4_batch(d4_batch(raster, ts, axes=(1, 2)), ts, axes=(3, 4))  # move the patches and the pixels in each
     return out.reshape(b, n, d)[:, order]
 
 

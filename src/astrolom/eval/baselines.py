@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from astrolom.data.augment import d4, turns_then_mirror
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
@@ -35,6 +36,7 @@ from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings, split_rows
 from astrolom.eval.probes import CLASSIFICATION, make_tasks
 from astrolom.model.pretrained import load_model
+from astrolom.train.engine import EarlyStopping
 
 BASELINES = ("random_init", "pca_pixels", "photometry", "cnn")
 APERTURES = (2.0, 4.0, 8.0, 16.0)  # radii in pixels
@@ -201,12 +203,10 @@ class SmallCNN(nn.Module):
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 90-degree rotation and flip of the whole batch (galaxies have no preferred orientation)."""
-    k = int(torch.randint(4, (1,), generator=gen))
-    x = torch.rot90(x, k, dims=(2, 3))
-    if bool(torch.randint(2, (1,), generator=gen)):
-        x = torch.flip(x, dims=(3,))
-    return x
+    """Random 90-degree rotation and flip of the whole (B, C, H, W) batch (galaxies have no preferred orientation)."""
+    turns = int(torch.randint(4, (1,), generator=gen))
+    mirror = bool(torch.randint(2, (1,), generator=gen))
+    return d4(x, turns_then_mirror(turns, mirror), axes=(2, 3))
 
 
 def train_cnn(
@@ -277,7 +277,7 @@ def train_cnn(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, math.ceil(len(train) / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    best, best_state, since = float("inf"), None, 0
+    early = EarlyStopping(patience, min_delta=1e-4)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         net.train()
@@ -292,17 +292,14 @@ def train_cnn(
             net.eval()
             with torch.no_grad():
                 val = float(loss_fn(net(x_fit[hold]), hold))
-            if val < best - 1e-4:
-                best, since = val, 0
-                best_state = {k: v.clone() for k, v in net.state_dict().items()}
-            else:
-                since += 1
+            early.update(val, net)
         if progress and (epoch + 1) % 10 == 0:
-            progress(f"  cnn epoch {epoch + 1}/{epochs}: holdout loss {best:.3f} ({time.perf_counter() - t0:.0f} s)")
-        if n_hold and since >= patience:
+            progress(
+                f"  cnn epoch {epoch + 1}/{epochs}: holdout loss {early.best:.3f} ({time.perf_counter() - t0:.0f} s)"
+            )
+        if early.stop:
             break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    early.restore(net)
     net.eval()
     with torch.no_grad():
         out = torch.cat([net(x_test[i : i + 256]) for i in range(0, len(x_test), 256)])

@@ -123,6 +123,8 @@ class _MLPProbe:
             torch.set_num_threads(threads)
 
     def _fit(self, torch, X: np.ndarray, y: np.ndarray) -> _MLPProbe:
+        from astrolom.train.engine import EarlyStopping  # torch only where an MLP probe runs
+
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.as_tensor(X, dtype=torch.float32)
         if self.kind == REGRESSION:
@@ -142,7 +144,7 @@ class _MLPProbe:
                 torch.nn.Linear(x.shape[1], MLP_WIDTH), torch.nn.GELU(), torch.nn.Linear(MLP_WIDTH, n_out)
             )
         opt = torch.optim.AdamW(self.net.parameters(), lr=1e-2, weight_decay=1e-2)
-        best, best_state, since = float("inf"), None, 0
+        early = EarlyStopping(self.patience, min_delta=1e-5)
         batch = 256
         for _ in range(self.max_epochs):
             self.net.train()
@@ -156,15 +158,10 @@ class _MLPProbe:
                 continue
             with torch.no_grad():
                 val = float(loss_fn(self.net(x[hold]), t[hold]))
-            if val < best - 1e-5:
-                best, since = val, 0
-                best_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
-        if best_state is not None:
-            self.net.load_state_dict(best_state)
+            early.update(val, self.net)
+            if early.stop:
+                break
+        early.restore(self.net)
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:

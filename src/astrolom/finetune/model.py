@@ -187,7 +187,7 @@ class FinetuneModel(nn.Module):
             base = backbone_lr if name.startswith("backbone.") and "lora_" not in name else lr
             wd = weight_decay if p.ndim >= 2 and "pos_emb" not in name else 0.0
             groups.setdefault((base, wd), []).append(p)
-        return [{"params": ps, "lr": base, "base_lr": base, "weight_decay": wd} for (base, wd), ps in groups.items()]
+        return [{"params": ps, "lr": base, "weight_decay": wd} for (base, wd), ps in groups.items()]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Copies of the parameters that train in this mode (what early stopping keeps)."""

@@ -12,17 +12,18 @@ through `astrolom pretrain`'s stream instead). Each step tokenises its batch (`a
 90-degree rotation and flip per galaxy. Without a validation split (`val_split=None`) a seeded `val_fraction` of the
 labels is held out.
 
-Training. AdamW with linear warm-up and cosine decay, gradient clipping at 1, `epochs` passes (or `max_steps`),
-validation loss after every epoch, early stopping after `patience` epochs without improvement; the best weights are
-restored at the end. Targets and losses: `astrolom.finetune.targets`; modes (LoRA via peft, head-only, full):
-`astrolom.finetune.model`.
+Training (the shared engine, `astrolom.train.engine`). AdamW with linear warm-up and cosine decay to `min_lr_ratio`,
+gradient clipping at 1, `epochs` passes (or `max_steps`), validation loss after every epoch, early stopping after
+`patience` epochs without improvement; the best weights are restored at the end. Targets and losses:
+`astrolom.finetune.targets`; modes (LoRA via peft, head-only, full): `astrolom.finetune.model`.
 
 Checkpoints and resume. Every `checkpoint_every` steps and at every epoch end `OUT/checkpoints/step-XXXXXX/` is
-written atomically (`astrolom.train.checkpoint.atomic_directory`): `model.safetensors` (every weight, adapters and
+written atomically (`astrolom.train.engine.CheckpointManager`): `model.safetensors` (every weight, adapters and
 head included), `optimizer.safetensors` + `trainer_state.json` (optimiser, best weights so far, augmentation generator,
-python/numpy/torch RNG states, step, epoch, position in the epoch, early-stopping counters, the loss history).
-`--resume` continues from the latest one exactly: the batches of an epoch are a permutation drawn from (seed,
-epoch), so the same steps see the same galaxies, augmentations and dropout masks and give the same losses.
+python/numpy/torch RNG states, step, epoch, position in the epoch, early-stopping counters). `--resume` continues
+from the latest one exactly: the batches of an epoch are a permutation drawn from (seed, epoch), so the same steps
+see the same galaxies, augmentations and dropout masks and give the same losses; `metrics.jsonl` is cut back to the
+resumed step.
 
 Output (`OUT/final/`, written atomically): `backbone/` (the adapted AstroPT with LoRA merged, in the pretrained
 layout: `astrolom embed --model OUT/final/backbone` works), `head.safetensors`, `finetune.json` (configuration,
@@ -36,8 +37,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from astrolom import layout
 from astrolom.data import tokens as tok
+from astrolom.data.augment import d4_batch, turns_then_mirror
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.eval import probes
@@ -59,6 +59,9 @@ from astrolom.log import progress as progress_bar
 from astrolom.model import pretrained
 from astrolom.train import checkpoint as train_ckpt
 from astrolom.train import parallel
+from astrolom.train.engine import CheckpointManager, EarlyStopping, LRSchedule
+from astrolom.train.fault import AFTER_STEP, fault_point
+from astrolom.train.logging import MetricsLogger
 
 _log = get_logger(__name__)
 
@@ -66,14 +69,6 @@ FINAL_DIR = layout.FINAL_DIR
 BACKBONE_DIR = "backbone"
 HEAD_NAME = "head.safetensors"
 RESULT_NAME = "finetune.json"
-STATE_NAME = (
-    "optimizer.safetensors"  # optimiser + best weights + augmentation RNG (the name `latest_checkpoint` expects)
-)
-TRAINER_STATE_NAME = "trainer_state.json"
-MODEL_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-KILL_ENV = "ASTROLOM_FINETUNE_KILL_AFTER_STEP"  # fault injection for the resume test: SIGKILL after this step
 
 
 @dataclass
@@ -96,6 +91,7 @@ class FinetuneConfig:
     batch_size: int = 32
     patience: int = 5  # epochs without a better validation loss before stopping
     warmup: float = 0.05  # fraction of the steps
+    min_lr_ratio: float = 0.1  # the cosine's floor, a fraction of each learning rate
     regression_loss: str = "mse"  # mse | huber
     vote_counts: bool = True  # Dirichlet-multinomial on vote counts where the data has them
     classify: tuple[str, ...] = ()
@@ -130,6 +126,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_labels is not None and self.n_labels < 2:
             raise ValueError(f"n_labels must be at least 2, got {self.n_labels}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.backbone_lr <= 0:
@@ -215,16 +213,9 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random one of the 8 rotations/flips per galaxy (B, H, W, C); galaxies have no preferred orientation."""
     if images.shape[1] != images.shape[2]:
         return images  # rotations only keep square stamps in shape
-    k = torch.randint(4, (len(images),), generator=gen)
-    flip = torch.randint(2, (len(images),), generator=gen).bool()
-    out = images.clone()
-    for kk in range(4):
-        for ff in (False, True):
-            m = (k == kk) & (flip == ff)
-            if m.any():
-                x = torch.rot90(images[m], kk, dims=(1, 2))
-                out[m] = torch.flip(x, dims=(2,)) if ff else x
-    return out
+    turns = torch.randint(4, (len(images),), generator=gen)
+    mirror = torch.randint(2, (len(images),), generator=gen).bool()
+    return d4_batch(images, turns_then_mirror(turns, mirror), axes=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -301,17 +292,21 @@ class Finetuner:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.schedule = LRSchedule(
+            self.optimizer,
+            warmup=max(1, int(cfg.warmup * self.total_steps)),
+            decay=self.total_steps,
+            min_ratio=cfg.min_lr_ratio,
+            ramp_to_peak=True,
+        )
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         # the run's position and early-stopping state (all of it goes into checkpoints)
         self.step = 0
         self.epoch = 0
-        self.best_val = math.inf
-        self.best_epoch = -1
-        self.since_best = 0
-        self.best_state: dict[str, torch.Tensor] = {}
-        self.history: list[dict] = []
-        self.stopped_early = False
+        self.early = EarlyStopping(cfg.patience, min_delta=1e-6, snapshot=FinetuneModel.trainable_state)
         self.out = Path(cfg.out) if cfg.out else None
+        self.checkpoints = CheckpointManager(self.out or ".", keep_last=cfg.keep_checkpoints, enabled=bool(self.out))
+        self.resumed = False
         if resume:
             self._resume()
 
@@ -359,20 +354,11 @@ class Finetuner:
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up then cosine decay to 10% of the base learning rate."""
-        warm = max(1, int(self.cfg.warmup * self.total_steps))
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, self.total_steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
     # ------------------------------------------------------------------------------------------------ steps
 
     def train_step(self, idx: torch.Tensor) -> float:
         self.model.train()
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * self.lr_factor(self.step)
+        self.schedule.apply(self.step)
         images = self._batch_images(self.train.images[idx.numpy()], self.cfg.augment)
         y = {k: v[idx].to(self.device) for k, v in self.y_train.items()}
         with parallel.autocast(self.precision, self.device):
@@ -424,10 +410,8 @@ class Finetuner:
     # ------------------------------------------------------------------------------------------------- fit
 
     def fit(self) -> FinetuneResult:
-
         cfg = self.cfg
         t0 = time.perf_counter()
-        kill_at = os.environ.get(KILL_ENV)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in self.model.parameters())
         self.log(
@@ -436,8 +420,15 @@ class Finetuner:
             + ", ".join(f"{s.name} [{s.kind}]" for s in self.targets.specs)
         )
         bar = progress_bar(self.total_steps, initial=self.step, desc="finetune", unit="step", enabled=cfg.progress)
+        metrics = MetricsLogger(
+            self.out or ".",
+            enabled=self.out is not None,
+            resume_step=self.step if self.resumed else None,
+            tensorboard=False,
+            columns=None,
+        )
         try:
-            while self.step < self.total_steps and not self.stopped_early:
+            while self.step < self.total_steps and not self.early.stop:
                 order = self._epoch_order(self.epoch)
                 first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
                 for b in range(first, self.steps_per_epoch):
@@ -445,30 +436,28 @@ class Finetuner:
                         break
                     idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                     loss = self.train_step(idx)
-                    self.history.append({"step": self.step, "epoch": self.epoch, "loss": loss})
-                    self._append_metrics(self.history[-1])
+                    metrics.log({"step": self.step, "epoch": self.epoch, "loss": loss})
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.best_val:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{self.early.best:.4f}", refresh=False)
                     end_of_epoch = b == self.steps_per_epoch - 1 or self.step >= self.total_steps
                     if end_of_epoch:
-                        self._end_epoch()
+                        metrics.log(self._end_epoch())
                     if end_of_epoch or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                         self.save_checkpoint()
-                    if kill_at is not None and self.step == int(kill_at):
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    fault_point(AFTER_STEP, self.step)
                     if end_of_epoch:
                         break
         finally:
             bar.close()
-        if self.best_state:
-            self.model.load_state_dict(self.best_state, strict=False)
+            metrics.close()
+        self.early.restore(self.model, strict=False)
         scores = self.score(self.test) if self.test is not None else {}
         result = FinetuneResult(
-            best_epoch=self.best_epoch,
-            best_val_loss=self.best_val,
+            best_epoch=self.early.best_at,
+            best_val_loss=self.early.best,
             steps=self.step,
             epochs_run=self.epoch,
-            stopped_early=self.stopped_early,
+            stopped_early=self.early.stop,
             test_scores=scores,
             n_train=len(self.train),
             n_val=len(self.val),
@@ -481,20 +470,14 @@ class Finetuner:
             self.save_final(result)
         return result
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self) -> dict:
+        """Validate, update early stopping, move to the next epoch; returns the epoch's metrics row."""
         val = self.val_loss()
         row = {"step": self.step, "epoch": self.epoch, "val_loss": val}
-        if val < self.best_val - 1e-6:
-            self.best_val, self.best_epoch, self.since_best = val, self.epoch, 0
-            self.best_state = self.model.trainable_state()
+        if self.early.update(val, self.model, at=self.epoch):
             row["best"] = True
-        else:
-            self.since_best += 1
-            if self.since_best >= self.cfg.patience:
-                self.stopped_early = True
-        self.history.append(row)
-        self._append_metrics(row)
         self.epoch += 1
+        return row
 
     # -------------------------------------------------------------------------------------- checkpointing
 
@@ -507,63 +490,58 @@ class Finetuner:
             "backbone_source": self.model_meta.get("model"),
         }
 
-    def _append_metrics(self, row: dict) -> None:
-        if self.out is None:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS_NAME, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def save_checkpoint(self) -> Path | None:
-        if self.out is None:
-            return None
-        path = self.out / "checkpoints" / layout.checkpoint_name(self.step)
-        skeleton, tensors = train_ckpt.flatten_state(
-            {"optimizer": self.optimizer.state_dict(), "best": self.best_state, "aug_gen": self.aug_gen.get_state()}
-        )
-        trainer_state = {
+    def state_dict(self) -> dict:
+        """Position, early-stopping state, augmentation generator and RNG states (the optimiser travels beside)."""
+        return {
             "step": self.step,
             "epoch": self.epoch,
-            "best_val": self.best_val,
-            "best_epoch": self.best_epoch,
-            "since_best": self.since_best,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
+            "early_stopping": self.early.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
             "rng": train_ckpt.capture_rng_state(),
-            "state": skeleton,
         }
-        with layout.atomic_directory(path) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_json(), indent=2) + "\n")
-            model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(model_state, str(tmp / MODEL_NAME))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_NAME))
-            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state) + "\n")
-        train_ckpt.mark_latest(self.out, path)
-        train_ckpt.prune_checkpoints(self.out, self.cfg.keep_checkpoints, protected=set())
-        return path
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.early.load_state_dict(state["early_stopping"])
+        self.aug_gen.set_state(state["aug_gen"].cpu())
+        train_ckpt.restore_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path | None:
+        """OUT/checkpoints/step-N (nothing without an output directory)."""
+        state = self.state_dict()
+        # tensors (best weights, generator state) go to the safetensors file beside the optimiser's
+        tensors = {"optimizer": self.optimizer.state_dict(), "best_state": state["early_stopping"].pop("best_state"),
+                   "aug_gen": state.pop("aug_gen")}  # fmt: skip
+        return self.checkpoints.save(
+            self.step,
+            model_state=self.model.state_dict(),
+            optimizer_state=tensors,
+            trainer_state=state,
+            config_json=self.config_json(),
+        )
 
     def _resume(self) -> None:
-        ckpt = layout.latest_checkpoint(self.out) if self.out is not None else None
-        if ckpt is None:
+        loaded = self.checkpoints.load_latest(self.device) if self.out is not None else None
+        if loaded is None:
             raise FileNotFoundError(f"nothing to resume: no complete checkpoint under {self.out}/checkpoints")
-        saved = json.loads((ckpt / CONFIG_NAME).read_text())["finetune"]
+        path, saved = loaded["path"], loaded["config"]["finetune"]
         mine = self.cfg.to_json()
-        changed = [k for k in mine if k not in ("progress", "device", "out") and saved.get(k) != mine[k]]
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        # a setting added after the checkpoint was written counts as its default
+        changed = [k for k in mine if k not in ("progress", "device", "out") and saved.get(k, defaults[k]) != mine[k]]
         if changed:
-            raise ValueError(f"{ckpt}: cannot resume with a different configuration ({', '.join(changed)} differ)")
-        self.model.load_state_dict(load_file(str(ckpt / MODEL_NAME), device=str(self.device)), strict=True)
-        ts = json.loads((ckpt / TRAINER_STATE_NAME).read_text())
-        state = train_ckpt.unflatten_state(ts.pop("state"), load_file(str(ckpt / STATE_NAME), device=str(self.device)))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.best_state = state["best"]
-        self.aug_gen.set_state(state["aug_gen"].cpu())
-        for k in ("step", "epoch", "best_val", "best_epoch", "since_best", "stopped_early", "history"):
-            setattr(self, k, ts[k])
-        train_ckpt.restore_rng_state(ts["rng"])
-        if self.out is not None:  # drop metrics rows written after this checkpoint by the killed run
-            lines = "".join(json.dumps(r) + "\n" for r in self.history)
-            (self.out / METRICS_NAME).write_text(lines)
-        self.log(f"resumed from {ckpt} (step {self.step}, epoch {self.epoch})")
+            raise ValueError(f"{path}: cannot resume with a different configuration ({', '.join(changed)} differ)")
+        self.model.load_state_dict(loaded["model"], strict=True)
+        tensors, state = loaded["optimizer"], loaded["trainer"]
+        if "early_stopping" not in state:  # written before the shared engine (2026-12-04)
+            state["early_stopping"] = {"best": state["best_val"], "best_at": state["best_epoch"],
+                                       "since": state["since_best"], "stop": state["stopped_early"]}  # fmt: skip
+            tensors["best_state"] = tensors.pop("best")
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        state["early_stopping"]["best_state"] = tensors["best_state"]
+        self.load_state_dict(dict(state, aug_gen=tensors["aug_gen"]))
+        self.resumed = True
+        self.log(f"resumed from {path} (step {self.step}, epoch {self.epoch})")
 
     def save_final(self, result: FinetuneResult) -> Path:
         target = self.out / FINAL_DIR

@@ -23,18 +23,16 @@ Every directory is written under a temporary name, flushed to disk and renamed, 
 only afterwards, so a process killed at any moment leaves the previous checkpoint intact and `latest` pointing at a
 complete directory. Leftover temporary directories are ignored and cleared on the next save.
 
-Fault injection for tests: ``ASTROLOM_FAULT_KILL_IN_CHECKPOINT=<step>`` SIGKILLs the process halfway through writing
-the checkpoint of that step (weights written, optimiser state not yet).
+Fault injection for tests: ``ASTROLOM_FAULT=in-checkpoint:<step>`` (`astrolom.train.fault`) SIGKILLs the process
+halfway through writing the checkpoint of that step (weights written, optimiser state not yet).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +66,7 @@ from astrolom.model.pretrained import (
     save_pretrained,  # noqa: F401
     write_model_files,
 )
-
-FAULT_ENV = "ASTROLOM_FAULT_KILL_IN_CHECKPOINT"
-
-
-def _maybe_fault(step: int) -> None:
-    if os.environ.get(FAULT_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
+from astrolom.train.fault import IN_CHECKPOINT, fault_point
 
 # ------------------------------------------------------------------------------- nested state <-> safetensors + JSON
 
@@ -180,7 +171,7 @@ def save_checkpoint(
     opt_skeleton, opt_tensors = flatten_state(optimizer_state, "optimizer")
     with atomic_directory(directory) as tmp:
         write_model_files(tmp, model_state, config_json)
-        _maybe_fault(step)
+        fault_point(IN_CHECKPOINT, step)
         save_file(opt_tensors, str(tmp / OPTIMIZER_NAME))
         state = dict(trainer_state, optimizer=opt_skeleton)
         write_text_synced(tmp / TRAINER_STATE_NAME, json.dumps(state) + "\n")
@@ -195,7 +186,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise FileNotFoundError(f"checkpoint {d} is incomplete (missing {', '.join(missing)})")
     trainer = json.loads((d / TRAINER_STATE_NAME).read_text())
     opt_tensors = load_file(str(d / OPTIMIZER_NAME), device=str(device))
-    optimizer = unflatten_state(trainer.pop("optimizer"), opt_tensors)
+    # fine-tuning checkpoints written before the shared engine (2026-12-04) named the skeleton "state"
+    skeleton = trainer.pop("optimizer") if "optimizer" in trainer else trainer.pop("state")
+    optimizer = unflatten_state(skeleton, opt_tensors)
     return {
         "model": load_file(str(d / WEIGHTS_NAME), device=str(device)),
         "optimizer": optimizer,

@@ -11,7 +11,6 @@ section into the model's own `ModelConfig`; the run directory stores the resolve
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 from astrolom.data.batching import OUTPUTS
@@ -209,14 +208,3 @@ def resolve_model_config(section: ModelSection, *, patch_size: int, n_chan: int,
             "raise it or crop the stamps (data.image_size)"
         )
     return model_config(section.preset, block_size=block_size, patch_size=patch_size, n_chan=n_chan, **overrides)
-
-
-def lr_at(step: int, *, peak: float, warmup: int, decay: int, min_ratio: float) -> float:
-    """Learning rate for optimiser step `step` (0-based): linear warmup, cosine to `min_ratio * peak`, then flat."""
-    if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    floor = peak * min_ratio
-    if step >= decay:
-        return floor
-    progress = (step - warmup) / max(1, decay - warmup)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)

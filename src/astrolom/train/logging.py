@@ -1,5 +1,8 @@
 """Per-step metrics to JSONL, CSV and TensorBoard, optionally Weights & Biases and CodeCarbon (main rank only).
 
+The one metrics log of every trainer (pretraining, fine-tuning, alignment): rows are any JSON values with a "step";
+the CSV table and TensorBoard are for pretraining's fixed columns and can be switched off.
+
 Optional back-ends are imported only when enabled, and a missing package is a clear error, not a silent no-op.
 On resume, rows after the resumed step (written by the killed run, about to be recomputed) are dropped from the JSONL
 and CSV files and TensorBoard purges its events after that step, so the logs read like one uninterrupted run.
@@ -74,7 +77,12 @@ def _replace(path: Path, text: str) -> None:
 
 
 class MetricsLogger:
-    """Writes one row per step. A no-op on ranks other than the main one."""
+    """Writes one row per step (or per evaluation). A no-op on ranks other than the main one.
+
+    Args:
+        resume_step: resuming from the checkpoint of this step: rows after it are dropped; None: a fresh log.
+        columns: the CSV table's columns (None: no CSV).
+    """
 
     def __init__(
         self,
@@ -87,26 +95,30 @@ class MetricsLogger:
         wandb_project: str = "astrolom",
         codecarbon: bool = False,
         config: dict | None = None,
+        columns: tuple[str, ...] | None = COLUMNS,
     ):
         self.enabled = enabled
-        self._tb = self._wandb = self._carbon = None
+        self.columns = columns
+        self._tb = self._wandb = self._carbon = self._csv_file = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         self.jsonl_path = run_dir / layout.METRICS_NAME
         self.csv_path = run_dir / layout.METRICS_CSV_NAME
+        run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             _truncate_jsonl(self.jsonl_path, resume_step)
             _truncate_csv(self.csv_path, resume_step)
         else:
             for p in (self.jsonl_path, self.csv_path):
                 p.unlink(missing_ok=True)
-        new_csv = not self.csv_path.exists()
         self._jsonl = open(self.jsonl_path, "a")
-        self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.writer(self._csv_file)
-        if new_csv:
-            self._csv.writerow(COLUMNS)
+        if columns is not None:
+            new_csv = not self.csv_path.exists()
+            self._csv_file = open(self.csv_path, "a", newline="")
+            self._csv = csv.writer(self._csv_file)
+            if new_csv:
+                self._csv.writerow(columns)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -125,8 +137,9 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         self._jsonl.flush()
-        self._csv.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
-        self._csv_file.flush()
+        if self._csv_file is not None:
+            self._csv.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
+            self._csv_file.flush()
         step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
@@ -147,5 +160,6 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
-        self._csv_file.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
         return extras

@@ -26,11 +26,8 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import queue
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,21 +36,18 @@ import torch
 
 from astrolom import layout
 from astrolom.config import apply_overrides, load_yaml, save_yaml, to_dict
-from astrolom.data.augment import random_d4_batch
-from astrolom.data.batching import batch_tokens
-from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength, to_device
-from astrolom.data.sources import open_source
-from astrolom.data.stream import RecordStream, TokenBatches
+from astrolom.data.multimodal import to_device
 from astrolom.log import progress
 from astrolom.model.astropt import AstroPT
 from astrolom.model.flops import flops_per_token, mfu
 from astrolom.model.pretrained import model_config_json, save_pretrained
 from astrolom.train import checkpoint as ckpt
 from astrolom.train import parallel
-from astrolom.train.config import PretrainConfig, lr_at, resolve_model_config
+from astrolom.train.config import PretrainConfig, resolve_model_config
+from astrolom.train.engine import CheckpointManager, LRSchedule
+from astrolom.train.fault import AFTER_STEP, fault_point
 from astrolom.train.logging import MetricsLogger
-
-KILL_AFTER_STEP_ENV = "ASTROLOM_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL the main rank after this step
+from astrolom.train.pretrain_data import PretrainData
 
 
 def log_spaced_steps(max_steps: int, n: int) -> set[int]:
@@ -83,183 +77,6 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.d
     )
 
 
-_END = object()
-
-
-class _Prefetch:
-    """A thread that tokenises the next batches while the model trains (pyarrow, numpy and torch release the GIL).
-
-    Each batch travels with the stream position just after it, so the position the trainer saves is the one of the
-    last batch it *used*, not of the last one prepared: resume stays exact.
-    """
-
-    def __init__(self, batches: TokenBatches, depth: int, pin: bool):
-        self._batches, self._pin = batches, pin
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="astrolom-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for batch in self._batches:
-                if self._pin:
-                    key = "tokens" if "tokens" in batch else "pixels"
-                    batch[key] = batch[key].pin_memory()
-                if not self._put((batch, self._batches.state_dict())):
-                    return
-            self._put(_END)
-        except BaseException as err:  # handed to the consumer, raised there
-            self._put(err)
-
-    def __next__(self) -> tuple[dict, dict]:
-        item = self._queue.get()
-        if item is _END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class _Data:
-    """The training stream (rank-aware, resumable) and the cached validation batches of one rank."""
-
-    def __init__(self, cfg: PretrainConfig, env: parallel.DistEnv, micro: int, eval_samples: int):
-        d = cfg.data
-        if not d.path:
-            raise ValueError("no data: pass --data DIR (or data.path=...)")
-        self.cfg, self.env = d, env
-        self.modalities = cfg.model.modalities
-        self.multimodal = self.modalities != ("images",)
-        # flux-aware models read each token's per-band flux features after its standardised values
-        self.flux_softening = cfg.model.flux_softening if cfg.model.flux_features else None
-        # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are read only for spectra models
-        manifest = Path(cfg.train.out_dir) / "skipped.jsonl" if d.skip_bad and cfg.train.out_dir else None
-        self.source = open_source(
-            d.path,
-            d.format,
-            skip_bad=d.skip_bad,
-            manifest=manifest,
-            split_fractions=d.split_fractions,
-            split_seed=d.split_seed,
-            spectra="spectra" in self.modalities,
-            resample_spectra=d.resample_spectra,
-            bands=d.bands,
-        )
-        self.spectra = None
-        if "spectra" in self.modalities:
-            m = cfg.model
-            grid = source_wavelength(self.source, d.path)
-            self.spectra = SpectrumTokeniser(grid, patch=m.spectrum_patch, amplitude=m.spectrum_amplitude)
-        self.train = self._batches("train", micro, shuffle=d.shuffle, epochs=None, output=d.token_format)
-        self._train_iter = None
-        self._prefetch: _Prefetch | None = None
-        self._position = self.train.state_dict()
-        self.val_ids: list[str] = []  # object ids of the validation images (for checks and reports)
-        self.val = self._take_val(micro, eval_samples) if eval_samples else []
-        # what the data decides for the model: tokens per stamp, bands, patch grid
-        probe = next(iter(self._batches("train", 1, shuffle=False, epochs=1)))
-        self.tokens_per_stamp = probe["tokens"].shape[1]
-        self.n_chan = probe["tokens"].shape[2] // (d.patch_size * d.patch_size)
-        self.grid: tuple[int, int] = tuple(probe["grid"])
-        # tokens the model sees per object: the stamp minus its last token, or every modality's tokens + BOMs
-        self.sequence_length = self.tokens_per_stamp - 1
-        if self.multimodal:
-            bom = len(self.modalities) if cfg.model.modality_tokens and len(self.modalities) > 1 else 0
-            image_tokens = self.tokens_per_stamp if "images" in self.modalities else 0
-            spectrum_tokens = self.spectra.n_tokens if self.spectra is not None else 0
-            self.sequence_length = image_tokens + spectrum_tokens + bom
-
-    def _batches(
-        self, split: str, batch_size: int, *, shuffle: bool, epochs: int | None, output: str = "float32"
-    ) -> TokenBatches:
-        stream = RecordStream(
-            self.source,
-            split=split,
-            shuffle=shuffle,
-            seed=self.cfg.seed,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            epochs=epochs,
-        )
-        batches = TokenBatches(
-            stream, batch_size, patch_size=self.cfg.patch_size, image_size=self.cfg.image_size, output=output
-        )
-        return MultimodalBatches(batches, self.modalities, self.spectra) if self.multimodal else batches
-
-    def _take_val(self, micro: int, n: int) -> list[torch.Tensor]:
-        # Record k of the val stream is on rank k % world, so the first n of the stream are the first
-        # ceil((n - rank) / world) of this rank's share: the same n images whatever the world size.
-        env, split = self.env, self.cfg.val_split
-        share = max(0, -(-(n - env.rank) // env.world_size))
-        out, have = [], 0
-        try:
-            for batch in self._batches(split, micro, shuffle=False, epochs=1):
-                if have >= share:
-                    break
-                if self.multimodal:
-                    out.append(slice_inputs(batch["inputs"], share - have))
-                else:
-                    out.append(batch_tokens(batch, flux_softening=self.flux_softening)[: share - have])
-                self.val_ids += batch["object_id"][: share - have]
-                have += len(batch["object_id"][: share - have])
-        except ValueError as err:  # the stream's "no records in split"
-            raise ValueError(
-                f"{err}; set data.val_split, or train.eval_interval=0 to train without validation"
-            ) from None
-        return out
-
-    def next_train_batch(self) -> dict:
-        if self.cfg.prefetch:
-            if self._prefetch is None:
-                self._prefetch = _Prefetch(self.train, self.cfg.prefetch, pin=self.env.device.type == "cuda")
-            batch, self._position = next(self._prefetch)
-        else:
-            if self._train_iter is None:
-                self._train_iter = iter(self.train)
-            batch = next(self._train_iter)
-            self._position = self.train.state_dict()
-        if self.cfg.augment == "d4":  # seeded by the batch position, so a resumed run draws the same transforms
-            gen = torch.Generator().manual_seed(hash((self.cfg.seed, self.env.rank, self._position["batches"])) % 2**63)
-            batch = random_d4_batch(batch, gen)  # tokens and their mean/std, before flux features are read off them
-        if "pixels" in batch or self.flux_softening is not None:  # pixels: standardise on the training device
-            batch["tokens"] = batch_tokens(batch, self.env.device, flux_softening=self.flux_softening)
-        return batch
-
-    def next_train(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The next micro-batch: image tokens, or the multimodal model's dict input."""
-        batch = self.next_train_batch()
-        return batch["inputs"] if self.multimodal else batch["tokens"]
-
-    def state_dict(self) -> dict:
-        """Position after the last training batch handed to the trainer (JSON values)."""
-        return self._position
-
-    def load_state_dict(self, state: dict) -> None:
-        self.close()
-        self.train.load_state_dict(state)
-        self._position = self.train.state_dict()
-
-    def close(self) -> None:
-        if self._prefetch is not None:
-            self._prefetch.close()
-            self._prefetch = None
-        self._train_iter = None
-
-
 class Trainer:
     """Pretraining loop that owns its state; `fit()` runs to `train.max_steps`, checkpointing and logging."""
 
@@ -286,7 +103,7 @@ class Trainer:
                 f"data.token_format={cfg.data.token_format} is for images-only models; "
                 f"model.modalities={','.join(cfg.model.modalities)} trains on float32 tokens"
             )
-        self.data = _Data(cfg, self.env, self.micro, cfg.train.eval_samples if cfg.train.eval_interval else 0)
+        self.data = PretrainData(cfg, self.env, self.micro, cfg.train.eval_samples if cfg.train.eval_interval else 0)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model_config = resolve_model_config(
@@ -314,6 +131,13 @@ class Trainer:
             compile=cfg.train.compile,
         )
         self.optimizer = build_optimizer(self.model, cfg, self.env.device, self.strategy == "fsdp")
+        self.schedule = LRSchedule(
+            self.optimizer,
+            warmup=cfg.warmup_steps(),
+            decay=cfg.decay_steps(),
+            min_ratio=cfg.optim.min_lr_ratio,
+            ramp_to_peak=False,
+        )
         torch.manual_seed(cfg.train.seed + 1 + self.env.rank)  # per-rank stream (dropout), distinct from init
 
         self.step = 0
@@ -322,6 +146,9 @@ class Trainer:
         self.last_val_loss: float | None = None
         self._stop = False
         self._log_steps = log_spaced_steps(cfg.train.max_steps, cfg.train.log_checkpoints)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, keep_last=cfg.train.keep_last, protected=self._log_steps, enabled=self.env.is_main
+        )
         self.resumed_from: Path | None = None
         if resume:
             self._resume()
@@ -331,16 +158,6 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.train.batch_size * self.seq_len
-
-    def lr(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(
-            step,
-            peak=c.learning_rate(),
-            warmup=c.warmup_steps(),
-            decay=c.decay_steps(),
-            min_ratio=c.optim.min_lr_ratio,
-        )
 
     def rank_state(self) -> dict:
         """What differs between ranks: RNG states and the data position."""
@@ -353,13 +170,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "flops": self.flops_seen,
             "world_size": self.env.world_size,
-            "scheduler": {
-                "peak_lr": self.cfg.learning_rate(),
-                "warmup_steps": self.cfg.warmup_steps(),
-                "decay_steps": self.cfg.decay_steps(),
-                "min_lr_ratio": self.cfg.optim.min_lr_ratio,
-                "last_lr": self.lr(max(0, self.step - 1)),
-            },
+            "scheduler": self.schedule.describe(self.step),
             "last_val_loss": self.last_val_loss,
             "ranks": parallel.gather_objects(self.rank_state(), self.env),
         }
@@ -409,39 +220,30 @@ class Trainer:
         model_state = parallel.full_model_state(self.model)
         optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
         state = self.state_dict()
-        path = None
-        if self.env.is_main:
-            path = self.run_dir / layout.CHECKPOINTS_DIR / layout.checkpoint_name(self.step)
-            ckpt.save_checkpoint(
-                path,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                trainer_state=state,
-                config_json=self.config_json(),
-            )
-            ckpt.mark_latest(self.run_dir, path)
-            if self.cfg.train.keep_last:
-                ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._log_steps)
+        path = self.checkpoints.save(
+            self.step,
+            model_state=model_state,
+            optimizer_state=optim_state,
+            trainer_state=state,
+            config_json=self.config_json() if self.env.is_main else {},
+        )
         parallel.barrier(self.env)
         return path
 
     def _resume(self) -> None:
-        path = layout.latest_checkpoint(self.run_dir)
-        if path is None:
+        loaded = self.checkpoints.load_latest()
+        if loaded is None:
             return  # nothing saved yet: start from scratch (a run killed before its first checkpoint)
-        loaded = ckpt.load_checkpoint(path)
         parallel.load_full_state(self.model, self.optimizer, loaded["model"], loaded["optimizer"])
         self.load_state_dict(loaded["trainer"])
-        self.resumed_from = path
+        self.resumed_from = loaded["path"]
 
     # -------------------------------------------------------------------------------------------------- loop
 
     def train_step(self) -> dict:
         """One optimiser step over the global batch; returns its metrics (one host sync)."""
         t0 = time.perf_counter()
-        lr = self.lr(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self.schedule.apply(self.step)
         self.model.train()
         loss_sum = torch.zeros((), device=self.env.device)
         batches = [self.data.next_train() for _ in range(self.accum)]
@@ -575,7 +377,6 @@ class Trainer:
         bar = None
         if main and t.progress:
             bar = progress(t.max_steps, initial=self.step, desc="pretrain", unit="step")
-        kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
         last: dict = {}
         try:
             if t.eval_interval and self.step == 0:  # the untrained model's validation loss, the curve's origin
@@ -594,8 +395,8 @@ class Trainer:
                     bar.update(1)
                     val = self.last_val_loss or float("nan")
                     bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}", refresh=False)
-                if main and kill_after is not None and self.step == int(kill_after):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if main:
+                    fault_point(AFTER_STEP, self.step)
             finished = self.step >= t.max_steps
             if finished:
                 full = parallel.full_model_state(self.model)
