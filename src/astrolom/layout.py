@@ -59,6 +59,11 @@ GENERATED_SPECTRA_PNG = "generated_spectra.png"
 ALIGN_EVAL_DIR = "align_eval"
 ALIGN_EVAL_JSON = "align_eval.json"
 ALIGN_EVAL_FIGURES = ("retrieval.png", "tarp.png", "corner.png")
+# per-object property predictions (`astrolom probe`, `eval-align`, `finetune`): OUT/predictions/ holds the table, the
+# metrics of every (feature set, method, target) and a predicted-vs-true figure per property (`eval.metrics`)
+PREDICTIONS_DIR = "predictions"
+PREDICTIONS_PARQUET = "predictions.parquet"
+PREDICTION_METRICS_JSON = "prediction_metrics.json"
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME)
 _TMP_MARK = ".tmp-"

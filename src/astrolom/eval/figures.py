@@ -6,6 +6,9 @@
   `plot_telescope` the same map coloured by telescope (the paper's "islands").
 - `plot_probe_vs_flops`: Figure 4, probe score against pretraining FLOPs per property, with Spearman's rho.
 - `plot_probe_summary`: probe scores of the pretrained model beside its control and the baselines.
+- `plot_predicted_vs_true`: AstroCLIP Figs. 3-4 layout for one property: a density (hexbin) of predicted against
+  true with the 1:1 line and the metrics of `astrolom.eval.metrics` written on it, residuals below (dz / (1 + z) for
+  redshift, with the outlier limits); `plot_predictions` draws one per property of a `PredictionSet` group.
 - `plot_inpainting`: truth, the central k spiral tokens the model saw, and its completion (from
   `astrolom.eval.inpaint.inpaint`, which explains the pixel units).
 
@@ -15,6 +18,7 @@ Plots only: these functions draw results computed elsewhere and never run a mode
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from astrolom.eval import metrics as mt  # noqa: E402
 from astrolom.eval.probes import ProbeResult  # noqa: E402
 
 SET_COLOURS = {
@@ -283,6 +288,102 @@ def plot_probe_summary(result: ProbeResult, stem: str | Path, method: str = "lin
     ax.set_title(f"{method} probe on {result.protocol['test_split']} (dotted: majority class)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save(fig, stem)
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+
+def metrics_text(m: dict) -> str:
+    """The metrics of `astrolom.eval.metrics.regression_metrics` as the lines written on a prediction panel."""
+    lines = [f"N = {m['n']}" + (f" ({m['n_missing']} without a value)" if m.get("n_missing") else "")]
+    lines.append(f"R$^2$ = {m['r2']:.3f}   MAE = {m['mae']:.4g}")
+    if "sigma_nmad" in m:
+        lines.append(f"$\\sigma_{{NMAD}}$ = {m['sigma_nmad']:.4f}   bias = {m['bias']:+.4f}")
+        lines.append(f"$\\eta$ = {100 * m['eta']:.1f}% (|$\\Delta z$|/(1+z) > {mt.OUTLIER_THRESHOLD})")
+    if m.get("median_posterior_sigma") is not None:
+        lines.append(f"median posterior $\\sigma$ = {m['median_posterior_sigma']:.4g}")
+    return "\n".join(lines)
+
+
+def plot_predicted_vs_true(
+    truth: np.ndarray, prediction: np.ndarray, target: str, stem: str | Path, title: str = ""
+) -> dict[str, Path]:
+    """Predicted against true (hexbin density, 1:1 line, metrics on the panel) over the residuals (AstroCLIP Figs.
+    3-4). Residuals are dz / (1 + z) for a redshift (dashed: the outlier limits), prediction - truth otherwise."""
+    truth, prediction = np.asarray(truth, np.float64), np.asarray(prediction, np.float64)
+    ok = np.isfinite(truth) & np.isfinite(prediction)
+    t, p = truth[ok], prediction[ok]
+    m = mt.regression_metrics(truth, prediction, target)
+    redshift = mt.is_redshift(target)
+    resid = (p - t) / (1 + t) if redshift else p - t
+    fig, (ax, axr) = plt.subplots(
+        2, 1, figsize=(4.6, 5.6), sharex=True, gridspec_kw={"height_ratios": (3, 1), "hspace": 0.05}
+    )
+    lo, hi = (float(min(t.min(), p.min())), float(max(t.max(), p.max()))) if len(t) else (0.0, 1.0)
+    pad = 0.03 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    grid = max(10, min(50, int(np.sqrt(max(len(t), 1)))))
+    if len(t):
+        hb = ax.hexbin(t, p, gridsize=grid, extent=(lo, hi, lo, hi), mincnt=1, bins="log", cmap="viridis")
+        fig.colorbar(hb, ax=[ax, axr], fraction=0.05, pad=0.02, label="objects per bin")
+        r_lim = float(np.percentile(np.abs(resid), 99)) * 1.2 or 1.0
+        if redshift:
+            r_lim = max(r_lim, 1.3 * mt.OUTLIER_THRESHOLD)
+        axr.hexbin(t, resid, gridsize=(grid, max(5, grid // 3)), extent=(lo, hi, -r_lim, r_lim), mincnt=1,
+                   bins="log", cmap="viridis")  # fmt: skip
+        axr.set_ylim(-r_lim, r_lim)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="1:1")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_ylabel(f"predicted {target}")
+    ax.text(0.03, 0.97, metrics_text(m), transform=ax.transAxes, va="top", ha="left", fontsize=7,
+            bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8, "lw": 0.5})  # fmt: skip
+    axr.axhline(0, color="k", lw=0.8)
+    if redshift:
+        for sign in (-1, 1):
+            axr.axhline(sign * mt.OUTLIER_THRESHOLD, color="C3", ls="--", lw=0.8)
+    axr.set_ylabel("$\\Delta z$/(1+z)" if redshift else "pred. - true", fontsize=8)
+    axr.set_xlabel(f"true {target}")
+    ax.set_title(title or target, fontsize=9)
+    return save(fig, stem)
+
+
+def prediction_figure(folder: str | Path, feature_set: str, method: str, target: str) -> Path:
+    """Where `plot_predictions` puts the figure of one group: folder/<feature set>__<method>__<target> (names made
+    file-safe), without a suffix."""
+    parts = (re.sub(r"[^A-Za-z0-9_.-]+", "_", x).strip("_") for x in (feature_set, method, target))
+    return Path(folder) / "__".join(parts)
+
+
+def plot_predictions(
+    predictions: mt.PredictionSet, folder: str | Path, feature_set: str, method: str
+) -> dict[str, dict[str, Path]]:
+    """`plot_predicted_vs_true` for every target of one (feature set, method) group -> {target: paths}; the files
+    are named by `prediction_figure`."""
+    out = {}
+    for fs, m, target in predictions.groups():
+        if (fs, m) != (feature_set, method):
+            continue
+        g = predictions.select(fs, m, target)
+        title = f"{target}: {feature_set} · {method} ({g['split'][0]} split)"
+        stem = prediction_figure(folder, fs, m, target)
+        out[target] = plot_predicted_vs_true(g["truth"], g["prediction"], target, stem, title)
+    return out
+
+
+def write_predictions(
+    predictions: mt.PredictionSet, folder: str | Path, plots: list[tuple[str, str]]
+) -> dict[str, Path]:
+    """Write a `PredictionSet` (table + metrics) and, for each (feature set, method) in `plots` that it holds, a
+    predicted-vs-true figure per property, as one generation of `folder` (`PredictionSet.write`)."""
+    groups = {(fs, m) for fs, m, _ in predictions.groups()}
+
+    def draw(preds: mt.PredictionSet, tmp: Path) -> None:
+        for fs, m in plots:
+            if (fs, m) in groups:
+                plot_predictions(preds, tmp, fs, m)
+
+    return predictions.write(folder, draw)
 
 
 # ------------------------------------------------------------------------------------------------ inpainting

@@ -2,8 +2,12 @@
 
     astrolom probe --embeddings EMB.parquet --targets redshift,log_mstar --out DIR [--model RUN --data DIR]
 
-writes DIR/probes.json (a `ProbeResult`), DIR/probes.md and the bar chart DIR/probes.{png,pdf}. The probes are
-`astrolom.eval.probes`, the control and baselines `astrolom.eval.baselines`, the figure `astrolom.eval.figures`.
+writes DIR/probes.json (a `ProbeResult`), DIR/probes.md and the bar chart DIR/probes.{png,pdf}, and
+DIR/predictions/: every regression target's per-object test predictions of every feature set and method
+(predictions.parquet), their metrics (prediction_metrics.json: R2, MAE, and sigma_NMAD, bias, eta for redshift; see
+`astrolom.eval.metrics`) and a predicted-vs-true figure per property for the pretrained embeddings' headline probe
+(linear when run). The probes are `astrolom.eval.probes`, the control and baselines `astrolom.eval.baselines`, the
+figures `astrolom.eval.figures`.
 
 A file with several embedding columns (a multimodal model's `embedding_images`, `embedding_spectra`,
 `embedding_joint`; an alignment's `embedding_images`, `embedding_spectra`) is probed column by column
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from astrolom.eval import baselines as bl
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
-from astrolom.eval.figures import plot_probe_summary
+from astrolom.eval.figures import plot_probe_summary, write_predictions
 from astrolom.eval.probes import (
     DEFAULT_TARGETS,
     METHODS,
@@ -29,19 +33,31 @@ from astrolom.eval.probes import (
     markdown_table,
     save_columns,
 )
-from astrolom.layout import COLUMNS_JSON, COLUMNS_MD, PROBES_JSON
+from astrolom.layout import COLUMNS_JSON, COLUMNS_MD, PREDICTIONS_DIR, PROBES_JSON
 from astrolom.log import get_logger
 
 log = get_logger(__name__)
 
 
+def headline_method(result: ProbeResult) -> str:
+    """The probe method whose predictions are drawn: linear when it ran, else the first one."""
+    return "linear" if "linear" in result.methods else result.methods[0]
+
+
 def write_report(result: ProbeResult, out: str | Path) -> dict[str, Path]:
-    """probes.json, probes.md and the bar-chart figure probes.{png,pdf} in `out`."""
+    """probes.json, probes.md and the bar-chart figure probes.{png,pdf} in `out`; with the result's per-object
+    predictions, out/predictions/ (table, metrics and a figure per property of the pretrained headline probe)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": result.save(out / PROBES_JSON), "markdown": out / "probes.md"}
     paths["markdown"].write_text(markdown_table(result))
     paths.update(plot_probe_summary(result, out / "probes"))
+    if result.predictions is not None and len(result.predictions):
+        result.predictions.info = {"command": "astrolom probe", **{k: result.protocol.get(k) for k in
+                                   ("fit_split", "test_split", "n_fit", "n_test", "column", "seed")}}  # fmt: skip
+        plots = [("pretrained", headline_method(result))]
+        written = write_predictions(result.predictions, out / PREDICTIONS_DIR, plots)
+        paths.update(predictions=written["parquet"], prediction_metrics=written["metrics"])
     return paths
 
 

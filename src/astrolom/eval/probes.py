@@ -8,18 +8,20 @@ pretraining) and scored on the test split. Features are standardised with statis
 - knn: k-nearest-neighbour regression / classification on the standardised features (AstroCLIP's "zero-shot");
 - mlp: one hidden layer of width 32 (AstroCLIP's "few-shot").
 
-Metrics: R2 and MAE for regression; accuracy and support-weighted F1 for classes (plus the majority-class accuracy,
-the score of a probe that learnt nothing). Every table puts the pretrained model beside a randomly initialised model
-of the same preset (the control), PCA of pixels, photometry measured from the images and a supervised CNN, on the
-same objects and splits (`astrolom.eval.baselines`).
+Metrics: R2 and MAE for regression, plus sigma_NMAD, bias and the outlier fraction eta for redshift
+(`astrolom.eval.metrics`, which defines them); accuracy and support-weighted F1 for classes (plus the majority-class
+accuracy, the score of a probe that learnt nothing). `evaluate` also keeps every regression prediction per test
+object (`ProbeResult.predictions`, a `metrics.PredictionSet`; `astrolom probe` writes it as Parquet). Every table
+puts the pretrained model beside a randomly initialised model of the same preset (the control), PCA of pixels,
+photometry measured from the images and a supervised CNN, on the same objects and splits (`astrolom.eval.baselines`).
 
 `evaluate` returns a `ProbeResult`: `result.score(target, feature_set, method)` is the one lookup of a score, and
 `result.save(path)` / `ProbeResult.load(path)` keep the readable JSON of probes.json. A file with several embedding
 columns (a multimodal model's `embedding_images`, `embedding_spectra`, `embedding_joint`) is probed column by column
 on the same objects with `probe_columns` -> {column: ProbeResult}; `columns_markdown` compares them target by
-target and `save_columns` / `load_columns` keep them in one JSON file. This module is a pure probe
-library (it imports only `astrolom.eval.embeddings`); the `astrolom probe` command that adds the baselines and the
-figure is `astrolom.eval.probe_cli`.
+target and `save_columns` / `load_columns` keep them in one JSON file. This module is a pure probe library (it
+imports only `astrolom.eval.embeddings` and `astrolom.eval.metrics`); the `astrolom probe` command that adds the
+baselines and the figures is `astrolom.eval.probe_cli`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 
@@ -44,6 +46,7 @@ from astrolom.eval.embeddings import (
     load_embeddings,  # noqa: F401  (its home before issue 7; same object)
     split_rows,
 )
+from astrolom.eval.metrics import PredictionSet, regression_metrics
 
 METHODS = ("linear", "knn", "mlp")
 REGRESSION, CLASSIFICATION = "regression", "classification"
@@ -229,13 +232,12 @@ def fit_probe(
     return est.predict(B)
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray, kind: str) -> dict[str, float]:
-    """R2 and MAE for regression; accuracy and support-weighted F1 for classification."""
+def score(y_true: np.ndarray, y_pred: np.ndarray, kind: str, target: str = "") -> dict[str, float]:
+    """R2 and MAE for regression (plus sigma_NMAD, bias and eta when `target` is a redshift: `eval.metrics`);
+    accuracy and support-weighted F1 for classification."""
     if kind == REGRESSION:
-        return {
-            "r2": float(r2_score(y_true, y_pred)),
-            "mae": float(mean_absolute_error(y_true, y_pred)),
-        }
+        m = regression_metrics(y_true, y_pred, target)
+        return {k: v for k, v in m.items() if k not in ("n", "n_missing")}
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
@@ -299,6 +301,31 @@ def make_tasks(
     return tasks, skipped
 
 
+def predict_features(
+    X_fit: np.ndarray,
+    X_test: np.ndarray,
+    tasks: list[ProbeTask],
+    methods: tuple[str, ...] = METHODS,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Fit every (target, method) on one feature set -> {target: {method: predictions for the task's test rows}}."""
+    X_fit, X_test = np.asarray(X_fit, np.float64), np.asarray(X_test, np.float64)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for task in tasks:
+        A, B = X_fit[task.fit_rows], X_test[task.test_rows]
+        out[task.name] = {m: fit_probe(A, task.y_fit, B, task.kind, m, seed) for m in methods}
+    return out
+
+
+def score_tasks(predictions: dict[str, dict[str, np.ndarray]], tasks: list[ProbeTask]) -> dict[str, dict]:
+    """{target: {method: metrics}} of `predict_features`-shaped predictions of the tasks' test rows."""
+    return {
+        t.name: {m: score(t.y_test, pred, t.kind, t.name) for m, pred in predictions[t.name].items()}
+        for t in tasks
+        if t.name in predictions
+    }
+
+
 def probe_features(
     X_fit: np.ndarray,
     X_test: np.ndarray,
@@ -307,23 +334,18 @@ def probe_features(
     seed: int = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Score every (target, method) on one feature set -> {target: {method: metrics}}."""
-    X_fit, X_test = np.asarray(X_fit, np.float64), np.asarray(X_test, np.float64)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for task in tasks:
-        A, B = X_fit[task.fit_rows], X_test[task.test_rows]
-        out[task.name] = {
-            m: score(task.y_test, fit_probe(A, task.y_fit, B, task.kind, m, seed), task.kind) for m in methods
-        }
-    return out
+    return score_tasks(predict_features(X_fit, X_test, tasks, methods, seed), tasks)
+
+
+def supervised_predictions(predictions: dict[str, np.ndarray], tasks: list[ProbeTask]) -> dict[str, dict]:
+    """A supervised model's predictions of every test object ({target: array over the test split}) as
+    `predict_features` shapes them: {target: {SUPERVISED: predictions for the task's test rows}}."""
+    return {t.name: {SUPERVISED: predictions[t.name][t.test_rows]} for t in tasks if t.name in predictions}
 
 
 def score_predictions(predictions: dict[str, np.ndarray], tasks: list[ProbeTask]) -> dict[str, dict]:
     """Scores of a model that predicts the targets itself (the supervised CNN), on the test objects of each task."""
-    return {
-        t.name: {SUPERVISED: score(t.y_test, predictions[t.name][t.test_rows], t.kind)}
-        for t in tasks
-        if t.name in predictions
-    }
+    return score_tasks(supervised_predictions(predictions, tasks), tasks)
 
 
 def run_probes(
@@ -333,16 +355,34 @@ def run_probes(
     supervised: dict[str, dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     progress=None,
-) -> dict[str, dict]:
-    """Probe every feature set {name: (X_fit, X_test)}; `supervised` holds {name: {target: test predictions}}."""
-    results = {}
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Probe every feature set {name: (X_fit, X_test)}; `supervised` holds {name: {target: test predictions}}.
+
+    Returns (scores {name: {target: {method: metrics}}}, predictions {name: {target: {method: test-row array}}}).
+    """
+    predictions = {}
     for name, (X_fit, X_test) in feature_sets.items():
         if progress:
             progress(f"probing {name} ({X_fit.shape[1]} features)")
-        results[name] = probe_features(X_fit, X_test, tasks, methods, seed)
+        predictions[name] = predict_features(X_fit, X_test, tasks, methods, seed)
     for name, preds in (supervised or {}).items():
-        results[name] = score_predictions(preds, tasks)
-    return results
+        predictions[name] = supervised_predictions(preds, tasks)
+    return {name: score_tasks(p, tasks) for name, p in predictions.items()}, predictions
+
+
+def prediction_set(
+    predictions: dict[str, dict], tasks: list[ProbeTask], test_ids: np.ndarray, split: str
+) -> PredictionSet:
+    """The regression targets' predictions of `run_probes` as a per-object `PredictionSet` (classes are scored in
+    probes.json only: their truth and prediction are labels, not numbers)."""
+    out = PredictionSet()
+    for name, per_target in predictions.items():
+        for task in tasks:
+            if task.kind != REGRESSION or task.name not in per_target:
+                continue
+            for method, pred in per_target[task.name].items():
+                out.add(name, method, task.name, test_ids[task.test_rows], task.y_test, pred, split=split)
+    return out
 
 
 def evaluate(
@@ -371,7 +411,7 @@ def evaluate(
     if control is not None:
         feature_sets["random_init"] = (control.rows_of(fit.object_id), control.rows_of(test.object_id))
     feature_sets.update(baselines or {})
-    results = run_probes(feature_sets, tasks, methods, supervised, seed, progress)
+    results, predictions = run_probes(feature_sets, tasks, methods, supervised, seed, progress)
     return ProbeResult(
         protocol={
             "fit_split": fit_split,
@@ -389,6 +429,7 @@ def evaluate(
         results=results,
         skipped=skipped,
         embeddings=embeddings.metadata,
+        predictions=prediction_set(predictions, tasks, np.asarray(test.object_id), test_split),
     )
 
 
@@ -399,9 +440,11 @@ def evaluate(
 class ProbeResult:
     """Probe scores of several feature sets on the same targets, fit and test objects.
 
-    `results[feature_set][target][method]` holds the metrics ({"r2", "mae"} or {"accuracy", "f1"}); a supervised
-    model (the CNN) has a single entry under `SUPERVISED` that stands for every probe method. Read scores with
-    `score`, never by indexing `results`: that is where the supervised rule lives.
+    `results[feature_set][target][method]` holds the metrics ({"r2", "mae"}, with "sigma_nmad", "bias" and "eta"
+    for redshift, or {"accuracy", "f1"}); a supervised model (the CNN) has a single entry under `SUPERVISED` that
+    stands for every probe method. Read scores with `score`, never by indexing `results`: that is where the
+    supervised rule lives. `predictions` (kept by `evaluate`, not part of the JSON) are the regression targets'
+    per-object test predictions.
     """
 
     protocol: dict
@@ -409,6 +452,7 @@ class ProbeResult:
     results: dict[str, dict[str, dict[str, dict[str, float]]]]
     skipped: dict[str, str] = field(default_factory=dict)
     embeddings: dict = field(default_factory=dict)  # how the probed embeddings were made
+    predictions: PredictionSet | None = field(default=None, repr=False, compare=False)
 
     @property
     def feature_sets(self) -> list[str]:
