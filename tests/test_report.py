@@ -250,3 +250,42 @@ def test_neighbour_agreement_tells_islands_from_a_mixed_map(tmp_path):
     assert abs(one_cloud["agreement"] - mixed) < 0.04 and abs(one_cloud["excess"]) < 0.1
     p = fg.plot_telescope(blobs, labels, tmp_path / "tel", agreement=isl)
     assert p["png"].stat().st_size > 1000
+
+
+def test_report_shows_the_photo_z_panel_and_property_predictions(tiny_run):
+    """The probe's per-object predictions reach the report: the photo-z table of every feature set with the numbers
+    of probes.json, the redshift figure, a figure per other property, and the headline sigma_NMAD as a KPI."""
+    from astrolom.eval.report import build_report
+
+    doc = build_report(tiny_run, tiny_run / "report_predictions.html", umap=False, inpainting=False).read_text()
+    assert "<h2>Property predictions of the probes</h2>" in doc and "<h3>Photometric redshift</h3>" in doc
+    probes = json.loads((tiny_run / "probes" / "probes.json").read_text())["results"]
+    for feature_set, method in (("pretrained", "linear"), ("random_init", "linear"), ("pca_pixels", "linear"),
+                                ("photometry", "linear"), ("cnn", "supervised")):  # fmt: skip
+        z = probes[feature_set]["redshift"][method]
+        row = f"<td>{feature_set}</td><td>{method}</td><td>test</td>"
+        assert row in doc, row
+        cells = doc.split(row)[1].split("</tr>")[0]
+        assert f">{z['sigma_nmad']:.4f}</td>" in cells and f">{z['bias']:+.4f}</td>" in cells
+        assert f">{z['eta']:.3f}</td>" in cells and f">{z['r2']:.3f}</td>" in cells
+    pre = probes["pretrained"]["redshift"]["linear"]
+    assert f"<b>{pre['sigma_nmad']:.4f} (η {pre['eta']:.3f})</b>redshift σ_NMAD (pretrained linear)" in doc
+    assert "photo-z of pretrained · linear" in doc
+    # g_minus_r is the other regression target: one figure in the per-property grid; telescope (a class) has none
+    assert doc.count('alt="pretrained__linear__g_minus_r"') == 1 and "pretrained__linear__telescope" not in doc
+    assert doc.count('alt="pretrained__linear__redshift"') == 1
+
+
+def test_prediction_section_shows_data_as_text(tmp_path):
+    from astrolom.eval.figures import write_predictions
+    from astrolom.eval.metrics import PredictionSet
+    from astrolom.eval.report import prediction_section
+
+    evil = "<img src=x onerror=alert(1)>"
+    ps = PredictionSet()
+    ps.add(evil, "linear", "redshift", ["a", "b", "c"], [0.1, 0.2, 0.3], [0.1, 0.25, 0.3])
+    ps.add("pretrained", evil, "mass", ["a", "b", "c"], [9.0, 10.0, 11.0], [9.5, 10.0, 10.5])
+    write_predictions(ps, tmp_path / "predictions", [(evil, "linear"), ("pretrained", evil)])
+    doc = prediction_section(tmp_path / "predictions", evil, evil)
+    assert "<img src=x" not in doc and doc.count(html.escape(evil)) >= 4
+    assert doc.count("data:image/png;base64,") == 2  # both figures found under their file-safe names

@@ -5,6 +5,9 @@ scaling sweep (`astrolom scaling --out DIR`). The report shows whatever it finds
 
 - loss curves (training and validation loss per step; validation loss against FLOPs and tokens: paper Fig. 2);
 - the probe table against the random-init control and the baselines (`probes/probes.json`, `astrolom probe`);
+- property predictions (`predictions/` of `astrolom probe`, `eval-align` and `finetune`, see `astrolom.eval.metrics`):
+  the photometric-redshift panel (sigma_NMAD, bias, outlier fraction eta of every feature set and method, and the
+  predicted-vs-true figure) and a figure per property; more folders with `--predictions`;
 - the UMAP of the embeddings coloured by properties (Fig. 3) and by telescope (the paper's islands);
 - inpainting: the model completes stamps from their central spiral tokens (needs the model and the data);
 - the scaling sweep (Figs. 2 and 4, L(C) fit, Spearman rho) when `scaling.json` is present;
@@ -38,6 +41,7 @@ from astrolom import layout
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.eval import figures as fg
+from astrolom.eval import metrics as mt
 from astrolom.eval.embeddings import load_embeddings
 from astrolom.eval.inpaint import inpaint
 from astrolom.eval.probes import KEY_TARGETS, ProbeResult, best_column, column_targets, load_columns
@@ -60,6 +64,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }
 .note { color: #555; font-size: .9em; } .kpi { display: inline-block; margin: 0 1.5em .6em 0; }
 .kpi b { font-size: 1.3em; display: block; }
+.figs img { width: 32%; min-width: 260px; vertical-align: top; }
 """
 
 
@@ -93,6 +98,7 @@ def find_artifacts(root: str | Path) -> dict[str, Path | None]:
         "columns": _first(root / L.PROBES_DIR / L.COLUMNS_JSON, root / L.COLUMNS_JSON),
         "multimodal": _first(root / L.MULTIMODAL_DIR),
         "align": _first(root / L.ALIGN_EVAL_DIR / L.ALIGN_EVAL_JSON, root / L.ALIGN_EVAL_JSON),
+        "predictions": _first(root / L.PROBES_DIR / L.PREDICTIONS_DIR / L.PREDICTION_METRICS_JSON),
     }
 
 
@@ -154,7 +160,68 @@ def probe_tables(result: ProbeResult) -> str:
     return "\n".join(parts)
 
 
-def _kpis(probes: ProbeResult | None, metrics: list[dict] | None, demo: dict | None) -> str:
+def photo_z_row(doc: dict, feature_set: str = "pretrained", method: str = "linear") -> dict | None:
+    """The redshift metrics row of one (feature set, method) in a prediction_metrics.json document (None if absent)."""
+    return next(
+        (r for r in doc["metrics"] if (r["feature_set"], r["method"]) == (feature_set, method) and "sigma_nmad" in r),
+        None,
+    )
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+
+def _figure(folder: Path, row: dict) -> Path:
+    return fg.prediction_figure(folder, row["feature_set"], row["method"], row["target"]).with_suffix(".png")
+
+
+def prediction_section(folder: Path, heading: str, note: str) -> str:
+    """HTML of a predictions folder: the photo-z table (every feature set and method that predicted a redshift, the
+    lowest sigma_NMAD in bold) with its figure, then the metrics and figure of each drawn property."""
+    rows = mt.read_metrics(folder)["metrics"]
+    drawn = [r for r in rows if _figure(folder, r).is_file()]
+    body = f'<p class="note">{html.escape(note)}</p>'
+    photo_z = [r for r in rows if "sigma_nmad" in r]
+    if photo_z:
+        low = min(range(len(photo_z)), key=lambda i: (np.nan_to_num(photo_z[i]["sigma_nmad"], nan=np.inf), i))
+        cells = [
+            [r["feature_set"], r["method"], r["split"], str(r["n"]), _num(r["sigma_nmad"], ".4f"),
+             _num(r["bias"], "+.4f"), _num(r["eta"], ".3f"), _num(r["r2"], ".3f"), _num(r["mae"], ".4f")]
+            for r in photo_z
+        ]  # fmt: skip
+        header = ["feature set", "method", "split", "N", "σ_NMAD", "bias", "η", "R2", "MAE"]
+        body += (
+            "<h3>Photometric redshift</h3>"
+            f'<p class="note">σ_NMAD = {html.escape(mt.DEFINITIONS["sigma_nmad"])}; bias = '
+            f"{html.escape(mt.DEFINITIONS['bias'])}; η = fraction with |Δz|/(1+z) &gt; {mt.OUTLIER_THRESHOLD}; "
+            "Δz = prediction − truth. Bold: the lowest σ_NMAD.</p>"
+            + _table(header, cells, [{4} if i == low else set() for i in range(len(photo_z))])
+        )
+        for r in drawn:
+            if mt.is_redshift(r["target"]):
+                caption = (
+                    f"photo-z of {r['feature_set']} · {r['method']}: predicted against true redshift, residuals "
+                    f"Δz/(1+z) below (dashed: ±{mt.OUTLIER_THRESHOLD})"
+                )
+                body += _img(_figure(folder, r), caption)
+    others = [r for r in drawn if not mt.is_redshift(r["target"])]
+    if others:
+        sigma = any("median_posterior_sigma" in r for r in others)
+        header = ["feature set", "method", "target", "N", "R2", "MAE"] + (["median posterior σ"] if sigma else [])
+        cells = [
+            [r["feature_set"], r["method"], r["target"], str(r["n"]), _num(r["r2"], ".3f"), _num(r["mae"], ".4g")]
+            + ([_num(r.get("median_posterior_sigma"), ".4g")] if sigma else [])
+            for r in others
+        ]
+        body += "<h3>Predicted against true, per property</h3>" + _table(header, cells)
+        body += f'<div class="figs">{"".join(_img(_figure(folder, r)) for r in others)}</div>'
+    return f"<h2>{html.escape(heading)}</h2>" + body
+
+
+def _kpis(
+    probes: ProbeResult | None, metrics: list[dict] | None, demo: dict | None, photo_z: dict | None = None
+) -> str:
     items = []
     if metrics:
         val = [r["val_loss"] for r in metrics if r.get("val_loss") is not None]
@@ -170,6 +237,9 @@ def _kpis(probes: ProbeResult | None, metrics: list[dict] | None, demo: dict | N
                 ctl = probes.score(t, "random_init", "linear")
                 m = probes.metric(t)
                 items.append((f"{t} linear {m}", f"{pre:.3f}" + ("" if ctl is None else f" (control {ctl:.3f})")))
+    if photo_z:
+        items.append((f"redshift σ_NMAD ({photo_z['feature_set']} {photo_z['method']})",
+                      f"{_num(photo_z['sigma_nmad'], '.4f')} (η {_num(photo_z['eta'], '.3f')})"))  # fmt: skip
     if demo and "seconds" in demo:
         items.append(("demo wall time", f"{demo['seconds'] / 60:.1f} min"))
     return "".join(f'<div class="kpi"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in items)
@@ -403,12 +473,14 @@ def build_report(
     scaling: str | None = None,
     multimodal: str | None = None,
     align: str | None = None,
+    predictions: list[str] | None = None,
     umap: bool = True,
     inpainting: bool = True,
     inpaint_k: int | None = None,
     umap_max: int = 5000,
 ) -> Path:
-    """Write the HTML report of `root` to `out` (default root/report.html); returns its path."""
+    """Write the HTML report of `root` to `out` (default root/report.html); returns its path. `predictions`: more
+    prediction folders (`astrolom finetune --out FT` writes FT/predictions) beside those found in `root`."""
     art = find_artifacts(root)
     for key, value in (
         ("embeddings", embeddings),
@@ -424,7 +496,7 @@ def build_report(
     out = Path(out) if out else root / layout.REPORT_NAME
     figdir = out.parent / "figures"
     sections: list[str] = []
-    metrics = probe_report = demo = None
+    metrics = probe_report = demo = photo_z = None
     if art["demo"]:
         demo = json.loads(art["demo"].read_text())
 
@@ -459,6 +531,18 @@ def build_report(
                 if probe_report.skipped
                 else ""
             )  # fmt: skip
+        )
+    if art["predictions"]:
+        folder = art["predictions"].parent
+        photo_z = photo_z_row(mt.read_metrics(folder))
+        sections.append(
+            prediction_section(
+                folder,
+                "Property predictions of the probes",
+                f"Per-object test predictions of every probe ({folder / layout.PREDICTIONS_PARQUET}); figures: the "
+                "pretrained embeddings' headline probe, predicted against true (hexbin density, dashed 1:1 line) with "
+                "the residuals below.",
+            )
         )
 
     if umap and art["embeddings"]:
@@ -538,6 +622,24 @@ def build_report(
         sections.append(_multimodal_section(columns, generations))
     if art["align"]:
         sections.append(_alignment_section(art["align"], figdir))
+        align_predictions = art["align"].parent / layout.PREDICTIONS_DIR
+        if (align_predictions / layout.PREDICTION_METRICS_JSON).is_file():
+            sections.append(
+                prediction_section(
+                    align_predictions,
+                    "Alignment: property predictions",
+                    "Per-object test predictions of eval-align (zero-shot kNN, few-shot MLP, supervised baselines; "
+                    "flows: the posterior median, with half the central 68% interval as the posterior width).",
+                )
+            )
+    for extra_folder in predictions or []:
+        sections.append(
+            prediction_section(
+                Path(extra_folder),
+                f"Property predictions: {Path(extra_folder).parent.name}",
+                f"Per-object predictions in {extra_folder}.",
+            )  # fmt: skip
+        )
 
     if art["outliers"]:
         res = json.loads(art["outliers"].read_text())
@@ -580,7 +682,7 @@ def build_report(
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
         f'<p class="note">AstroPT (Smith et al. 2024) run report, generated {time.strftime("%Y-%m-%d %H:%M")} from '
         f"<code>{html.escape(str(root.resolve()))}</code>.</p>"
-        + _kpis(probe_report, metrics, demo)
+        + _kpis(probe_report, metrics, demo, photo_z)
         + "\n".join(sections)
         + "</body></html>"
     )
@@ -603,6 +705,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(metrics.json in it or its subfolders); default RUN/multimodal",
     )
     parser.add_argument("--align", default=None, help="`astrolom eval-align` output folder (default RUN/align_eval)")
+    parser.add_argument(
+        "--predictions",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a predictions folder to show as well (e.g. FT/predictions of `astrolom finetune`); repeatable",
+    )
     parser.add_argument("--no-umap", action="store_true")
     parser.add_argument("--no-inpainting", action="store_true")
     parser.add_argument("--inpaint-k", type=int, default=None, help="tokens the model is given (default T/4)")
@@ -620,6 +729,7 @@ def run(args: argparse.Namespace) -> int:
         scaling=args.scaling,
         multimodal=args.multimodal,
         align=args.align,
+        predictions=args.predictions,
         umap=not args.no_umap,
         inpainting=not args.no_inpainting,
         inpaint_k=args.inpaint_k,
