@@ -269,6 +269,30 @@ def test_eval_align_end_to_end(tmp_path):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()
     assert "| image→spectrum |" in md and "test NLL" in md
+    # per-object predictions: every property row, the supervised baselines and the flows' posterior medians/widths
+    from astrolom.eval import metrics as mt
+    from astrolom.eval.figures import prediction_figure
+
+    preds = mt.PredictionSet.read(tmp_path / "eval" / "predictions")
+    groups = set(preds.groups())
+    for row, r2s in res["properties_r2"].items():
+        fs, method = row.replace(" (supervised)", " · supervised").split(" · ")
+        for t, r2 in r2s.items():
+            g = preds.select(fs, method, t)
+            assert mt.r2(g["truth"], g["prediction"]) == pytest.approx(r2, abs=1e-9), (row, t)
+            assert len(g["object_id"]) == 16 and np.isnan(g["posterior_sigma"]).all()
+    flow = preds.select("image aligned", "flow", "redshift")
+    assert len(flow["object_id"]) == 16 and (flow["posterior_sigma"] > 0).all()
+    assert {(fs, "flow", "log_ssfr") for fs in res["posteriors"]} <= groups
+    photo_z = {(r["feature_set"], r["method"]): r for r in res["photo_z"]}
+    z = preds.select("image aligned", "zero-shot kNN", "redshift")
+    assert photo_z["image aligned", "zero-shot kNN"]["sigma_nmad"] == pytest.approx(
+        mt.sigma_nmad(z["truth"], z["prediction"])
+    )
+    assert "## Photometric redshift" in md and "| image aligned | flow | 16 |" in md
+    for method in ("zero-shot kNN", "flow"):
+        stem = prediction_figure(tmp_path / "eval" / "predictions", "image aligned", method, "redshift")
+        assert stem.with_suffix(".png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -291,6 +315,22 @@ def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(tmp_path):
     assert (out / "retrieval.png").stat().st_size > 0
     assert not (out / "tarp.png").exists() and not (out / "corner.png").exists()
     assert "test NLL" not in markdown(res) and "| image→spectrum |" in markdown(res)
+    from astrolom.eval.metrics import PredictionSet
+
+    methods = {m for _, m, _ in PredictionSet.read(out / "predictions").groups()}
+    assert methods == {"zero-shot kNN"} and {r["method"] for r in res["photo_z"]} == {"zero-shot kNN"}
+
+
+def test_posterior_summary_is_the_median_and_half_the_central_68_percent():
+    from astrolom.align.evaluate import posterior_summary
+
+    rng = np.random.default_rng(0)
+    mu, sd = np.array([[0.3, 10.0], [1.2, 9.0]]), np.array([[0.05, 0.2], [0.1, 0.4]])
+    samples = mu + sd * rng.standard_normal((40000, 2, 2))
+    out = posterior_summary(samples, ["a", "b", "c"], np.array([2, 0]), mu)
+    assert list(out["test_ids"]) == ["c", "a"]
+    np.testing.assert_allclose(out["test_median"], mu, rtol=0, atol=0.01)
+    np.testing.assert_allclose(out["test_sigma"], sd, rtol=0.03)
 
 
 def test_spectrum_encoder_may_be_a_multimodal_model_that_saw_spectra_first():

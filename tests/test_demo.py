@@ -33,9 +33,19 @@ def test_tiny_demo(tmp_path, capsys):
         assert target in probes["targets"]
         for name in ("pretrained", "random_init", "pca_pixels", "photometry"):
             scores = probes["results"][name][target]["linear"]
-            assert set(scores) == ({"accuracy", "f1"} if target == "telescope" else {"r2", "mae"})
+            photo_z = {"sigma_nmad", "bias", "eta"} if target == "redshift" else set()
+            assert set(scores) == ({"accuracy", "f1"} if target == "telescope" else {"r2", "mae"} | photo_z)
         assert set(probes["results"]["cnn"][target]) == {"supervised"}
     demo = json.loads((tmp_path / "demo.json").read_text())
+    # the photo-z panel: the pretrained model's redshift probe on test, beside the control and baselines
+    z = probes["results"]["pretrained"]["redshift"]["linear"]
+    assert demo["photo_z"]["pretrained"] == {k: z[k] for k in ("sigma_nmad", "bias", "eta")}
+    assert set(demo["photo_z"]) == {"pretrained", "random_init", "pca_pixels", "photometry", "cnn"}
+    assert f"pretrained   sigma_NMAD {z['sigma_nmad']:.4f}" in printed
+    assert "<h3>Photometric redshift</h3>" in report and f"<b>{z['sigma_nmad']:.4f} (η {z['eta']:.3f})</b>" in report
+    assert 'alt="pretrained__linear__redshift"' in report
+    assert (tmp_path / "probes" / "predictions" / "predictions.parquet").is_file()
+    assert "<h2>Alignment: property predictions</h2>" in report  # eval-align --quick's kNN predictions
     stages = {"survey", "pretrain", "embed", "probes", "outliers", "multimodal", "alignment", "report"}
     assert set(demo["timings_s"]) == stages
     # the multimodal stage: an images + spectra model, every embedding column probed, spectra generated

@@ -5,7 +5,9 @@
 3. embed the validation and test splits (penultimate layer, mean of the central spiral tokens);
 4. probe the embeddings (linear, kNN, MLP) against a random-init control of the same model, PCA of pixels,
    aperture photometry and a supervised CNN: fit on the validation split, score on the test split;
-5. write DIR/report.html (loss curves, probe table, UMAP, telescope islands, inpainting, config, environment).
+5. write DIR/report.html (loss curves, probe table, the photo-z panel, UMAP, telescope islands, inpainting, config,
+   environment). The photo-z panel is the pretrained model's redshift probe on the test split: sigma_NMAD, bias and
+   outlier fraction eta (`astrolom.eval.metrics`) beside the control and baselines, and the predicted-vs-true figure.
 
 Then (`--spectra-steps N`, 0 turns it off): before the report, pretrain a small images + spectra model
 (`model.modalities=images,spectra model.modality_order=random`) for N steps on the same survey, embed it per
@@ -23,10 +25,11 @@ telescope is predictable). `astrolom demo` exits with status 1 when a check fail
 at toy size for CI (a few minutes on a loaded 2-core machine; 20 steps need not pass the checks).
 
 Layout of DIR: survey/ (data), run/ (pretraining RUN: metrics, checkpoints, final/), embeddings.parquet,
-probes/ (probes.json, probes.md, figure, control embeddings), figures/, report.html, demo.json (settings, timings,
-key numbers, checks); with `--spectra-steps`, multimodal/ (run/, embeddings.parquet, probes/ with columns.json,
-generate/ with metrics.json and the generated spectra); with `--align-steps`, align/ (the alignment RUN) and
-align_eval/ (align_eval.json, retrieval figure).
+probes/ (probes.json, probes.md, figure, control embeddings, predictions/ with the per-object test predictions, their
+metrics and figures), figures/, report.html, demo.json (settings, timings, key numbers, photo-z, checks); with
+`--spectra-steps`, multimodal/ (run/, embeddings.parquet, probes/ with columns.json, generate/ with metrics.json and
+the generated spectra); with `--align-steps`, align/ (the alignment RUN) and align_eval/ (align_eval.json, retrieval
+figure, predictions/).
 
 Defaults and why (measured on 2 CPU cores; see the report's timings): 64x64 stamps cut into 8x8-pixel patches give
 the paper's 64-token sequences (an 8x8 grid in the same centre-out spiral) at a cost a CPU can pay; 16x16 patches
@@ -424,6 +427,7 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
         "timings_s": timings,
         "checks": checks(probes, outliers, alignment),
         "key_numbers": _key_numbers(probes),
+        "photo_z": photo_z(probes),
         "outliers": outliers["evaluation"],
     }
     if multimodal is not None:
@@ -441,6 +445,10 @@ def run_demo(out: str | Path, cfg: DemoConfig, *, fresh: bool = False) -> dict:
     print("\n" + markdown_table(probes).split("\n\n")[0])
     print("\nlinear probes on the test split (R2; accuracy for telescope):")
     print(key_table(probes))
+    if summary["photo_z"]:
+        print("\nphoto-z of the linear probe on the test split (sigma_NMAD, bias = median dz/(1+z), eta):")
+        for name, m in summary["photo_z"].items():
+            print(f"  {name:<12} sigma_NMAD {m['sigma_nmad']:.4f}  bias {m['bias']:+.4f}  eta {m['eta']:.3f}")
     print("\nchecks:")
     for k, v in summary["checks"].items():
         print(f"  [{'ok' if v else 'FAIL'}] {k}")
@@ -456,6 +464,15 @@ def _survey_settings(survey: Path) -> dict | None:
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return None
     return {k: c.get(k) for k in ("n", "size", "seed", "instrument", "spectrum_aperture")}
+
+
+def photo_z(probes: ProbeResult, method: str = "linear") -> dict[str, dict[str, float]]:
+    """{feature set: {"sigma_nmad", "bias", "eta"}} of the redshift probe (`method`; the CNN's own predictions)."""
+    return {
+        s: {k: probes.score("redshift", s, method, k) for k in ("sigma_nmad", "bias", "eta")}
+        for s in probes.feature_sets
+        if probes.score("redshift", s, method, "sigma_nmad") is not None
+    }
 
 
 def _key_numbers(probes: ProbeResult) -> dict:

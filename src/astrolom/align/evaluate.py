@@ -19,8 +19,12 @@
 `--quick` (what the demo runs) keeps retrieval, similarity search and the zero-shot kNN rows of the property table:
 no MLPs, supervised baselines or flows; the JSON says `"quick": true` and its posteriors are empty.
 
-Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png` and
-`aligned_embeddings.parquet` (shared-space embeddings of every pair, per modality; `embedding` = image).
+Outputs in OUT: `align_eval.json`, `align_eval.md`, `retrieval.png`, `tarp.png`, `corner.png`,
+`aligned_embeddings.parquet` (shared-space embeddings of every pair, per modality; `embedding` = image) and
+`predictions/` (`astrolom.eval.metrics`): every test prediction per object (feature set, method, target, truth,
+prediction; for the flows the posterior median and half its central 68% interval as `posterior_sigma`), their
+metrics (R2, MAE; sigma_NMAD, bias and eta for redshift, also in the JSON's `photo_z`) and predicted-vs-true figures
+of the aligned image embeddings' kNN and flow predictions.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME
 from astrolom.eval.baselines import photometry, train_cnn
+from astrolom.eval.figures import write_predictions
+from astrolom.eval.metrics import PredictionSet
 from astrolom.eval.probes import fit_probe
 from astrolom.train.engine import EarlyStopping
 
@@ -156,11 +162,14 @@ def property_table(
     cnn_epochs: int = 40,
     quick: bool = False,
     log=print,
+    record: PredictionSet | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """({row: {target: test R²}}, supervised predictions per baseline for the flows) — module docstring.
 
-    `quick`: the zero-shot kNN rows only (no MLPs, no supervised baselines; the second dict is empty).
+    `quick`: the zero-shot kNN rows only (no MLPs, no supervised baselines; the second dict is empty). `record`
+    receives every test prediction per object (feature set = the embedding or baseline, method = the row's).
     """
+    ids = np.asarray(cache.object_ids)
     fit, test = cache.rows("train"), cache.rows("test")
     targets = [t for t in TARGETS if t in cache.label_names]
     ys = {t: cache.label(t) for t in targets}
@@ -181,6 +190,8 @@ def property_table(
                 else:
                     pred = fit_probe(x[ok_f], ys[t][ok_f], x[ok_t], "regression", "mlp", seed=seed)
                 row[t] = float(r2_score(ys[t][ok_t], pred))
+                if record is not None:
+                    record.add(name, method, t, ids[ok_t], ys[t][ok_t], pred)
         log(f"  properties: {name} done")
     if quick:
         return table, {}
@@ -209,6 +220,10 @@ def property_table(
             t: float(r2_score(ys[t][test][np.isfinite(ys[t][test])], pred[test, j][np.isfinite(ys[t][test])]))
             for j, t in enumerate(targets)
         }
+        for j, t in enumerate(targets):
+            ok_t = test[np.isfinite(ys[t][test])]
+            if record is not None:
+                record.add(name, "supervised", t, ids[ok_t], ys[t][ok_t], pred[ok_t, j])
     supervised["photometry"] = ph_all
     return table, supervised
 
@@ -436,9 +451,27 @@ def posterior_table(
             "tarp": tarp_coverage(samples, y[test], seed=seed),
             "samples": samples[:, :4],
             "truth": y[test][:4],
+            **posterior_summary(samples, cache.object_ids, test, y[test]),
         }
         log(f"  posteriors: {name} NLL {out[name]['nll']:.3f}")
     return out
+
+
+def posterior_summary(samples: np.ndarray, object_ids, rows: np.ndarray, truth: np.ndarray) -> dict:
+    """Per-object point estimates of (n, N, D) posterior samples of the objects `rows`: {"test_ids", "test_truth",
+    "test_median", "test_sigma"}, sigma being half the central 68% interval (a Gaussian's standard deviation, robust
+    to long tails)."""
+    lo, median, hi = np.percentile(samples, (15.865, 50.0, 84.135), axis=0)
+    ids = np.asarray(object_ids)[rows]
+    return {"test_ids": ids, "test_truth": truth, "test_median": median, "test_sigma": (hi - lo) / 2}
+
+
+def record_posteriors(record: PredictionSet, post: dict) -> None:
+    """Add the flows' posterior medians and widths (`posterior_summary`) of every feature set to `record`."""
+    for name, v in post.items():
+        for j, t in enumerate(FLOW_TARGETS):
+            record.add(name, "flow", t, v["test_ids"], v["test_truth"][:, j], v["test_median"][:, j],
+                       posterior_sigma=v["test_sigma"][:, j])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- figures
@@ -619,10 +652,16 @@ def evaluate_alignment(
             "image→spectrum": neighbour_agreement(ei, es, z, False),
             "spectrum→image": neighbour_agreement(es, ei, z, False),
         }
-    properties, supervised = property_table(cache, emb, seed=seed, cnn_epochs=cnn_epochs, quick=quick, log=log)
+    record = PredictionSet(info={"command": "astrolom eval-align", "model": str(model_path), "quick": quick})
+    properties, supervised = property_table(
+        cache, emb, seed=seed, cnn_epochs=cnn_epochs, quick=quick, log=log, record=record
+    )
     post = {}
     if not quick:
         post = posterior_table(cache, emb, supervised, seed=seed, epochs=flow_epochs, members=flow_members, log=log)
+        record_posteriors(record, post)
+    plots = [("image aligned", "zero-shot kNN"), ("image aligned", "flow")]
+    predictions = write_predictions(record, out / layout.PREDICTIONS_DIR, plots)
     retrieval_png, tarp_png, corner_png = (out / name for name in layout.ALIGN_EVAL_FIGURES)
     for stale in (tarp_png, corner_png):  # a quick re-run must not leave an older run's posterior figures behind
         stale.unlink(missing_ok=True)
@@ -644,6 +683,12 @@ def evaluate_alignment(
             }
             for k, v in post.items()
         },
+        "photo_z": [
+            {k: r[k] for k in ("feature_set", "method", "n", "sigma_nmad", "bias", "eta")}
+            for r in record.metrics()
+            if "sigma_nmad" in r
+        ],
+        "predictions": str(predictions["parquet"]),
         "figures": {k: str(v) for k, v in figs.items()},
         "seconds": round(time.time() - t0, 1),
     }
@@ -686,6 +731,19 @@ def markdown(result: dict) -> str:
         "|---|" + "---|" * len(targets),
     ]
     lines += [f"| {row} | " + " | ".join(f"{v[t]:.3f}" for t in targets) + " |" for row, v in props.items()]
+    if result.get("photo_z"):
+        lines += [
+            "",
+            "## Photometric redshift (test; `astrolom.eval.metrics`: σ_NMAD, bias = median Δz/(1+z), η)",
+            "",
+            "| feature set | method | N | σ_NMAD | bias | η |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['feature_set']} | {r['method']} | {r['n']} | {r['sigma_nmad']:.4f} | {r['bias']:+.4f} | "
+            f"{r['eta']:.3f} |"
+            for r in result["photo_z"]
+        ]
     if not result["posteriors"]:
         return "\n".join([*lines, "", "![retrieval](retrieval.png)", ""])
     lines += [
