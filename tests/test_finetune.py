@@ -240,3 +240,37 @@ def test_a_flux_aware_backbone_is_fed_its_flux_features(labelled, tmp_path):
     ft = Finetuner(_cfg(labelled, model=str(tmp_path / "flux"), mode="head", epochs=1))
     result = ft.fit()
     assert np.isfinite(result.best_val_loss)
+
+
+def test_finetune_writes_per_object_test_predictions(labelled, tmp_path, capsys):
+    """`astrolom finetune` saves every continuous target's test prediction per object; the photo-z metrics in
+    finetune.json are those of the saved predictions."""
+    import pyarrow.parquet as pq
+
+    from astrolom.cli import main
+    from astrolom.eval import metrics as mt
+    from astrolom.eval.figures import prediction_figure
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(labelled / "model"), "--data", str(labelled / "survey"), "--targets",
+                 "smooth,redshift,edge_on", "--out", str(out), "--head-only", "--epochs", "2", "--batch-size", "16",
+                 "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "final" / "finetune.json").read_text())["result"]["test_scores"]
+    assert set(scores["redshift"]) == {"r2", "mae", "sigma_nmad", "bias", "eta"} and set(scores["smooth"]) == {
+        "r2", "mae"}  # fmt: skip
+    preds = mt.PredictionSet.read(out / "predictions")
+    assert preds.groups() == [("finetuned", "head", "smooth"), ("finetuned", "head", "redshift")]  # no class target
+    z = preds.select("finetuned", "head", "redshift")
+    survey = pq.read_table(labelled / "survey", columns=["object_id", "split", "redshift"]).to_pydict()
+    truth = {o: r for o, s, r in zip(survey["object_id"], survey["split"], survey["redshift"], strict=True)
+             if s == "test"}  # fmt: skip
+    assert sorted(z["object_id"]) == sorted(truth) and set(z["split"]) == {"test"}
+    np.testing.assert_allclose(z["truth"], [truth[o] for o in z["object_id"]])
+    assert mt.sigma_nmad(z["truth"], z["prediction"]) == pytest.approx(scores["redshift"]["sigma_nmad"], rel=1e-6)
+    assert mt.r2(z["truth"], z["prediction"]) == pytest.approx(scores["redshift"]["r2"], rel=1e-6)
+    smooth = preds.select("finetuned", "head", "smooth")["prediction"]
+    assert np.all((smooth >= 0) & (smooth <= 1))  # the expected vote fraction
+    assert f"sigma_nmad {scores['redshift']['sigma_nmad']:.4g}" in printed and "per-object test predictions" in printed
+    for target in ("smooth", "redshift"):
+        assert prediction_figure(out / "predictions", "finetuned", "head", target).with_suffix(".png").is_file()

@@ -404,7 +404,7 @@ class Finetuner:
             else:
                 y_true = np.asarray(y, np.float64)
                 ok = np.isfinite(y_true)
-            out[name] = probes.score(y_true[ok], preds[name][ok], kind)
+            out[name] = probes.score(y_true[ok], preds[name][ok], kind, name)
         return out
 
     # ------------------------------------------------------------------------------------------------- fit
