@@ -221,6 +221,17 @@ def test_label_efficiency_curves_write_a_table_and_a_figure(labelled, tmp_path):
     again = LabelCurves.from_json(json.loads((tmp_path / "label_efficiency.json").read_text()))
     assert again.mean_score("cnn", 20) == pytest.approx(curves.mean_score("cnn", 20))
     assert set(again.goal()) == {"finetuned_ge_cnn_everywhere", "finetuned_ahead_at_50_200"}
+    # every approach's per-object predictions of the continuous targets, scored as the curve scores them
+    from astrolom.eval.metrics import PredictionSet, r2
+
+    preds = PredictionSet.read(tmp_path / "predictions")
+    assert len(preds.groups()) == 4 * 2 * 2
+    for method in ("finetuned", "random_init", "linear_probe", "cnn"):
+        for n in (20, n_all):
+            g = preds.select(method, f"{n} labels", "redshift")
+            assert len(g["object_id"]) == curves.settings["n_test"]
+            assert r2(g["truth"], g["prediction"]) == pytest.approx(curves.score(method, n, "redshift"), abs=1e-9)
+    assert (tmp_path / "predictions" / f"finetuned__{n_all}_labels__redshift.png").is_file()
 
 
 def test_a_flux_aware_backbone_is_fed_its_flux_features(labelled, tmp_path):

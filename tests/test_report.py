@@ -289,3 +289,25 @@ def test_prediction_section_shows_data_as_text(tmp_path):
     doc = prediction_section(tmp_path / "predictions", evil, evil)
     assert "<img src=x" not in doc and doc.count(html.escape(evil)) >= 4
     assert doc.count("data:image/png;base64,") == 2  # both figures found under their file-safe names
+
+
+def test_report_finds_label_curve_predictions_and_extra_folders(tmp_path):
+    from astrolom.cli import main
+    from astrolom.eval.figures import write_predictions
+    from astrolom.eval.metrics import PredictionSet
+
+    root = tmp_path / "root"
+    (root / "label_efficiency").mkdir(parents=True)
+    (root / "label_efficiency" / "label_efficiency.md").write_text("| labels | target |\n")
+    curve = PredictionSet()
+    curve.add("finetuned", "200 labels", "redshift", ["a", "b", "c", "d"], [0.1, 0.2, 0.3, 1.0], [0.1, 0.2, 0.4, 0.2])
+    write_predictions(curve, root / "label_efficiency" / "predictions", [("finetuned", "200 labels")])
+    ft = PredictionSet()
+    ft.add("finetuned", "lora", "smooth", ["a", "b"], [0.2, 0.8], [0.3, 0.7])
+    write_predictions(ft, tmp_path / "ft" / "predictions", [("finetuned", "lora")])
+    assert main(["report", str(root), "--predictions", str(tmp_path / "ft" / "predictions"), "--no-umap"]) == 0
+    doc = (root / "report.html").read_text()
+    assert "<h2>Fine-tuning: property predictions</h2>" in doc and "<h2>Property predictions: ft</h2>" in doc
+    # eta: |dz|/(1+z) = 0.8/2 = 0.4 for one of four objects
+    assert "<td>finetuned</td><td>200 labels</td><td>test</td><td>4</td>" in doc and "<td>0.250</td>" in doc
+    assert 'alt="finetuned__200_labels__redshift"' in doc and 'alt="finetuned__lora__smooth"' in doc

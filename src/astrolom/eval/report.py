@@ -665,6 +665,15 @@ def build_report(
         if png.exists():
             body += _img(png)
         sections.append("<h2>Fine-tuning: label efficiency</h2>" + body)
+        curve_predictions = art["label_efficiency"].parent / layout.PREDICTIONS_DIR
+        if (curve_predictions / layout.PREDICTION_METRICS_JSON).is_file():
+            sections.append(
+                prediction_section(
+                    curve_predictions,
+                    "Fine-tuning: property predictions",
+                    "Per-object test predictions of every approach at every label count (method: the labels it had).",
+                )
+            )
 
     cfg_text = ""
     if art["run"] and (art["run"] / layout.RUN_CONFIG_YAML).exists():

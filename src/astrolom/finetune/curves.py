@@ -21,7 +21,10 @@ vote fractions (the expected fraction of the Dirichlet-multinomial head for the 
 the fractions for the probe and the CNN), accuracy for classes. On a shared CPU set OMP_NUM_THREADS=1: with more
 threads than free cores, torch's thread pool spins and a step can take 5x longer.
 
-Writes OUT/label_efficiency.{json,md,png}: the table and figure are self-contained for the README and the report.
+Writes OUT/label_efficiency.{json,md,png}: the table and figure are self-contained for the README and the report;
+and OUT/predictions/ (`astrolom.eval.metrics`): every approach's per-object test predictions of the continuous
+targets at every label count (feature set = the approach, method = "N labels"), their metrics (sigma_NMAD, bias, eta
+for redshift) and predicted-vs-true figures of the fine-tuned model with the most labels.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from astrolom.data.sources import open_source
 from astrolom.eval import probes
 from astrolom.eval.baselines import train_cnn
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
+from astrolom.eval.figures import write_predictions
+from astrolom.eval.metrics import PredictionSet
 from astrolom.finetune.model import MODES, backbone_tokens
 from astrolom.finetune.trainer import FinetuneConfig, Finetuner, LabelledSet, load_labelled
 from astrolom.log import get_logger
@@ -75,6 +80,8 @@ class LabelCurves:
     methods: list[str]
     points: list[CurvePoint] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # per-object test predictions of the continuous targets (kept by `label_efficiency`, not part of the JSON)
+    predictions: PredictionSet | None = field(default=None, repr=False, compare=False)
 
     def score(self, method: str, n_labels: int, target: str) -> float:
         return next(p.score for p in self.points if (p.method, p.n_labels, p.target) == (method, n_labels, target))
@@ -158,7 +165,16 @@ class LabelCurves:
         out.mkdir(parents=True, exist_ok=True)
         (out / JSON_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
         (out / MD_NAME).write_text(self.markdown())
-        return {"json": out / JSON_NAME, "md": out / MD_NAME, "png": self.figure(out / PNG_NAME)}
+        paths = {"json": out / JSON_NAME, "md": out / MD_NAME, "png": self.figure(out / PNG_NAME)}
+        if self.predictions is not None and len(self.predictions):
+            plots = [("finetuned", labels_method(max(self.counts)))]
+            paths["predictions"] = write_predictions(self.predictions, out / layout.PREDICTIONS_DIR, plots)["parquet"]
+        return paths
+
+
+def labels_method(n_labels: int) -> str:
+    """The `method` of a label curve's predictions in its PredictionSet: how many labels the approach had."""
+    return f"{n_labels} labels"
 
 
 def _epochs_for(n_fit: int, batch_size: int, steps: int, max_epochs: int) -> int:
@@ -247,6 +263,12 @@ def label_efficiency(
         progress=progress,
     )
     curves = LabelCurves(list(targets), ns, list(methods))
+    curves.predictions = PredictionSet(info={"command": "astrolom label-efficiency", "model": model, "mode": mode})
+
+    def record(method: str, n: int, target: str, kind: str, rows: np.ndarray, truth, pred) -> None:
+        if kind == probes.REGRESSION:
+            curves.predictions.add(method, labels_method(n), target, test.object_id[rows], truth, pred)
+
     kinds: dict[str, str] = {}
     emb_train = emb_test = None
     for n in ns:
@@ -262,6 +284,10 @@ def label_efficiency(
                 kinds = {t: ft.targets.metric_kind(t) for t in targets}
                 result = ft.fit()
                 scores = {t: result.test_scores[t][probes.primary_metric(kinds[t])] for t in targets}
+                predicted = ft.predict(test.images)
+                for t in targets:
+                    trows, ty = _truth(test, t, kinds[t])
+                    record(method, n, t, kinds[t], trows, ty, predicted[t][trows])
                 extra = f"{result.steps} steps, best epoch {result.best_epoch}"
             elif method == "linear_probe":
                 if emb_train is None:
@@ -276,6 +302,7 @@ def label_efficiency(
                     trows, ty = _truth(test, t, kind)
                     pred = probes.fit_probe(X[rows], y, emb_test[trows], kind, "linear", seed)
                     scores[t] = probes.score(ty, pred, kind)[probes.primary_metric(kind)]
+                    record(method, n, t, kind, trows, ty, pred)
                 extra = "ridge/logistic CV"
             else:
                 spec = {}
@@ -289,6 +316,7 @@ def label_efficiency(
                 for t in targets:
                     trows, ty = _truth(test, t, spec[t][0])
                     scores[t] = probes.score(ty, preds[t][trows], spec[t][0])[probes.primary_metric(spec[t][0])]
+                    record(method, n, t, spec[t][0], trows, ty, preds[t][trows])
                 extra = f"{cnn_epochs} epochs"
             dt = time.perf_counter() - t0
             for t in targets:
