@@ -326,26 +326,10 @@ def score_tasks(predictions: dict[str, dict[str, np.ndarray]], tasks: list[Probe
     }
 
 
-def probe_features(
-    X_fit: np.ndarray,
-    X_test: np.ndarray,
-    tasks: list[ProbeTask],
-    methods: tuple[str, ...] = METHODS,
-    seed: int = 0,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Score every (target, method) on one feature set -> {target: {method: metrics}}."""
-    return score_tasks(predict_features(X_fit, X_test, tasks, methods, seed), tasks)
-
-
 def supervised_predictions(predictions: dict[str, np.ndarray], tasks: list[ProbeTask]) -> dict[str, dict]:
     """A supervised model's predictions of every test object ({target: array over the test split}) as
     `predict_features` shapes them: {target: {SUPERVISED: predictions for the task's test rows}}."""
     return {t.name: {SUPERVISED: predictions[t.name][t.test_rows]} for t in tasks if t.name in predictions}
-
-
-def score_predictions(predictions: dict[str, np.ndarray], tasks: list[ProbeTask]) -> dict[str, dict]:
-    """Scores of a model that predicts the targets itself (the supervised CNN), on the test objects of each task."""
-    return score_tasks(supervised_predictions(predictions, tasks), tasks)
 
 
 def run_probes(

@@ -219,6 +219,12 @@ def prediction_section(folder: Path, heading: str, note: str) -> str:
     return f"<h2>{html.escape(heading)}</h2>" + body
 
 
+def _predictions_beside(result: Path, heading: str, note: str) -> list[str]:
+    """[`prediction_section`] of the predictions/ folder next to a command's result file, [] when there is none."""
+    folder = result.parent / layout.PREDICTIONS_DIR
+    return [prediction_section(folder, heading, note)] if (folder / layout.PREDICTION_METRICS_JSON).is_file() else []
+
+
 def _kpis(
     probes: ProbeResult | None, metrics: list[dict] | None, demo: dict | None, photo_z: dict | None = None
 ) -> str:
@@ -622,24 +628,15 @@ def build_report(
         sections.append(_multimodal_section(columns, generations))
     if art["align"]:
         sections.append(_alignment_section(art["align"], figdir))
-        align_predictions = art["align"].parent / layout.PREDICTIONS_DIR
-        if (align_predictions / layout.PREDICTION_METRICS_JSON).is_file():
-            sections.append(
-                prediction_section(
-                    align_predictions,
-                    "Alignment: property predictions",
-                    "Per-object test predictions of eval-align (zero-shot kNN, few-shot MLP, supervised baselines; "
-                    "flows: the posterior median, with half the central 68% interval as the posterior width).",
-                )
-            )
-    for extra_folder in predictions or []:
-        sections.append(
-            prediction_section(
-                Path(extra_folder),
-                f"Property predictions: {Path(extra_folder).parent.name}",
-                f"Per-object predictions in {extra_folder}.",
-            )  # fmt: skip
+        sections += _predictions_beside(
+            art["align"],
+            "Alignment: property predictions",
+            "Per-object test predictions of eval-align (zero-shot kNN, few-shot MLP, supervised baselines; flows: the "
+            "posterior median, with half the central 68% interval as the posterior width).",
         )
+    for extra_folder in predictions or []:
+        heading = f"Property predictions: {Path(extra_folder).parent.name}"
+        sections.append(prediction_section(Path(extra_folder), heading, f"Per-object predictions in {extra_folder}."))
 
     if art["outliers"]:
         res = json.loads(art["outliers"].read_text())
@@ -665,15 +662,11 @@ def build_report(
         if png.exists():
             body += _img(png)
         sections.append("<h2>Fine-tuning: label efficiency</h2>" + body)
-        curve_predictions = art["label_efficiency"].parent / layout.PREDICTIONS_DIR
-        if (curve_predictions / layout.PREDICTION_METRICS_JSON).is_file():
-            sections.append(
-                prediction_section(
-                    curve_predictions,
-                    "Fine-tuning: property predictions",
-                    "Per-object test predictions of every approach at every label count (method: the labels it had).",
-                )
-            )
+        sections += _predictions_beside(
+            art["label_efficiency"],
+            "Fine-tuning: property predictions",
+            "Per-object test predictions of every approach at every label count (method: the labels it had).",
+        )
 
     cfg_text = ""
     if art["run"] and (art["run"] / layout.RUN_CONFIG_YAML).exists():
