@@ -119,6 +119,22 @@ def test_prediction_set_round_trip_and_generations(tmp_path):
     assert len(mt.PredictionSet.read(folder)) == 2
 
 
+def test_a_failed_write_leaves_the_previous_generation(tmp_path):
+    folder = tmp_path / "predictions"
+    _prediction_set().write(folder)
+
+    def crash(preds, tmp):
+        (tmp / "half.png").write_bytes(b"x")
+        raise RuntimeError("killed while drawing")
+
+    newer = mt.PredictionSet()
+    newer.add("cnn", "supervised", "redshift", ["a"], [0.1], [0.2])
+    with pytest.raises(RuntimeError, match="killed while drawing"):
+        newer.write(folder, crash)
+    assert len(mt.PredictionSet.read(folder)) == 15 and not (folder / "half.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions"]
+
+
 def test_prediction_set_refuses_bad_input(tmp_path):
     ps = mt.PredictionSet()
     with pytest.raises(ValueError, match="3 ids, 2 truths"):

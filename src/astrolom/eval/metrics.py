@@ -186,9 +186,8 @@ class PredictionSet:
     def to_table(self):
         import pyarrow as pa
 
-        a = self.arrays()
-        return pa.table({k: pa.array(v.tolist(), pa.string() if v.dtype == object else pa.float64())
-                         for k, v in a.items()})  # fmt: skip
+        return pa.table({k: pa.array(v, pa.string() if v.dtype == object else pa.float64())
+                         for k, v in self.arrays().items()})  # fmt: skip
 
     def write(
         self, folder: str | Path, figures: Callable[[PredictionSet, Path], object] | None = None
@@ -222,9 +221,8 @@ class PredictionSet:
             raise ValueError(f"{path} is not a predictions table: no column(s) {', '.join(missing)}")
         out = cls()
         for name in COLUMNS:
-            values = table.column(name).to_pylist()
             kind = np.float64 if name in ("truth", "prediction", "posterior_sigma") else object
-            out.columns[name] = [np.asarray([np.nan if v is None and kind is np.float64 else v for v in values], kind)]
+            out.columns[name] = [table.column(name).to_numpy(zero_copy_only=False).astype(kind)]
         return out
 
 
