@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import r2_score
 from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -51,7 +50,7 @@ from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME
 from astrolom.eval.baselines import photometry, train_cnn
 from astrolom.eval.figures import write_predictions
-from astrolom.eval.metrics import PredictionSet
+from astrolom.eval.metrics import PredictionSet, r2
 from astrolom.eval.probes import fit_probe
 from astrolom.train.engine import EarlyStopping
 
@@ -142,7 +141,7 @@ def neighbour_agreement(queries: np.ndarray, keys: np.ndarray, values: np.ndarra
     if exclude_self:
         np.fill_diagonal(sims, -np.inf)
     top = sims.argmax(1)
-    return float(r2_score(values, values[top]))
+    return float(r2(values, values[top]))
 
 
 # ------------------------------------------------------------------------------------------------------- properties
@@ -189,7 +188,7 @@ def property_table(
                     pred = knn_predict(x[ok_f], ys[t][ok_f], x[ok_t])
                 else:
                     pred = fit_probe(x[ok_f], ys[t][ok_f], x[ok_t], "regression", "mlp", seed=seed)
-                row[t] = float(r2_score(ys[t][ok_t], pred))
+                row[t] = float(r2(ys[t][ok_t], pred))
                 if record is not None:
                     record.add(name, method, t, ids[ok_t], ys[t][ok_t], pred)
         log(f"  properties: {name} done")
@@ -217,7 +216,7 @@ def property_table(
     supervised["photometry MLP"] = phot
     for name, pred in supervised.items():
         table[f"{name} (supervised)"] = {
-            t: float(r2_score(ys[t][test][np.isfinite(ys[t][test])], pred[test, j][np.isfinite(ys[t][test])]))
+            t: float(r2(ys[t][test][np.isfinite(ys[t][test])], pred[test, j][np.isfinite(ys[t][test])]))
             for j, t in enumerate(targets)
         }
         for j, t in enumerate(targets):
