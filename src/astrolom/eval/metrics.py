@@ -230,9 +230,10 @@ DEFINITIONS = {
     "dz": "prediction - truth",
     "r2": "1 - sum(dz^2) / sum((truth - mean truth)^2)",
     "mae": "mean |dz|",
-    "sigma_nmad": f"{NMAD_SCALE} * median(|dz - median(dz)| / (1 + z)) (redshift only)",
-    "bias": "median(dz / (1 + z)) (redshift only)",
-    "eta": f"fraction with |dz| / (1 + z) > {OUTLIER_THRESHOLD} (redshift only)",
+    "sigma_nmad": f"{NMAD_SCALE} * median(|dz - median(dz)| / (1 + z))",
+    "bias": "median(dz / (1 + z))",
+    "eta": f"fraction with |dz| / (1 + z) > {OUTLIER_THRESHOLD}",
+    "redshift": f"sigma_nmad, bias and eta are given for targets named {', '.join(REDSHIFT_TARGETS)}",
     "n_missing": "objects left out for a non-finite truth or prediction",
     "median_posterior_sigma": "median over objects of half the central 68% interval of the posterior (flows only)",
 }
