@@ -191,3 +191,36 @@ def test_probe_writes_predictions_scored_like_probes_json(tmp_path):
     for target in ("redshift", "mass"):
         assert prediction_figure(out / "predictions", "pretrained", "linear", target).with_suffix(".pdf").is_file()
     assert not prediction_figure(out / "predictions", "pretrained", "knn", "redshift").with_suffix(".png").exists()
+
+
+def test_metrics_command_scores_any_catalogue_and_astrolom_predictions(tmp_path, capsys):
+    import pyarrow as pa
+
+    from astrolom.cli import main
+
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d", "e"], "z_spec": Z_TRUE, "z_phot": Z_PRED}), tmp_path / "c.pq")
+    assert main(["metrics", str(tmp_path / "c.pq"), "--truth", "z_spec", "--prediction", "z_phot", "--id", "id",
+                 "--out", str(tmp_path / "scored")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    # the hand-computed numbers of test_photo_z_metrics_by_hand; z_spec is a redshift's name
+    assert "| c | z_phot | z_spec | all | 5 | 0 | 0.8375 | 0.15 | 0.0741 | +0.1000 | 0.2000 |" in out
+    back = mt.PredictionSet.read(tmp_path / "scored")
+    assert list(back.select("c", "z_phot", "z_spec")["object_id"]) == ["a", "b", "c", "d", "e"]
+    assert (tmp_path / "scored" / "c__z_phot__z_spec.png").is_file()
+    # a CSV whose columns do not say redshift: --redshift asks for the photo-z metrics
+    (tmp_path / "c.csv").write_text("t,p\n" + "".join(f"{a},{b}\n" for a, b in zip(Z_TRUE, Z_PRED, strict=True)))
+    assert main(["metrics", str(tmp_path / "c.csv"), "--truth", "t", "--prediction", "p"]) == 0
+    assert "sigma_NMAD" not in capsys.readouterr().out
+    assert main(["metrics", str(tmp_path / "c.csv"), "--truth", "t", "--prediction", "p", "--redshift"]) == 0
+    assert "| c | p | redshift | all | 5 | 0 | 0.8375 | 0.15 | 0.0741 |" in capsys.readouterr().out
+    # an astrolom predictions folder is rescored group by group
+    _prediction_set().write(tmp_path / "predictions")
+    assert main(["metrics", str(tmp_path / "predictions")]) == 0
+    assert capsys.readouterr().out.count("\n") == 2 + 3
+    # errors name the file and the problem
+    assert main(["metrics", str(tmp_path / "c.csv"), "--truth", "zz", "--prediction", "p"]) == 2
+    assert "c.csv: no column 'zz'; it has t, p" in capsys.readouterr().err
+    assert main(["metrics", str(tmp_path / "c.pq")]) == 2
+    assert "give --truth and --prediction" in capsys.readouterr().err
+    assert main(["metrics", str(tmp_path / "c.pq"), "--truth", "id", "--prediction", "z_phot"]) == 2
+    assert "column 'id' is not numeric" in capsys.readouterr().err

@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cross-modal generation with a multimodal model (image -> spectrum, spectrum -> image) vs a mean baseline",
     ),
     "probe": ("astrolom.eval.probe_cli", "linear / kNN / MLP probes of embeddings, with controls and baselines"),
+    "metrics": (
+        "astrolom.eval.metrics_cli",
+        "score property predictions: R2, MAE and for redshift sigma_NMAD, bias, outlier fraction (any table)",
+    ),
     "scaling": ("astrolom.eval.scaling", "pretrain a sweep of presets, fit L(C), probe each model (Figs. 2, 4)"),
     "finetune": (
         "astrolom.finetune.cli",

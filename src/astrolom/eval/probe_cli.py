@@ -73,7 +73,12 @@ def write_column_reports(results: dict[str, ProbeResult], out: str | Path, metho
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", required=True, help="Parquet file (or directory of parts) from astrolom embed")
-    parser.add_argument("--out", required=True, help="output directory for probes.json / probes.md / figure")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for probes.json / probes.md / figure and predictions/ (per-object test predictions, "
+        "their metrics with sigma_NMAD / bias / eta for redshift, predicted-vs-true figures)",
+    )
     parser.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),

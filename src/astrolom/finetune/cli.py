@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for name, metrics in result.test_scores.items():
         print(f"  test {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     if ft.test is not None:
-        preds = test_predictions(ft, ft.test, ft.cfg.test_split or "test")
+        preds = finetune_predictions(ft, ft.test, ft.cfg.test_split or "test")
         feature_set, method = finetune_group(ft)
         paths = write_predictions(preds, Path(args.out) / layout.PREDICTIONS_DIR, [(feature_set, method)])
         print(f"  per-object test predictions: {paths['parquet']}")
@@ -65,7 +65,7 @@ def finetune_group(ft: Finetuner) -> tuple[str, str]:
     return ("random_init" if ft.cfg.random_init else "finetuned"), ft.cfg.mode
 
 
-def test_predictions(ft: Finetuner, data: LabelledSet, split: str) -> PredictionSet:
+def finetune_predictions(ft: Finetuner, data: LabelledSet, split: str) -> PredictionSet:
     """The fine-tuned model's predictions of every continuous target (vote fractions: the expected fraction) of the
     labelled objects of `data`, per object."""
     feature_set, method = finetune_group(ft)
