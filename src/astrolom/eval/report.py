@@ -98,7 +98,6 @@ def find_artifacts(root: str | Path) -> dict[str, Path | None]:
         "columns": _first(root / L.PROBES_DIR / L.COLUMNS_JSON, root / L.COLUMNS_JSON),
         "multimodal": _first(root / L.MULTIMODAL_DIR),
         "align": _first(root / L.ALIGN_EVAL_DIR / L.ALIGN_EVAL_JSON, root / L.ALIGN_EVAL_JSON),
-        "predictions": _first(root / L.PROBES_DIR / L.PREDICTIONS_DIR / L.PREDICTION_METRICS_JSON),
     }
 
 
@@ -538,18 +537,17 @@ def build_report(
                 else ""
             )  # fmt: skip
         )
-    if art["predictions"]:
-        folder = art["predictions"].parent
-        photo_z = photo_z_row(mt.read_metrics(folder))
-        sections.append(
-            prediction_section(
-                folder,
-                "Property predictions of the probes",
-                f"Per-object test predictions of every probe ({folder / layout.PREDICTIONS_PARQUET}); figures: the "
-                "pretrained embeddings' headline probe, predicted against true (hexbin density, dashed 1:1 line) with "
-                "the residuals below.",
-            )
+        folder = art["probes"].parent / layout.PREDICTIONS_DIR
+        probe_predictions = _predictions_beside(
+            art["probes"],
+            "Property predictions of the probes",
+            f"Per-object test predictions of every probe ({folder / layout.PREDICTIONS_PARQUET}); figures: the "
+            "pretrained embeddings' headline probe, predicted against true (hexbin density, dashed 1:1 line) with "
+            "the residuals below.",
         )
+        if probe_predictions:
+            photo_z = photo_z_row(mt.read_metrics(folder))
+        sections += probe_predictions
 
     if umap and art["embeddings"]:
         emb = load_embeddings(art["embeddings"])
