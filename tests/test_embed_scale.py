@@ -20,6 +20,7 @@ from astrolom.eval import embed as em
 from astrolom.eval.embeddings import EmbeddingRecipe, EmbeddingWriter, load_embeddings, recipe_of, skipped_records
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.model.pretrained import load_model, save_pretrained
+from astrolom.search.index import load_index
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_a_skip_bad_run_is_embedded_and_indexed_with_its_skips_counted(tmp_path)
 
     idx = tmp_path / "idx"
     assert main(["index", "--embeddings", str(emb), "--out", str(idx), "--map", "none", "--no-progress"]) == 0
-    meta = json.loads((idx / "meta.json").read_text())
+    meta = load_index(idx).meta  # meta.json of the index's current generation
     assert meta["skipped"]["records"] == 2 and meta["skipped"]["spectra"] == 0
     assert sorted(e["object_id"] for e in meta["skipped"]["entries"]) == skipped
     # `index --model` embeds with --skip-bad itself; without it, the bad file stops it with the reason
@@ -246,7 +247,7 @@ def test_a_skip_bad_run_is_embedded_and_indexed_with_its_skips_counted(tmp_path)
     base = ["index", "--model", str(run), "--data", str(data), "--out", str(idx2), "--map", "none", "--no-progress"]
     assert main(base) == 2
     assert main([*base, "--skip-bad"]) == 0
-    assert json.loads((idx2 / "meta.json").read_text())["skipped"]["records"] == 2
+    assert load_index(idx2).meta["skipped"]["records"] == 2
 
 
 # ----------------------------------------------------------------------------------- an images + spectra run
