@@ -134,6 +134,7 @@ def _cfg(out: Path, **kw) -> AlignTrainConfig:
     return AlignTrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_keeps_best(tmp_path):
     _synthetic_cache(tmp_path)
     res = AlignTrainer(_cfg(tmp_path, steps=30, eval_interval=10)).fit()

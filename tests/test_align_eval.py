@@ -46,6 +46,7 @@ def test_knn_is_distance_weighted():
     assert np.allclose(knn_predict(x, y, x[:5]), y[:5])  # a training point is its own (infinitely close) neighbour
 
 
+@pytest.mark.slow
 def test_flow_learns_a_joint_posterior():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(800, 4))
@@ -70,6 +71,7 @@ def test_tarp_separates_calibrated_from_overconfident():
     assert bad["max_abs_deviation"] > 0.2 and bad["fraction_in_band"] < 0.5
 
 
+@pytest.mark.slow
 def test_flow_ensemble_is_the_mixture_of_its_members():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(500, 3))

@@ -66,6 +66,7 @@ def test_recipe_round_trip_and_the_metadata_written_before_it():
 # ---------------------------------------------------------------------------------------- resumable embedding
 
 
+@pytest.mark.slow
 def test_a_killed_embedding_job_resumes_without_duplicates_or_gaps(mock_survey, model_dir, tmp_path):
     model, meta = load_model(str(model_dir))
     whole = em.embed_dataset(model, str(mock_survey), tmp_path / "whole.parquet", metadata=meta, progress=False)
@@ -221,6 +222,7 @@ def _png_folder(root, n: int = 12, size: int = 32):
     return root
 
 
+@pytest.mark.slow
 def test_a_skip_bad_run_is_embedded_and_indexed_with_its_skips_counted(tmp_path):
     data = _png_folder(tmp_path / "pngs")
     run = tmp_path / "run"

@@ -78,6 +78,7 @@ def test_killed_and_resumed_multimodal_run_matches_an_uninterrupted_one(survey, 
     assert cfg["tokens"]["spectra"]["tokens"] == 49 and len(cfg["tokens"]["spectra"]["wavelength"]) == 3101
 
 
+@pytest.mark.slow
 def test_spectra_model_on_data_without_spectra_is_refused(tmp_path):
     data = write_blobs(tmp_path / "blobs", n=16, size=32)
     run = run_pretrain(["--data", str(data), "--max-steps", "1", "--out", str(tmp_path / "r"), *TINY, *MM])

@@ -46,6 +46,7 @@ def test_linear_signal_and_noise():
     assert result.majority_accuracy("linear") is None
 
 
+@pytest.mark.slow
 def test_wide_logistic_probe_solves_exactly_and_falls_back_to_lbfgs():
     # more features than objects (the multimodal spectrum readout is 1,024 wide): the exact-Newton solver reaches
     # the same optimum as a long lbfgs run, so the probe's predictions agree with it; huge Hessians go to lbfgs

@@ -24,6 +24,8 @@ from astrolom.interop.astropt_v1 import export_v1_checkpoint, load_v1_checkpoint
 from astrolom.interop.reference import ReferenceFormatError, load_reference_checkpoint, read_reference_checkpoint
 from astrolom.model.astropt import AstroPT, ModelConfig
 
+pytestmark = pytest.mark.slow  # each test runs astropt 1.0.4 in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE = Path(os.environ.get("ASTROLOM_ASTROPT1_DIR", ROOT / ".oracles" / "astropt-1.0.4"))
 TOL = 1e-5

@@ -32,6 +32,7 @@ def tiny_run(mock_survey, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(tiny_run):
     from astrolom.cli import main
 

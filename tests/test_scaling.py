@@ -125,6 +125,7 @@ def test_summary_and_markdown():
     assert s["checks"]["redshift: rho > 0 with p < 0.05"] is False  # rho = 1 on 3 models: exact p = 1/3
 
 
+@pytest.mark.slow
 def test_tiny_sweep(mock_survey, tmp_path):
     from astrolom.cli import main
 

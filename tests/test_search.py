@@ -31,6 +31,7 @@ def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivfflat", "hnsw", "ivfpq"])
 def test_approximate_recall_against_exact(tmp_path, kind):
     X = clustered(6000, 32)

@@ -69,6 +69,7 @@ def _kill_each_boundary(idx_dir: str, npy: str, ids: str) -> list:
             return results
 
 
+@pytest.mark.slow
 def test_a_rebuild_killed_at_every_file_boundary_leaves_the_old_or_the_new_index(tmp_path):
     a_npy, a_ids = write_npy(tmp_path, clustered(N, D, seed=0), "a", np.zeros(N))
     b_npy, b_ids = write_npy(tmp_path, clustered(N, D, seed=1), "b", np.ones(N))
@@ -246,6 +247,7 @@ def test_parquet_parts_are_streamed_in_chunks(tmp_path, monkeypatch):
     np.testing.assert_allclose(streamed.stored_outliers(20), whole.stored_outliers(20), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ivfpq_reranks_exactly_from_the_memory_mapped_vectors(tmp_path):
     X = clustered(6000, 32, clusters=50)
     q = clustered(200, 32, clusters=50, seed=1)
@@ -266,6 +268,7 @@ def test_ivfpq_reranks_exactly_from_the_memory_mapped_vectors(tmp_path):
     np.testing.assert_allclose(pq_idx.vectors([5, 9]), exact.vectors([5, 9]), atol=1e-6)  # exact, not decoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivfflat", "ivfpq"])
 def test_ivf_outliers_by_list_join_agree_with_exact_search(tmp_path, kind):
     rng = np.random.default_rng(3)

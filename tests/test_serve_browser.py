@@ -32,6 +32,7 @@ ARGS = [
 ]
 
 pytestmark = [
+    pytest.mark.slow,  # drives a real browser
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)"),
 ]
 

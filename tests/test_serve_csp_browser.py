@@ -13,7 +13,10 @@ import pytest
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 CHROMIUM = os.environ.get("ASTROLOM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)")
+pytestmark = [
+    pytest.mark.slow,  # drives a real browser
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)"),
+]
 
 # recorded from before the page's own script runs (an init script is not subject to the page's policy)
 WATCH = """window.__violations = [];

@@ -109,6 +109,7 @@ def test_a_file_that_names_no_bands_cannot_be_selected_from(tmp_path):
         list(open_source(tmp_path / "anon.fits", bands=("g",)).records())
 
 
+@pytest.mark.slow
 def test_pretrain_with_data_bands_on_griz_cutouts_and_embed_with_them(tmp_path, capsys):
     from pretrain_helpers import TINY, read_metrics, run_pretrain
 

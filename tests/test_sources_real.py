@@ -68,6 +68,7 @@ def test_sdss_spec_file_coadd_and_specobj():
     assert spec.meta["labels"]["redshift"] == z
 
 
+@pytest.mark.slow
 def test_sdss_spectra_on_the_model_grid_keep_the_overlap_and_report_coverage(tmp_path, capsys):
     root = paired(tmp_path, SDSS_FILES)
     src = open_source(root, wavelength=MOCK_GRID.tolist())
@@ -180,6 +181,7 @@ def test_desi_coadd_targets_pair_by_targetid_and_merge_arms(tmp_path):
     assert "spectrum_coverage" not in recs[ids[2]].labels  # on the data set's own grid
 
 
+@pytest.mark.slow
 def test_desi_coadd_with_targets_that_carry_no_information(tmp_path):
     path = DESI / "coadd-5-169-thru20210419.fits"
     with fits.open(path) as h:

@@ -265,6 +265,7 @@ def test_inspect_reports_spectra(tmp_path, capsys):
     assert "resampled:   1 spectra from other grids (flux-conserving): 4000-5270 A, 64 px" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["paired", "hdf5"])
 def test_pretrain_images_and_spectra_on_own_data(tmp_path, kind):
     if kind == "paired":

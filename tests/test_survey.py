@@ -484,6 +484,7 @@ def test_shards_schema_and_metadata(survey_dir):
     assert set(summary["labels"]) == set(S.LABELS) and summary["labels"]["r_half_arcsec"]["unit"] == "arcsec"
 
 
+@pytest.mark.slow
 def test_same_bytes_whatever_the_number_of_workers(survey_dir, tmp_path):
     S.generate_survey(tmp_path / "w2", n=23, size=32, seed=4, workers=2, shard_size=10, progress=False)
     a, b = pq.read_table(survey_dir), pq.read_table(tmp_path / "w2")

@@ -113,6 +113,7 @@ def test_ages_follow_the_template_mix_and_the_age_of_the_universe(big):
     assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.slow
 def test_fiber_fraction_matches_a_drawn_aperture_and_follows_size_and_seeing():
     import galsim
 
