@@ -178,6 +178,7 @@ def _align_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.Co
     return subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_exact_and_logs_every_step_once(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for d in (whole, cut):

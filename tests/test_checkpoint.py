@@ -201,6 +201,7 @@ def test_atomic_directory_keeps_the_old_one_on_error(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path):
     """A process SIGKILLed halfway through writing step 2 leaves step 1 complete and `latest` pointing at it."""
     run = tmp_path / "run"

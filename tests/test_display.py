@@ -69,6 +69,7 @@ def resampled(img: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(p) * area for p in planes], axis=-1)
 
 
+@pytest.mark.slow
 def test_survey_writes_viewer_jpegs_readable_as_the_paper_layout(tmp_path, capsys):
     out = tmp_path / "jpeg"
     args = ["survey", "--n", "5", "--size", "32", "--seed", "3", "--workers", "1", "--no-progress"]

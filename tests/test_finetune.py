@@ -120,6 +120,7 @@ def test_finetuning_beats_the_untrained_head_and_writes_a_usable_model(labelled,
     assert set(preds["edge_on"]) <= {"False", "True"}
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_head_and_merges_exactly(labelled, tmp_path):
     original = from_pretrained(labelled / "model").state_dict()
     ft = Finetuner(_cfg(labelled, tmp_path / "lora", mode="lora", lora_r=4, epochs=2))

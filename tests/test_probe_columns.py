@@ -111,6 +111,7 @@ def test_probe_modalities_is_probe_columns(tmp_path, columns_file):
                                "test": full["embedding_images"].protocol["n_test"]}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_probe_cli_writes_one_result_per_column_and_the_comparison(columns_file, tmp_path, capsys):
     from astrolom.cli import main
 

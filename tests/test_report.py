@@ -277,6 +277,7 @@ def test_report_shows_the_photo_z_panel_and_property_predictions(tiny_run):
     assert doc.count('alt="pretrained__linear__redshift"') == 1
 
 
+@pytest.mark.slow
 def test_prediction_section_shows_data_as_text(tmp_path):
     from astrolom.eval.figures import write_predictions
     from astrolom.eval.metrics import PredictionSet

@@ -24,6 +24,7 @@ def test_fit_recovers_known_law(l_inf, c0, alpha):
     assert fit["rms_log_residual"] < 0.01
 
 
+@pytest.mark.slow
 def test_bootstrap_errors_cover_the_true_law():
     """Ten noisy 12-point sweeps of a known law: the bootstrap 68% interval holds the true alpha in most of them."""
     c = np.logspace(13, 17, 12)
@@ -45,6 +46,7 @@ def test_bootstrap_errors_cover_the_true_law():
     assert min(r2) > 0.98
 
 
+@pytest.mark.slow
 def test_fit_r2_and_checks_fail_on_flat_noise():
     rng = np.random.default_rng(3)
     c = np.logspace(13, 16, 8)

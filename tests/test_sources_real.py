@@ -117,6 +117,7 @@ def test_eso_phase3_spectrum_err_to_ivar_and_qual_mask():
     assert spec.meta["flux_unit"] == "10**(-19).erg.cm**(-2).s**(-1).angstrom**(-1)"
 
 
+@pytest.mark.slow
 def test_eso_spectrum_partly_outside_the_model_grid(tmp_path):
     root = paired(tmp_path, {"M19_56670": LEGAC})
     manifest = tmp_path / "skipped.jsonl"

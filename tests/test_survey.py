@@ -261,6 +261,7 @@ def test_north_noise_is_resampled_correlated_noise_at_the_same_depth():
             assert blocks.std() == pytest.approx(row[f"_noise_white_{band}"] / 8, rel=0.3)
 
 
+@pytest.mark.slow
 def test_instrument_differences_switch_off_one_by_one():
     full = S.sample_catalogue(3000, seed=9)
     none = S.sample_catalogue(3000, seed=9, instrument=())
@@ -505,6 +506,7 @@ def test_hugging_face_datasets_reads_the_shards(survey_dir, tmp_path):
     assert img.shape == (32, 32, 3) and np.isfinite(img).all()
 
 
+@pytest.mark.slow
 def test_split_fractions_are_respected():
     cat = S.sample_catalogue(20000, seed=0, split_fractions=(0.98, 0.01, 0.01))
     frac = {s: np.mean(cat["split"] == s) for s in ("train", "val", "test")}
