@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--anchors", default=None, help="Parquet of real embeddings to draw around")
     ap.add_argument("--scratch", required=True, help="where the vectors and the index go (not the repository)")
     ap.add_argument("--keep", action="store_true", help="keep the vectors and index afterwards")
+    ap.add_argument("--reuse", action="store_true", help="measure the index a previous --keep run left (no build)")
     ap.add_argument("--sweep", action="store_true", help="ivfpq: recall and latency over nprobe x re-rank depth")
     args = ap.parse_args()
 
@@ -155,13 +156,22 @@ def main() -> None:
     out = scratch / f"index_{args.n}_{args.kind}"
     cmd = [sys.executable, "-m", "astrolom", "index", "--embeddings", str(npy), "--ids", str(ids), "--out", str(out)]
     cmd += ["--kind", args.kind, "--memory-gb", str(args.memory_gb), "--map", args.map, "--outlier-k", args.outlier_k]
-    t0 = time.perf_counter()
-    # the child's peak RSS, read by GNU time (ru_maxrss of this process's children would include the generator)
-    run = subprocess.run(["/usr/bin/time", "-v", *cmd, "--no-progress"], capture_output=True, text=True)
-    wall_s = time.perf_counter() - t0
-    if run.returncode != 0:
-        raise SystemExit(run.stderr[-3000:])
-    peak_gib = next(int(x.split()[-1]) for x in run.stderr.splitlines() if "Maximum resident" in x) / 2**20
+    stats = out.parent / f"{out.name}.build.json"
+    if args.reuse and stats.is_file():
+        wall_s, peak_gib = (json.loads(stats.read_text())[k] for k in ("wall_s", "peak_gib"))
+    else:
+        t0 = time.perf_counter()
+        # the child's peak RSS, read by GNU time (ru_maxrss of this process's children would include the generator);
+        # its progress bars go to a log beside the index, so that a run of an hour can be followed
+        log = out.parent / f"{out.name}.log"
+        with open(log, "w") as fh:
+            run = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, text=True)
+        wall_s = time.perf_counter() - t0
+        text = log.read_text(errors="replace")
+        if run.returncode != 0:
+            raise SystemExit(text[-3000:])
+        peak_gib = next(int(x.split()[-1]) for x in text.splitlines() if "Maximum resident" in x) / 2**20
+        stats.write_text(json.dumps({"wall_s": wall_s, "peak_gib": peak_gib, "command": cmd}))
 
     from astrolom.search.index import load_index
 
