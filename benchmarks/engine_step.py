@@ -29,7 +29,8 @@ def _worker(data: str, steps: int) -> dict:
     import torch
 
     import astrolom
-    from astrolom.train.trainer import Trainer, make_config
+    from astrolom.train.pretrain import make_config
+    from astrolom.train.trainer import Trainer
 
     overrides = ["data.patch_size=8", "model.flux_features=true", "train.batch_size=32", "train.eval_interval=0",
                  "train.checkpoint_interval=0", "train.tensorboard=false", "train.progress=false"]  # fmt: skip

@@ -16,7 +16,8 @@ from astrolom.data.sources import PixelRecord, open_source
 from astrolom.data.stream import RecordStream, tokenize_records
 from astrolom.eval.embed import embed_records, embed_tokens
 from astrolom.model.astropt import AstroPT, ModelConfig
-from astrolom.train.trainer import Trainer, make_config
+from astrolom.train.pretrain import make_config
+from astrolom.train.trainer import Trainer
 
 P, C = 8, 3
 

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "astrolom.model.presets",
         "list the AstroPT model sizes (paper Table 1) with parameter counts",
     ),
-    "pretrain": ("astrolom.train.trainer", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
+    "pretrain": ("astrolom.train.pretrain", "pretrain AstroPT on a data set (one process, or many under torchrun)"),
     "convert": ("astrolom.interop.convert", "import/export reference AstroPT checkpoints (astropt 1.0.x, 2.x; Hub)"),
     "push": ("astrolom.interop.hub", "publish a run's model to the Hugging Face Hub with a model card"),
     "embed": (

@@ -76,7 +76,7 @@ from astrolom.model.pretrained import load_model
 from astrolom.search.index import build_index, load_index
 from astrolom.search.outliers import outlier_scores, outliers_figure, precision_at, top_outliers
 from astrolom.search.query import open_store
-from astrolom.train.trainer import make_config, pretrain
+from astrolom.train.pretrain import make_config, pretrain
 
 log = get_logger(__name__)
 

@@ -45,7 +45,7 @@ from astrolom.log import get_logger
 from astrolom.model.presets import get_preset
 from astrolom.model.pretrained import load_model
 from astrolom.train.config import PretrainConfig
-from astrolom.train.trainer import make_config, pretrain
+from astrolom.train.pretrain import make_config, pretrain
 
 log = get_logger(__name__)
 
