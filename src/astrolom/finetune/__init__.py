@@ -1,8 +1,10 @@
 """Fine-tuning pretrained AstroPT models on labelled data (Zoobot's workflow) and label-efficiency curves."""
 
+from astrolom.finetune.config import FinetuneConfig
+from astrolom.finetune.data import LabelledSet
 from astrolom.finetune.model import FinetuneModel
 from astrolom.finetune.targets import Targets, TargetSpec
-from astrolom.finetune.trainer import FinetuneConfig, Finetuner, FinetuneResult, LabelledSet, load_finetuned
+from astrolom.finetune.trainer import Finetuner, FinetuneResult, load_finetuned
 
 __all__ = [
     "FinetuneConfig",

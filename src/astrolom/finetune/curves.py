@@ -47,8 +47,10 @@ from astrolom.eval.baselines import train_cnn
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet
+from astrolom.finetune.config import FinetuneConfig
+from astrolom.finetune.data import LabelledSet, load_labelled
 from astrolom.finetune.model import MODES, backbone_tokens
-from astrolom.finetune.trainer import FinetuneConfig, Finetuner, LabelledSet, load_labelled
+from astrolom.finetune.trainer import Finetuner
 from astrolom.log import get_logger
 from astrolom.model import pretrained
 

@@ -33,12 +33,11 @@ epoch. `load_finetuned(OUT)` returns a model ready for `predict`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +45,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from astrolom import layout
-from astrolom.data import tokens as tok
 from astrolom.data.augment import d4_batch, turns_then_mirror
 from astrolom.data.sources import open_source
-from astrolom.data.stream import RecordStream
 from astrolom.eval import probes
-from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
-from astrolom.finetune.model import MODES, FinetuneModel, flux_features
-from astrolom.finetune.targets import REGRESSION_LOSSES, Targets
+from astrolom.finetune.config import FinetuneConfig
+from astrolom.finetune.data import LabelledSet, load_labelled
+from astrolom.finetune.model import FinetuneModel, flux_features
+from astrolom.finetune.targets import Targets
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.model import pretrained
@@ -69,144 +67,6 @@ FINAL_DIR = layout.FINAL_DIR
 BACKBONE_DIR = "backbone"
 HEAD_NAME = "head.safetensors"
 RESULT_NAME = "finetune.json"
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning run depends on (saved with its checkpoints and output)."""
-
-    model: str  # RUN or model directory of the pretrained AstroPT
-    data: str  # labelled data set (any format astrolom reads)
-    targets: tuple[str, ...]  # label columns to predict
-    out: str | None = None  # run directory; None: nothing written
-    mode: str = "lora"  # lora | full | head
-    lora_r: int = 8
-    lora_alpha: float | None = None  # default 2 * lora_r
-    lr: float = 1e-3  # head and adapters
-    backbone_lr: float = 1e-4  # backbone weights in full mode
-    weight_decay: float = 0.01
-    dropout: float = 0.1  # before the head's linear layer
-    epochs: int = 30
-    max_steps: int | None = None
-    batch_size: int = 32
-    patience: int = 5  # epochs without a better validation loss before stopping
-    warmup: float = 0.05  # fraction of the steps
-    min_lr_ratio: float = 0.1  # the cosine's floor, a fraction of each learning rate
-    regression_loss: str = "mse"  # mse | huber
-    vote_counts: bool = True  # Dirichlet-multinomial on vote counts where the data has them
-    classify: tuple[str, ...] = ()
-    n_labels: int | None = None  # train on a seeded subset of this many labelled training objects
-    train_split: str = "train"
-    val_split: str | None = "val"  # None: hold out val_fraction of the training labels
-    val_fraction: float = 0.15
-    max_val: int | None = 2000  # validation objects used for early stopping
-    test_split: str | None = "test"  # scored at the end with the best weights (None: skip)
-    layer: int = DEFAULT_LAYER
-    n_tokens: int = DEFAULT_TOKENS
-    augment: bool = True
-    flux: bool = True  # the head also sees square-aperture fluxes (see astrolom.finetune.model)
-    random_init: bool = False  # the control: same architecture, freshly initialised backbone
-    seed: int = 0
-    device: str | None = None
-    precision: str = "auto"
-    checkpoint_every: int | None = None  # steps; checkpoints are also written at every epoch end
-    keep_checkpoints: int = 2
-    progress: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets, self.classify = tuple(self.targets), tuple(self.classify)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.regression_loss not in REGRESSION_LOSSES:
-            raise ValueError(f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}")
-        for name in ("epochs", "batch_size", "lora_r", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_labels is not None and self.n_labels < 2:
-            raise ValueError(f"n_labels must be at least 2, got {self.n_labels}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.backbone_lr <= 0:
-            raise ValueError("learning rates must be positive")
-
-    def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-# ------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class LabelledSet:
-    """Centre-cropped images (N, h, w, C) float32 with their labels and ids, in file order, and the data set's
-    metadata (`vote_volunteers` for vote targets)."""
-
-    images: np.ndarray
-    labels: dict[str, np.ndarray]
-    object_id: np.ndarray
-    meta: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, idx: np.ndarray) -> LabelledSet:
-        idx = np.asarray(idx)
-        labels = {k: v[idx] for k, v in self.labels.items()}
-        return LabelledSet(self.images[idx], labels, self.object_id[idx], self.meta)
-
-
-def _label_array(values: list) -> np.ndarray:
-    if all(isinstance(v, (bool, np.bool_)) for v in values):
-        return np.asarray(values, dtype=bool)
-    try:
-        return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
-    except (TypeError, ValueError):
-        return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
-
-
-def crop_size(height: int, width: int, patch_size: int, n_tokens: int, block_size: int) -> tuple[int, int]:
-    """Centre crop of a stamp holding the spiral tokens the model embeds (as `astrolom embed` crops)."""
-    h, w = height - height % patch_size, width - width % patch_size
-    n = min(n_tokens, block_size, (h // patch_size) * (w // patch_size))
-    return tok.prefix_crop(h, w, patch_size, n)
-
-
-def load_labelled(
-    source, split: str, patch_size: int, n_tokens: int, block_size: int, *, limit: int | None = None, desc: str = ""
-) -> LabelledSet:
-    """Read one split of an open source into memory, images centre-cropped to the embedded tokens."""
-    images, ids, labels = [], [], []
-    crop = None
-    total = source.split_counts().get(split, 0) if limit is None else min(limit, source.split_counts().get(split, 0))
-    bar = progress_bar(total, desc=desc or f"read {split}", unit="img", leave=False, enabled=total >= 2000)
-    for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
-        img = np.asarray(rec.image, np.float32)
-        if crop is None:
-            crop = crop_size(img.shape[0], img.shape[1], patch_size, n_tokens, block_size)
-        h, w = crop
-        if img.shape[0] < h or img.shape[1] < w:
-            raise ValueError(
-                f"record {rec.object_id}: image of {img.shape[0]}x{img.shape[1]} px is smaller than {h}x{w}"
-            )
-        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-        images.append(img[top : top + h, left : left + w])
-        ids.append(str(rec.object_id))
-        labels.append(rec.labels)
-        bar.update(1)
-        if limit is not None and len(images) >= limit:
-            break
-    bar.close()
-    if not images:
-        raise ValueError(
-            f"{source.location if hasattr(source, 'location') else 'the data'}: no records in split {split!r}"
-        )
-    names = list(dict.fromkeys(k for lab in labels for k in lab))
-    cols = {k: _label_array([lab.get(k) for lab in labels]) for k in names}
-    return LabelledSet(np.stack(images), cols, np.asarray(ids, dtype=object), dict(source.metadata))
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -572,76 +432,3 @@ def load_finetuned(path: str | Path, device: str = "cpu") -> tuple[FinetuneModel
                           n_flux=int(head["flux_mean"].numel()))  # fmt: skip
     model.head.load_state_dict(head)
     return model.to(device).eval(), targets, info
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="pretrained RUN or model directory (e.g. from astrolom convert)")
-    parser.add_argument("--data", required=True, help="labelled data set")
-    parser.add_argument("--targets", required=True, help="comma-separated label columns, e.g. smooth,disc,spiral")
-    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--lora-r", type=int, default=None, help="LoRA adapters of this rank (the default, r=8)")
-    mode.add_argument("--full", action="store_true", help="train every weight (backbone at --backbone-lr)")
-    mode.add_argument("--head-only", action="store_true", help="freeze the backbone; train the head only")
-    parser.add_argument("--lr", type=float, default=1e-3, help="head / adapter learning rate")
-    parser.add_argument("--backbone-lr", type=float, default=1e-4, help="backbone learning rate with --full")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--patience", type=int, default=5, help="epochs without a better val loss before stopping")
-    parser.add_argument("--n-labels", type=int, default=None, help="train on a seeded subset of N labelled objects")
-    parser.add_argument("--val-split", default="val", help="early-stopping split ('none': hold out --val-fraction)")
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--regression-loss", choices=REGRESSION_LOSSES, default="mse")
-    parser.add_argument("--classify", default="", help="comma-separated targets to treat as classes")
-    parser.add_argument("--no-vote-counts", action="store_true", help="regress vote fractions (no Dirichlet-mult.)")
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--no-flux", action="store_true", help="the head sees the backbone's features only")
-    parser.add_argument("--random-init", action="store_true", help="the control: a freshly initialised backbone")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps (checkpoints also at epoch ends)")
-    parser.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--label-curve",
-        default=None,
-        metavar="N,N,...",
-        help="instead of one run: label-efficiency curves at these label counts (e.g. 50,200,1000,all), with "
-        "--max-steps steps per run (default 300); `astrolom label-efficiency` has every option",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    mode = "full" if args.full else "head" if args.head_only else "lora"
-    val_split = None if str(args.val_split).lower() in ("none", "") else args.val_split
-    return FinetuneConfig(
-        model=args.model,
-        data=args.data,
-        targets=args.targets,
-        out=args.out,
-        mode=mode,
-        lora_r=args.lora_r or 8,
-        lr=args.lr,
-        backbone_lr=args.backbone_lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        patience=args.patience,
-        n_labels=args.n_labels,
-        val_split=val_split,
-        val_fraction=args.val_fraction,
-        regression_loss=args.regression_loss,
-        vote_counts=not args.no_vote_counts,
-        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
-        augment=not args.no_augment,
-        flux=not args.no_flux,
-        random_init=args.random_init,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress,
-    )
