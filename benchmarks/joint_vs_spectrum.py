@@ -28,7 +28,8 @@ from astrolom.eval.multimodal import (
     spectrum_pool,
     spectrum_tokeniser_from_config,
 )
-from astrolom.eval.probes import REGRESSION, fit_probe
+from astrolom.eval.probe_estimators import REGRESSION
+from astrolom.eval.probes import fit_probe
 
 TARGETS = ("redshift", "log_mstar", "log_ssfr")
 

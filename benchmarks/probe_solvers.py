@@ -5,7 +5,7 @@ scoring) on standardised features. On wide embeddings (the 1,024-wide multimodal
 to its 2,000 iterations at the weak-penalty end of the grid and can stop unconverged; Newton steps on the exact
 Hessian reach the optimum in a few iterations while the Hessian is small. This prints, per embedding column and
 classification target, the fit time, the chosen penalty, the test accuracy and the number of fits that stopped
-unconverged for each solver, and which solver astrolom's probe picks (`astrolom.eval.probes.logistic_solver`).
+unconverged for each solver, and which solver astrolom's probe picks (`astrolom.eval.probe_estimators.logistic_solver`).
 
     PYTHONPATH=src python benchmarks/probe_solvers.py EMBEDDINGS.parquet [--columns auto] \
         [--targets telescope,edge_on] [--fit val --test test]
@@ -23,7 +23,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, split_rows
-from astrolom.eval.probes import CLASSIFICATION, logistic_probe, logistic_solver, make_tasks
+from astrolom.eval.probe_estimators import CLASSIFICATION, logistic_probe, logistic_solver
+from astrolom.eval.probes import make_tasks
 
 SOLVERS = ("lbfgs", "newton-cholesky")
 

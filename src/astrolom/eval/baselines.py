@@ -34,7 +34,8 @@ from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
 from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import EmbeddingTable, load_embeddings, split_rows
-from astrolom.eval.probes import CLASSIFICATION, make_tasks
+from astrolom.eval.probe_estimators import CLASSIFICATION
+from astrolom.eval.probes import make_tasks
 from astrolom.model.pretrained import load_model
 from astrolom.train.engine import EarlyStopping
 

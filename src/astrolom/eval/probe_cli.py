@@ -23,9 +23,9 @@ from pathlib import Path
 from astrolom.eval import baselines as bl
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
 from astrolom.eval.figures import plot_probe_summary, write_predictions
+from astrolom.eval.probe_estimators import METHODS
 from astrolom.eval.probes import (
     DEFAULT_TARGETS,
-    METHODS,
     ProbeResult,
     columns_markdown,
     evaluate,

@@ -16,7 +16,7 @@ from pathlib import Path
 from astrolom import layout
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet
-from astrolom.eval.probes import REGRESSION
+from astrolom.eval.probe_estimators import REGRESSION
 from astrolom.finetune.config import FinetuneConfig
 from astrolom.finetune.curves import label_efficiency, parse_counts
 from astrolom.finetune.data import LabelledSet

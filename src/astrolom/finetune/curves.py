@@ -47,6 +47,7 @@ from astrolom.eval.baselines import train_cnn
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet
+from astrolom.eval.probe_estimators import CLASSIFICATION, REGRESSION, target_kind
 from astrolom.finetune.config import FinetuneConfig
 from astrolom.finetune.data import LabelledSet, load_labelled
 from astrolom.finetune.model import MODES, backbone_tokens
@@ -197,7 +198,7 @@ def _embeddings(backbone, images: np.ndarray, patch_size: int, layer: int, n_tok
 def _truth(data: LabelledSet, name: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(rows with a label, labels) of one target, as the probes and the CNN take them."""
     y = data.labels[name]
-    if kind == probes.CLASSIFICATION:
+    if kind == CLASSIFICATION:
         ok = np.asarray([str(v) != "" for v in y])
         return np.flatnonzero(ok), np.asarray([str(v) for v in y])[ok]
     y = np.asarray(y, np.float64)
@@ -268,7 +269,7 @@ def label_efficiency(
     curves.predictions = PredictionSet(info={"command": "astrolom label-efficiency", "model": model, "mode": mode})
 
     def record(method: str, n: int, target: str, kind: str, rows: np.ndarray, truth, pred) -> None:
-        if kind == probes.REGRESSION:
+        if kind == REGRESSION:
             curves.predictions.add(method, labels_method(n), target, test.object_id[rows], truth, pred)
 
     kinds: dict[str, str] = {}
@@ -299,7 +300,7 @@ def label_efficiency(
                 X = emb_train[np.sort(order[:n])]
                 scores = {}
                 for t in targets:
-                    kind = kinds.get(t) or probes.target_kind(np.asarray(subset.labels[t]))
+                    kind = kinds.get(t) or target_kind(np.asarray(subset.labels[t]))
                     rows, y = _truth(subset, t, kind)
                     trows, ty = _truth(test, t, kind)
                     pred = probes.fit_probe(X[rows], y, emb_test[trows], kind, "linear", seed)
@@ -309,7 +310,7 @@ def label_efficiency(
             else:
                 spec = {}
                 for t in targets:
-                    kind = kinds.get(t) or probes.target_kind(np.asarray(subset.labels[t]))
+                    kind = kinds.get(t) or target_kind(np.asarray(subset.labels[t]))
                     rows, y = _truth(subset, t, kind)
                     spec[t] = (kind, rows, y)
                 cnn_epochs = _epochs_for(n_fit, 64, cnn_steps or steps, max_epochs)
@@ -322,7 +323,7 @@ def label_efficiency(
                 extra = f"{cnn_epochs} epochs"
             dt = time.perf_counter() - t0
             for t in targets:
-                metric = probes.primary_metric(kinds.get(t) or probes.REGRESSION)
+                metric = probes.primary_metric(kinds.get(t) or REGRESSION)
                 curves.points.append(CurvePoint(method, n, t, metric, float(scores[t]), dt))
             log(f"  {n:>5} labels  {method:<13} mean {np.mean(list(scores.values())):.3f}  "
                 + "  ".join(f"{t} {s:.3f}" for t, s in scores.items()) + f"  ({dt:.0f} s, {extra})")  # fmt: skip

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from astrolom.eval import probes
+from astrolom.eval.probe_estimators import CLASSIFICATION, REGRESSION, target_kind
 
 VOTES = "votes"
-KINDS = (probes.REGRESSION, probes.CLASSIFICATION, VOTES)
+KINDS = (REGRESSION, CLASSIFICATION, VOTES)
 REGRESSION_LOSSES = ("mse", "huber")
 IGNORE = -100  # cross_entropy's ignore index: an object without this label
 
@@ -152,11 +152,11 @@ class Targets:
                 answers = MOCK_QUESTIONS[s.question]
                 self.groups.append(_Group(s.question, VOTES, start, len(answers), answers))
                 start += len(answers)
-            elif s.kind == probes.CLASSIFICATION:
-                self.groups.append(_Group(s.name, probes.CLASSIFICATION, start, len(s.classes)))
+            elif s.kind == CLASSIFICATION:
+                self.groups.append(_Group(s.name, CLASSIFICATION, start, len(s.classes)))
                 start += len(s.classes)
             else:
-                self.groups.append(_Group(s.name, probes.REGRESSION, start, 1))
+                self.groups.append(_Group(s.name, REGRESSION, start, 1))
                 start += 1
         self.n_outputs = start
 
@@ -169,7 +169,7 @@ class Targets:
 
     def metric_kind(self, name: str) -> str:
         """How predictions are scored: vote fractions like a regression (R2), classes by accuracy."""
-        return probes.CLASSIFICATION if self.spec(name).kind == probes.CLASSIFICATION else probes.REGRESSION
+        return CLASSIFICATION if self.spec(name).kind == CLASSIFICATION else REGRESSION
 
     # ----------------------------------------------------------------------------------------------- building
 
@@ -220,18 +220,18 @@ class Targets:
                 vote_counts(labels, q, voters)  # validates the fractions (clear error if they are not k / n)
                 specs.append(TargetSpec(name, VOTES, question=q))
                 continue
-            kind = probes.CLASSIFICATION if name in classify else probes.target_kind(_numeric_or_str(values))
-            if kind == probes.CLASSIFICATION:
+            kind = CLASSIFICATION if name in classify else target_kind(_numeric_or_str(values))
+            if kind == CLASSIFICATION:
                 classes = sorted({str(v) for v in values if _present(v)})
                 if len(classes) < 2:
                     raise ValueError(f"target {name!r} has a single class {classes} in the training labels of {where}")
-                specs.append(TargetSpec(name, probes.CLASSIFICATION, classes=classes))
+                specs.append(TargetSpec(name, CLASSIFICATION, classes=classes))
             else:
                 v = values.astype(np.float64)
                 v = v[np.isfinite(v)]
                 if v.size < 2:
                     raise ValueError(f"target {name!r} has fewer than 2 finite training labels in {where}")
-                specs.append(TargetSpec(name, probes.REGRESSION, mean=float(v.mean()), std=float(v.std()) or 1.0))
+                specs.append(TargetSpec(name, REGRESSION, mean=float(v.mean()), std=float(v.std()) or 1.0))
         return cls(specs, regression_loss, voters)
 
     def to_json(self) -> dict:
@@ -262,7 +262,7 @@ class Targets:
         for g in self.groups:
             if g.kind == VOTES:
                 out[g.key] = torch.as_tensor(vote_counts(labels, g.key, self.voters), dtype=torch.float32)
-            elif g.kind == probes.CLASSIFICATION:
+            elif g.kind == CLASSIFICATION:
                 index = {c: i for i, c in enumerate(self.spec(g.key).classes)}
                 codes = [index.get(str(v), IGNORE) if _present(v) else IGNORE for v in labels[g.key]]
                 out[g.key] = torch.as_tensor(codes, dtype=torch.long)
@@ -283,7 +283,7 @@ class Targets:
                 if not bool(ok.any()):
                     continue
                 part = dirichlet_multinomial_nll(concentrations(o[ok]), t[ok]).mean()
-            elif g.kind == probes.CLASSIFICATION:
+            elif g.kind == CLASSIFICATION:
                 if not bool((t != IGNORE).any()):
                     continue
                 part = F.cross_entropy(o, t, ignore_index=IGNORE)
@@ -308,7 +308,7 @@ class Targets:
                 alpha = concentrations(out[:, g.start : g.start + g.size])
                 frac = alpha / alpha.sum(-1, keepdim=True)
                 preds[s.name] = frac[:, g.answers.index(s.name)].numpy().astype(np.float64)
-            elif s.kind == probes.CLASSIFICATION:
+            elif s.kind == CLASSIFICATION:
                 g = next(g for g in self.groups if g.key == s.name)
                 preds[s.name] = np.asarray(s.classes)[out[:, g.start : g.start + g.size].argmax(1).numpy()]
             else:
@@ -326,7 +326,7 @@ def _present(v) -> bool:
 
 
 def _numeric_or_str(values: np.ndarray) -> np.ndarray:
-    """Values as probes.target_kind expects them: float (NaN for missing) or str objects."""
+    """Values as target_kind expects them: float (NaN for missing) or str objects."""
     if values.dtype.kind in "biuf":
         return values.astype(np.float64) if values.dtype.kind != "b" else values
     try:

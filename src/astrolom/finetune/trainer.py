@@ -48,6 +48,7 @@ from astrolom import layout
 from astrolom.data.augment import d4_batch, turns_then_mirror
 from astrolom.data.sources import open_source
 from astrolom.eval import probes
+from astrolom.eval.probe_estimators import CLASSIFICATION
 from astrolom.finetune.config import FinetuneConfig
 from astrolom.finetune.data import LabelledSet, load_labelled
 from astrolom.finetune.model import FinetuneModel, flux_features
@@ -258,7 +259,7 @@ class Finetuner:
         for name in self.targets.names:
             kind = self.targets.metric_kind(name)
             y = data.labels[name]
-            if kind == probes.CLASSIFICATION:
+            if kind == CLASSIFICATION:
                 ok = np.asarray([str(v) != "" for v in y])
                 y_true = np.asarray([str(v) for v in y])
             else:

@@ -7,9 +7,9 @@ old marks or the new ones, never half a file. Ids must be objects of the index; 
 From the marks, a classifier on the index's vectors (the standardised, normalised embeddings the search uses) ranks
 the unmarked objects ("more like these") and picks the next ones to label:
 
-- `logistic`: once each class has at least 2 marks, the project's logistic probe (`eval.probes.logistic_probe`, L2
-  penalty chosen by cross-validation); the score is its probability of "interesting"; the suggestions are the
-  unmarked objects with the probability closest to 1/2 (uncertainty sampling);
+- `logistic`: once each class has at least 2 marks, the project's logistic probe
+  (`eval.probe_estimators.logistic_probe`, L2 penalty chosen by cross-validation); the score is its probability of
+  "interesting"; the suggestions are the unmarked objects with the probability closest to 1/2 (uncertainty sampling);
 - `knn`: while one class has fewer than 2 marks, a soft vote of the nearest mark of each class:
   p = sigmoid((cos to the nearest positive - cos to the nearest negative) / KNN_TEMPERATURE); suggestions as above;
 - `similarity`: with positives only, the cosine to the nearest positive (plain similarity search from the
@@ -171,7 +171,7 @@ class Scorer:
         self.X_pos, self.X_neg = X[y == 1], X[y == 0]
         self.model = None
         if min(pos, neg) >= 2:
-            from astrolom.eval.probes import logistic_probe
+            from astrolom.eval.probe_estimators import logistic_probe
 
             self.method = "logistic"
             self.model = logistic_probe(X.shape[1], 2, folds=min(5, pos, neg))
