@@ -32,7 +32,8 @@ def _child(n: int, size: int, batch: int, chunk_rows: int) -> dict:
     import fsspec
     import torch
 
-    from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions
+    from astrolom.data.sources.base import Chunk, Item, Source
+    from astrolom.data.sources.options import SourceOptions
     from astrolom.data.stream import RecordStream, TokenBatches
 
     torch.set_num_threads(1)

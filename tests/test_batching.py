@@ -50,7 +50,7 @@ def test_buffer_pool_sizes_and_dtypes():
 def _jpeg_records(n=6, size=48, seed=0):
     from PIL import Image
 
-    from astrolom.data.sources.base import PixelRecord
+    from astrolom.data.sources.decode import PixelRecord
 
     rng = np.random.default_rng(seed)
     recs = []

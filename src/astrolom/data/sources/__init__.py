@@ -86,11 +86,13 @@ merged, targets by TARGETID) · `open` (format detection, the READERS registry, 
 """
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
-from astrolom.data.sources.base import DEFAULT_CHUNK_ROWS, Chunk, PixelRecord, Source, SourceOptions
+from astrolom.data.sources.base import Chunk, Source
 from astrolom.data.sources.cli import add_arguments, run
+from astrolom.data.sources.decode import PixelRecord
 from astrolom.data.sources.errors import BadRecordError
 from astrolom.data.sources.files import FitsDirSource, ImageDirSource, PairedSource
 from astrolom.data.sources.open import FORMATS, READERS, detect_format, open_source
+from astrolom.data.sources.options import DEFAULT_CHUNK_ROWS, SourceOptions
 from astrolom.data.sources.parquet import ParquetSource
 from astrolom.data.sources.spectra import SpectrumGrid, read_fits_spectrum
 

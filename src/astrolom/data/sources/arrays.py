@@ -9,19 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from astrolom.data.sources.base import (
-    ID_COLUMNS,
-    Chunk,
-    Item,
-    Source,
-    SourceOptions,
-    is_local,
-    norm_split,
-    strip_ext,
-    to_python,
-)
+from astrolom.data.sources.base import Chunk, Item, Source
+from astrolom.data.sources.conventions import ID_COLUMNS, is_local, norm_split, strip_ext, to_python
 from astrolom.data.sources.decode import decode_array
 from astrolom.data.sources.errors import BadRecordError, decode_errors
+from astrolom.data.sources.options import SourceOptions
 
 _HDF5_SPECTRAL = ("spectrum", "wavelength", "spectrum_ivar", "ivar", "spectrum_mask")  # never labels
 

@@ -1,9 +1,10 @@
-"""Base types of the readers: `SourceOptions`, `Source` (chunks, keys, the bad-record policy, masked pixels, shape
-inference), `PixelRecord`, `Chunk`, and the file-name conventions shared by the formats.
+"""Base types of the readers: `Source` (chunks, keys, the bad-record policy, masked pixels, shape inference), `Chunk`
+and `Item`. How to read is `SourceOptions` (`options`); the file-name conventions shared by the formats are in
+`conventions`.
 
 A format is a `Source` subclass in its own module (`files`, `arrays`, `parquet`; spectra go beside them) that
 implements `_chunk_keys(i)` and `_items(i, rows)` and names its decoder (`astrolom.data.sources.decode`); it is
-registered by its extensions in `EXTENSIONS` here and by its name in `astrolom.data.sources.open`.
+registered by its extensions in `conventions.EXTENSIONS` and by its name in `astrolom.data.sources.open`.
 """
 
 from __future__ import annotations
@@ -11,148 +12,23 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, SPLITS, Record, check_split_fractions, split_of
+from astrolom.data.records import SPLITS, Record, split_of
+from astrolom.data.sources.decode import PixelRecord
 from astrolom.data.sources.errors import BadRecordError, decode_errors
+from astrolom.data.sources.options import SourceOptions
 from astrolom.data.sources.spectra import SpectrumGrid, SpectrumRef
 from astrolom.data.spectra import Spectrum, grid_coverage
 
 log = logging.getLogger("astrolom.data")
-
-EXTENSIONS = {  # file name ending -> format (longest match wins)
-    ".jpg": "images",
-    ".jpeg": "images",
-    ".png": "images",
-    ".fits": "fits",
-    ".fit": "fits",
-    ".fts": "fits",
-    ".fits.gz": "fits",
-    ".fit.gz": "fits",
-    ".fts.gz": "fits",
-    ".npy": "npy",
-    ".npz": "npz",
-    ".h5": "hdf5",
-    ".hdf5": "hdf5",
-    ".hdf": "hdf5",
-    ".he5": "hdf5",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-ID_COLUMNS = ("object_id", "dr8_id", "objid", "object_name", "targetid", "TARGETID", "id")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
-DEFAULT_CHUNK_ROWS = 256
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """How to read a data set; every reader takes one (`open_source(path, options)` or its keyword overrides)."""
-
-    skip_bad: bool = False  # skip (and list) records that cannot be used, or only their bad spectrum, not raise
-    manifest: str | Path | None = None  # JSONL file to which skipped records and dropped spectra are appended
-    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS  # for data without a split column
-    split_seed: int = 0
-    id_column: str | None = None  # object id column / dataset (default: detected)
-    image_key: str | None = None  # image column / dataset / array name (default: image(s))
-    expect_shape: tuple[int | None, ...] | None = None  # (H, W, C), None entries match anything; default: inferred
-    chunk_rows: int = DEFAULT_CHUNK_ROWS  # files or array rows per chunk (Parquet chunks are row groups)
-    threads: int | None = None  # JPEG/PNG decode threads; None: min(4, cores)
-    spectra: bool = True  # False: do not read spectra (image-only work reads less)
-    spectra_dir: str | Path | None = None  # folder of FITS spectra paired with the images by object id
-    wavelength: tuple[float, ...] | None = None  # reference grid (the model's); default: the data set's / first file's
-    resample_spectra: bool = True  # spectra on another grid: resample (flux-conserving); False: bad record
-    bands: tuple[str, ...] | None = None  # keep these bands, by name, in this order (e.g. g,r,z of griz); None: all
-
-    def __post_init__(self):
-        if self.bands is not None:
-            names = self.bands.split(",") if isinstance(self.bands, str) else self.bands
-            names = tuple(str(b).strip() for b in names if str(b).strip())
-            if not names or len(set(names)) != len(names):
-                raise ValueError(f"bands must be distinct band names, e.g. g,r,z; got {self.bands!r}")
-            object.__setattr__(self, "bands", names)
-        object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
-        if self.expect_shape is not None:
-            object.__setattr__(self, "expect_shape", tuple(self.expect_shape))
-        if self.wavelength is not None:
-            object.__setattr__(self, "wavelength", tuple(float(w) for w in self.wavelength))
-
-    @classmethod
-    def with_overrides(cls, options: SourceOptions | None = None, **overrides: Any) -> SourceOptions:
-        """`options` (default: the defaults) with some fields replaced; unknown names are a TypeError listing them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"unknown source option(s) {unknown}; SourceOptions has {sorted(names)}")
-        base = options if options is not None else cls()
-        return cls(**{**{n: getattr(base, n) for n in names}, **overrides})
-
-    @property
-    def decode_threads(self) -> int:
-        return max(1, min(4, os.cpu_count() or 1) if self.threads is None else int(self.threads))
-
-
-class PixelRecord(Record):
-    """A Record decoded from 8/16-bit encoded pixels (JPEG/PNG).
-
-    Behaves like any Record; `image` (float32, pixels / max_value) is made on first access. The integer `pixels` stay
-    available so that tokenisation can work on the 4x smaller array (see `astrolom.data.stream.TokenBatches`).
-    """
-
-    def __init__(
-        self,
-        object_id: str,
-        image: np.ndarray | None = None,
-        split: str | None = None,
-        labels: dict[str, Any] | None = None,
-        spectrum: np.ndarray | None = None,
-        spectrum_ivar: np.ndarray | None = None,
-        spectrum_mask: np.ndarray | None = None,
-        *,
-        pixels: np.ndarray | None = None,
-        max_value: int = 255,
-    ):
-        self.object_id = object_id
-        self.split = split
-        self.labels = {} if labels is None else labels
-        self.spectrum, self.spectrum_ivar, self.spectrum_mask = spectrum, spectrum_ivar, spectrum_mask
-        self.pixels = pixels
-        self.max_value = max_value
-        self._image = image
-        if image is None and pixels is None:
-            raise ValueError("PixelRecord needs an image or pixels")
-
-    @property
-    def image(self) -> np.ndarray:  # type: ignore[override]
-        if self._image is None:
-            self._image = np.divide(self.pixels, np.float32(self.max_value), dtype=np.float32)
-        return self._image
-
-    @property
-    def scale(self) -> float:
-        """image = pixels * scale (up to float rounding: the image is computed as pixels / max_value)."""
-        return 1.0 / self.max_value
-
-    @image.setter
-    def image(self, value: np.ndarray) -> None:
-        self._image = value
-        self.pixels = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple((self.pixels if self.pixels is not None else self._image).shape)
 
 
 @dataclass
@@ -180,44 +56,6 @@ class Item:
     spectrum_ivar: np.ndarray | None = None
     spectrum_mask: np.ndarray | None = None
     spectrum_wavelength: np.ndarray | None = None  # the grid of a flux-array spectrum, when not the data set's
-
-
-def strip_ext(name: str) -> str:
-    low = name.lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
-
-
-def kind_of(name: str) -> str | None:
-    low = name.lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if low.endswith(ext):
-            return EXTENSIONS[ext]
-    return None
-
-
-def norm_split(value, where: str) -> str:
-    s = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
-    if s is None:
-        raise BadRecordError(where, f"split {value!r} is not one of {SPLITS} (or validation)")
-    return s
-
-
-def to_python(v):
-    """numpy scalar -> python scalar (labels stay JSON-friendly)."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v
-
-
-def is_local(fs) -> bool:
-    """Whether an fsspec file system is the local disk (then files may be memory-mapped / opened by path)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def bad_record(item: Item, err: BaseException, action: str = "cannot decode") -> BadRecordError:

@@ -5,7 +5,8 @@ band names the payload carries, else None. A decoder raises `BadRecordError` for
 libraries' own errors through; `Source` turns the exceptions listed in `DECODE_ERRORS` into a `BadRecordError` naming
 the file and row (the original chained as its cause). Anything else is a bug and propagates.
 
-Spectrum decoders (wavelength / flux / inverse-variance payloads) belong here too.
+Spectrum decoders (wavelength / flux / inverse-variance payloads) belong here too, and so does `PixelRecord`, the record
+of an encoded 8/16-bit image that keeps its integer pixels.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 
+from astrolom.data.records import Record
 from astrolom.data.sources.errors import BadRecordError
 
 Decoded = tuple[np.ndarray, "int | None", "tuple[str, ...] | None"]
@@ -149,3 +152,54 @@ def decode_raw_f32(payload: tuple[bytes, list[int]]) -> Decoded:
 def decode_array(arr: np.ndarray) -> Decoded:
     """An array row is already pixels."""
     return arr, None, None
+
+
+class PixelRecord(Record):
+    """A Record decoded from 8/16-bit encoded pixels (JPEG/PNG).
+
+    Behaves like any Record; `image` (float32, pixels / max_value) is made on first access. The integer `pixels` stay
+    available so that tokenisation can work on the 4x smaller array (see `astrolom.data.stream.TokenBatches`).
+    """
+
+    def __init__(
+        self,
+        object_id: str,
+        image: np.ndarray | None = None,
+        split: str | None = None,
+        labels: dict[str, Any] | None = None,
+        spectrum: np.ndarray | None = None,
+        spectrum_ivar: np.ndarray | None = None,
+        spectrum_mask: np.ndarray | None = None,
+        *,
+        pixels: np.ndarray | None = None,
+        max_value: int = 255,
+    ):
+        self.object_id = object_id
+        self.split = split
+        self.labels = {} if labels is None else labels
+        self.spectrum, self.spectrum_ivar, self.spectrum_mask = spectrum, spectrum_ivar, spectrum_mask
+        self.pixels = pixels
+        self.max_value = max_value
+        self._image = image
+        if image is None and pixels is None:
+            raise ValueError("PixelRecord needs an image or pixels")
+
+    @property
+    def image(self) -> np.ndarray:  # type: ignore[override]
+        if self._image is None:
+            self._image = np.divide(self.pixels, np.float32(self.max_value), dtype=np.float32)
+        return self._image
+
+    @property
+    def scale(self) -> float:
+        """image = pixels * scale (up to float rounding: the image is computed as pixels / max_value)."""
+        return 1.0 / self.max_value
+
+    @image.setter
+    def image(self, value: np.ndarray) -> None:
+        self._image = value
+        self.pixels = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple((self.pixels if self.pixels is not None else self._image).shape)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 
-from astrolom.data.sources.base import Chunk, Item, Source, SourceOptions, bad_record, is_local, kind_of, strip_ext
+from astrolom.data.sources.base import Chunk, Item, Source, bad_record
+from astrolom.data.sources.conventions import is_local, kind_of, strip_ext
 from astrolom.data.sources.decode import decode_encoded, decode_fits, peek_encoded
 from astrolom.data.sources.errors import BadRecordError, decode_errors
+from astrolom.data.sources.options import SourceOptions
 from astrolom.data.sources.spectra import SpectrumRef, read_fits_spectrum, spectrum_refs
 from astrolom.data.spectra import Spectrum
 

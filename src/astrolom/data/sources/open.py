@@ -1,7 +1,7 @@
 """`open_source`: a path, glob or fsspec URL -> the `Source` of its format (detected from file extensions or named).
 
 To add a format: write its `Source` subclass in a module of this package, map its file extensions to the format name
-in `base.EXTENSIONS`, and register the class in `READERS` below (and its name in `FORMATS`).
+in `conventions.EXTENSIONS`, and register the class in `READERS` below (and its name in `FORMATS`).
 
 `paired` has no extension of its own: it is chosen by `spectra_dir` (images at `path`, FITS spectra there), or by a
 folder holding `images/` and `spectra/` sub-folders (so that `--data FOLDER` works on the command line).
@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
-from astrolom.data.sources.base import EXTENSIONS, Source, SourceOptions, kind_of
+from astrolom.data.sources.base import Source
+from astrolom.data.sources.conventions import EXTENSIONS, kind_of
 from astrolom.data.sources.files import FitsDirSource, ImageDirSource, PairedSource
+from astrolom.data.sources.options import SourceOptions
 from astrolom.data.sources.parquet import ParquetSource
 
 FORMATS = ("images", "fits", "npy", "npz", "hdf5", "parquet", "paired")

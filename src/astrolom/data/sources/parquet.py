@@ -11,19 +11,11 @@ from typing import Any
 import numpy as np
 
 from astrolom.data.records import IMAGE, IMAGE_SHAPE, METADATA_KEY, SPECTRUM, SPECTRUM_IVAR, SPECTRUM_MASK
-from astrolom.data.sources.base import (
-    ID_COLUMNS,
-    Chunk,
-    Item,
-    Source,
-    SourceOptions,
-    bad_record,
-    is_local,
-    norm_split,
-    strip_ext,
-)
+from astrolom.data.sources.base import Chunk, Item, Source, bad_record
+from astrolom.data.sources.conventions import ID_COLUMNS, is_local, norm_split, strip_ext
 from astrolom.data.sources.decode import decode_encoded, decode_raw_f32, peek_encoded
 from astrolom.data.sources.errors import decode_errors
+from astrolom.data.sources.options import SourceOptions
 
 
 class ParquetSource(Source):
