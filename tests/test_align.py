@@ -20,7 +20,7 @@ from astrolom.align.features import FeatureCache, augment, view_element
 from astrolom.align.loss import ContrastiveLoss, clip_loss
 from astrolom.align.model import AlignConfig, AlignModel, AttentionPool
 from astrolom.align.train import FEATURES_NAME, AlignTrainConfig, AlignTrainer
-from astrolom.eval.embeddings import recipe_of
+from astrolom.eval.recipe import recipe_of
 from astrolom.train import checkpoint as ckpt
 from astrolom.train.fault import AFTER_STEP, fault_env
 

@@ -17,7 +17,8 @@ from pretrain_helpers import TINY, run_pretrain, subprocess_env
 from astrolom.cli import main
 from astrolom.data.records import Record
 from astrolom.eval import embed as em
-from astrolom.eval.embeddings import EmbeddingRecipe, EmbeddingWriter, load_embeddings, recipe_of, skipped_records
+from astrolom.eval.embeddings import EmbeddingWriter, load_embeddings, skipped_records
+from astrolom.eval.recipe import EmbeddingRecipe, recipe_of
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.model.pretrained import load_model, save_pretrained
 from astrolom.search.index import load_index

@@ -11,8 +11,8 @@ import torch
 
 from astrolom.cli import main
 from astrolom.data.multimodal import SpectrumTokeniser
-from astrolom.eval.embeddings import recipe_of
 from astrolom.eval.multimodal import _emission_lines, embed_multimodal, evaluate_generation, record_inputs
+from astrolom.eval.recipe import recipe_of
 from astrolom.mock import generate_objects, generate_survey, spectrum_wavelength
 from astrolom.model.astropt import AstroPT, ModelConfig
 from astrolom.train.checkpoint import save_pretrained

@@ -26,8 +26,9 @@ import numpy as np
 
 from astrolom.align.encoder import AlignedEncoder, ModelEncoder, load_encoder, record_flux
 from astrolom.data.records import SPLITS, Record
-from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_metadata, recipe_of
+from astrolom.eval.embeddings import embedding_metadata
 from astrolom.eval.multimodal import batched_columns, source_settings
+from astrolom.eval.recipe import EMBEDDING, EmbeddingRecipe, recipe_of
 
 COLUMNS = {EMBEDDING: "images", "embedding_images": "images", "embedding_spectra": "spectra"}
 # what `astrolom embed` says it wrote, by encoder kind

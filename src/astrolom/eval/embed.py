@@ -48,7 +48,6 @@ from astrolom.data.records import SPLITS, Record
 from astrolom.data.tokens import PAPER2024, center_crop, eight_bit, prefix_crop, tokenize_paper2024
 from astrolom.eval.embeddings import (
     PROGRESS_GLOB,
-    EmbeddingRecipe,
     EmbeddingWriter,
     Vectors,
     part_path,
@@ -56,6 +55,7 @@ from astrolom.eval.embeddings import (
     read_progress,
     write_progress,
 )
+from astrolom.eval.recipe import EmbeddingRecipe
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.model.astropt import AstroPT

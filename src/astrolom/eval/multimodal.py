@@ -56,8 +56,9 @@ from astrolom import layout
 from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
-from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_columns
+from astrolom.eval.embeddings import embedding_columns
 from astrolom.eval.probes import probe_columns
+from astrolom.eval.recipe import EMBEDDING, EmbeddingRecipe
 from astrolom.model.astropt import AstroPT
 from astrolom.model.pretrained import data_settings
 

@@ -25,7 +25,7 @@ The files of one generation (see `astrolom.search.store` for the directory layou
     index.faiss         the FAISS index (row i = row i of objects.parquet); memory-mapped on load
     objects.parquet     object_id, split and every label column of the embeddings (or of the --ids file)
     meta.json           kind, factory string, search settings, standardisation, where the vectors came from: their
-                        `recipe` (`astrolom.eval.embeddings.EmbeddingRecipe`: the model, with which new images or
+                        `recipe` (`astrolom.eval.recipe.EmbeddingRecipe`: the model, with which new images or
                         spectra are embedded, layer, tokens, scales, pooling), the data set (local paths relative
                         to the index directory), the records skipped as bad while embedding (`skipped`)
     map.npy             (N, 2) map for the web explorer (UMAP or PCA fit on a sample, applied in chunks)
@@ -56,14 +56,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from astrolom.eval.embeddings import (
-    EMBEDDING,
-    EmbeddingTable,
-    embedding_columns,
-    load_embeddings,
-    recipe_of,
-    skipped_records,
-)
+from astrolom.eval.embeddings import EmbeddingTable, embedding_columns, load_embeddings, skipped_records
+from astrolom.eval.recipe import EMBEDDING, recipe_of
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.search import store

@@ -26,10 +26,9 @@ import pyarrow.parquet as pq
 
 from astrolom.eval.embeddings import (  # noqa: F401  (EmbeddingTable re-exported for callers)
     MULTISCALE,
-    EmbeddingRecipe,
     EmbeddingTable,
-    recipe_of,
 )
+from astrolom.eval.recipe import EmbeddingRecipe, recipe_of
 from astrolom.search import store
 from astrolom.search.build import (  # noqa: F401  (re-exported: the index's public API lives here)
     EXACT_MAX,

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astrolom.data.records import METADATA_KEY
-from astrolom.eval.embeddings import EMBEDDING, EmbeddingTable, _vectors, embedding_files
+from astrolom.eval.embeddings import EmbeddingTable, _vectors, embedding_files
+from astrolom.eval.recipe import EMBEDDING
 from astrolom.log import progress as progress_bar
 
 CHUNK = 65_536  # rows per pass step: 128 MiB of 512-d float32
