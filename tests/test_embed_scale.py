@@ -17,6 +17,7 @@ from pretrain_helpers import TINY, run_pretrain, subprocess_env
 from astrolom.cli import main
 from astrolom.data.records import Record
 from astrolom.eval import embed as em
+from astrolom.eval.embed_job import write_embeddings
 from astrolom.eval.embeddings import EmbeddingWriter, load_embeddings, skipped_records
 from astrolom.eval.recipe import EmbeddingRecipe, recipe_of
 from astrolom.model.astropt import AstroPT, ModelConfig
@@ -169,7 +170,7 @@ def test_late_labels_reach_the_file_and_every_part(mock_survey, tmp_path, part_r
     seen = [0]
     source = open_source(mock_survey)
     meta = {"recipe": EmbeddingRecipe().to_json(), "data": str(mock_survey)}
-    out = em.write_embeddings(tmp_path / "emb", meta, source, ["train"], embed_batches, part_rows=part_rows,
+    out = write_embeddings(tmp_path / "emb", meta, source, ["train"], embed_batches, part_rows=part_rows,
                               progress=False)  # fmt: skip
     t = load_embeddings(out)
     n = int((t.split == "train").sum())

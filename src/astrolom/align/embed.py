@@ -8,7 +8,7 @@
   without a spectrum): `embedding_images`, `embedding_spectra` (null without a usable spectrum) and `embedding`
   (= the image one, so every tool that reads `embedding` uses it unchanged).
 
-All three write through one body (`astrolom.eval.embed.write_embeddings`) and record their `EmbeddingRecipe`, so
+All three write through one body (`astrolom.eval.embed_job.write_embeddings`) and record their `EmbeddingRecipe`, so
 that `astrolom index` builds one index per modality and `astrolom search` embeds new images and spectra the same
 way. `astrolom index --model` embeds through `embed_with` here too. `--skip-bad` skips unreadable records (listed
 with the embeddings and carried into the index); `--part-rows N` writes a resumable parts directory and
@@ -65,7 +65,7 @@ def embed_aligned_dataset(
 
     `skip_bad`, `part_rows`, `resume`, ranks: as `astrolom.eval.embed.embed_dataset`."""
     from astrolom.data.sources import open_source
-    from astrolom.eval.embed import check_splits, write_embeddings
+    from astrolom.eval.embed_job import check_splits, write_embeddings
     from astrolom.train import parallel
 
     enc = run if isinstance(run, AlignedEncoder) else load_encoder(run)

@@ -197,7 +197,7 @@ def model_records(
 def batched_columns(
     embed: Callable[[list[Record]], dict[str, tuple[np.ndarray, np.ndarray]]], batch_size: int
 ) -> Callable[[Iterator[Record]], Iterator[tuple[list[Record], dict]]]:
-    """`embed_batches` for `astrolom.eval.embed.write_embeddings` from a function of one batch of records."""
+    """`embed_batches` for `astrolom.eval.embed_job.write_embeddings` from a function of one batch of records."""
 
     def embed_batches(records: Iterator[Record]) -> Iterator[tuple[list[Record], dict]]:
         while batch := list(islice(records, batch_size)):
@@ -230,7 +230,7 @@ def embed_multimodal_dataset(
     model's spectrum token count, a larger explicit value is refused. The file's recipe records the value used.
     `skip_bad`, `part_rows`, `resume`, ranks: as `astrolom.eval.embed.embed_dataset`."""
     from astrolom.data.sources import open_source
-    from astrolom.eval.embed import check_splits, write_embeddings
+    from astrolom.eval.embed_job import check_splits, write_embeddings
     from astrolom.train import parallel
 
     model, cfg_json, model_dir = _load(model_path)
