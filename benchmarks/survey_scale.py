@@ -199,7 +199,7 @@ def main() -> None:
     recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
     outl = ", ".join(f"k={k}: {e['s']:.0f} s" for k, e in meta.get("outliers", {}).items())
     if not outl:  # not stored: time the same k-NN pass on the first rows and scale to N (a lower bound, no writes)
-        from astrolom.search.build import kth_neighbour_scores
+        from astrolom.search.outlier_scores import kth_neighbour_scores
 
         m = min(args.outlier_sample, args.n)
         t = time.perf_counter()

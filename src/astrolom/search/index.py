@@ -33,7 +33,6 @@ from astrolom.search import store
 from astrolom.search.build import (  # noqa: F401  (re-exported: the index's public API lives here)
     EXACT_MAX,
     INDEX_FILE,
-    JOIN_LISTS,
     KINDS,
     MAP_FILE,
     MEMORY_GB,

@@ -9,7 +9,7 @@ from the index itself, so the score costs one k-NN search per object (exact for 
 product-quantised ones). `astrolom index` computes the scores while it builds (`--outlier-k`, default 20) and stores
 them with the index, so neither this command nor the web explorer waits for them; another k is computed on request
 (not stored: a generation is never modified after it is built). For IVF indexes the build computes them by a list
-self-join (`astrolom.search.build.list_join_scores`: each inverted list against its 4 nearest lists, as matrix
+self-join (`astrolom.search.outlier_scores.list_join_scores`: each inverted list against its 4 nearest lists, as matrix
 products), the neighbours of an object then being those among ~4 lists' objects; scores are never below the exact
 ones and on planted anomalies rank the same (tests/test_search_store.py).
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from astrolom.search.build import kth_neighbour_scores
 from astrolom.search.index import SearchIndex, load_index
+from astrolom.search.outlier_scores import kth_neighbour_scores
 
 BATCH = 4096
 
