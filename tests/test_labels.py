@@ -243,7 +243,7 @@ def test_api_bounds_every_input(client, path, body, status):
 
 # OWASP's CSV-injection triggers, planted in the ids and a text label of an index built from released-style .npy
 # embeddings; `harmless` cells (a formula sign not at the start, a number-looking word) must stay as they are
-PLANTED = ["=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "plain-id", "a=b"]
+PLANTED = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "plain-id", "a=b"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from astrolom.config import apply_overrides
 from astrolom.data.sources import BadRecordError, SourceOptions, open_source
 from astrolom.train.config import PretrainConfig
 
-
 VIEWER_G = Path(__file__).parent / "data" / "legacysurvey_viewer" / "mrk421_ls-dr9_g.fits"
 
 
