@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -238,3 +239,61 @@ def test_api_bounds_every_input(client, path, body, status):
     r = client.post(path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["detail"]
+
+
+# OWASP's CSV-injection triggers, planted in the ids and a text label of an index built from released-style .npy
+# embeddings; `harmless` cells (a formula sign not at the start, a number-looking word) must stay as they are
+PLANTED = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "plain-id", "a=b"]
+
+
+@pytest.fixture(scope="module")
+def planted_index(tmp_path_factory):
+    from astrolom.cli import main
+
+    d = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    np.save(d / "emb.npy", rng.normal(size=(len(PLANTED), 8)).astype(np.float32))
+    notes = ["=cmd|' /C calc'!A0", "ok", "-x", "@x", "+x", "\tx", "2.5", "note=1"]
+    dec = [-12.5, 3.0, -1.0, 0.5, -80.0, 1.0, 2.0, -3.5]  # numbers stay numbers, minus signs and all
+    pq.write_table(pa.table({"object_id": PLANTED, "note": notes, "dec": dec}), d / "ids.parquet")
+    out = d / "index"
+    assert main(["index", "--embeddings", str(d / "emb.npy"), "--ids", str(d / "ids.parquet"), "--out", str(out),
+                 "--map", "pca", "--no-progress"]) == 0  # fmt: skip
+    return out, notes, dec
+
+
+def _cells(csv_bytes: bytes, column: str) -> list:
+    t = pacsv.read_csv(io.BytesIO(csv_bytes), convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    return t.column(column).to_pylist()
+
+
+def test_csv_exports_neutralise_formulas_parquet_keeps_values(planted_index, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from astrolom.cli import main
+    from astrolom.serve.app import create_app
+
+    out, notes, dec = planted_index
+    idx = load_index(out)
+    quoted = ["'" + v if v[0] in "=+-@\t\r" else v for v in PLANTED]
+    assert quoted[:6] == ["'" + v for v in PLANTED[:6]] and quoted[6:] == PLANTED[6:]
+    t = lb.export_table(idx, PLANTED)
+    csv = lb.table_bytes(t, "csv")
+    assert _cells(csv, "object_id") == quoted
+    assert _cells(csv, "note") == ["'=cmd|' /C calc'!A0", "ok", "'-x", "'@x", "'+x", "'\tx", "2.5", "note=1"]
+    assert _cells(csv, "dec") == dec  # a numeric column is not text: no quote
+    assert pq.read_table(io.BytesIO(lb.table_bytes(t, "parquet"))).column("object_id").to_pylist() == PLANTED
+
+    # the explorer's two exports, and `astrolom marks --export`, go through the same writer
+    client = TestClient(create_app(out), base_url=BASE)
+    for oid in PLANTED[:3]:
+        assert client.post("/api/marks", json={"id": oid, "mark": 1}).status_code == 200
+    r = client.post("/api/export", json={"ids": PLANTED, "format": "csv"})
+    assert r.status_code == 200 and _cells(r.content, "object_id") == quoted
+    r = client.get("/api/marks/export?format=csv")
+    assert r.status_code == 200 and sorted(_cells(r.content, "object_id")) == sorted(quoted[:3])
+    r = client.get("/api/marks/export?format=parquet")
+    assert sorted(pq.read_table(io.BytesIO(r.content)).column("object_id").to_pylist()) == sorted(PLANTED[:3])
+    assert main(["marks", "--index", str(out), "--export", str(tmp_path / "marks.csv")]) == 0
+    assert sorted(_cells((tmp_path / "marks.csv").read_bytes(), "object_id")) == sorted(quoted[:3])
+    capsys.readouterr()

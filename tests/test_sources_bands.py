@@ -1,16 +1,19 @@
 """Band selection by name (`bands=`, `data.bands=g,r,z`, `inspect --bands`) and Legacy Survey viewer FITS cutouts.
 
 Real files: the Parquet shards are the mock survey written by astrolom's own survey tool (bands g, r, z in its
-metadata). No real viewer FITS cutout could be found in a package or repository here (searched: pip wheels of
-specutils, ppxf, astroquery, pydl, linetools; the legacysurvey/imagine and legacypipe repositories; code search for
-shipped `fits-cutout` files), so the viewer's layout is reproduced from the code that writes it —
-legacysurvey/imagine `map/views.py` `write_cutouts` (commit 8402fc3): a float32 (C, H, W) primary cube with BANDS='griz'
-and BAND0..BAND3, IMAGETYP='IMAGE', optionally followed by an IMAGETYP='INVVAR' cube — and says so here.
+metadata); `tests/data/legacysurvey_viewer/mrk421_ls-dr9_g.fits` is a one-band cutout written by the viewer itself
+(astroquery's test file; provenance in the README beside it). No real multi-band viewer cutout could be found (searched:
+pip wheels of specutils, ppxf, astroquery, pydl, linetools; the legacysurvey/imagine, legacypipe, zoobot,
+galaxy-datasets, hostphot and legacystamps repositories; code search for the viewer's header cards), so the cube layout
+is reproduced from the code that writes it — legacysurvey/imagine `map/views.py` `write_cutout` (commit 8402fc3): a
+float32 (C, H, W) primary cube with BANDS='griz' and BAND0..BAND3, IMAGETYP='IMAGE', optionally followed by an
+IMAGETYP='INVVAR' cube — and says so here.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,8 @@ from astrolom import mock as S
 from astrolom.config import apply_overrides
 from astrolom.data.sources import BadRecordError, SourceOptions, open_source
 from astrolom.train.config import PretrainConfig
+
+VIEWER_G = Path(__file__).parent / "data" / "legacysurvey_viewer" / "mrk421_ls-dr9_g.fits"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,24 @@ def test_viewer_cube_band_names_and_invvar_hdu(tmp_path):
     assert src.bands == ("g", "r", "i", "z") and src.image_shape == (16, 16, 4)  # BAND0.. (not BAND1..), no INVVAR
     (rec,) = src.records()
     np.testing.assert_allclose(rec.image, cube.transpose(1, 2, 0).astype(np.float32))
+
+
+def test_real_one_band_viewer_cutout(tmp_path):
+    """The viewer's own file: a 2-D image named only by BANDS='g' / BAND0='g' (it was read as 'band0' before)."""
+    with fits.open(VIEWER_G) as hdul:
+        assert len(hdul) == 1 and hdul[0].header["BANDS"] == "g" and "BAND" not in hdul[0].header
+        truth = hdul[0].data.astype(np.float64)
+    src = open_source(VIEWER_G)
+    assert src.bands == ("g",) and src.image_shape == (60, 60, 1)
+    (rec,) = src.records()
+    assert rec.object_id == "mrk421_ls-dr9_g" and rec.image.dtype == np.float32
+    np.testing.assert_array_equal(rec.image[..., 0], truth)  # H x W as astropy reads it, never transposed
+    assert rec.image.max() == pytest.approx(10.159872, rel=1e-6)  # the blazar's peak, nanomaggies
+    (only_g,) = open_source(VIEWER_G, bands="g").records()
+    np.testing.assert_array_equal(only_g.image, rec.image)
+    with pytest.raises(BadRecordError, match=r"mrk421_ls-dr9_g\.fits: has no band r,z \(bands asked for: g,r,z\); "
+                       r"it has bands g"):  # fmt: skip
+        list(open_source(VIEWER_G, bands="g,r,z").records())
 
 
 def test_grz_model_on_griz_cutouts_takes_the_named_bands(tmp_path, capsys):

@@ -534,6 +534,62 @@ def test_cli_writes_shards_and_prints_summary(tmp_path, capsys):
     assert pq.read_table(out).num_rows == 3
 
 
+def _rows(folder) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("shard-*.parquet"))
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_switches_a_new_survey_in_and_a_failed_run_leaves_the_old_whole(tmp_path, monkeypatch):
+    from astrolom.mock import writer
+
+    out = tmp_path / "mock"
+    S.generate_survey(out, n=6, size=32, seed=1, workers=1, shard_size=2, progress=False)
+    (out / "notes.txt").write_text("mine")  # the user's files beside the survey
+    (out / "sub").mkdir()
+    (out / "sub" / "a.txt").write_text("also mine")
+    before = _files(out)
+    assert sorted(n for n in before if n.startswith("shard-")) == [f"shard-0000{i}.parquet" for i in range(3)]
+
+    render, calls, seen = writer._render_chunk, [], {}
+
+    def fail_mid_write(task):
+        calls.append(task)
+        if len(calls) == 4:  # one object a chunk, two a shard: the new survey's first shard is on disk by now
+            (new,) = tmp_path.glob(".mock.tmp-*")
+            seen["new"] = sorted(p.name for p in new.iterdir())
+            seen["out"] = _files(out)
+            raise RuntimeError("planted fault")
+        return render(task)
+
+    monkeypatch.setattr(writer, "_render_chunk", fail_mid_write)
+    with pytest.raises(RuntimeError, match="planted fault"):
+        S.generate_survey(out, n=6, size=32, seed=2, workers=1, shard_size=2, progress=False, overwrite=True)
+    assert "shard-00000.parquet" in seen["new"] and "notes.txt" in seen["new"]  # it failed mid-write, beside out
+    assert seen["out"] == before  # while it wrote, the old survey was untouched ...
+    assert _files(out) == before  # ... and after the failure it is whole, with no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mock"]
+    assert _rows(out) == 6
+
+    monkeypatch.setattr(writer, "_render_chunk", render)
+    (tmp_path / ".mock.tmp-999999").mkdir()  # left by a killed run: cleared by the next one
+    (tmp_path / ".mock.tmp-999999" / "shard-00000.parquet").write_bytes(b"half")
+    S.generate_survey(out, n=3, size=32, seed=2, workers=1, shard_size=2, progress=False, overwrite=True)
+    after = _files(out)
+    assert sorted(n for n in after if n.startswith("shard-")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert after["notes.txt"] == b"mine" and after["sub/a.txt"] == b"also mine"
+    assert json.loads(after["_survey.json"])["config"]["seed"] == 2 and _rows(out) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mock"]
+
+    monkeypatch.chdir(out)  # the switch renames the directory: not the one the user stands in
+    with pytest.raises(ValueError, match="current directory"):
+        S.generate_survey(out, n=3, size=32, seed=2, workers=1, progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="is a file"):
+        S.generate_survey(out / "notes.txt", n=3, size=32, progress=False)
+
+
 @pytest.mark.parametrize("size", ["33", "30", "514", "0"])
 def test_cli_rejects_bad_sizes(tmp_path, capsys, size):
     from astrolom.cli import main

@@ -98,3 +98,10 @@ def test_walkthrough_runs_as_written(tmp_path):
     assert set(scores) == {"linear", "knn"}
     assert probes["targets"]["redshift"]["n_test"] == int((np.asarray(galaxies.split) == "test").sum()) > 0
     assert all(np.isfinite(s["mae"]) and 0 < s["mae"] < 0.2 for s in scores.values())
+    # ... and scored as the field reports photo-z: the per-object table and its sigma_NMAD / bias / eta, printed
+    metrics = json.loads((tmp_path / "photoz" / "predictions" / "prediction_metrics.json").read_text())["metrics"]
+    assert {m["method"] for m in metrics} == {"linear", "knn"}
+    for m in metrics:
+        assert m["n"] == probes["targets"]["redshift"]["n_test"] and 0 < m["sigma_nmad"] < 0.2
+        assert abs(m["bias"]) < 0.1 and 0 <= m["eta"] <= 1
+        assert f"{m['sigma_nmad']:.4f}" in out  # the table `astrolom metrics` printed

@@ -16,10 +16,12 @@ layer: the same scaling for north and south), stored in the Smith42/galaxies Par
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -41,6 +43,7 @@ from astrolom.data.records import (
     check_split_fractions,
 )
 from astrolom.data.spectra import Spectrum
+from astrolom.layout import atomic_directory
 from astrolom.log import progress as progress_bar
 from astrolom.mock.catalogue import LINES, N_VOLUNTEERS, catalogue_row, sample_catalogue
 from astrolom.mock.images import render_image
@@ -64,6 +67,7 @@ from astrolom.mock.spectra import observe_spectrum
 from astrolom.mock.tables import get_tables, init_worker
 
 IMAGE_FORMATS = ("flux", "jpeg")  # how stamps are stored: float32 nanomaggies, or viewer-rendered 8-bit JPEGs
+SURVEY_JSON = "_survey.json"  # the summary beside the shards ('_': pyarrow.parquet.read_table(dir) skips it)
 JPEG_LAYER = "ls-dr9"  # the viewer layer whose rendering the JPEGs follow (astrolom.data.display.VIEWER_LAYERS)
 
 
@@ -328,17 +332,58 @@ def generate_survey(
     return write_survey(cfg, Path(out_dir), progress=progress, overwrite=overwrite)[0]
 
 
+def _is_survey_entry(name: str) -> bool:
+    """A file a survey run writes: its shards, its summary, or a shard left half-written by an older version."""
+    return fnmatch.fnmatch(name, "shard-*.parquet") or name == SURVEY_JSON or fnmatch.fnmatch(name, ".shard-*.tmp")
+
+
+def _carry_over(out: Path, new: Path) -> None:
+    """Hard-link every entry of `out` that is not the survey's into `new` (same parent, so the same file system): the
+    switch keeps them and costs no copy, and until the switch `out` is untouched."""
+    for p in sorted(out.iterdir()):
+        if _is_survey_entry(p.name):
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), new / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, new / p.name, symlinks=True, copy_function=os.link)
+        else:
+            os.link(p, new / p.name)
+
+
 def write_survey(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) -> tuple[Path, dict[str, Any]]:
-    """Render a validated `cfg` into `out`; returns (out, summary: counts per split and telescope, label ranges)."""
+    """Render a validated `cfg` into `out`; returns (out, summary: counts per split and telescope, label ranges).
+
+    The survey is rendered into a new sibling directory and switched in with one rename (`layout.atomic_directory`),
+    so a run that fails or is killed leaves the survey that was there whole (`--overwrite`), and a reader never sees
+    shards of two surveys. Other files in `out` are carried into the new directory as hard links.
+    """
+    real = out.resolve()  # a symlinked --out: switch the directory it points to, not the link
+    if real.exists() and not real.is_dir():
+        raise ValueError(f"{out} is a file, not a directory: choose another --out")
+    old = sorted(p.name for p in real.iterdir() if _is_survey_entry(p.name)) if real.is_dir() else []
+    old = [name for name in old if not name.startswith(".")]  # a survey, not a shard left by an interrupted run
+    if old and not overwrite:
+        raise ValueError(f"{out} already holds a survey ({old[0]}, ...); pass --overwrite to replace it")
+    cwd = Path.cwd().resolve()
+    if cwd == real or real in cwd.parents:
+        raise ValueError(
+            f"{out} is the current directory or contains it: the survey is switched in by renaming that directory; "
+            "run from outside it"
+        )
+    with atomic_directory(real) as new:
+        if real.is_dir():
+            _carry_over(real, new)
+        summary = _render(cfg, new, progress)
+    summary["files"] = [out / p.name for p in summary["files"]]
+    return out, summary
+
+
+def _render(cfg: SurveyConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Render the survey's shards and `_survey.json` into the (new, empty of shards) directory `out`."""
     import pyarrow.parquet as pq
 
     t_start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("shard-*.parquet")) + sorted(out.glob("_survey.json"))
-    if old and not overwrite:
-        raise ValueError(f"{out} already holds a survey ({old[0].name}, ...); pass --overwrite to replace it")
-    for p in old + sorted(out.glob(".shard-*.parquet.tmp")):  # (.tmp: left by an interrupted run)
-        p.unlink()
     tables = get_tables()
     meta = _metadata(cfg)
     schema = _arrow_schema(meta)
@@ -439,8 +484,8 @@ def write_survey(cfg: SurveyConfig, out: Path, progress: bool, overwrite: bool) 
         "label_stats": summary["label_stats"],
         "seconds": round(elapsed, 2),
     }
-    (out / "_survey.json").write_text(json.dumps(doc, indent=1))
-    return out, summary
+    (out / SURVEY_JSON).write_text(json.dumps(doc, indent=1))
+    return summary
 
 
 SUMMARY_LABELS = (

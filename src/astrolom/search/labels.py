@@ -17,7 +17,9 @@ the unmarked objects ("more like these") and picks the next ones to label:
   ranked objects (answering them gives the classifier its first negatives), their `p` that cosine.
 
 Exports (CSV or Parquet): object_id, ra/dec where the index has them, the mark, a score column (similarity or
-classifier score) when given, and every label column of the index.
+classifier score) when given, and every label column of the index. In CSV, a text cell that starts with = + - @, a
+tab or a carriage return gets a leading single quote (OWASP's defence against CSV formula injection), so an id or label
+from someone else's catalogue cannot run as a formula in a spreadsheet; Parquet keeps every value as it is.
 """
 
 from __future__ import annotations
@@ -248,15 +250,34 @@ def _finite(v) -> float | None:
     return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
+# a cell a spreadsheet would run as a formula (OWASP "CSV Injection"): = + - @ and tab / carriage return first
+_FORMULA_START = r"^([=+\-@\t\r])"
+
+
+def _neutralise_formulas(table: pa.Table) -> pa.Table:
+    """Prefix text cells that start like a formula with a single quote (the spreadsheet's "this is text" mark).
+
+    Text columns only: numbers (a negative dec) are written as numbers and stay numbers."""
+    import pyarrow.compute as pc
+
+    for i, field in enumerate(table.schema):
+        kind = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            col = pc.cast(table.column(i), kind)
+            safe = pc.replace_substring_regex(col, pattern=_FORMULA_START, replacement=r"'\1")
+            table = table.set_column(i, field.name, safe)
+    return table
+
+
 def table_bytes(table: pa.Table, fmt: str) -> bytes:
-    """A table as the bytes of a CSV or Parquet file."""
+    """A table as the bytes of a CSV (formula-like text cells quoted, see the module docstring) or Parquet file."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     buf = io.BytesIO()
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, buf)
+        pacsv.write_csv(_neutralise_formulas(table), buf)
     else:
         import pyarrow.parquet as pq
 

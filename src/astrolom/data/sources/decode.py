@@ -58,10 +58,19 @@ def peek_encoded(data: bytes) -> tuple[tuple[int, int, int], tuple[str, ...]]:
 
 
 def _hdu_band(header, k: int) -> str:
-    for key in ("BAND", "FILTER", "FILTNAM", "EXTNAME"):
+    """Band name of one 2-D image HDU: BAND / FILTER / FILTNAM, else the cube cards when they name exactly one band
+    (the Legacy Survey viewer writes a one-band cutout as a 2-D image with BANDS='g', BAND0='g' and no BAND card),
+    else EXTNAME, else band{k}."""
+    for key in ("BAND", "FILTER", "FILTNAM"):
         v = header.get(key)
         if isinstance(v, str) and v.strip():
             return v.strip()
+    one = _cube_bands(header, 1)
+    if one != ("band0",) and _cube_bands(header, 2) == ("band0", "band1"):  # names one band, not the first of many
+        return one[0]
+    v = header.get("EXTNAME")
+    if isinstance(v, str) and v.strip():
+        return v.strip()
     return f"band{k}"
 
 
