@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# One compute thread per process, set before torch, numpy or faiss is imported (nothing is at this point; the test
+# modules import them after conftest): the suite's models are tiny, and with any other job on the cores OpenMP's
+# spinning threads make a step several times slower (on the loaded 2-core box the alignment evaluation test took
+# 93 s with torch's default two threads and 24 s with one; tests/test_scaling.py 631 s and 176 s). Subprocesses
+# inherit it, as `run_pretrain` already set for its children. An explicit OMP_NUM_THREADS still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,17 @@ def run_pretrain(args: list[str], *, nproc: int = 1, env: dict | None = None, ti
     )
 
 
+def pretrain_here(args: list[str]) -> int:
+    """`astrolom pretrain ARGS` in this process, on one thread like `run_pretrain`'s children; returns the exit code.
+
+    For the uninterrupted runs that killed, resumed or torchrun runs are compared with: the same CLI and seeds, so the
+    same bits, without paying a fresh interpreter's imports (several seconds on a loaded 2-core machine)."""
+    from astrolom.cli import main
+
+    with torch_threads(1):
+        return main(["pretrain", *args])
+
+
 def read_metrics(run: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from pretrain_helpers import read_metrics, subprocess_env
+from pretrain_helpers import read_metrics, subprocess_env, torch_threads
 from safetensors.torch import load_file
 
 from astrolom.align.encoder import load_aligned
@@ -170,12 +170,23 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
-def _align_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = ["--image-model", "-", "--spectrum-model", "-", "--data", "-", "--out", str(out), "--steps", "6",
+def _align_args(out: Path, *extra: str) -> list[str]:
+    return ["align", "--image-model", "-", "--spectrum-model", "-", "--data", "-", "--out", str(out), "--steps", "6",
             "--batch-size", "16", "--lr", "3e-3", "--embed-dim", "16", "--eval-interval", "3",
             "--checkpoint-interval", "2", "--no-progress", *extra]  # fmt: skip
-    cmd = [sys.executable, "-m", "astrolom", "align", *args]
+
+
+def _align_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "astrolom", *_align_args(out, *extra)]
     return subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=180)
+
+
+def _align_here(out: Path) -> int:
+    """The same command in this process, on one thread like the subprocesses: the uninterrupted run to compare with."""
+    from astrolom.cli import main
+
+    with torch_threads(1):
+        return main(_align_args(out))
 
 
 @pytest.mark.slow
@@ -184,7 +195,7 @@ def test_sigkill_and_resume_is_exact_and_logs_every_step_once(tmp_path):
     for d in (whole, cut):
         d.mkdir()
         _synthetic_cache(d)
-    assert _align_cli(whole).returncode == 0
+    assert _align_here(whole) == 0
     killed = _align_cli(cut, env=fault_env(AFTER_STEP, 5))
     assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5: the latest checkpoint is step 4
     assert ckpt.latest_checkpoint(cut).name == ckpt.checkpoint_name(4)
@@ -230,10 +241,16 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
             "0",
             "--no-progress",
         ]
-        pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd = (pre if nproc > 1 else [sys.executable]) + ["-m", "astrolom", "align", *args]
-        done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
+        if nproc == 1:  # the one-process run in this process (one thread, as the ranks): no interpreter start-up
+            from astrolom.cli import main
+
+            with torch_threads(1):
+                assert main(["align", *args]) == 0
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            cmd += ["-m", "astrolom", "align", *args]
+            done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
         runs[nproc] = out
     a, b = read_metrics(runs[1]), read_metrics(runs[2])
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
@@ -249,13 +266,22 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
         assert (wa[k] - wb[k]).abs().max() < 1e-4, k
 
 
+@pytest.fixture(scope="module")
+def aligned_run(tmp_path_factory):
+    """160 synthetic pairs (16 test) and 20 steps of heads, read-only: both eval-align tests score this one run."""
+    run = tmp_path_factory.mktemp("aligned_run")
+    _synthetic_cache(run, n=160, size=16)
+    AlignTrainer(_cfg(run, steps=20, eval_interval=10)).fit()
+    return run
+
+
 @pytest.mark.slow
-def test_eval_align_end_to_end(tmp_path):
+def test_eval_align_end_to_end(aligned_run, tmp_path):
     from astrolom.align.evaluate import evaluate_alignment
 
-    _synthetic_cache(tmp_path, n=160, size=16)
-    AlignTrainer(_cfg(tmp_path, steps=20, eval_interval=10)).fit()
-    res = evaluate_alignment(str(tmp_path), None, tmp_path / "eval", cnn_epochs=2, flow_epochs=3, log=lambda m: None)
+    # two flows per ensemble, not the default four: the mixture itself is checked in test_align_eval.py
+    res = evaluate_alignment(str(aligned_run), None, tmp_path / "eval", cnn_epochs=2, flow_epochs=3, flow_members=2,
+                             log=lambda m: None)  # fmt: skip
     r = res["retrieval"]["image→spectrum"]
     assert r["n"] == 16 and r["chance@10"] == pytest.approx(10 / 16)
     assert r["recall@1"] > 3 * r["chance@1"]  # the synthetic pairs share a latent: aligned far above chance
@@ -266,7 +292,7 @@ def test_eval_align_end_to_end(tmp_path):
     emb = pq.read_table(tmp_path / "eval" / "aligned_embeddings.parquet")
     assert emb.num_rows == 160 and len(emb["embedding_spectra"][0]) == 16
     recipe = recipe_of(json.loads(emb.schema.metadata[b"astrolom"]))  # the run, so that its index embeds queries
-    assert recipe.aligned and recipe.model == str(tmp_path.resolve()) and recipe.main_modality == "images"
+    assert recipe.aligned and recipe.model == str(aligned_run.resolve()) and recipe.main_modality == "images"
     for name in ("align_eval.json", "align_eval.md", "retrieval.png", "tarp.png", "corner.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     md = (tmp_path / "eval" / "align_eval.md").read_text()
@@ -298,15 +324,13 @@ def test_eval_align_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(tmp_path):
+def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(aligned_run, tmp_path):
     from astrolom.align.evaluate import evaluate_alignment, markdown
 
-    _synthetic_cache(tmp_path, n=160, size=16)
-    AlignTrainer(_cfg(tmp_path, steps=20, eval_interval=10)).fit()
     out = tmp_path / "eval"
     out.mkdir()
     (out / "tarp.png").write_bytes(b"stale")  # a full run's figure from before must not survive a quick one
-    res = evaluate_alignment(str(tmp_path), None, out, quick=True, log=lambda m: None)
+    res = evaluate_alignment(str(aligned_run), None, out, quick=True, log=lambda m: None)
     assert res["quick"] is True and res["posteriors"] == {}
     r = res["retrieval"]["image→spectrum"]
     assert r["recall@1"] > 3 * r["chance@1"]

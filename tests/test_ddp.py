@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch.distributed as dist
-from pretrain_helpers import TINY, read_metrics, run_pretrain, write_blobs
+from pretrain_helpers import TINY, pretrain_here, read_metrics, run_pretrain, write_blobs
 from safetensors.torch import load_file
 
 from astrolom.layout import latest_checkpoint
@@ -25,8 +25,7 @@ def single(tmp_path_factory):
     """One process: 2 micro-batches of 4 per step."""
     tmp = tmp_path_factory.mktemp("ddp")
     data = write_blobs(tmp / "blobs", n=48, size=32)
-    done = run_pretrain(["--data", str(data), *ARGS, "train.micro_batch_size=4", "--out", str(tmp / "one")])
-    assert done.returncode == 0, done.stderr
+    assert pretrain_here(["--data", str(data), *ARGS, "train.micro_batch_size=4", "--out", str(tmp / "one")]) == 0
     return data, tmp / "one"
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from pretrain_helpers import TINY, run_pretrain, subprocess_env
+from pretrain_helpers import TINY, pretrain_here, subprocess_env
 
 from astrolom.cli import main
 from astrolom.data.records import Record
@@ -228,10 +228,9 @@ def _png_folder(root, n: int = 12, size: int = 32):
 def test_a_skip_bad_run_is_embedded_and_indexed_with_its_skips_counted(tmp_path):
     data = _png_folder(tmp_path / "pngs")
     run = tmp_path / "run"
-    trained = run_pretrain(["--data", str(data), "--preset", "debug", "--max-steps", "2", *TINY, "data.skip_bad=true",
-                            "train.batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0",
-                            "--out", str(run)])  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
+    assert pretrain_here(["--data", str(data), "--preset", "debug", "--max-steps", "2", *TINY, "data.skip_bad=true",
+                          "train.batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0",
+                          "--out", str(run)]) == 0  # fmt: skip
     emb = tmp_path / "emb.parquet"
     args = ["embed", "--model", str(run), "--data", str(data), "--out", str(emb), "--no-progress"]
     assert main(args) == 2 and not emb.exists()  # without --skip-bad a bad file is an error, nothing written

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from pretrain_helpers import TINY, read_metrics, run_pretrain, write_blobs
+from pretrain_helpers import TINY, pretrain_here, read_metrics, run_pretrain, write_blobs
 from safetensors.torch import load_file
 
 from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, spectrum_matrix
@@ -55,8 +55,7 @@ def test_killed_and_resumed_multimodal_run_matches_an_uninterrupted_one(survey, 
     args += ["train.batch_size=8", "train.micro_batch_size=4", "train.checkpoint_interval=3", "train.eval_interval=3"]
     args += ["train.eval_samples=4", "optim.learning_rate=3e-3", "optim.warmup_steps=1"]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    done = run_pretrain([*args, "--out", str(full)])
-    assert done.returncode == 0, done.stderr
+    assert pretrain_here([*args, "--out", str(full)]) == 0  # the uninterrupted run: in process, same bits
     killed = run_pretrain([*args, "--out", str(broken)], env=fault_env(AFTER_STEP, 4))
     assert killed.returncode == -9, killed.stderr
     assert ckpt.latest_checkpoint(broken).name == "step-000003"
@@ -86,20 +85,28 @@ def test_spectra_model_on_data_without_spectra_is_refused(tmp_path):
     assert "no spectrum wavelength grid" in run.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process_with_two_modalities(survey, tmp_path, strategy):
+def _fixed_order_args(survey) -> list[str]:
     # fixed order: a random order is drawn from each rank's own RNG, so it differs between world sizes by design
     mm = ["model.modalities=images,spectra", "model.spectrum_patch=64"]
     args = ["--data", str(survey), "--preset", "debug", "--max-steps", "3", *TINY, *mm, "train.batch_size=8"]
-    args += ["train.eval_interval=3", "train.eval_samples=4", "train.checkpoint_interval=0"]
-    one = run_pretrain([*args, "train.micro_batch_size=4", "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
-    two = run_pretrain(
-        [*args, "train.micro_batch_size=2", f"train.parallel={strategy}", "--out", str(tmp_path / "two")], nproc=2
-    )
+    return [*args, "train.eval_interval=3", "train.eval_samples=4", "train.checkpoint_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(survey, tmp_path_factory):
+    """The one-process run both strategies are compared with: 2 micro-batches of 4 per step, read-only."""
+    out = tmp_path_factory.mktemp("mm_one") / "one"
+    assert pretrain_here([*_fixed_order_args(survey), "train.micro_batch_size=4", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_two_modalities(survey, one_process, tmp_path, strategy):
+    args = [*_fixed_order_args(survey), "train.micro_batch_size=2", f"train.parallel={strategy}"]
+    two = run_pretrain([*args, "--out", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stdout + two.stderr
-    a = [r for r in read_metrics(tmp_path / "one") if "loss" in r]
+    a = [r for r in read_metrics(one_process) if "loss" in r]
     b = [r for r in read_metrics(tmp_path / "two") if "loss" in r]
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b, strict=True):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from pretrain_helpers import TINY, read_metrics, run_pretrain, write_blobs
+from pretrain_helpers import TINY, pretrain_here, read_metrics, run_pretrain, write_blobs
 from safetensors.torch import load_file
 
 from astrolom.layout import checkpoint_name, latest_checkpoint
@@ -27,8 +27,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     args += ["train.eval_samples=8", "optim.learning_rate=3e-3", "optim.warmup_steps=2"]
     full, broken = tmp_path / "full", tmp_path / "broken"
 
-    done = run_pretrain([*args, "--out", str(full)])
-    assert done.returncode == 0, done.stderr
+    assert pretrain_here([*args, "--out", str(full)]) == 0  # the uninterrupted run: in process, same bits
 
     killed = run_pretrain([*args, "--out", str(broken)], env=fault_env(AFTER_STEP, 5))
     assert killed.returncode == -9, killed.stderr  # SIGKILL after step 5; last checkpoint: step 3
@@ -96,6 +95,5 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(data, tmp_path):
     assert latest.name == checkpoint_name(stopped["step"])
     assert max(r["step"] for r in read_metrics(run)) == stopped["step"]
 
-    more = run_pretrain([*args[:5], str(stopped["step"] + 2), *args[6:], "--resume"])
-    assert more.returncode == 0, more.stderr
+    assert pretrain_here([*args[:5], str(stopped["step"] + 2), *args[6:], "--resume"]) == 0
     assert [r["step"] for r in read_metrics(run)] == list(range(1, stopped["step"] + 3))

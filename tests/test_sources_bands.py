@@ -134,7 +134,7 @@ def test_a_file_that_names_no_bands_cannot_be_selected_from(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_with_data_bands_on_griz_cutouts_and_embed_with_them(tmp_path, capsys):
-    from pretrain_helpers import TINY, read_metrics, run_pretrain
+    from pretrain_helpers import TINY, pretrain_here, read_metrics
 
     from astrolom.eval.embeddings import load_embeddings
     from astrolom.model.pretrained import load_model
@@ -148,8 +148,7 @@ def test_pretrain_with_data_bands_on_griz_cutouts_and_embed_with_them(tmp_path, 
     out = tmp_path / "run"
     args = ["--data", str(folder), "--out", str(out), "--preset", "debug", "--max-steps", "2", *TINY]
     args += ["train.batch_size=4", "train.micro_batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0"]
-    done = run_pretrain([*args, "data.bands=g,r,z"])
-    assert done.returncode == 0, done.stderr
+    assert pretrain_here([*args, "data.bands=g,r,z"]) == 0
     assert len([r for r in read_metrics(out) if "loss" in r]) == 2
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["model"]["n_chan"] == 3 and cfg["data"]["n_chan"] == 3  # g, r, z of the four planes

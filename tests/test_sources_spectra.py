@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from PIL import Image
-from pretrain_helpers import TINY, read_metrics, run_pretrain
+from pretrain_helpers import TINY, pretrain_here, read_metrics
 
 from astrolom import cli
 from astrolom.data.sources import BadRecordError, open_source
@@ -275,8 +275,7 @@ def test_pretrain_images_and_spectra_on_own_data(tmp_path, kind):
     out = tmp_path / "run"
     args = ["--data", str(data), "--out", str(out), "--preset", "debug", "--max-steps", "2", *TINY, *MM]
     args += ["train.batch_size=4", "train.micro_batch_size=4", "train.eval_interval=0", "train.checkpoint_interval=0"]
-    done = run_pretrain(args)
-    assert done.returncode == 0, done.stderr
+    assert pretrain_here(args) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     # 16 image tokens + 4 spectrum tokens (128 px / 32) + 2 begin-of-modality tokens per object
