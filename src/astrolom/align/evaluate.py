@@ -48,6 +48,7 @@ from astrolom.align.encoder import has_tuned_backbones, load_aligned, load_encod
 from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME
+from astrolom.data.display import display_rgb
 from astrolom.eval.baselines import photometry, train_cnn
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet, r2
@@ -476,13 +477,6 @@ def record_posteriors(record: PredictionSet, post: dict) -> None:
 # ------------------------------------------------------------------------------------------------------- figures
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
-    """(H, W, C>=3) g, r, z -> asinh-stretched RGB (z red, r green, g blue)."""
-    x = img[..., [2, 1, 0]] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, -1)
-    x = np.arcsinh(x / (np.percentile(np.abs(x), 50) + 1e-9) / 3)
-    return np.clip(x / (x.max() + 1e-9), 0, 1)
-
-
 def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path, n_query: int = 4, top: int = 3):
     """Query galaxies (image) with their top spectrum matches (AstroCLIP Fig. 2): images and spectra of the matches."""
     import matplotlib
@@ -502,16 +496,17 @@ def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path
         gridspec_kw={"width_ratios": [1] * (top + 1) + [2.5]},
     )
     axes = np.atleast_2d(axes)
+    bands = cache.meta.get("bands")  # None (caches written before bands were recorded): shown min-max scaled
     spectra = cache.spectra.numpy()[test]
     # observed-frame wavelength in Å (caches written before the grid was recorded fall back to pixel index)
     wave = np.asarray(cache.meta.get("wavelength") or np.arange(spectra.shape[1]), dtype=np.float64)
     x_label = "observed wavelength [Å]" if cache.meta.get("wavelength") else "spectrum pixel"
     for r, q in enumerate(queries):
         order = np.argsort(-sims[q])[:top]
-        axes[r, 0].imshow(_rgb(cache.images[test[q]].numpy()))
+        axes[r, 0].imshow(display_rgb(cache.images[test[q]].numpy(), bands))
         axes[r, 0].set_title(f"query z={z[q]:.3f}", fontsize=8)
         for c, m in enumerate(order, start=1):
-            axes[r, c].imshow(_rgb(cache.images[test[m]].numpy()))
+            axes[r, c].imshow(display_rgb(cache.images[test[m]].numpy(), bands))
             hit = " ✓" if m == q else ""
             axes[r, c].set_title(f"#{c} z={z[m]:.3f}{hit}", fontsize=8)
         ax = axes[r, -1]

@@ -593,7 +593,7 @@ def build_report(
             T = min(model.config.block_size, (h // p) * (w // p))
             k = inpaint_k or max(1, T // 4)
             res = inpaint(model, np.stack([r.image for r in recs]), k)
-            pi = fg.plot_inpainting(res, figdir / "inpainting")
+            pi = fg.plot_inpainting(res, figdir / "inpainting", src.bands)
             sections.append(
                 "<h2>Inpainting</h2>"
                 f'<p class="note">The model sees the central {res["k"]} spiral tokens and generates the next '
