@@ -35,7 +35,7 @@ from astrolom.align.encoder import (
 )
 from astrolom.data.augment import d4, turns_then_mirror
 from astrolom.data.records import Record
-from astrolom.eval.baselines import sky_sigma
+from astrolom.data.sky import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 from astrolom.log import progress as progress_bar
 
