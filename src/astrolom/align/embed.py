@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from astrolom.align.encoder import AlignedEncoder, ModelEncoder, load_encoder, record_flux
+from astrolom.config import comma_list
 from astrolom.data.records import SPLITS, Record
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_metadata, recipe_of
 from astrolom.eval.multimodal import batched_columns, source_settings
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.data,
         args.out,
-        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        splits=list(comma_list(args.splits, name="--splits")),
         batch_size=args.batch_size,
         layer=args.layer,
         tokens=args.tokens,
