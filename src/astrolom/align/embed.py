@@ -26,11 +26,12 @@ import numpy as np
 
 from astrolom.align.encoder import AlignedEncoder, ModelEncoder, load_encoder, record_flux
 from astrolom.config import comma_list
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.records import SPLITS, Record
 from astrolom.eval.embeddings import EMBEDDING, EmbeddingRecipe, embedding_metadata, recipe_of
 from astrolom.eval.multimodal import batched_columns, source_settings
 
-COLUMNS = {EMBEDDING: "images", "embedding_images": "images", "embedding_spectra": "spectra"}
+COLUMNS = {EMBEDDING: IMAGES, "embedding_images": IMAGES, "embedding_spectra": SPECTRA}
 # what `astrolom embed` says it wrote, by encoder kind
 WRITTEN = {
     "astropt": "",

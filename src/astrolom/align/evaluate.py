@@ -49,6 +49,7 @@ from astrolom.align.features import TARGETS, FeatureCache
 from astrolom.align.model import AlignModel
 from astrolom.align.train import FEATURES_NAME
 from astrolom.data.display import display_rgb
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.eval.baselines import photometry, train_cnn
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet, r2
@@ -69,9 +70,9 @@ def aligned_embeddings(model: AlignModel, cache: FeatureCache, batch_size: int =
     img, spec = [], []
     for i in range(0, len(cache.object_ids), batch_size):
         sl = slice(i, i + batch_size)
-        img.append(model.encode("images", cache.image_tokens[sl, 0]))
-        spec.append(model.encode("spectra", cache.spectrum_tokens[sl], cache.spectrum_mask[sl]))
-    return {"images": torch.cat(img).numpy(), "spectra": torch.cat(spec).numpy()}
+        img.append(model.encode(IMAGES, cache.image_tokens[sl, 0]))
+        spec.append(model.encode(SPECTRA, cache.spectrum_tokens[sl], cache.spectrum_mask[sl]))
+    return {IMAGES: torch.cat(img).numpy(), SPECTRA: torch.cat(spec).numpy()}
 
 
 def tuned_embeddings(encoder, cache: FeatureCache, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -85,7 +86,7 @@ def tuned_embeddings(encoder, cache: FeatureCache, batch_size: int = 256) -> dic
         records = [Record(str(o), cache.images[i + j].numpy()) for j, o in enumerate(ids)]
         img.append(encoder.embed_images(records))
         spec.append(encoder.embed_spectra(list(cache.spectra[i : i + len(ids)].numpy()), [str(o) for o in ids]))
-    return {"images": np.concatenate(img), "spectra": np.concatenate(spec)}
+    return {IMAGES: np.concatenate(img), SPECTRA: np.concatenate(spec)}
 
 
 def write_embeddings(
@@ -105,7 +106,7 @@ def write_embeddings(
         for i, (oid, split) in enumerate(zip(cache.object_ids, cache.splits, strict=True))
     ]
     with EmbeddingWriter(path, metadata or {}, alias="embedding_images") as writer:
-        writer.write(records, {"embedding_images": (emb["images"], None), "embedding_spectra": (emb["spectra"], None)})
+        writer.write(records, {"embedding_images": (emb[IMAGES], None), "embedding_spectra": (emb[SPECTRA], None)})
     return Path(path)
 
 
@@ -174,10 +175,10 @@ def property_table(
     targets = [t for t in TARGETS if t in cache.label_names]
     ys = {t: cache.label(t) for t in targets}
     feats = {
-        "image aligned": emb["images"],
-        "image unaligned": cache.unaligned("images"),
-        "spectrum aligned": emb["spectra"],
-        "spectrum unaligned": cache.unaligned("spectra"),
+        "image aligned": emb[IMAGES],
+        "image unaligned": cache.unaligned(IMAGES),
+        "spectrum aligned": emb[SPECTRA],
+        "spectrum unaligned": cache.unaligned(SPECTRA),
     }
     table: dict[str, dict[str, float]] = {}
     for name, x in feats.items():
@@ -430,9 +431,9 @@ def posterior_table(
     ok = np.isfinite(y).all(1)
     fit, val, test = fit[ok[fit]], val[ok[val]], test[ok[test]]
     sets = {
-        "image aligned": emb["images"],
-        "image unaligned": cache.unaligned("images"),
-        "spectrum aligned": emb["spectra"],
+        "image aligned": emb[IMAGES],
+        "image unaligned": cache.unaligned(IMAGES),
+        "spectrum aligned": emb[SPECTRA],
         "photometry": supervised["photometry"],
         "image CNN features": supervised["image CNN"],
     }
@@ -487,7 +488,7 @@ def retrieval_figure(cache: FeatureCache, emb: dict[str, np.ndarray], path: Path
     test = cache.rows("test")
     rng = np.random.default_rng(0)
     queries = rng.choice(len(test), size=min(n_query, len(test)), replace=False)
-    sims = emb["images"][test] @ emb["spectra"][test].T
+    sims = emb[IMAGES][test] @ emb[SPECTRA][test].T
     z = cache.label("redshift")[test] if "redshift" in cache.label_names else np.full(len(test), np.nan)
     fig, axes = plt.subplots(
         len(queries),
@@ -635,7 +636,7 @@ def evaluate_alignment(
     if len(test) < 2:
         raise ValueError(f"{cache_path}: fewer than 2 test pairs to evaluate")
     log(f"eval-align: {len(test)} test pairs")
-    ei, es = emb["images"][test], emb["spectra"][test]
+    ei, es = emb[IMAGES][test], emb[SPECTRA][test]
     retrieval = {"image→spectrum": retrieval_metrics(ei, es), "spectrum→image": retrieval_metrics(es, ei)}
     similarity = {}
     if "redshift" in cache.label_names:

@@ -34,6 +34,7 @@ from astrolom.align.encoder import (
     spectrum_token_features,
 )
 from astrolom.data.augment import d4, turns_then_mirror
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.records import Record
 from astrolom.data.sky import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
@@ -173,8 +174,8 @@ def extract_features(
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    img = load_encoder(image_model, modality="images")
-    spec = load_encoder(spectrum_model, modality="spectra")
+    img = load_encoder(image_model, modality=IMAGES)
+    spec = load_encoder(spectrum_model, modality=SPECTRA)
     img_model, img_cfg, img_dir = img.model, img.config, str(img.path)
     spec_model, spec_cfg, spec_dir = spec.model, spec.config, str(spec.path)
     tokeniser = spectrum_tokeniser_from_config(spec_cfg)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from astrolom import layout
+from astrolom.data.modalities import SPECTRA
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.eval import figures as fg
@@ -316,7 +317,7 @@ def _multimodal_section(columns: Path | None, generations: list[Path]) -> str:
                  f"{m['huber_mean_baseline']:.4f}", f"{100 * m['fraction_better_than_baseline']:.0f}%"]
             )  # fmt: skip
             png = path.parent / layout.GENERATED_SPECTRA_PNG
-            if m["to"] == "spectra" and png.exists():
+            if m["to"] == SPECTRA and png.exists():
                 figs += _img(png, "spectra generated from the images (red) against the true ones (grey); dotted: "
                              "emission lines at the true redshift")  # fmt: skip
         best = [{3} if float(r[3]) < float(r[4]) else {4} for r in rows]

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from astrolom.config import comma_list
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.eval.embeddings import (  # noqa: F401  (EmbeddingTable re-exported for callers)
     MULTISCALE,
     EmbeddingRecipe,
@@ -179,7 +180,7 @@ class SearchIndex:
     @property
     def aligned(self) -> bool:
         """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
-        return self.recipe.aligned and {"images", "spectra"} <= set(self.modalities)
+        return self.recipe.aligned and {IMAGES, SPECTRA} <= set(self.modalities)
 
     @property
     def main_modality(self) -> str:
