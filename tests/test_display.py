@@ -120,8 +120,8 @@ def test_report_figures_and_explorer_show_a_stamp_as_viewer_rgb(mock_survey, mod
     import torch
     from fastapi.testclient import TestClient
 
-    from astrolom.align.evaluate import retrieval_figure
     from astrolom.align.features import FeatureCache
+    from astrolom.align.figures import retrieval_figure
     from astrolom.eval import figures as fg
     from astrolom.serve import app as sa
 
