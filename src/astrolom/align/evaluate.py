@@ -384,7 +384,7 @@ def markdown(result: dict) -> str:
         "| feature set | flow input | test NLL (nats) | TARP max abs deviation | TARP fraction in 2σ band |",
         "|---|---|---|---|---|",
     ]
-    from astrolom.eval.report import flow_input
+    from astrolom.eval.report_html import flow_input
 
     for k, v in result["posteriors"].items():
         t = v["tarp"]
