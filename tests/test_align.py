@@ -348,7 +348,7 @@ def test_eval_align_quick_keeps_retrieval_and_zero_shot_only(aligned_run, tmp_pa
 
 
 def test_posterior_summary_is_the_median_and_half_the_central_68_percent():
-    from astrolom.align.evaluate import posterior_summary
+    from astrolom.align.posteriors import posterior_summary
 
     rng = np.random.default_rng(0)
     mu, sd = np.array([[0.3, 10.0], [1.2, 9.0]]), np.array([[0.05, 0.2], [0.1, 0.4]])

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from astrolom.align.evaluate import (
+from astrolom.align.evaluate import knn_predict, retrieval_metrics
+from astrolom.align.posteriors import (
     ensemble_nll,
     ensemble_samples,
     fit_flow,
     fit_flow_ensemble,
     flow_nll,
     flow_samples,
-    knn_predict,
-    retrieval_metrics,
     tarp_coverage,
 )
 

@@ -48,6 +48,7 @@ def test_features_of_real_encoders(encoders, tmp_path):
     assert len(wave) == cache.spectra.shape[1] and wave[0] == pytest.approx(3600) and wave[-1] == pytest.approx(9800)
     back = FeatureCache.load(cache.save(tmp_path / "f.safetensors"))
     assert back.meta["wavelength"] == wave
+    assert back.meta["bands"] == ["g", "r", "z"]  # the figures render the cached stamps by band name
     assert back.object_ids == cache.object_ids and torch.equal(back.image_tokens, cache.image_tokens)
     with pytest.raises(ValueError, match="pretrained on spectra alone"):
         extract_features(str(img), str(img), str(survey), progress=False)

@@ -98,3 +98,65 @@ def test_survey_writes_viewer_jpegs_readable_as_the_paper_layout(tmp_path, capsy
         assert rec.pixels.mean() > 20  # the sky renders grey (m = 0.03 offset), not black
     assert cli.main([*args, "--out", str(tmp_path / "x"), "--jpeg-size", "64"]) == 2
     assert "astrolom survey: error: --jpeg-size needs --format jpeg" in capsys.readouterr().err
+
+
+def _shown_images(monkeypatch) -> list[np.ndarray]:
+    """Collects every array a figure passes to `imshow` (the pixels the figure shows, before matplotlib resamples)."""
+    from matplotlib.axes import Axes
+
+    shown, imshow = [], Axes.imshow
+
+    def spy(self, x, *args, **kwargs):
+        shown.append(np.asarray(x))
+        return imshow(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", spy)
+    return shown
+
+
+def test_report_figures_and_explorer_show_a_stamp_as_viewer_rgb(mock_survey, model_index, monkeypatch, tmp_path):
+    import io
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from astrolom.align.features import FeatureCache
+    from astrolom.align.figures import retrieval_figure
+    from astrolom.eval import figures as fg
+    from astrolom.serve import app as sa
+
+    src = open_source(mock_survey)
+    recs = list(src.records())[:2]
+    assert src.bands == ("g", "r", "z")
+    stamps = np.stack([r.image for r in recs])
+    want = [viewer_rgb(s) for s in stamps]
+    assert all(0.05 < w.mean() < 0.95 for w in want)  # a real rendering, neither black nor saturated
+    # explorer: the cutout endpoint's PNG at the stamp's own size is the viewer rendering in 8 bits
+    client = TestClient(sa.create_app(model_index), base_url="http://127.0.0.1:8000")
+    for rec, w in zip(recs, want, strict=True):
+        png = client.get(f"/api/object/{rec.object_id}/cutout.png?size={stamps.shape[1]}")
+        assert png.status_code == 200
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")), to_8bit(w))
+    # report: the inpainting figure's truth row
+    shown = _shown_images(monkeypatch)
+    fake = {"truth": stamps, "masked": np.zeros_like(stamps), "inpainted": stamps, "k": 1, "generated": 3,
+            "mse": 0.5, "mse_zero": 1.0}  # fmt: skip
+    fg.plot_inpainting(fake, tmp_path / "inpainting", src.bands)
+    assert len(shown) == 3 * len(stamps)
+    for got, w in zip(shown[: len(stamps)], want, strict=True):
+        np.testing.assert_array_equal(got, w)
+    # alignment figures: the retrieval figure's query and match stamps (bands recorded in the feature cache)
+    shown.clear()
+    n = len(stamps)
+    cache = FeatureCache(
+        torch.zeros(n, 1, 2, 4), torch.eye(n, 4)[:, None].repeat(1, 2, 1), torch.ones(n, 2, dtype=torch.bool),
+        torch.zeros(n, 1), torch.from_numpy(stamps), torch.ones(n, 8), [r.object_id for r in recs], ["test"] * n,
+        ["redshift"], {"bands": list(src.bands)},
+    )  # fmt: skip
+    emb = {"images": np.eye(n), "spectra": np.eye(n)}  # every query's best match is itself
+    retrieval_figure(cache, emb, tmp_path / "retrieval.png", n_query=n, top=1)
+    assert len(shown) == 2 * n
+    for k in range(0, 2 * n, 2):
+        np.testing.assert_array_equal(shown[k], shown[k + 1])  # the query and its match: the same stamp
+        assert any(np.array_equal(shown[k], w) for w in want)
+    src.close()

@@ -281,7 +281,7 @@ def test_report_shows_the_photo_z_panel_and_property_predictions(tiny_run):
 def test_prediction_section_shows_data_as_text(tmp_path):
     from astrolom.eval.figures import write_predictions
     from astrolom.eval.metrics import PredictionSet
-    from astrolom.eval.report import prediction_section
+    from astrolom.eval.report_html import prediction_section
 
     evil = "<img src=x onerror=alert(1)>"
     ps = PredictionSet()

@@ -10,12 +10,32 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+
+def comma_list(text: str, type: Callable[[str], Any] = str, name: str = "value") -> tuple:
+    """The one parser of comma-separated options ("g,r,z", "4,16,64"): stripped items, empty ones dropped.
+
+    Args:
+        type: applied to each item (str, int, float, ...).
+        name: the option's name for the error message (e.g. "--targets").
+
+    Raises:
+        ValueError: naming the option and the item that `type` rejects.
+    """
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        return tuple(type(t) for t in items)
+    except ValueError as err:
+        raise ValueError(
+            f"{name}: {text!r} is not a comma-separated list of {getattr(type, '__name__', 'values')} ({err})"
+        ) from err
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -38,7 +58,7 @@ def _coerce(tp, value, where: str):
         return _coerce(args[0], value, where)
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = comma_list(value, name=where)
         args = typing.get_args(tp)
         elem = args[0] if args else Any
         items = [_coerce(elem, v, where) for v in value]

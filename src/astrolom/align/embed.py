@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from astrolom.align.encoder import AlignedEncoder, ModelEncoder, load_encoder, record_flux
+from astrolom.config import comma_list
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.records import SPLITS, Record
 from astrolom.eval.embeddings import embedding_metadata
 from astrolom.eval.multimodal import batched_columns, source_settings
 from astrolom.eval.recipe import EMBEDDING, EmbeddingRecipe, recipe_of
 
-COLUMNS = {EMBEDDING: "images", "embedding_images": "images", "embedding_spectra": "spectra"}
+COLUMNS = {EMBEDDING: IMAGES, "embedding_images": IMAGES, "embedding_spectra": SPECTRA}
 # what `astrolom embed` says it wrote, by encoder kind
 WRITTEN = {
     "astropt": "",
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.data,
         args.out,
-        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        splits=list(comma_list(args.splits, name="--splits")),
         batch_size=args.batch_size,
         layer=args.layer,
         tokens=args.tokens,

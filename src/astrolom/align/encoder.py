@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from astrolom.align.model import AlignConfig, AlignModel
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.multimodal import SpectrumTokeniser
 from astrolom.data.records import Record
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
@@ -80,7 +81,7 @@ def spectrum_token_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((B, Ts, C) features, (B, Ts) real-token mask) of spectra from a spectra-only encoder."""
     inputs = tokeniser(flux, ids)
-    feats = model.forward_features(inputs, layer=layer)["spectra"].float()
+    feats = model.forward_features(inputs, layer=layer)[SPECTRA].float()
     return feats, inputs["spectra_mask"].bool() & inputs["spectra_present"].bool()[:, None]
 
 
@@ -95,7 +96,7 @@ def reads_alone(config, modality: str) -> bool:
     mods = tuple(config.modalities)
     if mods == (modality,):
         return True
-    if modality != "spectra" or modality not in mods:
+    if modality != SPECTRA or modality not in mods:
         return False
     return config.modality_order == "random" or mods[0] == modality
 
@@ -150,13 +151,13 @@ class AlignedEncoder:
     @torch.no_grad()
     def embed_images(self, records: list[Record]) -> np.ndarray:
         feats = image_token_features(self.image, self.image_cfg, records, self.tokens)  # (B, T, Ci)
-        return self.heads.encode("images", feats).numpy()
+        return self.heads.encode(IMAGES, feats).numpy()
 
     @torch.no_grad()
     def embed_spectra(self, flux: list[np.ndarray], ids: list[str]) -> np.ndarray:
         """Spectra on `wavelength` with NaN at bad pixels (each with at least one good pixel)."""
         feats, mask = spectrum_token_features(self.spectrum, self.tokeniser, flux, ids)  # (B, Ts, Cs), (B, Ts)
-        return self.heads.encode("spectra", feats, mask).numpy()
+        return self.heads.encode(SPECTRA, feats, mask).numpy()
 
 
 def aligned_dir(path: str | Path) -> Path:
@@ -227,8 +228,8 @@ def _load_aligned_encoder(run: str | Path) -> AlignedEncoder:
     enc = cfg.get("features") or {}
     if not enc.get("image_model") or not enc.get("spectrum_model"):
         raise ValueError(f"{run}: the alignment run does not record its image and spectrum encoders")
-    image = load_encoder(enc["image_model"], modality="images")
-    spectrum = load_encoder(enc["spectrum_model"], modality="spectra")
+    image = load_encoder(enc["image_model"], modality=IMAGES)
+    spectrum = load_encoder(enc["spectrum_model"], modality=SPECTRA)
     state = load_file(str(aligned_dir(run) / WEIGHTS_NAME))
     tuned_any = False
     for prefix, model in (("backbones.image.", image.model), ("backbones.spectrum.", spectrum.model)):

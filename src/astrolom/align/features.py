@@ -34,8 +34,9 @@ from astrolom.align.encoder import (
     spectrum_token_features,
 )
 from astrolom.data.augment import d4, turns_then_mirror
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.records import Record
-from astrolom.eval.baselines import sky_sigma
+from astrolom.data.sky import sky_sigma
 from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 from astrolom.log import progress as progress_bar
 
@@ -131,10 +132,11 @@ class FeatureCache:
         )
 
 
-def _pairs(data: str, split_settings: dict, on_total=None, on_record=None) -> Iterator[Record]:
+def _pairs(data: str, split_settings: dict, on_open=None, on_record=None) -> Iterator[Record]:
     """Every record of every split that has a spectrum with at least one good pixel.
 
-    `on_total(n)` is told how many records will be scanned, `on_record()` called for each (progress with an ETA).
+    `on_open(n, bands)` is told how many records will be scanned and the images' band names (None: unknown),
+    `on_record()` is called for each (progress with an ETA).
     """
     from astrolom.data.sources import open_source
     from astrolom.data.stream import RecordStream
@@ -142,8 +144,8 @@ def _pairs(data: str, split_settings: dict, on_total=None, on_record=None) -> It
     source = open_source(data, spectra=True, **split_settings)
     try:
         counts = source.split_counts()
-        if on_total is not None:
-            on_total(sum(counts.get(s, 0) for s in ("train", "val", "test")))
+        if on_open is not None:
+            on_open(sum(counts.get(s, 0) for s in ("train", "val", "test")), source.bands)
         for split in ("train", "val", "test"):
             if counts.get(split, 0):
                 for rec in RecordStream(source, split=split, shuffle=False, epochs=1):
@@ -172,8 +174,8 @@ def extract_features(
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    img = load_encoder(image_model, modality="images")
-    spec = load_encoder(spectrum_model, modality="spectra")
+    img = load_encoder(image_model, modality=IMAGES)
+    spec = load_encoder(spectrum_model, modality=SPECTRA)
     img_model, img_cfg, img_dir = img.model, img.config, str(img.path)
     spec_model, spec_cfg, spec_dir = spec.model, spec.config, str(spec.path)
     tokeniser = spectrum_tokeniser_from_config(spec_cfg)
@@ -184,13 +186,15 @@ def extract_features(
     rng = np.random.default_rng(seed)
     out: dict[str, list] = {k: [] for k in ("img", "spec", "mask", "labels", "images", "spectra")}
     ids, splits, sigma = [], [], None
-    names = None
+    names, bands = None, None
     # progress over the records scanned (known up front, so the bar has an ETA); pairs are those with a spectrum
     bar = progress_bar(None, desc="encoder features", unit="obj", enabled=progress)
     buf: list[Record] = []
     scanned = 0
 
-    def on_total(n: int) -> None:
+    def on_open(n: int, source_bands: tuple[str, ...] | None) -> None:
+        nonlocal bands
+        bands = source_bands
         if not max_objects:  # a cap counts pairs, not the records scanned: then the scan length is unknown
             bar.total = n
             bar.refresh()
@@ -220,7 +224,7 @@ def extract_features(
         bar.set_postfix(pairs=len(ids), refresh=False)
         buf.clear()
 
-    for rec in _pairs(data, settings, on_total, on_record):
+    for rec in _pairs(data, settings, on_open, on_record):
         if names is None:
             names = [n for n in TARGETS if n in rec.labels]
         ids.append(str(rec.object_id))
@@ -244,6 +248,7 @@ def extract_features(
         "tokens": n_tokens,
         "seed": seed,
         "sky_sigma": [float(s) for s in sigma],
+        "bands": list(bands) if bands else None,  # the planes of `images`, for the figures' colour rendering
         "wavelength": [float(w) for w in tokeniser.wavelength],  # Å, the grid of `spectra` (figures' x axis)
     }
     cat = {k: torch.cat(v) for k, v in out.items()}

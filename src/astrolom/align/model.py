@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from astrolom.align.loss import DEFAULT_LOGIT_SCALE, ContrastiveLoss
-
-MODALITIES = ("images", "spectra")
+from astrolom.data.modalities import ALL, IMAGES, SPECTRA
 
 
 @dataclass
@@ -96,9 +95,9 @@ class AlignModel(nn.Module):
 
     def encode(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Shared-space embeddings (B, embed_dim), L2-normalised, of one modality's token features."""
-        head = {"images": self.image_head, "spectra": self.spectrum_head}.get(modality)
+        head = {IMAGES: self.image_head, SPECTRA: self.spectrum_head}.get(modality)
         if head is None:
-            raise ValueError(f"unknown modality {modality!r}; choose from {MODALITIES}")
+            raise ValueError(f"unknown modality {modality!r}; choose from {ALL}")
         return nn.functional.normalize(head(tokens, mask), dim=-1)
 
     def forward(

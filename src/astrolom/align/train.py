@@ -49,6 +49,7 @@ from astrolom.align.features import (
     extract_features,
 )
 from astrolom.align.model import AlignConfig, AlignModel
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.records import Record
 from astrolom.log import progress as progress_bar
 from astrolom.train import checkpoint as ckpt
@@ -103,7 +104,7 @@ class _Backbones(nn.Module):
         super().__init__()
         from astrolom.eval.multimodal import spectrum_tokeniser_from_config
 
-        image, spectrum = load_encoder(image_model, modality="images"), load_encoder(spectrum_model, modality="spectra")
+        image, spectrum = load_encoder(image_model, modality=IMAGES), load_encoder(spectrum_model, modality=SPECTRA)
         self.image, self.image_cfg, self.spectrum = image.model, image.config, spectrum.model
         self.tokeniser = spectrum_tokeniser_from_config(spectrum.config)
 

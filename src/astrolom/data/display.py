@@ -92,6 +92,27 @@ def viewer_rgb(image: np.ndarray, bands: tuple[str, ...] = ("g", "r", "z"), laye
     return np.clip(rgb, 0, 1)
 
 
+def display_rgb(image: np.ndarray, bands: tuple[str, ...] | None) -> np.ndarray:
+    """(H, W, C) stamp -> (H, W, 3) float32 RGB in [0, 1] for any figure or page: the one display rendering.
+
+    Stamps whose `bands` include g, r and z (by name, any order, extra bands ignored) get the viewer's ls-dr9 stretch
+    (`viewer_rgb`), so the report, the figures and the explorer show a galaxy the way the Legacy Survey viewer and
+    the paper's training JPEGs do. Other band sets (e.g. JPEG cutouts, whose planes are already display RGB, or
+    bands = None) show their first three planes (one plane: grey), scaled between the 0.5 and 99.5 percentiles.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    bands = tuple(bands or ())
+    if len(bands) == img.shape[2] and set(VIEWER_LAYERS["ls-dr9"].scales) <= set(bands):
+        rgb = viewer_rgb(img, bands, "ls-dr9")
+    else:
+        x = img[..., :3] if img.shape[2] >= 3 else np.repeat(img[..., :1], 3, axis=2)
+        lo, hi = np.nanpercentile(x, 0.5), np.nanpercentile(x, 99.5)
+        rgb = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+    return np.nan_to_num(rgb).astype(np.float32)  # masked (NaN) pixels show black
+
+
 def to_8bit(rgb: np.ndarray) -> np.ndarray:
     """[0, 1] float RGB -> uint8 the way the viewer's matplotlib `imsave` converts it: floor(255 v)."""
     return (np.asarray(rgb, dtype=np.float32) * np.float32(255)).astype(np.uint8)

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolom.data.modalities import ALL, IMAGES, SPECTRA
 from astrolom.data.spectra import DEFAULT_PATCH, WAVELENGTH_RANGE, n_tokens, tokenize_spectra
-
-MODALITY_KEYS = ("images", "spectra")
 
 
 def spectrum_matrix(spectra: Any, n_pixels: int, object_ids: Sequence[str] | None = None) -> torch.Tensor:
@@ -70,7 +69,7 @@ class SpectrumTokeniser:
         tok = tokenize_spectra(
             flux, self.wavelength, patch=self.patch, amplitude=self.amplitude, wavelength_range=self.wavelength_range
         )
-        return tok.model_inputs("spectra")
+        return tok.model_inputs(SPECTRA)
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint's config.json records about spectrum tokens (enough to rebuild this tokeniser)."""
@@ -101,9 +100,9 @@ def multimodal_inputs(
 ) -> dict[str, torch.Tensor]:
     """The model's dict input for one `TokenBatches` batch."""
     inputs: dict[str, torch.Tensor] = {}
-    if "images" in modalities:
-        inputs["images"] = batch["tokens"]
-    if "spectra" in modalities:
+    if IMAGES in modalities:
+        inputs[IMAGES] = batch["tokens"]
+    if SPECTRA in modalities:
         if spectra is None:
             raise ValueError("a spectra model needs a SpectrumTokeniser (the data's wavelength grid)")
         b = len(batch["object_id"])
@@ -115,9 +114,9 @@ class MultimodalBatches:
     """`TokenBatches` whose batches also carry `inputs` (see the module docstring); resumable like them."""
 
     def __init__(self, batches: Any, modalities: Sequence[str], spectra: SpectrumTokeniser | None):
-        unknown = [m for m in modalities if m not in MODALITY_KEYS]
+        unknown = [m for m in modalities if m not in ALL]
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; choose from {MODALITY_KEYS}")
+            raise ValueError(f"unknown modalities {unknown}; choose from {ALL}")
         self.batches, self.modalities, self.spectra = batches, tuple(modalities), spectra
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

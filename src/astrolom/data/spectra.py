@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from astrolom.data.modalities import SPECTRA
+
 WAVELENGTH_RANGE = (3000.0, 10000.0)  # Å; position normalisation shared with the reference AstroPT
 DEFAULT_PATCH = 32
 MIN_SCALE = 1e-6  # floor of the normalisation scale, so an all-zero (but "good") spectrum stays finite
@@ -228,7 +230,7 @@ class SpectrumTokens:
     log_scale: torch.Tensor
     present: torch.Tensor
 
-    def model_inputs(self, name: str = "spectra") -> dict[str, torch.Tensor]:
+    def model_inputs(self, name: str = SPECTRA) -> dict[str, torch.Tensor]:
         """The keys `AstroPT` reads for a spectrum modality."""
         return {
             name: self.values,

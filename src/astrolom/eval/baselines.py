@@ -6,8 +6,8 @@ test split):
 - **random_init** (the control): embeddings of an AstroPT with the pretrained model's config and freshly initialised
   weights (fixed seed), extracted exactly like the pretrained ones. What pretraining adds is the difference.
 - **pca_pixels**: PCA (fit on the fit split) of the central `pixel_crop` pixels, after the astronomers' arcsinh
-  stretch `asinh(x / sigma_band)` (sigma: the band's sky noise, from the median absolute deviation of the fit
-  images), with as many components as the embedding has dimensions.
+  stretch `asinh(x / sigma_band)` (sigma: the band's sky noise of the fit images, `astrolom.data.sky.sky_sigma`),
+  with as many components as the embedding has dimensions.
 - **photometry**: aperture fluxes in circular apertures of radius 2, 4, 8, 16 px around the stamp centre in every
   band, as asinh magnitudes (softened at the aperture's sky noise), plus the colours between adjacent bands per
   aperture. Unlike the model (whose per-patch standardisation removes absolute flux) this sees absolute fluxes.
@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from astrolom.data.augment import d4, turns_then_mirror
+from astrolom.data.sky import sky_sigma
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream
 from astrolom.data.tokens import center_crop
@@ -118,20 +119,6 @@ def load_images(
     finally:
         source.close()
     return out
-
-
-def sky_sigma(images: np.ndarray) -> np.ndarray:
-    """Per-band sky noise (C,) from the median absolute deviation of the stamps' border pixels."""
-    border = np.concatenate(
-        [
-            images[:, :4].reshape(len(images), -1, images.shape[-1]),
-            images[:, -4:].reshape(len(images), -1, images.shape[-1]),
-        ],
-        axis=1,
-    )
-    med = np.median(border, axis=(0, 1))
-    mad = np.median(np.abs(border - med), axis=(0, 1))
-    return np.maximum(1.4826 * mad, 1e-12)
 
 
 def stretch(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from astrolom.data.display import display_rgb  # noqa: E402
 from astrolom.eval import metrics as mt  # noqa: E402
 from astrolom.eval.probes import ProbeResult  # noqa: E402
 
@@ -389,24 +390,23 @@ def write_predictions(
 # ------------------------------------------------------------------------------------------------ inpainting
 
 
-def _rgb(img: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """grz float image -> displayable RGB (z as red, r green, g blue), arcsinh stretch with per-band scale."""
-    x = np.arcsinh(img / scale) / np.arcsinh(10.0)
-    rgb = x[..., ::-1] if img.shape[-1] == 3 else np.repeat(x[..., :1], 3, axis=-1)
-    return np.clip(rgb, 0, 1)
+def plot_inpainting(
+    result: dict, stem: str | Path, bands: tuple[str, ...] | None = None, n_show: int = 6
+) -> dict[str, Path]:
+    """Rows: truth, what the model was given (central k tokens), the model's completion.
 
-
-def plot_inpainting(result: dict, stem: str | Path, n_show: int = 6) -> dict[str, Path]:
-    """Rows: truth, what the model was given (central k tokens), the model's completion."""
+    Args:
+        bands: the band names of the stamps' planes; g, r, z are drawn with the Legacy Survey viewer's stretch
+            (`astrolom.data.display.display_rgb`), other band sets min-max scaled.
+    """
     truth, masked, gen = result["truth"], result["masked"], result["inpainted"]
     n = min(n_show, len(truth))
-    scale = np.maximum(np.percentile(np.abs(truth[:n]), 99, axis=(0, 1, 2)) / 10.0, 1e-12)
     fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6), squeeze=False)
     rows = (("truth", truth), (f"given: central {result['k']} tokens", masked), ("AstroPT completion", gen))
     for r, (label, imgs) in enumerate(rows):
         for j in range(n):
             ax = axes[r, j]
-            ax.imshow(_rgb(imgs[j], scale), origin="lower", interpolation="nearest")
+            ax.imshow(display_rgb(imgs[j], bands), interpolation="nearest")  # row 0 on top, as in the explorer
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:

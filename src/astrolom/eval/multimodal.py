@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from astrolom import layout
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
@@ -135,21 +136,21 @@ def embed_multimodal(
     the spectrum and joint columns are `spectrum_segments` times as wide as the image one."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     joint: dict[str, torch.Tensor] = {}
-    if "images" in inputs:
+    if IMAGES in inputs:
         img = {"images": inputs["images"][:, :n_tokens]}
         joint.update(img)
-        f = model.forward_features(img, layer=layer)["images"].float()
+        f = model.forward_features(img, layer=layer)[IMAGES].float()
         b = f.shape[0]
         out["embedding_images"] = (f.mean(1), torch.ones(b, dtype=torch.bool, device=f.device))
-    spec = {k: v for k, v in inputs.items() if k.startswith("spectra")}
+    spec = {k: v for k, v in inputs.items() if k.startswith(SPECTRA)}
     if spec:
         joint.update(spec)
-        f = model.forward_features(spec, layer=layer)["spectra"].float()
+        f = model.forward_features(spec, layer=layer)[SPECTRA].float()
         present = spec["spectra_present"].to(torch.bool)
         mask = spec["spectra_mask"] & present[:, None]
         out["embedding_spectra"] = (spectrum_pool(f, mask, spectrum_segments), present)
-    if len(joint) > 1 and "images" in joint:
-        fs = model.forward_features(joint, layer=layer)["spectra"].float()
+    if len(joint) > 1 and IMAGES in joint:
+        fs = model.forward_features(joint, layer=layer)[SPECTRA].float()
         pooled = spectrum_pool(fs, mask, spectrum_segments)  # spectrum tokens that saw the image
         pooled = 0.5 * (pooled + out["embedding_spectra"][0])  # ... and the same tokens that did not
         # objects without a spectrum keep their image embedding (repeated once per segment, to the same width)
@@ -236,7 +237,7 @@ def embed_multimodal_dataset(
     model, cfg_json, model_dir = _load(model_path)
     if not model.config.multimodal:
         raise ValueError(f"{model_dir} is an images-only model: use `astrolom embed`")
-    spectra = spectrum_tokeniser_from_config(cfg_json) if "spectra" in model.config.modalities else None
+    spectra = spectrum_tokeniser_from_config(cfg_json) if SPECTRA in model.config.modalities else None
     if spectra is not None and spectrum_segments > spectra.n_tokens:
         if spectrum_segments != DEFAULT_SPECTRUM_SEGMENTS:
             raise ValueError(
@@ -334,13 +335,13 @@ def evaluate_generation(
     """Generate `target` from `source` for up to n objects of `split` that have both; metrics.json and a figure."""
     model, cfg_json, model_dir = _load(model_path)
     mods = model.config.modalities
-    if {source, target} != {"images", "spectra"} or not set(mods) >= {source, target}:
+    if {source, target} != {IMAGES, SPECTRA} or not set(mods) >= {source, target}:
         raise ValueError(f"--from/--to must be images and spectra (either way round); the model has {mods}")
     spectra = spectrum_tokeniser_from_config(cfg_json)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     baseline = _mean_tokens(model, cfg_json, spectra, data, target, n_baseline, batch_size)
-    if target == "images":
+    if target == IMAGES:
         baseline = baseline[:image_tokens]
     losses, base_losses, shown = [], [], []
     it = (r for r in model_records(data, cfg_json, [split], None) if r.spectrum is not None)
@@ -348,16 +349,16 @@ def evaluate_generation(
     while done < n and (batch := list(islice(it, min(batch_size, n - done)))):
         _, inputs = record_inputs(batch, model, cfg_json, spectra)
         cond = {k: v for k, v in inputs.items() if k == source or k.startswith(f"{source}_")}
-        if target == "spectra":
-            pred = model.generate_modality(cond, "spectra", positions=inputs["spectra_positions"][0])
-            true, mask = inputs["spectra"], inputs["spectra_value_mask"]
+        if target == SPECTRA:
+            pred = model.generate_modality(cond, SPECTRA, positions=inputs["spectra_positions"][0])
+            true, mask = inputs[SPECTRA], inputs["spectra_value_mask"]
         else:
             pred = model.generate_modality(cond, "images", n_tokens=image_tokens)
             true = inputs["images"][:, :image_tokens]
             mask = torch.ones_like(true, dtype=torch.bool)
         losses.append(_huber_per_object(pred, true, mask))
         base_losses.append(_huber_per_object(baseline.expand_as(true), true, mask))
-        if target == "spectra" and len(shown) < 4:
+        if target == SPECTRA and len(shown) < 4:
             shown += [(r, pred[i], inputs["spectra_value_mask"][i]) for i, r in enumerate(batch)][: 4 - len(shown)]
         done += len(batch)
     if not losses:
@@ -423,8 +424,8 @@ def _spectra_figure(shown, spectra: SpectrumTokeniser, lines: list[float], path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="RUN directory or model directory of a multimodal model")
     parser.add_argument("--data", required=True, help="data set with images and spectra")
-    parser.add_argument("--from", dest="source", default="images", choices=("images", "spectra"))
-    parser.add_argument("--to", dest="target", default="spectra", choices=("images", "spectra"))
+    parser.add_argument("--from", dest="source", default=IMAGES, choices=(IMAGES, SPECTRA))
+    parser.add_argument("--to", dest="target", default=SPECTRA, choices=(IMAGES, SPECTRA))
     parser.add_argument("--out", required=True, help="directory for metrics.json and the figure")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--n", type=int, default=64, help="objects to generate for")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from astrolom.config import comma_list
 from astrolom.eval import baselines as bl
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
 from astrolom.eval.figures import plot_probe_summary, write_predictions
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     emb = load_embeddings(args.embeddings, columns[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = {b.strip() for b in args.baselines.split(",") if b.strip()}
+    wanted = set(comma_list(args.baselines, name="--baselines"))
     unknown = wanted - set(bl.BASELINES)
     if unknown:
         raise ValueError(f"unknown baseline(s) {sorted(unknown)}; choose from {bl.BASELINES}")
@@ -148,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
             fit_split=args.fit_split,
             test_split=args.test_split,
             which=wanted,
-            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-            classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+            targets=list(comma_list(args.targets, name="--targets")),
+            classify=comma_list(args.classify, name="--classify"),
             pixel_crop=args.pixel_crop,
             cnn_epochs=args.cnn_epochs,
             seed=args.seed,
@@ -157,14 +158,14 @@ def run(args: argparse.Namespace) -> int:
         )
     report = evaluate(
         emb,
-        [t.strip() for t in args.targets.split(",") if t.strip()],
-        tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        list(comma_list(args.targets, name="--targets")),
+        comma_list(args.methods, name="--methods"),
         args.fit_split,
         args.test_split,
         control=control,
         baselines=baselines,
         supervised=supervised,
-        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        classify=comma_list(args.classify, name="--classify"),
         seed=args.seed,
         progress=log.info,
     )
@@ -180,14 +181,14 @@ def _run_columns(args: argparse.Namespace, columns: list[str]) -> int:
             f"the control and pixel baselines run beside one embedding column; this file has {columns}: "
             "pass --columns NAME with --model/--data/--control-embeddings"
         )
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = comma_list(args.methods, name="--methods")
     results = evaluate_columns(
         load_embedding_columns(args.embeddings, columns),
-        [t.strip() for t in args.targets.split(",") if t.strip()],
+        list(comma_list(args.targets, name="--targets")),
         methods,
         args.fit_split,
         args.test_split,
-        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        classify=comma_list(args.classify, name="--classify"),
         seed=args.seed,
         progress=log.info,
     )

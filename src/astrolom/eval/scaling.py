@@ -35,7 +35,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from astrolom import layout
-from astrolom.config import apply_overrides
+from astrolom.config import apply_overrides, comma_list
 from astrolom.data.sources import open_source
 from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
@@ -450,12 +450,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_sweep(
         args.data,
-        [p.strip() for p in args.presets.split(",") if p.strip()],
+        list(comma_list(args.presets, name="--presets")),
         args.out,
         max_steps=args.max_steps,
         tokens=args.tokens,
         overrides=args.overrides,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        targets=comma_list(args.targets, name="--targets"),
         fit_split=args.fit_split,
         test_split=args.test_split,
         launcher=args.launcher,

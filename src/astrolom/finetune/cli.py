@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from astrolom import layout
+from astrolom.config import comma_list
 from astrolom.eval.figures import write_predictions
 from astrolom.eval.metrics import PredictionSet
 from astrolom.eval.probe_estimators import REGRESSION
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         curves = label_efficiency(
             args.model,
             args.data,
-            [t.strip() for t in args.targets.split(",") if t.strip()],
+            list(comma_list(args.targets, name="--targets")),
             counts=parse_counts(args.label_curve),
             mode=mode,
             steps=args.max_steps or 300,  # --max-steps: optimiser steps per run

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from astrolom import layout
+from astrolom.config import comma_list
 from astrolom.data.sources import open_source
 from astrolom.eval import probes
 from astrolom.eval.baselines import train_cnn
@@ -381,9 +382,9 @@ def run(args: argparse.Namespace) -> int:
     curves = label_efficiency(
         args.model,
         args.data,
-        [t.strip() for t in args.targets.split(",") if t.strip()],
+        list(comma_list(args.targets, name="--targets")),
         counts=parse_counts(args.counts),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=comma_list(args.methods, name="--methods"),
         mode=args.mode,
         steps=args.steps,
         max_epochs=args.max_epochs,

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from astrolom.data import tokens as tok
+from astrolom.data.sky import sky_sigma
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.model.astropt import AstroPT
 
@@ -67,14 +68,6 @@ def flux_features(images: torch.Tensor, patch_size: int, n_tokens: int, sigma: t
     csum = per_band.cumsum(1)
     rings = torch.stack([csum[:, e - 1] / e for e in ends], dim=1)  # (B, rings, C) mean flux inside each square
     return torch.asinh(rings / sigma.to(rings)).reshape(b, -1)
-
-
-def sky_sigma(images: np.ndarray) -> np.ndarray:
-    """Per-band sky noise (C,) from the median absolute deviation of the stamps' 2-px borders."""
-    border = np.concatenate([images[:, :2].reshape(len(images), -1, images.shape[-1]),
-                             images[:, -2:].reshape(len(images), -1, images.shape[-1])], axis=1)  # fmt: skip
-    med = np.median(border, axis=(0, 1))
-    return np.maximum(1.4826 * np.median(np.abs(border - med), axis=(0, 1)), 1e-12)
 
 
 class Head(nn.Module):

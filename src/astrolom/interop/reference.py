@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.interop.astropt_v1 import is_v1_state_dict, load_v1_checkpoint
 from astrolom.interop.ckptfile import (  # noqa: F401  (ForeignObject, read_reference_checkpoint: this module's API)
     BLOCK_RULES,
@@ -70,8 +71,8 @@ from astrolom.interop.ckptfile import (  # noqa: F401  (ForeignObject, read_refe
 )
 from astrolom.model.astropt import AstroPT, ModelConfig
 
-MODALITY = "images"
-SUPPORTED = ("images", "spectra")  # alphabetical: the reference's sequence order
+MODALITY = IMAGES
+SUPPORTED = (IMAGES, SPECTRA)  # alphabetical: the reference's sequence order
 
 
 def load_reference_checkpoint(
@@ -156,7 +157,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
             raise ReferenceFormatError(
                 "the reference always uses the alphabetical order; modality_order='random' models"
             )
-    if "spectra" in cfg.modalities and cfg.spectrum_amplitude:
+    if SPECTRA in cfg.modalities and cfg.spectrum_amplitude:
         raise ReferenceFormatError(
             "spectrum tokens with the log-amplitude value (spectrum_amplitude=True) have no reference equivalent: "
             "its data pipeline feeds the W fluxes only"
@@ -192,7 +193,7 @@ def _name_table(tokeniser: str, n_layer: int, modalities: tuple[str, ...] = (MOD
         pairs += [(f"transformer.wte.{m}.c_fc", f"tokenisers.{m}.0"), (f"lm_head.{m}.c_fc", f"decoders.{m}.0")]
         if tokeniser == "aim":
             pairs += [(f"transformer.wte.{m}.c_proj", f"tokenisers.{m}.2"), (f"lm_head.{m}.c_proj", f"decoders.{m}.2")]
-        if m == "spectra":
+        if m == SPECTRA:
             pairs.append(("transformer.wpe.spectra.c_fc", "wave_emb.0"))
             if tokeniser == "aim":
                 pairs.append(("transformer.wpe.spectra.c_proj", "wave_emb.2"))
@@ -249,8 +250,8 @@ def _config_from_reference(args: Mapping, state: Mapping[str, torch.Tensor]) -> 
         kw.update(_images_fields(args, state, by_name.get(MODALITY, {}), derived))
     elif "block_size" in args:
         derived["block_size"] = int(args["block_size"])
-    if "spectra" in mod_names:
-        kw.update(_spectra_fields(state, by_name.get("spectra", {})))
+    if SPECTRA in mod_names:
+        kw.update(_spectra_fields(state, by_name.get(SPECTRA, {})))
     for key, value in derived.items():
         if key in args and args[key] != value:
             raise ReferenceFormatError(f"model_args say {key}={args[key]} but the weights give {value}")

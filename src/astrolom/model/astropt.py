@@ -41,8 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from astrolom.data.modalities import ALL, IMAGES, SPECTRA
+
 TOKENISERS = ("aim", "affine", "paper")
-MODALITIES = ("images", "spectra")
 ORDERS = ("fixed", "random")
 TOKEN_PRESETS = ("astrolom", "paper2024")
 
@@ -61,7 +62,7 @@ class ModelConfig:
     bias: bool = False  # bias in Linear/LayerNorm of the transformer; the "paper" tokeniser always has biases
     # "aim": Linear-GELU-Linear (4x hidden); "affine": one Linear; "paper": 2024 ReLU MLPs
     tokeniser: str = "aim"
-    modalities: tuple[str, ...] = ("images",)  # any non-empty subset of MODALITIES, in the fixed sequence order
+    modalities: tuple[str, ...] = (IMAGES,)  # any non-empty subset of data.modalities.ALL, in that order
     # "fixed": segments in `modalities` order; "random": a random order per sample while training (eval: fixed)
     modality_order: str = "fixed"
     # BOM tokens + modality embedding for multimodal models; False is the reference astropt layout (import only)
@@ -97,9 +98,9 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be a non-empty list without repeats, got {self.modalities}")
-        unknown = [m for m in self.modalities if m not in MODALITIES]
+        unknown = [m for m in self.modalities if m not in ALL]
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; choose from {MODALITIES}")
+            raise ValueError(f"unknown modalities {unknown}; choose from {ALL}")
         if self.modality_order not in ORDERS:
             raise ValueError(f"modality_order must be one of {ORDERS}, got {self.modality_order!r}")
         if self.modality_order == "random" and not self.modality_tokens and len(self.modalities) > 1:
@@ -142,7 +143,7 @@ class ModelConfig:
     @property
     def multimodal(self) -> bool:
         """True when the model takes dict inputs (more than one modality, or spectra)."""
-        return self.modalities != ("images",)
+        return self.modalities != (IMAGES,)
 
     @property
     def bom_tokens(self) -> bool:
@@ -150,7 +151,7 @@ class ModelConfig:
 
     def modality_dim(self, modality: str) -> int:
         """Values per token of a modality (what its tokeniser reads and its decoder writes)."""
-        if modality == "images":
+        if modality == IMAGES:
             return self.input_dim
         return self.spectrum_patch + int(self.spectrum_amplitude)
 
@@ -240,9 +241,9 @@ class AstroPT(nn.Module):
         self.config = config
         mods = config.modalities
         self.tokenisers = nn.ModuleDict({m: _tokeniser(config, config.modality_dim(m)) for m in mods})
-        if "images" in mods:
+        if IMAGES in mods:
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        if "spectra" in mods:
+        if SPECTRA in mods:
             # an MLP of the normalised wavelength (the reference's layout: same structure as a tokeniser of 1 value)
             self.wave_emb = _tokeniser(config, 1)
         if config.bom_tokens:
@@ -300,7 +301,7 @@ class AstroPT(nn.Module):
         return self.drop(self.tokenisers[modality](x) + self.pos_emb(pos))  # (B, T, C)
 
     def forward_intermediates(
-        self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str = "images", stop_at: int | None = None
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str = IMAGES, stop_at: int | None = None
     ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Hidden states (B, T, C) after each transformer block (index i = output of block i).
 
@@ -323,7 +324,7 @@ class AstroPT(nn.Module):
         return out
 
     def forward_features(
-        self, x: torch.Tensor | Mapping[str, torch.Tensor], layer: int = -2, modality: str = "images"
+        self, x: torch.Tensor | Mapping[str, torch.Tensor], layer: int = -2, modality: str = IMAGES
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Per-token features (B, T, C) from one block; the default -2 is the penultimate layer (paper, sec. 3).
 
@@ -348,7 +349,7 @@ class AstroPT(nn.Module):
         self,
         x: torch.Tensor | Mapping[str, torch.Tensor],
         targets: torch.Tensor | None = None,
-        modality: str = "images",
+        modality: str = IMAGES,
         order: list[str] | torch.Tensor | None = None,
         normaliser: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor | None]:
@@ -393,7 +394,7 @@ class AstroPT(nn.Module):
             )
 
     def _positions(self, m: str, inputs: Mapping[str, torch.Tensor], B: int, T: int, device) -> torch.Tensor:
-        if m == "images":
+        if m == IMAGES:
             if T > self.config.block_size:
                 raise ValueError(f"{T} image tokens exceed block_size={self.config.block_size}")
             return self.pos_emb(torch.arange(T, device=device))  # (T, C)
@@ -599,7 +600,7 @@ class AstroPT(nn.Module):
                 f"nothing to condition on: inputs hold none of {[m for m in cfg.modalities if m != target]}"
             )
         B, device = cond[given[0]].shape[0], cond[given[0]].device
-        if target == "spectra":
+        if target == SPECTRA:
             if positions is None:
                 raise ValueError("generating spectra needs the token wavelengths: positions=(n,) or (B, n)")
             positions = positions.to(device).expand(B, -1) if positions.dim() == 1 else positions.to(device)
@@ -619,7 +620,7 @@ class AstroPT(nn.Module):
                 f"{target}_mask": mask,
                 f"{target}_present": torch.ones(B, dtype=torch.bool, device=device),
             }
-            if target == "spectra":
+            if target == SPECTRA:
                 step[f"{target}_positions"] = positions[:, : k + 1]
             preds, _ = self._forward_multi(step, order)
             nxt = preds[target][:, -1:]

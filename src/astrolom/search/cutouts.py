@@ -1,12 +1,8 @@
-"""Cutouts of indexed objects, looked up by object id in the data set, and a Legacy-Survey-like colour rendering.
+"""Cutouts of indexed objects, looked up by object id in the data set, rendered for display.
 
 `CutoutStore` opens the data set once (any format `astrolom.data.sources` reads), maps object ids to (chunk, row)
 by reading only the id columns, and reads single records on demand. Objects are addressed by id, never by path.
-
-`rgb_image` renders g/r/z stamps the way the DESI Legacy Survey viewer does (Lupton et al. 2004 asinh stretch with
-per-band scales, bands g, r, z → blue, green, red): each band is scaled (g 6.0, r 3.4, z 2.2 per nanomaggy) and
-offset by m = 0.03, the mean intensity I is stretched by asinh(Q·I)/sqrt(Q) with Q = 20, and every band is
-multiplied by stretch(I)/I so hues are kept. Other band sets are shown min–max scaled.
+Cutouts are rendered by `astrolom.data.display.display_rgb` (the Legacy Survey viewer's stretch for g, r, z).
 """
 
 from __future__ import annotations
@@ -17,35 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from astrolom.data.display import display_rgb, to_8bit
 from astrolom.data.records import Record
-
-# band -> (RGB plane, scale): the Legacy Survey viewer's DECam g/r/z scales
-LS_SCALES = {"g": (2, 6.0), "r": (1, 3.4), "z": (0, 2.2)}
-LS_Q, LS_M = 20.0, 0.03
 
 
 def rgb_image(image: np.ndarray, bands: tuple[str, ...] | None = ("g", "r", "z")) -> np.ndarray:
-    """(H, W, C) survey image -> (H, W, 3) uint8 for display (see the module docstring)."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = img[..., None]
-    h, w, c = img.shape
-    bands = tuple(bands or ())
-    if c == 3 and bands == ("g", "r", "z"):
-        planes = np.zeros((h, w, 3), np.float32)
-        for k, b in enumerate(bands):
-            plane, scale = LS_SCALES[b]
-            planes[..., plane] = np.maximum(img[..., k] * scale + LS_M, 0)
-        intensity = planes.mean(axis=2)
-        intensity = np.where(intensity == 0, 1e-6, intensity)
-        stretched = np.arcsinh(LS_Q * intensity) / np.sqrt(LS_Q)
-        rgb = np.clip(planes * (stretched / intensity)[..., None], 0, 1)
-    else:
-        # unknown bands (e.g. JPEG RGB cutouts): first three channels, min-max scaled
-        x = img[..., :3] if c >= 3 else np.repeat(img[..., :1], 3, axis=2)
-        lo, hi = np.nanpercentile(x, 0.5), np.nanpercentile(x, 99.5)
-        rgb = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
-    return (np.nan_to_num(rgb) * 255 + 0.5).astype(np.uint8)
+    """(H, W, C) survey image -> (H, W, 3) uint8 for display: `display_rgb` in 8 bits as the viewer writes them."""
+    return to_8bit(display_rgb(image, bands))
 
 
 def png_bytes(rgb: np.ndarray, size: int | None = None) -> bytes:

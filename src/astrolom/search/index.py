@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from astrolom.config import comma_list
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.eval.embeddings import (  # noqa: F401  (EmbeddingTable re-exported for callers)
     MULTISCALE,
     EmbeddingTable,
@@ -176,7 +178,7 @@ class SearchIndex:
     @property
     def aligned(self) -> bool:
         """Whether the modalities share one space (an alignment run), so that cross-modal search means something."""
-        return self.recipe.aligned and {"images", "spectra"} <= set(self.modalities)
+        return self.recipe.aligned and {IMAGES, SPECTRA} <= set(self.modalities)
 
     @property
     def main_modality(self) -> str:
@@ -418,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if is_npy:
         embeddings = npy_source(embeddings, args.ids, args.id_column)
-    outlier_k = () if args.outlier_k.strip().lower() == "none" else tuple(int(k) for k in args.outlier_k.split(","))
+    outlier_k = () if args.outlier_k.strip().lower() == "none" else comma_list(args.outlier_k, int, "--outlier-k")
     if args.model:
         from astrolom.align.embed import embed_with
         from astrolom.align.encoder import load_encoder
@@ -433,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
             encoder,
             args.data,
             Path(args.out) / "embeddings.parquet",
-            splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+            splits=list(comma_list(args.splits, name="--splits")),
             symmetrize=plain and not args.no_symmetrize,
             scales=parse_scales(args.scales) if plain else None,
             skip_bad=args.skip_bad,

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from astrolom.data.modalities import ALL, IMAGES, SPECTRA
 from astrolom.data.records import Record
 from astrolom.search.index import Neighbour, SearchIndex, load_index
-
-MODALITIES = ("images", "spectra")
 
 # magic bytes of the cutout formats a query (or an upload to the web explorer) may be; content decides, not the name
 MAGIC = {
@@ -174,7 +173,7 @@ def embed_image(index: SearchIndex, record: Record) -> np.ndarray:
         return enc.embed_images([record])[0]
     _check_size(record, enc.model.config.patch_size, enc.model.config.n_chan)
     if recipe.encoder == "multimodal":
-        tokeniser = _spectrum_tokeniser(model_dir_of(index)) if "spectra" in enc.model.config.modalities else None
+        tokeniser = _spectrum_tokeniser(model_dir_of(index)) if SPECTRA in enc.model.config.modalities else None
         _, inputs = record_inputs([record], enc.model, enc.config, tokeniser)
         embs = embed_multimodal(enc.model, inputs, recipe.layer, recipe.tokens, recipe.spectrum_segments or 1)
         return embs["embedding_images"][0][0].numpy()
@@ -258,7 +257,7 @@ def can_embed_spectra(index: SearchIndex) -> bool:
 
 def _spectrum_embedder(index: SearchIndex) -> str:
     """The model directory or alignment run that embeds spectra for this index, or a ValueError saying what lacks."""
-    if "spectra" not in index.modalities:
+    if SPECTRA not in index.modalities:
         raise ValueError(
             f"{index.path} has no spectra index (it holds {', '.join(index.modalities) or index.main_modality} "
             f"embeddings of {index.recipe.model}); build it from embeddings with an embedding_spectra column: "
@@ -287,8 +286,8 @@ def embed_spectrum(index: SearchIndex, spectrum, name: str = "spectrum") -> np.n
 
 def _target(index: SearchIndex, query: str, target: str | None) -> str:
     target = target or query
-    if target not in MODALITIES:
-        raise ValueError(f"unknown target {target!r}; choose from {', '.join(MODALITIES)}")
+    if target not in ALL:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(ALL)}")
     index.check_query(query, target)
     return target
 
@@ -298,7 +297,7 @@ def search_id(index: SearchIndex, object_id: str, k: int = 10, target: str | Non
     starting from its image vector when the index is aligned, from its own target vector otherwise."""
     if target is None:
         return SearchResult(object_id, index.main_modality, index.main_modality, index.neighbours_of_id(object_id, k))
-    query = "images" if index.aligned else target
+    query = IMAGES if index.aligned else target
     target = _target(index, query, target)
     return SearchResult(object_id, query, target, index.neighbours_of_id(object_id, k, query=query, target=target))
 
@@ -310,11 +309,11 @@ def search_image(
     of an index without per-modality ones)."""
     rec = image if isinstance(image, Record) else read_image_file(image)
     name = str(rec.object_id)
-    if target is None and "images" not in index.modalities:  # an index of one image embedding column
+    if target is None and IMAGES not in index.modalities:  # an index of one image embedding column
         hits = index.neighbours(embed_image(index, rec)[None], k)[0]
-        return SearchResult(name, "images", index.main_modality, hits)
-    target = _target(index, "images", target)
-    return SearchResult(name, "images", target, index.neighbours(embed_image(index, rec)[None], k, target=target)[0])
+        return SearchResult(name, IMAGES, index.main_modality, hits)
+    target = _target(index, IMAGES, target)
+    return SearchResult(name, IMAGES, target, index.neighbours(embed_image(index, rec)[None], k, target=target)[0])
 
 
 def search_spectrum(
@@ -323,9 +322,9 @@ def search_spectrum(
     """Neighbours of a spectrum (file path, `Spectrum` or flux array) among the target modality's vectors."""
     name = name or (Path(spectrum).name if isinstance(spectrum, str | Path) else "spectrum")
     _spectrum_embedder(index)  # says what is missing for any spectrum query, before the target's own checks
-    target = _target(index, "spectra", target)
+    target = _target(index, SPECTRA, target)
     vec = embed_spectrum(index, spectrum, name)
-    return SearchResult(name, "spectra", target, index.neighbours(vec[None], k, target=target)[0])
+    return SearchResult(name, SPECTRA, target, index.neighbours(vec[None], k, target=target)[0])
 
 
 def format_table(hits: list[Neighbour], labels: list[str] | None = None) -> str:
@@ -410,7 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--spectrum", help="a spectrum file (FITS or .npy) to embed and search with (index with spectra)")
     parser.add_argument(
         "--target",
-        choices=MODALITIES,
+        choices=ALL,
         default=None,
         help="modality searched (default: the query's); across modalities needs aligned embeddings",
     )

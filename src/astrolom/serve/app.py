@@ -39,12 +39,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from astrolom.data.modalities import ALL, IMAGES, SPECTRA
 from astrolom.search import labels as lb
 from astrolom.search.cutouts import png_bytes
 from astrolom.search.index import SearchIndex, compute_map, load_index
 from astrolom.search.outliers import outlier_scores
 from astrolom.search.query import (
-    MODALITIES,
     BandError,
     can_embed_spectra,
     model_dir_of,
@@ -151,7 +151,7 @@ class Explorer:
             return None
 
     def cross_modal(self) -> bool:
-        return self.index.aligned and set(MODALITIES) <= set(self.index.modalities)
+        return self.index.aligned and set(ALL) <= set(self.index.modalities)
 
 
 def create_app(
@@ -368,7 +368,7 @@ def create_app(
             raise HTTPException(err.status, str(err)) from err
         if not ex.can_embed_images():
             raise HTTPException(409, "this index does not record a model that can embed new images")
-        capable(target or ("images" if idx.modalities else None), "images")
+        capable(target or (IMAGES if idx.modalities else None), IMAGES)
         try:
             rec = read_image_bytes(data, name="upload")
             res = search_image(idx, rec, k, target)
@@ -396,7 +396,7 @@ def create_app(
                 f"this index holds {', '.join(ex.modalities())} embeddings only: spectrum search needs an index "
                 "with spectra, built from a model pretrained with spectra or an alignment run",
             )
-        capable(target or "spectra", "spectra")
+        capable(target or SPECTRA, SPECTRA)
         try:
             spectrum = read_spectrum_bytes(data, name="upload")
             res = search_spectrum(idx, spectrum, k, target, name="upload")

@@ -15,6 +15,7 @@ import torch
 
 from astrolom.data.augment import random_d4_batch
 from astrolom.data.batching import batch_tokens
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.multimodal import MultimodalBatches, SpectrumTokeniser, slice_inputs, source_wavelength
 from astrolom.data.sources import open_source
 from astrolom.data.stream import RecordStream, TokenBatches
@@ -81,7 +82,7 @@ class PretrainData:
             raise ValueError("no data: pass --data DIR (or data.path=...)")
         self.cfg, self.env = d, env
         self.modalities = cfg.model.modalities
-        self.multimodal = self.modalities != ("images",)
+        self.multimodal = self.modalities != (IMAGES,)
         # flux-aware models read each token's per-band flux features after its standardised values
         self.flux_softening = cfg.model.flux_softening if cfg.model.flux_features else None
         # skipped records (skip_bad) are listed in RUN/skipped.jsonl; spectra are read only for spectra models
@@ -93,12 +94,12 @@ class PretrainData:
             manifest=manifest,
             split_fractions=d.split_fractions,
             split_seed=d.split_seed,
-            spectra="spectra" in self.modalities,
+            spectra=SPECTRA in self.modalities,
             resample_spectra=d.resample_spectra,
             bands=d.bands,
         )
         self.spectra = None
-        if "spectra" in self.modalities:
+        if SPECTRA in self.modalities:
             m = cfg.model
             grid = source_wavelength(self.source, d.path)
             self.spectra = SpectrumTokeniser(grid, patch=m.spectrum_patch, amplitude=m.spectrum_amplitude)
@@ -117,7 +118,7 @@ class PretrainData:
         self.sequence_length = self.tokens_per_stamp - 1
         if self.multimodal:
             bom = len(self.modalities) if cfg.model.modality_tokens and len(self.modalities) > 1 else 0
-            image_tokens = self.tokens_per_stamp if "images" in self.modalities else 0
+            image_tokens = self.tokens_per_stamp if IMAGES in self.modalities else 0
             spectrum_tokens = self.spectra.n_tokens if self.spectra is not None else 0
             self.sequence_length = image_tokens + spectrum_tokens + bom
 
