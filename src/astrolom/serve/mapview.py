@@ -416,8 +416,11 @@ def add_routes(app, mv: MapView) -> None:
         out: dict = {"bounds": list(p.view.astuple()), "total": p.total, "capped": p.pos is None}
         if p.pos is not None:
             rows = g.rows[p.pos]
-            out["x"] = np.round(g.xs[p.pos].astype(float), 4).tolist()
-            out["y"] = np.round(g.ys[p.pos].astype(float), 4).tolist()
+            # 4 decimals for a view 10 wide, more for smaller ones: the points of a deep zoom stay apart
+            side = min(p.view.x1 - p.view.x0, p.view.y1 - p.view.y0)
+            digits = int(np.clip(5 - np.floor(np.log10(side)), 4, 10))
+            out["x"] = np.round(g.xs[p.pos].astype(float), digits).tolist()
+            out["y"] = np.round(g.ys[p.pos].astype(float), digits).tolist()
             out["rows"] = rows.tolist()
             out["ids"] = idx.object_id[rows].tolist()
             if label:
