@@ -364,6 +364,7 @@ def add_routes(app, mv: MapView) -> None:
             "density": mv.dense,
             "points_max": mv.points_max,
             "cap": POINTS_CAP,
+            "grid_seconds": round(mv.build_seconds, 3),  # how long building the grid order took
         }
 
     @app.get("/api/map/label/{name}")
