@@ -56,6 +56,9 @@ def test_api_answers(client, index_dir):
     assert info["n"] == 64 and info["upload_image"] is True and info["cross_modal"] is False
     assert info["symmetrize"] is True and info["scales"] == [4, 16, 64]  # how the index embeds uploads
     assert {"name": "has_star", "kind": "categorical"} in info["labels"]
+    # the model and data set by name, never by where they are on the server's disk
+    assert info["model"] == "model" and info["data"] == idx.meta["data"].rstrip("/").rsplit("/", 1)[-1]
+    assert "/" not in client.get("/api/info").text.replace("</", "")
     m = client.get("/api/map").json()
     assert len(m["x"]) == len(m["ids"]) == 64
     lab = client.get("/api/labels/redshift").json()

@@ -5,7 +5,9 @@ a zoomable 2-D map of the embeddings coloured by a label, click → cutout, spec
 search by id; upload a cutout or (index with spectra) a spectrum to search; the outlier list. Where the index holds
 aligned image and spectrum embeddings (an alignment run) every search takes `target=spectra|images`, and the page
 offers a cross-modal toggle: an image query searches the spectra, a spectrum query the images. The same functions
-as the `astrolom search` and `astrolom outliers` commands answer every request.
+as the `astrolom search` and `astrolom outliers` commands answer every request. Above `--points-max` objects
+(200,000) the map is served by view: density images at low zoom, single points once a view holds few
+(`serve.mapview`).
 
 Labels from the person at the screen (`astrolom.search.labels`): marks of objects as interesting or not, kept in
 IDX/marks.json, a classifier of them ranking the unmarked objects and suggesting the next to label, and exports of
@@ -29,26 +31,19 @@ Security model (each point has a test in tests/test_serve.py or tests/test_serve
 # create_app so that the rest of the package does not need fastapi) when the functions are defined
 import argparse
 import logging
-import re
-import tempfile
-import threading
-from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 
-from astrolom.data.modalities import ALL, IMAGES, SPECTRA
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.search import labels as lb
 from astrolom.search.cutouts import png_bytes
-from astrolom.search.index import SearchIndex, compute_map, load_index
-from astrolom.search.outliers import outlier_scores
+from astrolom.search.index import SearchIndex, load_index
 from astrolom.search.query import (
     BandError,
     can_embed_spectra,
-    model_dir_of,
-    open_store,
     read_image_bytes,
     read_spectrum_bytes,
     search_id,
@@ -57,7 +52,9 @@ from astrolom.search.query import (
     sniff_image,
     sniff_spectrum,
 )
-from astrolom.serve.security import Guard, allowed_hosts, content_security_policy
+from astrolom.serve.explorer import Explorer
+from astrolom.serve.mapview import POINTS_MAX, add_routes
+from astrolom.serve.security import Guard, allowed_hosts, base_name, content_security_policy, path_scrubber
 from astrolom.serve.uploads import UploadError, check_dimensions
 
 log = logging.getLogger("astrolom.serve")
@@ -65,93 +62,9 @@ MAX_UPLOAD_MB = 4.0
 MAX_PIXELS = 1024 * 1024  # per band: larger uploads are refused before decoding
 MAX_K = 100
 THUMB_SIZES = (32, 64, 128, 256)
-CATEGORICAL_MAX = 24  # a label with at most this many distinct values is coloured by category
 UPLOAD_PATHS = ("/api/search/image", "/api/search/spectrum")
 MULTIPART_SLACK = 64 * 1024  # form boundaries and part headers around an upload of the maximum size
 JSON_BODY_MAX = 8 * 1024 * 1024  # an export of MAX_EXPORT ids of typical length fits
-
-
-class LRU:
-    """A small thread-safe LRU cache of rendered thumbnails (bytes)."""
-
-    def __init__(self, size: int):
-        self.size, self.data, self.lock = size, OrderedDict(), threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key, make):
-        with self.lock:
-            if key in self.data:
-                self.data.move_to_end(key)
-                self.hits += 1
-                return self.data[key]
-        value = make()
-        with self.lock:
-            self.misses += 1
-            self.data[key] = value
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
-        return value
-
-
-class Explorer:
-    """What the web app serves: an index, its data set and lazily computed map and outlier scores."""
-
-    def __init__(self, index: SearchIndex, data: str | None = None, *, map_method: str = "umap", thumbs: int = 4096):
-        self.index = index
-        self.data = data or index.meta.get("data")
-        self._store = None
-        self._lock = threading.Lock()
-        self._map: np.ndarray | None = None
-        self._scores: dict[int, np.ndarray] = {}
-        self.map_method = map_method
-        self.thumbs = LRU(thumbs)
-
-    @property
-    def store(self):
-        with self._lock:
-            if self._store is None and self.data:
-                self._store = open_store(self.index, self.data)
-        return self._store
-
-    def map(self) -> np.ndarray:
-        with self._lock:
-            if self._map is None:
-                coords = self.index.map_coords()
-                if coords is None:  # not made at index time: compute once, keep in memory (the server writes nothing)
-                    coords = compute_map(self.index.vectors(np.arange(len(self.index))), self.map_method)
-                self._map = np.asarray(coords, dtype=np.float32)
-        return self._map
-
-    def scores(self, k: int) -> np.ndarray:
-        with self._lock:
-            if k not in self._scores:
-                f = self.index.path / f"outliers-k{k}.npy"
-                cached = np.load(f) if f.is_file() else None
-                if cached is not None and len(cached) == len(self.index):
-                    self._scores[k] = cached
-                else:
-                    self._scores[k] = outlier_scores(self.index, k, progress=False, cache=False)
-        return self._scores[k]
-
-    def can_embed_images(self) -> bool:
-        try:
-            model_dir_of(self.index)
-        except (ValueError, FileNotFoundError):
-            return False
-        return True
-
-    def modalities(self) -> list[str]:
-        return self.index.modalities or [self.index.main_modality]
-
-    def bands(self) -> tuple[str, ...] | None:
-        """Band names of the indexed data set, where it is there and names them."""
-        try:
-            return self.store.bands if self.store is not None else None
-        except (OSError, ValueError):
-            return None
-
-    def cross_modal(self) -> bool:
-        return self.index.aligned and set(ALL) <= set(self.index.modalities)
 
 
 def create_app(
@@ -162,10 +75,13 @@ def create_app(
     map_method: str = "umap",
     host: str | None = None,
     allow_hosts: tuple[str, ...] = (),
+    points_max: int = POINTS_MAX,
 ):
     """The FastAPI app over an index directory (or loaded index) and its data set.
 
     Args:
+        points_max: above this many objects the page shows density images of the map and the points of zoomed-in
+            views only (`serve.mapview`); the map's grid order is then built in the background at start.
         host: the address the server binds (accepted in the Host header besides the loopback names).
         allow_hosts: more host names to answer to (`--allow-host`).
     """
@@ -178,12 +94,14 @@ def create_app(
     Target = Annotated[Literal["images", "spectra"] | None, Query()]
     ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=lb.MAX_ID_LENGTH)]
     idx = index if isinstance(index, SearchIndex) else load_index(index)
-    ex = Explorer(idx, data, map_method=map_method)
+    ex = Explorer(idx, data, map_method=map_method, points_max=points_max)
+    if ex.view.dense:
+        ex.view.warm()
     # the directory the user named, not a generation inside it: marks outlive a rebuild of the index
     marks = lb.Marks(lb.marks_path(idx.path if isinstance(index, SearchIndex) else index), idx)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     html = resources.files("astrolom.serve").joinpath("static/index.html").read_text()
-    scrub = _path_scrubber(idx, ex.data)
+    scrub = path_scrubber(idx.path, ex.data, idx.meta.get("model"))
 
     class _App(FastAPI):
         def build_middleware_stack(self):
@@ -250,50 +168,25 @@ def create_app(
     @app.get("/api/info")
     def info():
         """Index summary: size, kind, labels (numeric or categorical), what the page can offer."""
-        labels = []
-        for name in idx.label_names:
-            v = idx.label_values(name)
-            if v.dtype == object or len(np.unique(v[np.isfinite(v)] if v.dtype != object else v)) <= CATEGORICAL_MAX:
-                labels.append({"name": name, "kind": "categorical"})
-            else:
-                labels.append({"name": name, "kind": "numeric"})
         return {
             "n": len(idx),
             "dim": idx.dim,
             "kind": idx.meta.get("kind"),
             "factory": idx.meta.get("factory"),
-            "model": idx.recipe.model,
-            "data": ex.data,
+            "model": base_name(idx.recipe.model),  # what it is called, never where it lives on the server
+            "data": base_name(ex.data),
             "symmetrize": idx.recipe.symmetrize,
             "scales": list(idx.recipe.scales) if idx.recipe.scales else None,
-            "labels": labels,
+            "labels": [{"name": name, "kind": kind} for name, kind in ex.view.label_kinds().items()],
             "upload_image": ex.can_embed_images(),
             "upload_spectrum": can_embed_spectra(idx),
             "modalities": ex.modalities(),
             "cross_modal": ex.cross_modal(),
             "max_upload_mb": max_upload_mb,
+            "map_points_max": ex.view.points_max,
         }
 
-    @app.get("/api/map")
-    def map_points():
-        """2-D map: x, y (rounded) and the object id of every point, in index row order."""
-        xy = ex.map()
-        return {
-            "x": np.round(xy[:, 0].astype(float), 4).tolist(),
-            "y": np.round(xy[:, 1].astype(float), 4).tolist(),
-            "ids": idx.object_id.tolist(),
-        }
-
-    @app.get("/api/labels/{name}")
-    def label(name: str):
-        """One label for every point: numbers (null where missing), or category codes with their names."""
-        if name not in idx.label_names:
-            raise HTTPException(404, f"unknown label {name!r}")
-        v = idx.label_values(name)
-        if v.dtype == object or len(np.unique(v[np.isfinite(v)])) <= CATEGORICAL_MAX:
-            names, codes = np.unique(np.asarray([str(x) for x in v]), return_inverse=True)
-            return {"kind": "categorical", "categories": names.tolist(), "values": codes.tolist()}
-        return {"kind": "numeric", "values": [None if not np.isfinite(x) else round(float(x), 5) for x in v]}
+    add_routes(app, ex.view)
 
     @app.get("/api/object/{object_id}")
     def object_info(object_id: str):
@@ -477,25 +370,6 @@ def create_app(
     return app
 
 
-def _path_scrubber(index: SearchIndex, data: str | None):
-    """A function that replaces the server's paths (index, data set, model, temporary directory) in an error text
-    with what they are: a message to a client never names a place on the server's disk."""
-    places = {str(index.path.resolve()): "the index", str(index.path): "the index"}
-    for path, what in ((data, "the data set"), (index.meta.get("model"), "the model")):
-        if path and "://" not in str(path):
-            places[str(Path(path).resolve())] = what
-            if "/" in str(path):  # a bare relative name ("survey") is a word, not a place
-                places[str(path)] = what
-    places[tempfile.gettempdir()] = "a temporary file"
-    roots = sorted((p for p in places if len(p) > 1), key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(r) + r"[^\s'\"),;]*" for r in roots))
-
-    def scrub(text: str) -> str:
-        return pattern.sub(lambda m: next(places[r] for r in roots if m.group().startswith(r)), text)
-
-    return scrub
-
-
 # ----------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -513,6 +387,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="upload size limit (4 MiB)")
     parser.add_argument("--map", choices=("umap", "pca"), default="umap", help="map method if the index has none")
+    parser.add_argument(
+        "--points-max",
+        type=int,
+        default=POINTS_MAX,
+        metavar="N",
+        help=f"above N objects the map shows density images, and single points once a view holds at most "
+        f"100,000 ({POINTS_MAX:,})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -540,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
         map_method=args.map,
         host=host,
         allow_hosts=tuple(args.allow_host),
+        points_max=args.points_max,
     )
     print(f"astrolom explorer on http://{host}:{args.port}/  (API schema: /openapi.json)", file=sys.stderr)
     uvicorn.run(app, host=host, port=args.port, log_level="warning")

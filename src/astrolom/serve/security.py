@@ -11,6 +11,8 @@
 - Security headers on every response, errors included: a Content-Security-Policy that admits only this server's
   scripts and the inline blocks of the served page, by their sha256 (no 'unsafe-inline'); nosniff; no referrer;
   no framing; no cross-origin reads of the API's responses.
+- No server path in what a client reads: error texts name the index, data set and model by what they are
+  (`path_scrubber`), and /api/info gives their base names only (`base_name`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
+import tempfile
 from collections.abc import Callable, Iterable
 from html.parser import HTMLParser
+from pathlib import Path
 from urllib.parse import urlsplit
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -231,3 +236,29 @@ async def _refuse(send, status: int, detail: str) -> None:
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def base_name(path: str | None) -> str | None:
+    """The last part of a path or URL (a model's or data set's name), never the directories above it."""
+    if not path:
+        return None
+    return str(path).rstrip("/").rsplit("/", 1)[-1] or None
+
+
+def path_scrubber(index: Path, data: str | None, model: str | None) -> Callable[[str], str]:
+    """A function that replaces the server's paths (index, data set, model, temporary directory) in an error text
+    with what they are: a message to a client never names a place on the server's disk."""
+    places = {str(index.resolve()): "the index", str(index): "the index"}
+    for path, what in ((data, "the data set"), (model, "the model")):
+        if path and "://" not in str(path):
+            places[str(Path(path).resolve())] = what
+            if "/" in str(path):  # a bare relative name ("survey") is a word, not a place
+                places[str(path)] = what
+    places[tempfile.gettempdir()] = "a temporary file"
+    roots = sorted((p for p in places if len(p) > 1), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(r) + r"[^\s'\"),;]*" for r in roots))
+
+    def scrub(text: str) -> str:
+        return pattern.sub(lambda m: next(places[r] for r in roots if m.group().startswith(r)), text)
+
+    return scrub
