@@ -70,6 +70,7 @@ from astrolom.search.vectors import (
     _Prepared,
     _table_objects,
     normalise,
+    read_rows,
     standardise,
     standardiser,
 )
@@ -391,8 +392,8 @@ def build_index(
             continue
         t1 = time.perf_counter()
 
-        def exact_rows(rows):  # mapped per call, so that the pages read leave the resident set after it
-            return np.load(gen / VECTORS_FILE, mmap_mode="r")[rows]
+        def exact_rows(rows):  # positioned reads: no map, so the pages read never enter the resident set
+            return read_rows(np.load(gen / VECTORS_FILE, mmap_mode="r"), rows)
 
         def search(q, kk):
             vectors = np.load(gen / VECTORS_FILE, mmap_mode="r") if settings.get("vectors") else None

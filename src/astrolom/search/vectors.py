@@ -8,6 +8,7 @@ the index's space: each dimension standardised by statistics of the whole set, t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,10 +76,40 @@ class ArraySource(VectorSource):
             yield i, np.array(self._array()[i : i + size], dtype=np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return np.array(self._array()[rows], dtype=np.float32)
+        if isinstance(self.X, np.memmap) and self.X.filename:
+            return read_rows(self.X, rows).astype(np.float32, copy=False)
+        return np.array(self.X[rows], dtype=np.float32)
 
     def objects(self) -> pa.Table:
         return self._objects
+
+
+def read_rows(X: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """Sorted `rows` of a file-backed (N, D) array, read with positioned reads (one per run of consecutive rows).
+
+    Fancy indexing through a map makes the kernel map the cached pages around every row touched ("fault-around",
+    64 kB by default), so a training sample of 1 row in 32 of a 17.6 GB file would put most of the file into this
+    process's resident set (measured: 13.7 GiB peak RSS for an 8.6M x 512 build); reads land in the output only.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if X.ndim != 2 or not X.flags.c_contiguous:
+        raise ValueError(f"{X.filename}: expected a C-ordered (N, D) array, got shape {X.shape}")
+    out = np.empty((len(rows), X.shape[1]), X.dtype)
+    if not len(rows):
+        return out
+    if rows[0] < 0 or rows[-1] >= len(X) or (np.diff(rows) <= 0).any():
+        raise ValueError(f"{X.filename}: rows must be sorted, distinct and within 0..{len(X) - 1}")
+    row_bytes = X.shape[1] * X.dtype.itemsize
+    starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # the first index of each run
+    ends = np.append(starts[1:], len(rows))
+    buf = memoryview(out).cast("B")
+    with open(X.filename, "rb", buffering=0) as f:
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            want, at = (b - a) * row_bytes, X.offset + int(rows[a]) * row_bytes
+            got = os.preadv(f.fileno(), [buf[a * row_bytes : b * row_bytes]], at)
+            if got != want:
+                raise ValueError(f"{X.filename}: short read at byte {at} (the file is truncated?)")
+    return out
 
 
 class ParquetSource(VectorSource):
