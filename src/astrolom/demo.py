@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from astrolom import layout
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.sources import open_source
 from astrolom.eval import baselines as bl
 from astrolom.eval.embed import embed_dataset
@@ -234,7 +235,7 @@ def multimodal_stage(out: Path, survey: Path, cfg: DemoConfig) -> dict | None:
     results = probe_columns(emb_path, "auto", cfg.spectra_targets, cfg.spectra_methods, seed=cfg.seed, progress=_detail)
     write_column_reports(results, folder / layout.PROBES_DIR)
     gen = evaluate_generation(
-        str(run_dir), str(survey), "images", "spectra", folder / "generate", n=cfg.spectra_generate,
+        str(run_dir), str(survey), IMAGES, SPECTRA, folder / "generate", n=cfg.spectra_generate,
         n_baseline=max(64, 8 * cfg.spectra_generate),
     )  # fmt: skip
     _detail(

@@ -71,7 +71,7 @@ COLUMNS = ("embedding_images", "embedding_spectra", "embedding_joint")
 
 def spectrum_tokeniser_from_config(cfg_json: dict) -> SpectrumTokeniser:
     """The spectrum tokeniser a model was trained with (its config.json `tokens.spectra`)."""
-    spec = (cfg_json.get("tokens") or {}).get("spectra")
+    spec = (cfg_json.get("tokens") or {}).get(SPECTRA)
     if not spec or "wavelength" not in spec:
         raise ValueError("the model's config.json has no tokens.spectra section: it was not trained on spectra")
     return SpectrumTokeniser(
@@ -137,7 +137,7 @@ def embed_multimodal(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     joint: dict[str, torch.Tensor] = {}
     if IMAGES in inputs:
-        img = {"images": inputs["images"][:, :n_tokens]}
+        img = {IMAGES: inputs[IMAGES][:, :n_tokens]}
         joint.update(img)
         f = model.forward_features(img, layer=layer)[IMAGES].float()
         b = f.shape[0]
@@ -171,7 +171,7 @@ def source_settings(cfg_json: dict) -> dict:
     column) and bands (`astrolom.model.pretrained.data_settings`), and spectra put on the model's wavelength grid
     (resampled, flux-conserving)."""
     settings: dict[str, Any] = data_settings(cfg_json)
-    grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
+    grid = ((cfg_json.get("tokens") or {}).get(SPECTRA) or {}).get("wavelength")
     if grid:
         settings["wavelength"] = tuple(grid)
     return settings
@@ -353,8 +353,8 @@ def evaluate_generation(
             pred = model.generate_modality(cond, SPECTRA, positions=inputs["spectra_positions"][0])
             true, mask = inputs[SPECTRA], inputs["spectra_value_mask"]
         else:
-            pred = model.generate_modality(cond, "images", n_tokens=image_tokens)
-            true = inputs["images"][:, :image_tokens]
+            pred = model.generate_modality(cond, IMAGES, n_tokens=image_tokens)
+            true = inputs[IMAGES][:, :image_tokens]
             mask = torch.ones_like(true, dtype=torch.bool)
         losses.append(_huber_per_object(pred, true, mask))
         base_losses.append(_huber_per_object(baseline.expand_as(true), true, mask))
