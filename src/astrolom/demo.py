@@ -60,15 +60,14 @@ from astrolom.eval.embed import embed_dataset
 from astrolom.eval.embeddings import load_embeddings
 from astrolom.eval.multimodal import embed_multimodal_dataset, evaluate_generation
 from astrolom.eval.probe_cli import write_column_reports, write_report
+from astrolom.eval.probe_columns import best_column, probe_columns
 from astrolom.eval.probes import (
     DEFAULT_TARGETS,
     HEADLINE_TARGETS,
     KEY_TARGETS,
     ProbeResult,
-    best_column,
     evaluate,
     markdown_table,
-    probe_columns,
 )
 from astrolom.eval.report import build_report
 from astrolom.log import get_logger

@@ -58,7 +58,7 @@ from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
 from astrolom.eval.embeddings import embedding_columns
-from astrolom.eval.probes import probe_columns
+from astrolom.eval.probe_columns import probe_columns
 from astrolom.eval.recipe import EMBEDDING, EmbeddingRecipe
 from astrolom.model.astropt import AstroPT
 from astrolom.model.pretrained import data_settings
@@ -284,7 +284,7 @@ def probe_modalities(
 ) -> dict[str, dict[str, float]]:
     """Probe R² of each modality column on the objects that have every modality (the same objects for all).
 
-    A summary of `astrolom.eval.probes.probe_columns` (which returns full `ProbeResult`s): paper protocol, fit on
+    A summary of `astrolom.eval.probe_columns.probe_columns` (which returns full `ProbeResult`s): paper protocol, fit on
     `fit_split`, scored on `test_split`. Returns {column: {target: R²}} plus "_objects": {"fit": n, "test": n}.
     """
     cols = [c for c in COLUMNS if c in embedding_columns(path)]
