@@ -145,7 +145,7 @@ def test_multimodal_stage_probes_each_column_and_generates_spectra(tmp_path):
     from dataclasses import replace
 
     from astrolom.eval.embeddings import load_embeddings
-    from astrolom.eval.probes import load_columns
+    from astrolom.eval.probe_columns import load_columns
     from astrolom.eval.report import build_report
     from astrolom.mock import generate_survey
 

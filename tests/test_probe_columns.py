@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from astrolom.eval import probe_columns as pc
 from astrolom.eval import probes as pr
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
 
@@ -71,7 +72,7 @@ def test_columns_load_on_the_rows_that_have_every_column(columns_file):
 
 def test_probe_columns_scores_each_column_on_the_same_objects(columns_file):
     path, has, split = columns_file
-    res = pr.probe_columns(path, "auto", ["redshift", "side"], ("linear",))
+    res = pc.probe_columns(path, "auto", ["redshift", "side"], ("linear",))
     assert list(res) == ["embedding_good", "embedding_noise", "embedding_sparse"]
     for r in res.values():
         assert r.protocol["rows"] == int(has.sum())
@@ -80,11 +81,11 @@ def test_probe_columns_scores_each_column_on_the_same_objects(columns_file):
     good, noise, sparse = (res[c].score("redshift") for c in res)
     assert good > 0.99 and noise < 0.05 and 0.7 < sparse < good
     assert res["embedding_good"].score("side") > 0.95 and res["embedding_noise"].score("side") < 0.65
-    assert pr.best_column(res, "redshift") == "embedding_good" and pr.best_column(res, "side") == "embedding_good"
-    assert pr.best_column(res, "redshift", "knn") is None  # not run
+    assert pc.best_column(res, "redshift") == "embedding_good" and pc.best_column(res, "side") == "embedding_good"
+    assert pc.best_column(res, "redshift", "knn") is None  # not run
     tie = {"embedding_b": res["embedding_noise"], "embedding_a": res["embedding_noise"]}
-    assert pr.best_column(tie, "redshift") == "embedding_b"  # a tie goes to the first column, not the name
-    md = pr.columns_markdown(res)
+    assert pc.best_column(tie, "redshift") == "embedding_b"  # a tie goes to the first column, not the name
+    md = pc.columns_markdown(res)
     assert f"on the same {int(has.sum())} objects" in md
     assert "| target | metric | embedding_good | embedding_noise | embedding_sparse | best |" in md
     row = next(line for line in md.splitlines() if line.startswith("| redshift"))
@@ -104,7 +105,7 @@ def test_probe_modalities_is_probe_columns(tmp_path, columns_file):
     with pytest.raises(ValueError, match="no embedding column"):
         probe_modalities(path, ["redshift"])  # no embedding_images/spectra/joint in this file
     mm = ["embedding_images", "embedding_spectra"]
-    full = pr.probe_columns(tmp_path / "mm.parquet", mm, ["redshift"], ("linear",))
+    full = pc.probe_columns(tmp_path / "mm.parquet", mm, ["redshift"], ("linear",))
     assert out["embedding_images"]["redshift"] == full["embedding_images"].score("redshift")
     assert out["embedding_spectra"]["redshift"] == full["embedding_spectra"].score("redshift")
     assert out["_objects"] == {"fit": full["embedding_images"].protocol["n_fit"],
@@ -124,11 +125,11 @@ def test_probe_cli_writes_one_result_per_column_and_the_comparison(columns_file,
         result = pr.ProbeResult.load(out / c / "probes.json")
         assert result.protocol["column"] == c and result.protocol["rows"] == int(has.sum())
         assert (out / c / "probes.md").is_file() and (out / c / "probes.png").stat().st_size > 0
-    back = pr.load_columns(out / "columns.json")
+    back = pc.load_columns(out / "columns.json")
     assert list(back) == ["embedding_good", "embedding_noise", "embedding_sparse"]
     assert back["embedding_good"].score("redshift") > 0.99
     md = (out / "columns.md").read_text()
-    assert md == pr.columns_markdown(back) and md.strip() in capsys.readouterr().out
+    assert md == pc.columns_markdown(back) and md.strip() in capsys.readouterr().out
     assert not (out / "probes.json").exists()
     # one chosen column: today's single-result layout, on that column's rows
     rc = main(["probe", "--embeddings", str(path), "--out", str(tmp_path / "one"), "--targets", "redshift",

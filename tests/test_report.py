@@ -108,7 +108,7 @@ def _png(path):
 def _fake_multimodal(folder):
     """columns.json as `astrolom probe` writes it for three columns, and two `astrolom generate` outputs."""
     from astrolom.eval.embeddings import EmbeddingTable
-    from astrolom.eval.probes import evaluate_columns, save_columns
+    from astrolom.eval.probe_columns import evaluate_columns, save_columns
 
     rng = np.random.default_rng(0)
     n = 200

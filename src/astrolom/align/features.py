@@ -83,7 +83,7 @@ class FeatureCache:
 
     def unaligned(self, modality: str) -> np.ndarray:
         """The encoders' own embeddings (mean of the token features, view 0): the 'unaligned' baseline."""
-        if modality == "images":
+        if modality == IMAGES:
             return self.image_tokens[:, 0].mean(1).numpy()
         m = self.spectrum_mask.to(self.spectrum_tokens.dtype)[..., None]
         return ((self.spectrum_tokens * m).sum(1) / m.sum(1).clamp_min(1)).numpy()

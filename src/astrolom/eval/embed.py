@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrolom.config import comma_list
 from astrolom.data.batching import batch_tokens
 from astrolom.data.records import Record
 from astrolom.data.tokens import PAPER2024, center_crop, eight_bit, prefix_crop, tokenize_paper2024
@@ -70,7 +71,7 @@ def parse_scales(text: str | None) -> tuple[int, ...] | None:
     if text is None or text.strip().lower() in ("", "none"):
         return None
     try:
-        scales = tuple(int(v) for v in text.split(",") if v.strip())
+        scales = comma_list(text, int, "scales")
     except ValueError:
         raise ValueError(f"scales must be comma-separated token counts such as 4,16,64, got {text!r}") from None
     if not scales or min(scales) <= 0 or list(scales) != sorted(set(scales)):

@@ -25,7 +25,7 @@ column added (logged). A part continues the label columns of the part before it;
 with nulls. A label whose values change type (text after numbers) is an error naming the label and the record.
 
 This module is the bottom of `astrolom.eval`: it imports nothing else from the package but the recipe, the record
-type, the atomic-write helpers and the logger.
+type, the comma-list parser, the atomic-write helpers and the logger.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from astrolom.config import comma_list
 from astrolom.data.records import METADATA_KEY, Record
 from astrolom.eval.recipe import EMBEDDING, EMBEDDING_PREFIX, EmbeddingRecipe, recipe_of
 from astrolom.layout import atomic_write_text
@@ -160,7 +161,7 @@ def choose_columns(available: list[str], columns: str | list[str] = "auto") -> l
         if not chosen:
             raise ValueError(f"no embedding columns; the file has {available}")
         return chosen
-    chosen = [c.strip() for c in columns.split(",")] if isinstance(columns, str) else list(columns)
+    chosen = list(comma_list(columns, name="columns")) if isinstance(columns, str) else list(columns)
     chosen = [c for c in chosen if c]
     missing = [c for c in chosen if c not in available]
     if missing or not chosen:

@@ -58,7 +58,7 @@ from astrolom.data.multimodal import SpectrumTokeniser, multimodal_inputs
 from astrolom.data.records import SPLITS, Record
 from astrolom.data.spectra import detokenize_spectra
 from astrolom.eval.embeddings import embedding_columns
-from astrolom.eval.probes import probe_columns
+from astrolom.eval.probe_columns import probe_columns
 from astrolom.eval.recipe import EMBEDDING, EmbeddingRecipe
 from astrolom.model.astropt import AstroPT
 from astrolom.model.pretrained import data_settings
@@ -71,7 +71,7 @@ COLUMNS = ("embedding_images", "embedding_spectra", "embedding_joint")
 
 def spectrum_tokeniser_from_config(cfg_json: dict) -> SpectrumTokeniser:
     """The spectrum tokeniser a model was trained with (its config.json `tokens.spectra`)."""
-    spec = (cfg_json.get("tokens") or {}).get("spectra")
+    spec = (cfg_json.get("tokens") or {}).get(SPECTRA)
     if not spec or "wavelength" not in spec:
         raise ValueError("the model's config.json has no tokens.spectra section: it was not trained on spectra")
     return SpectrumTokeniser(
@@ -137,7 +137,7 @@ def embed_multimodal(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     joint: dict[str, torch.Tensor] = {}
     if IMAGES in inputs:
-        img = {"images": inputs["images"][:, :n_tokens]}
+        img = {IMAGES: inputs[IMAGES][:, :n_tokens]}
         joint.update(img)
         f = model.forward_features(img, layer=layer)[IMAGES].float()
         b = f.shape[0]
@@ -171,7 +171,7 @@ def source_settings(cfg_json: dict) -> dict:
     column) and bands (`astrolom.model.pretrained.data_settings`), and spectra put on the model's wavelength grid
     (resampled, flux-conserving)."""
     settings: dict[str, Any] = data_settings(cfg_json)
-    grid = ((cfg_json.get("tokens") or {}).get("spectra") or {}).get("wavelength")
+    grid = ((cfg_json.get("tokens") or {}).get(SPECTRA) or {}).get("wavelength")
     if grid:
         settings["wavelength"] = tuple(grid)
     return settings
@@ -284,7 +284,7 @@ def probe_modalities(
 ) -> dict[str, dict[str, float]]:
     """Probe R² of each modality column on the objects that have every modality (the same objects for all).
 
-    A summary of `astrolom.eval.probes.probe_columns` (which returns full `ProbeResult`s): paper protocol, fit on
+    A summary of `astrolom.eval.probe_columns.probe_columns` (which returns full `ProbeResult`s): paper protocol, fit on
     `fit_split`, scored on `test_split`. Returns {column: {target: R²}} plus "_objects": {"fit": n, "test": n}.
     """
     cols = [c for c in COLUMNS if c in embedding_columns(path)]
@@ -353,8 +353,8 @@ def evaluate_generation(
             pred = model.generate_modality(cond, SPECTRA, positions=inputs["spectra_positions"][0])
             true, mask = inputs[SPECTRA], inputs["spectra_value_mask"]
         else:
-            pred = model.generate_modality(cond, "images", n_tokens=image_tokens)
-            true = inputs["images"][:, :image_tokens]
+            pred = model.generate_modality(cond, IMAGES, n_tokens=image_tokens)
+            true = inputs[IMAGES][:, :image_tokens]
             mask = torch.ones_like(true, dtype=torch.bool)
         losses.append(_huber_per_object(pred, true, mask))
         base_losses.append(_huber_per_object(baseline.expand_as(true), true, mask))

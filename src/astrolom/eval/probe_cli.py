@@ -24,16 +24,9 @@ from astrolom.config import comma_list
 from astrolom.eval import baselines as bl
 from astrolom.eval.embeddings import choose_columns, embedding_columns, load_embedding_columns, load_embeddings
 from astrolom.eval.figures import plot_probe_summary, write_predictions
+from astrolom.eval.probe_columns import columns_markdown, evaluate_columns, save_columns
 from astrolom.eval.probe_estimators import METHODS
-from astrolom.eval.probes import (
-    DEFAULT_TARGETS,
-    ProbeResult,
-    columns_markdown,
-    evaluate,
-    evaluate_columns,
-    markdown_table,
-    save_columns,
-)
+from astrolom.eval.probes import DEFAULT_TARGETS, ProbeResult, evaluate, markdown_table
 from astrolom.layout import COLUMNS_JSON, COLUMNS_MD, PREDICTIONS_DIR, PROBES_JSON
 from astrolom.log import get_logger
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from astrolom.data.modalities import IMAGES
+
 EMBEDDING = "embedding"  # the column that holds the vectors
 EMBEDDING_PREFIX = "embedding_"  # per-modality vectors: embedding_images, embedding_spectra, embedding_joint
 ENCODERS = ("astropt", "multimodal", "aligned")
@@ -38,7 +40,7 @@ class EmbeddingRecipe:
     scales: tuple[int, ...] | None = None
     symmetrize: bool = False
     spectrum_segments: int | None = None
-    columns: dict[str, str] = field(default_factory=lambda: {EMBEDDING: "images"})
+    columns: dict[str, str] = field(default_factory=lambda: {EMBEDDING: IMAGES})
     random_init: bool = False
     seed: int | None = None
 
@@ -86,7 +88,7 @@ def recipe_of(metadata: dict[str, Any]) -> EmbeddingRecipe:
     m = metadata
     columns = dict(m.get("columns") or {})
     if not columns:  # an index meta.json: what its main index holds, and one index per modality
-        columns = {EMBEDDING: m.get("embedding_modality") or "images"}
+        columns = {EMBEDDING: m.get("embedding_modality") or IMAGES}
         columns.update({EMBEDDING_PREFIX + name: name for name in m.get("modalities") or {}})
     if m.get("aligned"):
         encoder = "aligned"

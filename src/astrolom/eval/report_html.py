@@ -18,7 +18,8 @@ from astrolom import layout
 from astrolom.data.modalities import SPECTRA
 from astrolom.eval import figures as fg
 from astrolom.eval import metrics as mt
-from astrolom.eval.probes import KEY_TARGETS, ProbeResult, best_column, column_targets, load_columns
+from astrolom.eval.probe_columns import best_column, column_targets, load_columns
+from astrolom.eval.probes import KEY_TARGETS, ProbeResult
 from astrolom.eval.scaling import read_metrics
 
 # ---------------------------------------------------------------------------------------------- HTML pieces
@@ -173,7 +174,7 @@ def environment() -> dict:
 
 
 def column_table(results: dict[str, ProbeResult], method: str = "linear") -> str:
-    """HTML of `astrolom.eval.probes.columns_markdown`: targets x embedding columns, the best column in bold."""
+    """HTML of `astrolom.eval.probe_columns.columns_markdown`: targets x embedding columns, the best column in bold."""
     cols = list(results)
     rows, best = [], []
     for t in column_targets(results):

@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         val_fraction=args.val_fraction,
         regression_loss=args.regression_loss,
         vote_counts=not args.no_vote_counts,
-        classify=tuple(c.strip() for c in args.classify.split(",") if c.strip()),
+        classify=comma_list(args.classify, name="--classify"),
         augment=not args.no_augment,
         flux=not args.no_flux,
         random_init=args.random_init,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from astrolom.config import comma_list
 from astrolom.eval.embed import DEFAULT_LAYER, DEFAULT_TOKENS
 from astrolom.finetune.model import MODES
 from astrolom.finetune.targets import REGRESSION_LOSSES
@@ -55,7 +56,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+            self.targets = comma_list(self.targets, name="targets")
         self.targets, self.classify = tuple(self.targets), tuple(self.classify)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from astrolom.data.modalities import IMAGES
 from astrolom.interop.ckptfile import (
     BLOCK_RULES,
     ReferenceFormatError,
@@ -163,7 +164,7 @@ def export_v1_checkpoint(model: AstroPT, path: str | os.PathLike) -> Path:
             f"tokeniser {cfg.tokeniser!r} has no astropt 1.0.x equivalent: 1.0.x has only the ReLU-MLP 'paper' "
             "tokeniser (export 'aim'/'affine' models to astropt 2.x with --to-reference)"
         )
-    if cfg.modalities != ("images",):
+    if cfg.modalities != (IMAGES,):
         raise ReferenceFormatError(f"astropt 1.0.x models images only, this model has {cfg.modalities}")
     if cfg.flux_features:
         raise ReferenceFormatError(

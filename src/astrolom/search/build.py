@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from astrolom.data.modalities import ALL
 from astrolom.eval.embeddings import EmbeddingTable, embedding_columns, load_embeddings, skipped_records
 from astrolom.eval.recipe import EMBEDDING, recipe_of
 from astrolom.log import get_logger
@@ -335,7 +336,7 @@ def build_index(
     modalities = table.modalities if table is not None else {}
     recipe = recipe_of(emb_meta)
     recipe = dataclasses.replace(recipe, model=_portable(recipe.model, root))  # usable from any directory
-    aligned = recipe.aligned and {"images", "spectra"} <= set(modalities)
+    aligned = recipe.aligned and set(ALL) <= set(modalities)
     if aligned and standardize:
         standardize = False
         if log:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from astrolom.data.batching import OUTPUTS
+from astrolom.data.modalities import IMAGES
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, check_split_fractions
 from astrolom.model.astropt import TOKENISERS, ModelConfig
 from astrolom.model.presets import get_preset, model_config
@@ -32,7 +33,7 @@ class ModelSection:
     bias: bool = False
     tokeniser: str = "aim"
     # multimodal (see astrolom.model.astropt): e.g. modalities=images,spectra needs data with spectra
-    modalities: tuple[str, ...] = ("images",)
+    modalities: tuple[str, ...] = (IMAGES,)
     modality_order: str = "fixed"  # fixed | random (per sample, so both conditionals are learned)
     modality_tokens: bool = True  # begin-of-modality tokens and a modality embedding
     loss_weights: tuple[float, ...] = ()  # one per modality; () = all 1

@@ -30,6 +30,7 @@ import torch
 
 from astrolom import layout
 from astrolom.config import save_yaml, to_dict
+from astrolom.data.modalities import IMAGES, SPECTRA
 from astrolom.data.multimodal import to_device
 from astrolom.log import progress
 from astrolom.model.astropt import AstroPT
@@ -90,9 +91,9 @@ class Trainer:
             )
         if cfg.data.augment != "none" and cfg.data.token_format == "pixels":
             raise ValueError("data.augment=d4 transforms float tokens: use data.token_format=float32 or bfloat16")
-        if cfg.data.augment != "none" and tuple(cfg.model.modalities) != ("images",):
+        if cfg.data.augment != "none" and tuple(cfg.model.modalities) != (IMAGES,):
             raise ValueError(f"data.augment={cfg.data.augment} is for images-only models (spectra have no rotations)")
-        if cfg.data.token_format != "float32" and tuple(cfg.model.modalities) != ("images",):
+        if cfg.data.token_format != "float32" and tuple(cfg.model.modalities) != (IMAGES,):
             raise ValueError(
                 f"data.token_format={cfg.data.token_format} is for images-only models; "
                 f"model.modalities={','.join(cfg.model.modalities)} trains on float32 tokens"
@@ -204,7 +205,7 @@ class Trainer:
             "split_seed": c.split_seed,
         }
         if self.data.spectra is not None:
-            tokens["spectra"] = self.data.spectra.describe()
+            tokens[SPECTRA] = self.data.spectra.describe()
         out = model_config_json(self.model_config, tokens=tokens, data=data)
         out["pretrain_config"] = to_dict(self.cfg)
         return out

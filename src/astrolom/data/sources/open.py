@@ -13,6 +13,7 @@ import collections
 from pathlib import Path
 from typing import Any
 
+from astrolom.data.modalities import ALL
 from astrolom.data.sources.arrays import Hdf5Source, NpySource, NpzSource
 from astrolom.data.sources.base import Source
 from astrolom.data.sources.conventions import EXTENSIONS, kind_of
@@ -42,7 +43,7 @@ READERS: dict[str, type[Source]] = {
     "parquet": ParquetSource,
     "paired": PairedSource,
 }
-PAIRED_DIRS = ("images", "spectra")  # sub-folders of a paired data set
+PAIRED_DIRS = ALL  # sub-folders of a paired data set
 _PER_FILE = ("images", "fits")  # one record per file: object ids are paths relative to the folder given
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from astrolom.config import comma_list
 from astrolom.data.records import DEFAULT_SPLIT_FRACTIONS, check_split_fractions
 
 DEFAULT_CHUNK_ROWS = 256
@@ -34,7 +35,7 @@ class SourceOptions:
 
     def __post_init__(self):
         if self.bands is not None:
-            names = self.bands.split(",") if isinstance(self.bands, str) else self.bands
+            names = comma_list(self.bands, name="bands") if isinstance(self.bands, str) else self.bands
             names = tuple(str(b).strip() for b in names if str(b).strip())
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"bands must be distinct band names, e.g. g,r,z; got {self.bands!r}")
