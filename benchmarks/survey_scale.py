@@ -114,9 +114,9 @@ def sweep(idx, Q: np.ndarray, truth: np.ndarray) -> None:
 
     space, ivf = idx.space(None), faiss.extract_index_ivf(idx.index)
     print("\n| nprobe | re-rank | recall@10 | p50 | p99 |\n|---:|---:|---:|---:|---:|")
-    for nprobe in (16, 32):
+    for nprobe in (16, 32):  # nprobe 64 (the 4096-list default) gave the recall of 32 at 8.6M
         ivf.nprobe = nprobe
-        for rerank in (10, 20, 40):
+        for rerank in (20, 40, 80):
             space.rerank = rerank
             lat = []
             for q in Q[:100]:
