@@ -64,6 +64,7 @@ from astrolom.mock.instruments import (
 )
 from astrolom.mock.labels import BOOL_LABELS, INT_LABELS, LABELS, STR_LABELS
 from astrolom.mock.spectra import observe_spectrum
+from astrolom.mock.summary import RunningStats, survey_summary
 from astrolom.mock.tables import get_tables, init_worker
 
 IMAGE_FORMATS = ("flux", "jpeg")  # how stamps are stored: float32 nanomaggies, or viewer-rendered 8-bit JPEGs
@@ -398,7 +399,7 @@ def _render(cfg: SurveyConfig, out: Path, progress: bool) -> dict[str, Any]:
         for s in range(0, cfg.n, chunk)
     ]  # fmt: skip
 
-    stats = _RunningStats()
+    stats = RunningStats()
     files: list[Path] = []
     writer = None
     tmp_path: Path | None = None
@@ -461,7 +462,7 @@ def _render(cfg: SurveyConfig, out: Path, progress: bool) -> dict[str, Any]:
                 tmp_path.unlink()
 
     elapsed = time.time() - t_start
-    summary = _summary(cfg, stats, files, elapsed, workers)
+    summary = survey_summary(stats, files, elapsed, workers)
     doc = {
         "description": "astrolom mock DESI Legacy Survey (astrolom.mock)",
         "config": _config_dict(cfg),
@@ -486,50 +487,3 @@ def _render(cfg: SurveyConfig, out: Path, progress: bool) -> dict[str, Any]:
     }
     (out / SURVEY_JSON).write_text(json.dumps(doc, indent=1))
     return summary
-
-
-SUMMARY_LABELS = (
-    "redshift",
-    "log_mstar",
-    "log_ssfr",
-    "g_minus_r",
-    "r_minus_z",
-    "mag_r",
-    "r_half_arcsec",
-    "psf_fwhm_r",
-    "quenched",
-    "edge_on",
-    "has_spectrum",
-)
-
-
-class _RunningStats:
-    """Counts per split × telescope and min / mean / max of the summary labels, in O(1) memory."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.counts = {(s, t): 0 for s in ("train", "val", "test") for t in ("north", "south")}
-        self.lo = dict.fromkeys(SUMMARY_LABELS, math.inf)
-        self.hi = dict.fromkeys(SUMMARY_LABELS, -math.inf)
-        self.sum = dict.fromkeys(SUMMARY_LABELS, 0.0)
-
-    def update(self, res: Mapping[str, Any]) -> None:
-        self.n += len(res["split"])
-        for s, t in zip(res["split"], res["telescope"], strict=True):
-            self.counts[s, t] += 1
-        for k in SUMMARY_LABELS:
-            a = np.asarray(res[k], dtype=float)
-            self.lo[k] = min(self.lo[k], float(a.min()))
-            self.hi[k] = max(self.hi[k], float(a.max()))
-            self.sum[k] += float(a.sum())
-
-
-def _summary(cfg: SurveyConfig, stats: _RunningStats, files, elapsed, workers) -> dict[str, Any]:
-    counts: dict[str, Any] = {"total": stats.n}
-    for s in ("train", "val", "test"):
-        counts[s] = {t: stats.counts[s, t] for t in ("north", "south")}
-        counts[s]["total"] = counts[s]["north"] + counts[s]["south"]
-    label_stats = {
-        k: {"min": stats.lo[k], "mean": stats.sum[k] / max(stats.n, 1), "max": stats.hi[k]} for k in SUMMARY_LABELS
-    }
-    return {"counts": counts, "label_stats": label_stats, "files": files, "seconds": elapsed, "workers": workers}
