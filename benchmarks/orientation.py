@@ -117,8 +117,8 @@ def main() -> None:
     import torch
 
     from astrolom.data.augment import d4
-    from astrolom.eval.embed import load_model
     from astrolom.mock import catalogue_row, sample_catalogue
+    from astrolom.model.pretrained import load_model
 
     torch.set_num_threads(2)
     meta = json.load(open(f"{args.data}/_survey.json"))["config"]

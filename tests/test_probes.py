@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from astrolom.data.records import Record
+from astrolom.eval import probe_estimators as est
 from astrolom.eval import probes as pr
 from astrolom.eval.embeddings import EmbeddingTable, EmbeddingWriter, load_embeddings, split_rows
 from astrolom.eval.probes import ProbeResult
@@ -59,13 +60,13 @@ def test_wide_logistic_probe_solves_exactly_and_falls_back_to_lbfgs():
     acc = pr.score(y[200:], pred, pr.CLASSIFICATION)["accuracy"]
     assert 0.6 < acc < 1.0  # 3 informative of 600 features, 200 objects: informative but far from perfect
     sc = StandardScaler().fit(X[:200])
-    lbfgs = pr.logistic_probe(600, 2, 5, solver="lbfgs").set_params(tol=1e-8, max_iter=20000)
+    lbfgs = est.logistic_probe(600, 2, 5, solver="lbfgs").set_params(tol=1e-8, max_iter=20000)
     lbfgs.fit(sc.transform(X[:200]), y[:200])
     assert np.mean(lbfgs.predict(sc.transform(X[200:])) == pred) >= 0.99
-    assert pr.logistic_solver(1024, 2) == "newton-cholesky"
-    assert pr.logistic_solver(1024, 3) == "newton-cholesky"  # (1024 + 1) * 3 coefficients
-    assert pr.logistic_solver(2048, 3) == "lbfgs"
-    assert pr.logistic_solver(8192, 2) == "lbfgs"
+    assert est.logistic_solver(1024, 2) == "newton-cholesky"
+    assert est.logistic_solver(1024, 3) == "newton-cholesky"  # (1024 + 1) * 3 coefficients
+    assert est.logistic_solver(2048, 3) == "lbfgs"
+    assert est.logistic_solver(8192, 2) == "lbfgs"
 
 
 def test_knn_reads_low_dimensional_signal():
