@@ -79,24 +79,32 @@ def test_a_million_points_density_then_points_on_zoom(million, record_property):
             assert 0 < shown <= 100_000
             assert page.locator("#status").inner_text().startswith(f"showing {shown} of {N}")
             # the loaded points are the index's: rows, ids and coordinates agree with the map on disk
-            rows = np.asarray(page.evaluate("() => Array.from(explorer.rows)"))
-            sx = np.asarray(page.evaluate("() => Array.from(explorer.x)"))
-            assert page.evaluate("() => explorer.ids.slice(0, 50)") == [f"g{r}" for r in rows[:50]]
+            # (read in one go, with the version of the loaded points: a reload in between would mix two sets)
+            snap = page.evaluate(
+                "() => ({v: explorer.pointsVersion, rows: Array.from(explorer.rows), x: Array.from(explorer.x),"
+                " ids: explorer.ids.slice(0, 50)})"
+            )
+            rows, sx = np.asarray(snap["rows"]), np.asarray(snap["x"])
+            assert snap["ids"] == [f"g{r}" for r in rows[:50]]
             np.testing.assert_allclose(sx, xy[rows, 0], atol=1e-4)
             assert row in set(rows.tolist())
             # hover and click the object zoomed into
             i = int(np.flatnonzero(rows == row)[0])
             page.wait_for_timeout(300)
-            x, y = page.evaluate(f"() => explorer.screenOf({i})")
+            # mouse events carry whole CSS pixels: the mouse goes to the pixel the object is drawn on
+            x, y = (round(v) for v in page.evaluate(f"() => explorer.screenOf({i})"))
             page.mouse.move(x, y)
             page.wait_for_selector("#tip:not(.hidden)")
-            # the nearest point is this object's, or one drawn on the same pixel (100k points in the view)
-            near = page.evaluate(
-                f"""() => explorer.ids.filter((id, j) => {{ const [a, b] = explorer.screenOf(j);
-                    return Math.abs(a - {x}) <= 1 && Math.abs(b - {y}) <= 1; }})"""
+            # the tooltip names the point nearest to the mouse (100k points in the view: maybe a neighbour on the
+            # same pixel, not the object zoomed into, which is within a pixel)
+            d2, hovered, version = page.evaluate(
+                f"""() => [explorer.ids.map((id, j) => {{ const [a, b] = explorer.screenOf(j);
+                    return (a - {x}) ** 2 + (b - {y}) ** 2; }}),
+                    document.getElementById('tipid').textContent, explorer.pointsVersion]"""
             )
-            hovered = page.locator("#tipid").inner_text()
-            assert f"g{row}" in near and hovered in near
+            assert version == snap["v"], "the points were reloaded after the view settled"
+            d2 = np.asarray(d2)
+            assert d2[i] <= 0.5 and hovered == f"g{rows[int(np.argmin(d2))]}"
             assert page.locator("#tipval").inner_text().startswith("redshift ")
             page.mouse.click(x, y)
             page.wait_for_function(f"() => document.getElementById('objtitle').textContent === {hovered!r}")
