@@ -109,23 +109,28 @@ def exact_top10(idx, Q: np.ndarray, chunk: int = 131_072) -> np.ndarray:
 
 
 def sweep(idx, Q: np.ndarray, truth: np.ndarray) -> None:
-    """Recall@10 and single-query latency of an IVF-PQ index over nprobe x re-rank depth (set at query time)."""
+    """Recall@10 and single-query latency of an IVF-PQ index over nprobe x re-scoring depth (set at query time):
+    FAISS's `k_factor` for in-RAM 8-bit copies (`Refine(SQ8)`), else the re-rank depth from the vectors on disk."""
     import faiss
 
     space, ivf = idx.space(None), faiss.extract_index_ivf(idx.index)
-    print("\n| nprobe | re-rank | recall@10 | p50 | p99 |\n|---:|---:|---:|---:|---:|")
-    for nprobe in (16, 32):  # nprobe 64 (the 4096-list default) gave the recall of 32 at 8.6M
+    refine = faiss.downcast_index(idx.index) if idx.meta.get("refine") else None
+    print(f"\n| nprobe | {'k_factor' if refine else 're-rank'} | recall@10 | p50 | p99 |\n|---:|---:|---:|---:|---:|")
+    for nprobe in (16, 32, 64):
         ivf.nprobe = nprobe
-        for rerank in (20, 40, 80):
-            space.rerank = rerank
+        for depth in (20, 40, 80):
+            if refine is not None:
+                refine.k_factor = depth
+            else:
+                space.rerank = depth
             lat = []
-            for q in Q[:100]:
+            for q in Q[:200]:
                 t = time.perf_counter()
                 idx.search_vectors(q[None], 10)
                 lat.append((time.perf_counter() - t) * 1e3)
             _, found = idx.search_vectors(Q, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
-            print(f"| {nprobe} | {rerank}·k | {recall:.3f} | {np.percentile(lat, 50):.2f} ms "
+            print(f"| {nprobe} | {depth}·k | {recall:.3f} | {np.percentile(lat, 50):.2f} ms "
                   f"| {np.percentile(lat, 99):.1f} ms |")  # fmt: skip
 
 
@@ -134,7 +139,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--kind", default="auto")
-    ap.add_argument("--memory-gb", type=float, default=4.0)
+    ap.add_argument("--memory-gb", type=float, default=None, help="the build's budget (default: astrolom's)")
     ap.add_argument("--map", default="pca", choices=("pca", "umap", "none"))
     ap.add_argument("--outlier-k", default="20", help="k stored at build time (`none`: time a sample instead)")
     ap.add_argument("--outlier-sample", type=int, default=20_000, help="with --outlier-k none: rows timed")
@@ -155,7 +160,8 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     out = scratch / f"index_{args.n}_{args.kind}"
     cmd = [sys.executable, "-m", "astrolom", "index", "--embeddings", str(npy), "--ids", str(ids), "--out", str(out)]
-    cmd += ["--kind", args.kind, "--memory-gb", str(args.memory_gb), "--map", args.map, "--outlier-k", args.outlier_k]
+    cmd += ["--kind", args.kind, "--map", args.map, "--outlier-k", args.outlier_k]
+    cmd += ["--memory-gb", str(args.memory_gb)] if args.memory_gb is not None else []
     stats = out.parent / f"{out.name}.build.json"
     if args.reuse and stats.is_file():
         wall_s, peak_gib = (json.loads(stats.read_text())[k] for k in ("wall_s", "peak_gib"))
@@ -208,6 +214,7 @@ def main() -> None:
         per = (time.perf_counter() - t) / m
         outl = f"k=20: {per * 1e3:.2f} ms/object on {m:,} rows, est. {per * args.n:.0f} s for all"
     extra = f", nprobe {meta['nprobe']}" + (f", rerank {meta['rerank']}x" if meta.get("rerank") else "")
+    extra += f", k_factor {meta['k_factor']:g}" if meta.get("k_factor") else ""
     print(f"data: {args.n} x {args.dim} written in {gen_s:.0f} s to {npy}; build command: {' '.join(cmd)}")
     print(json.dumps({k: meta.get(k) for k in ("train_s", "add_s", "map_s", "build_s")}))
     print(
@@ -221,7 +228,7 @@ def main() -> None:
         f"| {np.percentile(lat, 50):.2f} / {np.percentile(lat, 99):.2f} ms | {batched_ms:.2f} ms/query "
         f"| {recall:.3f} ({R} queries) | {meta.get('map', '-')} {meta.get('map_s', 0):.0f} s | {outl} |"
     )
-    if args.sweep and meta.get("rerank"):
+    if args.sweep and (meta.get("rerank") or meta.get("refine")):
         sweep(idx, Qraw[:R], truth)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)

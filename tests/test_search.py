@@ -54,7 +54,10 @@ def test_auto_kind_follows_size():
     assert si.choose_kind(10_000, 512) == "flat"
     assert si.choose_kind(1_000_000, 512) == "ivfflat"
     assert si.choose_kind(10_000_000, 512) == "ivfpq"
-    assert si.factory_string("ivfpq", 10_000_000, 512) == "IVF4096,PQ64"
+    # IVF-PQ re-scored by 8-bit copies in RAM while codes and copies (576 B a vector) fit the budget (6 GB)
+    assert si.factory_string("ivfpq", 10_000_000, 512) == "IVF4096,PQ64,Refine(SQ8)"
+    assert si.factory_string("ivfpq", 20_000_000, 512) == "IVF4096,PQ64"
+    assert si.factory_string("ivfpq", 10_000_000, 512, memory_gb=4) == "IVF4096,PQ64"
 
 
 def test_known_neighbour_is_found_and_ids_checked(tmp_path):

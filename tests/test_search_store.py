@@ -256,10 +256,11 @@ def test_ivfpq_reranks_exactly_from_the_memory_mapped_vectors(tmp_path):
     exact = si.load_index(si.build_index(t, tmp_path / "f", kind="flat", map_method="none", progress=False, log=None))
     # 6000 x 32 float32 = 0.7 MB: a budget below that makes --kind auto pick product quantisation
     assert si.choose_kind(60_000, 32, memory_gb=0.005) == "ivfpq" and si.choose_kind(60_000, 32) == "ivfflat"
-    pq_idx = si.load_index(
-        si.build_index(t, tmp_path / "p", kind="ivfpq", map_method="none", outlier_k=(), progress=False, log=None)
-    )
+    # a budget too small for the 8-bit copies: re-ranked from the vectors on disk
+    build = dict(kind="ivfpq", map_method="none", outlier_k=(), progress=False, log=None)
+    pq_idx = si.load_index(si.build_index(t, tmp_path / "p", memory_gb=0.0001, **build))
     assert pq_idx.meta["rerank"] == si.RERANK and "vectors.npy" in pq_idx.manifest["files"]
+    assert pq_idx.meta["factory"] == "IVF64,PQ4" and "refine" not in pq_idx.meta
     _, e = exact.search_vectors(q, 10)
     s, a = pq_idx.search_vectors(q, 10)
     recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])
@@ -267,6 +268,35 @@ def test_ivfpq_reranks_exactly_from_the_memory_mapped_vectors(tmp_path):
     cos = np.einsum("qkd,qd->qk", exact.vectors(a.ravel()).reshape(200, 10, 32), exact.prepare(q))
     np.testing.assert_allclose(s, cos, atol=1e-5)  # re-scored exactly, not the PQ estimate
     np.testing.assert_allclose(pq_idx.vectors([5, 9]), exact.vectors([5, 9]), atol=1e-6)  # exact, not decoded
+
+
+@pytest.mark.slow
+def test_ivfpq_within_the_budget_rescores_by_8_bit_copies_in_ram(tmp_path):
+    import faiss
+
+    X = clustered(6000, 32, clusters=50)
+    q = clustered(200, 32, clusters=50, seed=1)
+    t = X_table(X)
+    exact = si.load_index(si.build_index(t, tmp_path / "f", kind="flat", map_method="none", progress=False, log=None))
+    assert si.refine_fits(6000, 32) and not si.refine_fits(6000, 32, memory_gb=0.0001)
+    idx = si.load_index(
+        si.build_index(t, tmp_path / "r", kind="ivfpq", map_method="none", outlier_k=(), progress=False, log=None)
+    )
+    assert idx.meta["factory"] == "IVF64,PQ4,Refine(SQ8)" and idx.meta["k_factor"] == si.REFINE_K
+    assert "rerank" not in idx.meta and idx._spaces[None].rerank == 0
+    refine = faiss.downcast_index(idx.index)
+    assert isinstance(refine, faiss.IndexRefine) and refine.k_factor == si.REFINE_K
+    _, e = exact.search_vectors(q, 10)
+    s, a = idx.search_vectors(q, 10)
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])
+    assert recall >= 0.9  # 0.35 on the PQ codes alone (tests/test_search.py)
+    # scores are the 8-bit copies' cosines: within a quantisation step of the exact ones
+    cos = np.einsum("qkd,qd->qk", exact.vectors(a.ravel()).reshape(200, 10, 32), exact.prepare(q))
+    np.testing.assert_allclose(s, cos, atol=0.02)
+    refine.k_factor = 1  # no re-scoring: the PQ order alone
+    _, a1 = idx.search_vectors(q, 10)
+    assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a1, e, strict=True)]) < recall - 0.2
+    np.testing.assert_allclose(idx.vectors([5, 9]), exact.vectors([5, 9]), atol=1e-6)  # exact rows from disk
 
 
 @pytest.mark.slow

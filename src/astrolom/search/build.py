@@ -17,8 +17,10 @@ sample, adding, the map, the outlier scores. The index kind follows the size and
 - `ivfflat` (`IVF{nlist},Flat`) while the float32 vectors fit the budget: k-means coarse quantiser with
   nlist ≈ sqrt(N) (a power of two) trained on a sample of 64 points per list, `nprobe` lists scanned per query;
 - `ivfpq` (`IVF{nlist},PQ{d/8}`) beyond: 8-bit product quantisation, d/8 bytes per vector in memory (64 B for
-  512-d), plus the exact vectors in a memory-mapped `vectors.npy` from which the `rerank` x k best PQ candidates
-  are re-scored exactly (FAISS's `IndexRefineFlat` would hold them in RAM);
+  512-d). The `k_factor` x k best PQ candidates are re-scored: while d + d/8 bytes per vector fit the budget, by
+  8-bit scalar-quantised copies held in RAM (`IVF{nlist},PQ{d/8},Refine(SQ8)`, FAISS's `IndexRefine`: 4.4 GB at
+  8.6M x 512), whose latency does not depend on the page cache; beyond it, by the exact vectors in a
+  memory-mapped `vectors.npy` (`rerank` x k, fast only while the pages read are cached);
 - `hnsw` (`HNSW32,Flat`) on request: the lowest latency at high recall, no training, but slow to build.
 
 The files of one generation (see `astrolom.search.store` for the directory layout):
@@ -82,11 +84,12 @@ KINDS = ("auto", "flat", "ivfflat", "ivfpq", "hnsw")
 INDEX_FILE, OBJECTS_FILE, META_FILE, MAP_FILE = "index.faiss", "objects.parquet", "meta.json", "map.npy"
 VECTORS_FILE = "vectors.npy"
 EXACT_MAX = 50_000  # above this, an approximate index
-MEMORY_GB = 4.0  # default budget for the vectors held in memory: above it, product quantisation
+MEMORY_GB = 6.0  # default budget for the vectors held in memory: above it, product quantisation
 TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss wants >= 39)
 MAP_MAX_DEFAULT = 200_000
 OUTLIER_K = (20,)
 RERANK = 20  # ivfpq: exact re-scoring of rerank x k PQ candidates (recall@10 0.92 at 10, 0.96 at 20: BENCHMARKS)
+REFINE, REFINE_K = "SQ8", 80  # ivfpq within the budget: in-RAM 8-bit re-scoring of k_factor x k PQ candidates
 
 
 def outliers_file(k: int) -> str:
@@ -114,7 +117,12 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(16, nlist // 64)))
 
 
-def factory_string(kind: str, n: int, dim: int) -> str:
+def refine_fits(n: int, dim: int, memory_gb: float = MEMORY_GB) -> bool:
+    """Whether n PQ codes (d/8 bytes) plus their 8-bit re-scoring copies (d bytes) fit the memory budget."""
+    return n * (dim + dim // 8) <= memory_gb * (1 << 30)
+
+
+def factory_string(kind: str, n: int, dim: int, memory_gb: float = MEMORY_GB) -> str:
     if kind == "flat":
         return "Flat"
     if kind == "hnsw":
@@ -124,7 +132,7 @@ def factory_string(kind: str, n: int, dim: int) -> str:
         return f"IVF{nlist},Flat"
     if kind == "ivfpq":
         m = next(m for m in (dim // 8, dim // 4, dim // 2, dim, 1) if m >= 1 and dim % m == 0)
-        return f"IVF{nlist},PQ{m}"
+        return f"IVF{nlist},PQ{m}" + (f",Refine({REFINE})" if refine_fits(n, dim, memory_gb) else "")
     raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -135,6 +143,8 @@ def apply_search_params(index, meta: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
     if "ef_search" in meta:
         faiss.downcast_index(index).hnsw.efSearch = int(meta["ef_search"])
+    if "k_factor" in meta:
+        faiss.downcast_index(index).k_factor = float(meta["k_factor"])
 
 
 def search_index(index, q: np.ndarray, k: int, vectors: np.ndarray | None = None, rerank: int = 0):
@@ -180,7 +190,7 @@ def build_faiss(
     if n == 0:
         raise ValueError("no vectors to index")
     kind = choose_kind(n, dim, memory_gb) if kind == "auto" else kind
-    factory = factory_string(kind, n, dim)
+    factory = factory_string(kind, n, dim, memory_gb)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     settings: dict = {"kind": kind, "factory": factory, "dim": dim, "n": n, "metric": "cosine"}
     if kind in ("ivfflat", "ivfpq"):
@@ -198,6 +208,8 @@ def build_faiss(
         settings["train_size"] = n_train
         settings["train_s"] = round(time.perf_counter() - t0, 2)
         settings["nprobe"] = int(nprobe or default_nprobe(ivf.nlist))
+        if "Refine" in factory:
+            settings["refine"], settings["k_factor"] = REFINE, REFINE_K
     if kind == "hnsw":
         # the faiss default (40) loses neighbours in tight clusters, where many distances are nearly equal
         faiss.downcast_index(index).hnsw.efConstruction = 200
@@ -208,7 +220,9 @@ def build_faiss(
         header = np.lib.format.open_memmap(vectors_out, mode="w+", dtype=np.float32, shape=(n, dim))
         offset = header.offset
         del header
-        settings["vectors"], settings["rerank"] = vectors_out.name, RERANK
+        settings["vectors"] = vectors_out.name  # exact rows for `vectors` and the outlier join
+        if "refine" not in settings:
+            settings["rerank"] = RERANK
     t0 = time.perf_counter()
     bar = progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress)
     with bar, open(vectors_out, "r+b") if offset is not None else contextlib.nullcontext() as keep:

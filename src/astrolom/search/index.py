@@ -41,6 +41,8 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     META_FILE,
     OBJECTS_FILE,
     OUTLIER_K,
+    REFINE,
+    REFINE_K,
     RERANK,
     apply_search_params,
     build_faiss,
@@ -50,6 +52,7 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     default_nlist,
     default_nprobe,
     factory_string,
+    refine_fits,
     normalise,
     search_index,
     skipped_summary,
@@ -122,7 +125,8 @@ class SearchIndex:
                 holder["model"] = _resolve(holder["model"], self.path)
         self.recipe: EmbeddingRecipe = recipe_of(self.meta)
         # IO_FLAG_MMAP maps only inverted lists; the _IFC variant (faiss >= 1.10) maps flat and HNSW storage too
-        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
+        # an index with in-RAM re-scoring copies (`refine`) is read whole: their latency must not hang on the cache
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap and not self.meta.get("refine") else 0
         self._flags = flags
         self.index = faiss.read_index(str(self.file(INDEX_FILE)), flags)
         vectors = self._array(self.meta.get("vectors"))
@@ -384,7 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=MEMORY_GB,
         help=f"memory budget for the index's vectors (default {MEMORY_GB:g}): --kind auto keeps float32 vectors "
-        "(IVF-Flat) while they fit, else product quantisation with exact re-ranking from disk (IVF-PQ)",
+        "(IVF-Flat) while they fit, else product quantisation (IVF-PQ) re-scored by 8-bit copies in RAM while those "
+        "fit, beyond that by exact vectors read from disk",
     )
     parser.add_argument(
         "--outlier-k",
