@@ -142,8 +142,7 @@ class SearchIndex:
         self.object_id = np.asarray(self.objects.column("object_id").to_numpy(zero_copy_only=False), dtype=str)
         self.split = np.asarray(self.objects.column("split").to_numpy(zero_copy_only=False), dtype=str)
         self.label_names = [c for c in self.objects.column_names if c not in ("object_id", "split")]
-        self._row_map: dict[str, int] | None = None  # made on the first lookup by id
-        self._labels: dict[str, list] | None = None
+        self._id_order: np.ndarray | None = None  # rows by sorted id, made on the first lookup by id
         # mapped now, so that they stay readable if a rebuild prunes this generation while the reader lives
         self._map = self._array(MAP_FILE if self.meta.get("map") else None)
         self._outliers = {int(k): self._array(e["file"]) for k, e in (self.meta.get("outliers") or {}).items()}
@@ -223,19 +222,22 @@ class SearchIndex:
 
     def row_of(self, object_id: str) -> int:
         """Row of an object id; a ValueError naming the index if it is not there."""
-        if self._row_map is None:
-            self._row_map = {oid: i for i, oid in enumerate(self.object_id.tolist())}
-        row = self._row_map.get(str(object_id))
-        if row is None:
+        # a binary search in the ids' sort order: 8 bytes an object (a dict of 8.6M ids would take about 1 GB)
+        if self._id_order is None:
+            self._id_order = np.argsort(self.object_id, kind="stable")
+        key = str(object_id)
+        pos = int(np.searchsorted(self.object_id, key, sorter=self._id_order))
+        row = int(self._id_order[pos]) if pos < len(self._id_order) else None
+        if row is None or self.object_id[row] != key:
             close = [o for o in self.object_id[:100_000] if str(object_id) in o][:3]
             hint = f"; similar ids: {', '.join(close)}" if close else f"; ids look like {self.object_id[0]!r}"
             raise ValueError(f"object id {object_id!r} is not in the index {self.path} ({len(self)} objects){hint}")
         return row
 
     def labels_of(self, row: int) -> dict:
-        if self._labels is None:
-            self._labels = {name: self.objects.column(name).to_pylist() for name in self.label_names}
-        return {name: _json_value(values[row]) for name, values in self._labels.items()}
+        """The label columns of one row (read from the Arrow table row by row: no column becomes Python objects)."""
+        one = self.objects.select(self.label_names).slice(int(row), 1).to_pylist()[0] if self.label_names else {}
+        return {name: _json_value(value) for name, value in one.items()}
 
     def label_values(self, name: str) -> np.ndarray:
         if name not in self.label_names:
