@@ -284,10 +284,17 @@ def test_ivfpq_within_the_budget_rescores_by_8_bit_copies_in_ram(tmp_path):
     )
     assert idx.meta["factory"] == "IVF64,PQ4,Refine(SQ8)" and idx.meta["k_factor"] == si.REFINE_K
     assert "rerank" not in idx.meta and idx._spaces[None].rerank == 0
+    _, e = exact.search_vectors(q, 10)
+    # opened memory-mapped (a server starts without reading the copies), then read whole: the same answers
+    assert not idx.resident and faiss.downcast_index(idx.index).k_factor == si.REFINE_K
+    s_mapped, a_mapped = idx.search_vectors(q, 10)
+    assert idx.make_resident() > 0 and idx.resident and idx.make_resident() == 0.0
     refine = faiss.downcast_index(idx.index)
     assert isinstance(refine, faiss.IndexRefine) and refine.k_factor == si.REFINE_K
-    _, e = exact.search_vectors(q, 10)
+    assert idx._spaces[None].index is idx.index
     s, a = idx.search_vectors(q, 10)
+    np.testing.assert_array_equal(a, a_mapped)
+    np.testing.assert_array_equal(s, s_mapped)
     recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, e, strict=True)])
     assert recall >= 0.9  # 0.35 on the PQ codes alone (tests/test_search.py)
     # scores are the 8-bit copies' cosines: within a quantisation step of the exact ones

@@ -272,3 +272,30 @@ def test_small_index_keeps_the_whole_map(big):
     assert len(m["x"]) == len(m["ids"]) == 5000 and c.get("/api/map/view").json()["density"] is False
     lab = c.get("/api/labels/kind").json()
     assert lab["kind"] == "categorical" and len(lab["values"]) == 5000
+
+
+@pytest.mark.slow
+def test_server_reads_an_in_ram_rescoring_index_whole_while_it_already_answers(tmp_path):
+    """IVF-PQ + Refine(SQ8) opens memory-mapped; the server reads it whole in the background and answers the same."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from astrolom.eval.embeddings import EmbeddingTable
+    from astrolom.search.index import build_index, load_index
+    from astrolom.serve.app import create_app
+
+    n, rng = 6000, np.random.default_rng(2)
+    X = (rng.normal(size=(40, 32))[rng.integers(0, 40, n)] * 2 + rng.normal(size=(n, 32))).astype(np.float32)
+    table = EmbeddingTable(np.array([f"g{i}" for i in range(n)]), np.full(n, "test"), X, {}, {})
+    out = build_index(table, tmp_path / "idx", kind="ivfpq", map_method="pca", outlier_k=(), progress=False, log=None)
+    idx = load_index(out)
+    assert idx.meta.get("refine") and not idx.resident
+    before = idx.neighbours_of_id("g7", 10)
+    client = TestClient(create_app(idx), base_url=BASE)
+    deadline = time.monotonic() + 60
+    while not idx.resident and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert idx.resident  # the server's background read finished
+    got = client.get("/api/neighbours/g7?k=10").json()
+    assert [h["object_id"] for h in got["neighbours"]] == [h.object_id for h in before]

@@ -31,6 +31,7 @@ Security model (each point has a test in tests/test_serve.py or tests/test_serve
 # create_app so that the rest of the package does not need fastapi) when the functions are defined
 import argparse
 import logging
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -97,6 +98,8 @@ def create_app(
     ex = Explorer(idx, data, map_method=map_method, points_max=points_max)
     if ex.view.dense:
         ex.view.warm()
+    if not idx.resident:  # in-RAM re-scoring copies (IVF-PQ + SQ8): read whole while the map is already served
+        threading.Thread(target=idx.make_resident, name="astrolom-index-resident", daemon=True).start()
     # the directory the user named, not a generation inside it: marks outlive a rebuild of the index
     marks = lb.Marks(lb.marks_path(idx.path if isinstance(index, SearchIndex) else index), idx)
     max_bytes = int(max_upload_mb * 1024 * 1024)
