@@ -117,6 +117,8 @@ def sweep(idx, Q: np.ndarray, truth: np.ndarray) -> None:
 
     space, ivf = idx.space(None), faiss.extract_index_ivf(idx.index)
     refine = faiss.downcast_index(idx.index) if idx.meta.get("refine") else None
+    if refine is not None and space.rerank > 1:
+        print(f"\n(then the {space.rerank}·k best by the 8-bit copies re-scored exactly from vectors.npy)")
     print(f"\n| nprobe | {'k_factor' if refine else 're-rank'} | recall@10 | p50 | p99 |\n|---:|---:|---:|---:|---:|")
     for nprobe in (16, 32, 64):
         ivf.nprobe = nprobe

@@ -47,6 +47,7 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     OUTLIER_K,
     REFINE,
     REFINE_K,
+    REFINE_RERANK,
     RERANK,
     apply_search_params,
     build_faiss,
