@@ -283,7 +283,7 @@ def test_ivfpq_within_the_budget_rescores_by_8_bit_copies_in_ram(tmp_path):
         si.build_index(t, tmp_path / "r", kind="ivfpq", map_method="none", outlier_k=(), progress=False, log=None)
     )
     assert idx.meta["factory"] == "IVF64,PQ4,Refine(SQ8)" and idx.meta["k_factor"] == si.REFINE_K
-    assert idx.meta["rerank"] == idx._spaces[None].rerank == si.REFINE_RERANK
+    assert idx.meta["rerank"] == idx._spaces[None].rerank == si.REFINE_RERANK and idx.meta["nprobe"] == 16
     _, e = exact.search_vectors(q, 10)
     # opened memory-mapped (a server starts without reading the copies), then read whole: the same answers
     assert not idx.resident and faiss.downcast_index(idx.index).k_factor == si.REFINE_K
