@@ -53,6 +53,9 @@ def test_approximate_recall_against_exact(tmp_path, kind):
 def test_auto_kind_follows_size():
     assert si.choose_kind(10_000, 512) == "flat"
     assert si.choose_kind(1_000_000, 512) == "ivfflat"
+    # 3M x 512 float32 (5.7 GiB) fits the 6 GiB budget, but a query would scan 32 of 2048 lists, 92 MiB (7.7 ms)
+    assert si.choose_kind(1_500_000, 512) == "ivfflat" and si.choose_kind(3_000_000, 512) == "ivfpq"
+    assert si.choose_kind(3_000_000, 64) == "ivfflat"  # 11 MiB a query at 64-d
     assert si.choose_kind(10_000_000, 512) == "ivfpq"
     # IVF-PQ re-scored by 8-bit copies in RAM while codes and copies (576 B a vector) fit the budget (6 GB)
     assert si.factory_string("ivfpq", 10_000_000, 512) == "IVF4096,PQ64,Refine(SQ8)"

@@ -248,6 +248,31 @@ def test_parquet_parts_are_streamed_in_chunks(tmp_path, monkeypatch):
     np.testing.assert_allclose(streamed.stored_outliers(20), whole.stored_outliers(20), atol=1e-6)
 
 
+def test_ivfflat_lists_sized_before_the_add_hold_what_faiss_add_puts_there():
+    import faiss
+
+    from astrolom.search.build import build_faiss
+    from astrolom.search.vectors import normalise
+
+    X = clustered(5000, 32, clusters=40)
+    index, _ = build_faiss(X, "ivfflat", progress=False, log=None)  # lists found first, then added to
+    ref = faiss.clone_index(index)
+    ref.reset()  # the same trained quantiser, empty lists
+    ref.add(normalise(X))  # FAISS's own add, list by list as vectors arrive
+    assert index.ntotal == ref.ntotal == 5000
+    a, b = index.invlists, ref.invlists
+    sizes = [a.list_size(no) for no in range(index.nlist)]
+    assert sizes == [b.list_size(no) for no in range(index.nlist)] and max(sizes) > 2 * min(sizes)
+    for no in range(index.nlist):
+        m = sizes[no]
+        ids_a, ids_b = (faiss.rev_swig_ptr(x.get_ids(no), m).copy() for x in (a, b))
+        np.testing.assert_array_equal(ids_a, ids_b)
+        rows_a, rows_b = (faiss.rev_swig_ptr(x.get_codes(no), m * a.code_size).view(np.float32) for x in (a, b))
+        np.testing.assert_allclose(rows_a, rows_b, atol=1e-6)  # the build normalises its rows once more
+    q = normalise(clustered(50, 32, clusters=40, seed=1))
+    np.testing.assert_array_equal(index.search(q, 10)[1], ref.search(q, 10)[1])
+
+
 @pytest.mark.slow
 def test_ivfpq_reranks_exactly_from_the_memory_mapped_vectors(tmp_path):
     X = clustered(6000, 32, clusters=50)

@@ -11,11 +11,12 @@ contaminating star from 0.15 to 0.71 at the top 1% (base rate 0.12; see README).
 Vectors are never all in memory: a `VectorSource` (an in-memory table, a memory-mapped `.npy`, or Parquet files
 and per-rank parts read one record batch at a time) is read in passes of `CHUNK` rows: statistics, a training
 sample, adding, the map, the outlier scores. The index kind follows the size and the memory budget
-(`--kind auto`, `--memory-gb`, default 4):
+(`--kind auto`, `--memory-gb`, default 6 GiB):
 
 - `flat` (exact, `IndexFlatIP`) up to 50k vectors: brute force is fast enough and never misses;
-- `ivfflat` (`IVF{nlist},Flat`) while the float32 vectors fit the budget: k-means coarse quantiser with
-  nlist ≈ sqrt(N) (a power of two) trained on a sample of 64 points per list, `nprobe` lists scanned per query;
+- `ivfflat` (`IVF{nlist},Flat`) while the float32 vectors fit the budget and a query's scan of `nprobe` lists
+  reads at most `SCAN_MAX_MIB` of them: k-means coarse quantiser with nlist ≈ sqrt(N) (a power of two) trained on a
+  sample of 64 points per list; the lists are sized before the add (grown by doubling they took twice the room);
 - `ivfpq` (`IVF{nlist},PQ{d/8}`) beyond: 8-bit product quantisation, d/8 bytes per vector in memory (64 B for
   512-d). The `k_factor` x k best PQ candidates are re-scored: while d + d/8 bytes per vector fit the budget, by
   8-bit scalar-quantised copies held in RAM (`IVF{nlist},PQ{d/8},Refine(SQ8)`, FAISS's `IndexRefine`: 4.4 GB at
@@ -84,6 +85,9 @@ KINDS = ("auto", "flat", "ivfflat", "ivfpq", "hnsw")
 INDEX_FILE, OBJECTS_FILE, META_FILE, MAP_FILE = "index.faiss", "objects.parquet", "meta.json", "map.npy"
 VECTORS_FILE = "vectors.npy"
 EXACT_MAX = 50_000  # above this, an approximate index
+# ivfflat while a query scans at most this many MiB of float32 vectors, the list scan being its time: on a 2-core box
+# 30.5 MiB (1M x 512, 16 of 1024 lists) took 2.4 ms a query and 91.5 MiB (3M, 32 of 2048) 7.7 ms (BENCHMARKS.md)
+SCAN_MAX_MIB = 48
 MEMORY_GB = 6.0  # default budget for the vectors held in memory: above it, product quantisation
 TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss wants >= 39)
 MAP_MAX_DEFAULT = 200_000
@@ -106,7 +110,10 @@ def choose_kind(n: int, dim: int, memory_gb: float = MEMORY_GB) -> str:
     """The default index kind for n vectors of `dim` float32 under a memory budget (see the module docstring)."""
     if n <= EXACT_MAX:
         return "flat"
-    return "ivfpq" if n * dim * 4 > memory_gb * (1 << 30) else "ivfflat"
+    nlist = default_nlist(n)
+    scan = n * default_nprobe(nlist) / nlist * dim * 4
+    fits = n * dim * 4 <= memory_gb * (1 << 30)
+    return "ivfflat" if fits and scan <= SCAN_MAX_MIB * (1 << 20) else "ivfpq"
 
 
 def default_nlist(n: int) -> int:
@@ -236,10 +243,18 @@ def build_faiss(
         settings["vectors"] = vectors_out.name  # exact rows for `vectors` and the outlier join
         settings["rerank"] = REFINE_RERANK if "refine" in settings else RERANK
     t0 = time.perf_counter()
+    # IVF-Flat lists hold the float32 vectors; grown by doubling as vectors arrive they took up to twice that (8.2 GiB
+    # of anonymous memory for 5.75 GiB of lists at 3M x 512: measured), so each vector's list is found first and every
+    # list is given its final size before the add
+    assign = assign_lists(faiss.extract_index_ivf(index), src, progress) if kind == "ivfflat" else None
     bar = progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress)
     with bar, open(vectors_out, "r+b") if offset is not None else contextlib.nullcontext() as keep:
         for start, V in src.chunks():
-            index.add(V)
+            if assign is None:
+                index.add(V)
+            else:  # the lists found above (the same search FAISS's add runs)
+                a = assign[start : start + len(V)]
+                ivf.add_core(len(V), faiss.swig_ptr(V), None, faiss.swig_ptr(a))
             if keep is not None:
                 keep.seek(offset + start * dim * 4)
                 keep.write(np.ascontiguousarray(V, dtype=np.float32).tobytes())
@@ -247,6 +262,21 @@ def build_faiss(
     settings["add_s"] = round(time.perf_counter() - t0, 2)
     apply_search_params(index, settings)
     return index, settings
+
+
+def assign_lists(ivf, src: _Prepared, progress: bool = True) -> np.ndarray:
+    """The inverted list of every vector of `src` (a pass of the trained coarse quantiser, in chunks); each list of
+    `ivf` is given room for exactly its vectors, so adding them never moves a list."""
+    assign = np.empty(src.n, np.int64)
+    with progress_bar(src.n, desc="lists", unit="vec", enabled=progress) as bar:
+        for start, V in src.chunks():
+            assign[start : start + len(V)] = ivf.quantizer.search(V, 1)[1][:, 0]
+            bar.update(len(V))
+    lists = ivf.invlists
+    for no, size in enumerate(np.bincount(assign, minlength=ivf.nlist).tolist()):
+        lists.resize(no, size)  # allocates; resizing to 0 keeps the room
+        lists.resize(no, 0)
+    return assign
 
 
 def write_faiss(index, path: Path) -> None:

@@ -49,6 +49,7 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     REFINE_K,
     REFINE_RERANK,
     RERANK,
+    SCAN_MAX_MIB,
     apply_search_params,
     build_faiss,
     build_index,
@@ -426,8 +427,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=MEMORY_GB,
         help=f"memory budget for the index's vectors (default {MEMORY_GB:g}): --kind auto keeps float32 vectors "
-        "(IVF-Flat) while they fit, else product quantisation (IVF-PQ) re-scored by 8-bit copies in RAM while those "
-        "fit, beyond that by exact vectors read from disk",
+        f"(IVF-Flat) while they fit and a query scans at most {SCAN_MAX_MIB} MiB of them, else product quantisation "
+        "(IVF-PQ) re-scored by 8-bit copies in RAM while those fit, beyond that by exact vectors read from disk",
     )
     parser.add_argument(
         "--outlier-k",
