@@ -97,8 +97,8 @@ class FeatureCache:
             "spectrum_tokens": self.spectrum_tokens,
             "spectrum_mask": self.spectrum_mask.to(torch.uint8),
             "labels": self.labels,
-            "images": self.images,
-            "spectra": self.spectra,
+            IMAGES: self.images,
+            SPECTRA: self.spectra,
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"astrolom": json.dumps(meta)})
@@ -123,8 +123,8 @@ class FeatureCache:
             t["spectrum_tokens"],
             t["spectrum_mask"].bool(),
             t["labels"],
-            t["images"],
-            t["spectra"],
+            t[IMAGES],
+            t[SPECTRA],
             ids,
             splits,
             names,
@@ -184,7 +184,7 @@ def extract_features(
     if "split_fractions" in d:
         settings = {"split_fractions": tuple(d["split_fractions"]), "split_seed": int(d.get("split_seed", 0))}
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {k: [] for k in ("img", "spec", "mask", "labels", "images", "spectra")}
+    out: dict[str, list] = {k: [] for k in ("img", "spec", "mask", "labels", IMAGES, SPECTRA)}
     ids, splits, sigma = [], [], None
     names, bands = None, None
     # progress over the records scanned (known up front, so the bar has an ETA); pairs are those with a spectrum
@@ -218,8 +218,8 @@ def extract_features(
         out["spec"].append(f)
         out["mask"].append(m)
         out["labels"].append(torch.tensor([[float(r.labels.get(n, np.nan)) for n in names] for r in buf]))
-        out["images"].append(torch.from_numpy(images))
-        out["spectra"].append(torch.from_numpy(np.stack(flux)))
+        out[IMAGES].append(torch.from_numpy(images))
+        out[SPECTRA].append(torch.from_numpy(np.stack(flux)))
         bar.update(scanned - bar.n)
         bar.set_postfix(pairs=len(ids), refresh=False)
         buf.clear()
@@ -257,8 +257,8 @@ def extract_features(
         cat["spec"],
         cat["mask"],
         cat["labels"].float(),
-        cat["images"],
-        cat["spectra"],
+        cat[IMAGES],
+        cat[SPECTRA],
         ids,
         splits,
         names or [],
