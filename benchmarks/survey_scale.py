@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the vectors and index afterwards")
     ap.add_argument("--reuse", action="store_true", help="measure the index a previous --keep run left (no build)")
     ap.add_argument("--sweep", action="store_true", help="ivfpq: recall and latency over nprobe x re-rank depth")
+    ap.add_argument("--nprobe", type=int, default=None, help="lists scanned at query time (default: the index's)")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="empty the page cache before opening the index (root: writes /proc/sys/vm/drop_caches), so that the "
+        "latency pass reads the index and the re-ranked rows from disk",
+    )
     args = ap.parse_args()
 
     scratch = Path(args.scratch)
@@ -185,11 +193,18 @@ def main() -> None:
 
     from astrolom.search.index import load_index
 
+    if args.cold:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     t0 = time.perf_counter()
     idx = load_index(out)
     load_s = time.perf_counter() - t0
     resident_s = idx.make_resident()  # 0 unless the index keeps re-scoring copies in RAM
-    meta = idx.meta
+    meta = dict(idx.meta)
+    if args.nprobe:
+        import faiss
+
+        faiss.extract_index_ivf(idx.index).nprobe = meta["nprobe"] = args.nprobe
     size_gib = sum(e["bytes"] for e in idx.manifest["files"].values()) / 2**30
     faiss_gib = idx.manifest["files"]["index.faiss"]["bytes"] / 2**30
 
