@@ -66,6 +66,16 @@ def save(fig, stem: str | Path) -> dict[str, Path]:
     return paths
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it to `path` (its format by the extension; parent directories made), close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _human(x: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:

@@ -157,12 +157,9 @@ class LabelCurves:
         metric = next((p.metric for p in self.points), "score")
         axes[0][0].set_ylabel(f"test {metric}")
         axes[0][-1].legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        from astrolom.eval.figures import save_figure
+
+        return save_figure(fig, path)
 
     def write(self, out: str | Path) -> dict[str, Path]:
         out = Path(out)

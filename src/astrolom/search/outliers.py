@@ -92,12 +92,9 @@ def outliers_figure(items: list[dict], store, out: str | Path, cols: int = 8) ->
             ax.text(0.5, 0.5, "no cutout", ha="center", va="center", transform=ax.transAxes)
         star = " ★" if it["labels"].get("has_star") else ""
         ax.set_title(f"#{it['rank']} {it['object_id']}{star}\n{it['score']:.3f}", fontsize=6)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    from astrolom.eval.figures import save_figure
+
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -378,12 +378,9 @@ def neighbours_figure(
         else:
             ax.text(0.5, 0.5, "no cutout", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    from astrolom.eval.figures import save_figure
+
+    return save_figure(fig, out)
 
 
 def open_store(index: SearchIndex, data: str | None = None):
