@@ -66,6 +66,7 @@ from astrolom.eval.recipe import EMBEDDING, recipe_of
 from astrolom.log import get_logger
 from astrolom.log import progress as progress_bar
 from astrolom.search import store
+from astrolom.search.maps import map_prepared
 from astrolom.search.outlier_scores import JOIN_LISTS, kth_by_search, kth_neighbour_scores, list_join_scores
 from astrolom.search.vectors import (
     ArraySource,
@@ -90,7 +91,6 @@ EXACT_MAX = 50_000  # above this, an approximate index
 SCAN_MAX_MIB = 48
 MEMORY_GB = 6.0  # default budget for the vectors held in memory: above it, product quantisation
 TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss wants >= 39)
-MAP_MAX_DEFAULT = 200_000
 OUTLIER_K = (20,)
 RERANK = 20  # ivfpq: exact re-scoring of rerank x k PQ candidates (recall@10 0.92 at 10, 0.96 at 20: BENCHMARKS)
 # ivfpq within the budget: the k_factor x (REFINE_RERANK x k) best PQ candidates re-scored by in-RAM 8-bit copies,
@@ -283,50 +283,6 @@ def write_faiss(index, path: Path) -> None:
     import faiss
 
     faiss.write_index(index, str(path))
-
-
-# --------------------------------------------------------------------------------------------------------- maps
-
-
-def _map_reducer(method: str, seed: int):
-    if method == "pca":
-        from sklearn.decomposition import PCA
-
-        return PCA(2, random_state=seed)
-    if method != "umap":
-        raise ValueError(f"unknown map method {method!r}; choose umap, pca or none")
-    import umap
-
-    return umap.UMAP(n_neighbors=15, min_dist=0.1, metric="cosine", random_state=seed, low_memory=True)
-
-
-def map_prepared(
-    src: _Prepared, out: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT,
-    progress: bool = False,
-) -> np.ndarray:  # fmt: skip
-    """Fill `out` (N, 2) with the map of prepared vectors: fit on all of them up to `max_fit`, else fit on a fixed
-    random sample of `max_fit` and place every row with `transform`, chunk by chunk."""
-    n = src.n
-    if n < 3:
-        out[:] = 0
-        return out
-    method = "pca" if n < 16 else method  # UMAP needs more neighbours than a handful of points have
-    reducer = _map_reducer(method, seed)
-    if n <= max_fit:
-        out[:] = reducer.fit_transform(src.take(np.arange(n)))
-        return out
-    reducer.fit(src.take(np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))))
-    with progress_bar(n, desc=f"map[{method}]", unit="obj", enabled=progress) as bar:
-        for start, V in src.chunks(50_000 if method == "umap" else None):
-            out[start : start + len(V)] = reducer.transform(V)
-            bar.update(len(V))
-    return out
-
-
-def compute_map(X: np.ndarray, method: str = "umap", seed: int = 0, max_fit: int = MAP_MAX_DEFAULT) -> np.ndarray:
-    """(N, 2) float32 map of embeddings for display: UMAP (cosine), or PCA (fast, for tests and huge sets)."""
-    src = _Prepared(ArraySource(np.atleast_2d(X), pa.table({})), None)
-    return map_prepared(src, np.empty((src.n, 2), np.float32), method, seed, max_fit)
 
 
 # --------------------------------------------------------------------------------------------------- the build

@@ -29,10 +29,7 @@ import pyarrow.parquet as pq
 
 from astrolom.config import comma_list
 from astrolom.data.modalities import IMAGES, SPECTRA
-from astrolom.eval.embeddings import (  # noqa: F401  (EmbeddingTable re-exported for callers)
-    MULTISCALE,
-    EmbeddingTable,
-)
+from astrolom.eval.embeddings import MULTISCALE, EmbeddingTable  # noqa: F401  (EmbeddingTable re-exported)
 from astrolom.eval.recipe import EmbeddingRecipe, recipe_of
 from astrolom.log import get_logger
 from astrolom.search import store
@@ -54,7 +51,6 @@ from astrolom.search.build import (  # noqa: F401  (re-exported: the index's pub
     build_faiss,
     build_index,
     choose_kind,
-    compute_map,
     default_nlist,
     default_nprobe,
     factory_string,

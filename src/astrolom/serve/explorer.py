@@ -9,7 +9,8 @@ from collections import OrderedDict
 import numpy as np
 
 from astrolom.data.modalities import ALL
-from astrolom.search.index import SearchIndex, compute_map
+from astrolom.search.index import SearchIndex
+from astrolom.search.maps import compute_map
 from astrolom.search.outliers import outlier_scores
 from astrolom.search.query import model_dir_of, open_store
 from astrolom.serve.mapview import POINTS_MAX, MapView
