@@ -246,7 +246,7 @@ def build_faiss(
     # IVF-Flat lists hold the float32 vectors; grown by doubling as vectors arrive they took up to twice that (8.2 GiB
     # of anonymous memory for 5.75 GiB of lists at 3M x 512: measured), so each vector's list is found first and every
     # list is given its final size before the add
-    assign = assign_lists(faiss.extract_index_ivf(index), src, progress) if kind == "ivfflat" else None
+    assign = assign_lists(ivf, src, progress) if kind == "ivfflat" else None
     bar = progress_bar(n, desc=f"index[{kind}]", unit="vec", enabled=progress)
     with bar, open(vectors_out, "r+b") if offset is not None else contextlib.nullcontext() as keep:
         for start, V in src.chunks():
